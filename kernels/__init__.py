@@ -1,0 +1,82 @@
+"""mmunlearn.kernels: fused Triton kernels and their PyTorch twins.
+
+Every op exists as ``torch_<op>`` (reference, CPU path, oracle) and ``triton_<op>`` with the same
+signature, plus one public function choosing at call time by ``backend="auto"|"torch"|"triton"``
+(auto = Triton for CUDA tensors). Ops take lists of tensors and cover them in one launch.
+Imports torch and triton only.
+"""
+
+from ._common import BACKENDS, BLOCK, HAS_TRITON, INTERPRET
+from .adamw import (
+    masked_adamw_,
+    masked_sgd_,
+    torch_masked_adamw_,
+    torch_masked_sgd_,
+    triton_masked_adamw_,
+    triton_masked_sgd_,
+)
+from .bits import (
+    pack_bits,
+    torch_pack_bits,
+    torch_unpack_bits,
+    triton_pack_bits,
+    triton_unpack_bits,
+    unpack_bits,
+)
+from .fisher import (
+    fisher_accumulate_,
+    grad_sq_norm,
+    torch_fisher_accumulate_,
+    torch_grad_sq_norm,
+    triton_fisher_accumulate_,
+    triton_grad_sq_norm,
+)
+from .saliency import (
+    float_to_key,
+    key_to_float,
+    saliency_histogram,
+    saliency_mask,
+    saliency_ratio,
+    saliency_threshold_topk,
+    topk_count,
+    torch_saliency_histogram,
+    torch_saliency_mask,
+    triton_saliency_histogram,
+    triton_saliency_mask,
+)
+
+__all__ = [
+    "BACKENDS",
+    "BLOCK",
+    "HAS_TRITON",
+    "INTERPRET",
+    "fisher_accumulate_",
+    "grad_sq_norm",
+    "masked_adamw_",
+    "masked_sgd_",
+    "pack_bits",
+    "unpack_bits",
+    "saliency_mask",
+    "saliency_histogram",
+    "saliency_threshold_topk",
+    "saliency_ratio",
+    "float_to_key",
+    "key_to_float",
+    "topk_count",
+    "torch_fisher_accumulate_",
+    "triton_fisher_accumulate_",
+    "torch_grad_sq_norm",
+    "triton_grad_sq_norm",
+    "torch_masked_adamw_",
+    "triton_masked_adamw_",
+    "torch_masked_sgd_",
+    "triton_masked_sgd_",
+    "torch_pack_bits",
+    "triton_pack_bits",
+    "torch_unpack_bits",
+    "triton_unpack_bits",
+    "torch_saliency_mask",
+    "triton_saliency_mask",
+    "torch_saliency_histogram",
+    "triton_saliency_histogram",
+]

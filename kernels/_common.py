@@ -1,0 +1,188 @@
+"""Shared plumbing of the kernel layer: backend choice, multi-tensor chunk tables, bf16 rounding.
+
+Design envelope: every op is elementwise (or a per-chunk reduction) over a *list* of tensors of
+mixed sizes. One launch covers the whole list: the grid has one program per chunk of ``BLOCK``
+elements of one tensor; a program reads its tensor index and start offset from a chunk table,
+then the tensor's base pointers and length from a pointer table. Tables are small int64 device
+tensors built once per (pointer set, sizes) and cached: a table holds nothing but pointers and
+sizes, so a cache hit is always a correct table, even if the memory was freed and reused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+try:  # triton is a Linux-only dependency; the torch twins work without it
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this package is imported.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+BACKENDS = ("auto", "torch", "triton")
+
+# Elements per program. 4096 = 16 KiB of fp32 per operand per program: large enough to amortise
+# the table lookups, small enough for ≥ 1 wave on an H100 at 1 M elements (256 programs), and
+# the interpreter's per-program overhead (~5 ms on the 2-core CI box) stays off the test budget.
+# Must be a multiple of 8 so every chunk starts on a mask byte.
+BLOCK = 4096
+NUM_WARPS = 8
+
+
+def as_list(x) -> list[torch.Tensor]:
+    """A tensor or a sequence of tensors → a list (the ops all take lists)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    return list(x)
+
+
+def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
+    """Pick "torch" or "triton". auto: Triton for CUDA tensors when triton is importable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = len(tensors) > 0 and tensors[0].is_cuda
+    if backend == "auto":
+        return "triton" if (on_cuda and HAS_TRITON) else "torch"
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("backend='triton' requested but triton is not installed")
+        if tensors and not on_cuda and not INTERPRET:
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                "mmunlearn.kernels is imported (CPU interpreter)"
+            )
+    return backend
+
+
+def check_same_numel(name_a: str, a: Sequence[torch.Tensor], name_b: str, b) -> None:
+    """Raise a ValueError naming the first position where two tensor lists disagree."""
+    if len(a) != len(b):
+        raise ValueError(f"{name_a} has {len(a)} tensors but {name_b} has {len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x.numel() != y.numel():
+            raise ValueError(
+                f"{name_a}[{i}] has {x.numel()} elements (shape {tuple(x.shape)}) but "
+                f"{name_b}[{i}] has {y.numel()} (shape {tuple(y.shape)})"
+            )
+
+
+def check_masks(masks: Sequence[torch.Tensor], numels: Sequence[int]) -> None:
+    """Packed masks must be uint8 with exactly ceil(n/8) bytes for an n-element tensor."""
+    if len(masks) != len(numels):
+        raise ValueError(f"got {len(masks)} masks for {len(numels)} tensors")
+    for i, (m, n) in enumerate(zip(masks, numels)):
+        if m.dtype != torch.uint8:
+            raise ValueError(f"masks[{i}] must be a packed uint8 mask (pack_bits), got {m.dtype}")
+        if m.numel() != (n + 7) // 8:
+            raise ValueError(
+                f"masks[{i}] has {m.numel()} bytes; a tensor of {n} elements needs {(n + 7) // 8}"
+            )
+
+
+def check_contiguous(name: str, tensors: Sequence[torch.Tensor]) -> None:
+    for i, t in enumerate(tensors):
+        if not t.is_contiguous():
+            raise ValueError(f"{name}[{i}] must be contiguous (it is updated in place)")
+
+
+def group_by_dtype(*lists: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices grouped by the dtypes of the given operands (one launch per group)."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(lists[0])):
+        key = tuple(lst[i].dtype for lst in lists)
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+_TABLE_CACHE: OrderedDict = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+
+
+def chunk_tables(operands: Sequence[Sequence[torch.Tensor]], numels: Sequence[int], block: int):
+    """Device tables for a multi-tensor launch.
+
+    Returns ``(ptrs, chunks, n_chunks)``: ``ptrs`` is int64 [len(operands) + 1, T] holding each
+    operand's ``data_ptr()`` per tensor and, in the last row, the element counts; ``chunks`` is
+    int64 [2, C] holding (tensor index, start element) of every chunk of ``block`` elements.
+    Tensors with no element get no chunk.
+    """
+    device = operands[0][0].device
+    key = (
+        device,
+        block,
+        tuple(tuple(t.data_ptr() for t in op) for op in operands),
+        tuple(numels),
+    )
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    rows = [[t.data_ptr() for t in op] for op in operands] + [list(numels)]
+    ptrs = torch.tensor(rows, dtype=torch.int64)
+    n = np.asarray(numels, dtype=np.int64)
+    per = (n + block - 1) // block
+    tid = np.repeat(np.arange(len(n), dtype=np.int64), per)
+    first = np.repeat(np.cumsum(per) - per, per)
+    start = (np.arange(int(per.sum()), dtype=np.int64) - first) * block
+    chunks = torch.from_numpy(np.stack([tid, start]))
+    if device.type != "cpu":
+        ptrs = ptrs.pin_memory().to(device, non_blocking=True)
+        chunks = chunks.pin_memory().to(device, non_blocking=True)
+    out = (ptrs, chunks, int(per.sum()))
+    _TABLE_CACHE[key] = out
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return out
+
+
+def tl_dtype(dtype: torch.dtype):
+    """torch dtype → triton dtype (for pointer casts)."""
+    return {
+        torch.float32: tl.float32,
+        torch.bfloat16: tl.bfloat16,
+        torch.float16: tl.float16,
+        torch.uint8: tl.uint8,
+    }[dtype]
+
+
+def device_guard(t: torch.Tensor):
+    """Make t's device current for a launch (no-op on CPU / interpreter)."""
+    if t.is_cuda:
+        return torch.cuda.device(t.device)
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def round_store(ptr, x, mask, OUT_BF16: tl.constexpr):
+        """Store fp32 ``x`` to ``ptr`` in the pointer's dtype.
+
+        bf16 goes through an explicit round-to-nearest-even on the fp32 bit pattern, so the
+        interpreter and the GPU give the same bits (and match ``tensor.to(torch.bfloat16)``);
+        NaN stays NaN. fp16/fp32 use triton's cast (round-to-nearest-even on both).
+        """
+        if OUT_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            hi = (bits >> 16).to(tl.uint16)
+            hi = tl.where(x != x, 0x7FC0, hi).to(tl.uint16)
+            tl.store(ptr, hi.to(tl.bfloat16, bitcast=True), mask=mask)
+        else:
+            tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+else:  # pragma: no cover
+    round_store = None

@@ -1,0 +1,49 @@
+"""Test configuration.
+
+Without CUDA the Triton kernels run in triton's CPU interpreter. triton reads TRITON_INTERPRET
+when a kernel is decorated, i.e. when mmunlearn.kernels is first imported, so it is set here,
+before any test module imports the package.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Where the Triton backend runs in this session: the GPU when there is one, else the interpreter.
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+# Every test draws fresh random inputs from this seed; set MMU_TEST_SEED to try others.
+SEED = int(os.environ.get("MMU_TEST_SEED", "1234"))
+
+
+def pytest_report_header(config):
+    return f"mmunlearn: MMU_TEST_SEED={SEED}, triton backend on {DEVICE}" + (
+        " (TRITON_INTERPRET=1)" if not HAS_CUDA else ""
+    )
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(SEED)
