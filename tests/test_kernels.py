@@ -8,10 +8,12 @@ within one unit of their last place.
 
 from __future__ import annotations
 
-import mmunlearn.kernels as K
 import numpy as np
 import pytest
 import torch
+
+import mmunlearn.kernels as K
+
 from conftest import DEVICE
 from helpers import assert_close_verbose, max_rel_err, ulp
 
