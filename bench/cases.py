@@ -1,0 +1,174 @@
+"""Benchmark cases shared by the pytest-benchmark suite and the table script (bench/run.py).
+
+Each case builds its inputs once and exposes one callable per implementation:
+``triton`` (our kernel, one launch per step), ``torch`` (our reference twin), ``eager`` (the
+natural per-tensor PyTorch loop a user would write), ``compile`` (torch.compile of that loop),
+``fused_adamw`` (``grad.mul_(mask)`` then ``torch.optim.AdamW(fused=True)``) and ``official``
+(the official MMUnlearner way: gradient copied to the CPU and squared there; bool mask on the
+host copied to the device every step). ``bytes_moved`` is the minimum DRAM traffic of the op
+(design.md's byte budget), used for GB/s and the fraction of measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import mmunlearn.kernels as K
+
+# Parameter shapes of a LLaVA-1.5-7B-like model, scaled down uniformly to reach a target count:
+# (rows, cols, count). Mixed sizes matter: multi-tensor launches are the point.
+_LLAVA7B_SHAPES = [
+    (4096, 4096, 4 * 32),  # q/k/v/o projections
+    (11008, 4096, 3 * 32),  # gate/up/down MLP
+    (4096, 1, 2 * 32 + 1),  # RMSNorm weights
+    (32000, 4096, 2),  # embeddings + lm_head
+    (1024, 1024, 4 * 24),  # CLIP ViT-L attention
+    (4096, 1024, 2 * 24),  # CLIP MLP
+    (4096, 1024, 1),  # projector fc1
+    (4096, 4096, 1),  # projector fc2
+]
+
+
+def model_shapes(total: int) -> list[tuple[int, ...]]:
+    """A list of 2-D shapes in LLaVA-7B proportions whose sizes add up to about ``total``."""
+    full = sum(r * c * n for r, c, n in _LLAVA7B_SHAPES)
+    s = math.sqrt(total / full)
+    shapes = []
+    for r, c, n in _LLAVA7B_SHAPES:
+        rr, cc = max(1, round(r * s)), max(1, round(c * s)) if c > 1 else 1
+        shapes += [(rr, cc)] * n
+    return shapes
+
+
+BYTES_PER_ELEMENT = {  # bf16 grads/params, fp32 state, 1-bit masks (design.md)
+    "fisher_accumulate": 10.0,
+    "saliency_mask": 8.125,
+    "saliency_histogram": 8.0,
+    "masked_adamw": 22.125,
+    "masked_sgd": 6.125,
+    "grad_sq_norm": 2.0,
+}
+
+
+class Case:
+    """Inputs for one (op, size); ``impls()`` maps implementation name → zero-arg callable."""
+
+    def __init__(self, op: str, total: int, device: str, seed: int = 0):
+        torch.manual_seed(seed)
+        self.op, self.device = op, torch.device(device)
+        self.shapes = model_shapes(total)
+        self.numel = sum(math.prod(s) for s in self.shapes)
+        dev = self.device
+        bf16 = torch.bfloat16
+        self.grads = [torch.randn(s, device=dev, dtype=bf16) for s in self.shapes]
+        if op in ("fisher_accumulate", "saliency_mask", "saliency_histogram"):
+            self.f1 = [torch.rand(s, device=dev) for s in self.shapes]
+            self.f2 = [torch.rand(s, device=dev) for s in self.shapes]
+        if op in ("masked_adamw", "masked_sgd"):
+            self.params = [torch.randn(s, device=dev, dtype=bf16) for s in self.shapes]
+            self.m = [torch.zeros(s, device=dev) for s in self.shapes]
+            self.v = [torch.zeros(s, device=dev) for s in self.shapes]
+            self.dense = [torch.rand(s, device=dev) < 0.5 for s in self.shapes]
+            self.masks = [K.pack_bits(d) for d in self.dense]
+
+    @property
+    def bytes_moved(self) -> float:
+        return BYTES_PER_ELEMENT[self.op] * self.numel
+
+    def impls(self) -> dict:
+        op = self.op
+        on_cuda = self.device.type == "cuda"
+        out = {"torch": getattr(self, f"_{op}")("torch")}
+        if on_cuda:
+            out["triton"] = getattr(self, f"_{op}")("triton")
+        eager = getattr(self, f"_{op}_eager", None)
+        if eager is not None:
+            out["eager"] = eager
+            if on_cuda:  # CPU inductor compiles take minutes on 2 cores; GPU is the target
+                out["compile"] = torch.compile(eager)
+        for extra in ("fused_adamw", "official"):
+            fn = getattr(self, f"_{op}_{extra}", None)
+            if fn is not None:
+                out[extra] = fn
+        return out
+
+    # ---------------------------------------------------------------- fisher
+    def _fisher_accumulate(self, backend):
+        return lambda: K.fisher_accumulate_(self.f1, self.grads, 0.5, backend=backend)
+
+    def _fisher_accumulate_eager(self):
+        for a, g in zip(self.f1, self.grads):
+            a.add_(g.float().square(), alpha=0.5)
+
+    def _fisher_accumulate_official(self):
+        # official: every batch, each gradient goes to the host and is squared there
+        for a, g in zip(self.f2, self.grads):
+            a.add_(g.detach().cpu().square().to(a.device, a.dtype))
+
+    # ---------------------------------------------------------------- mask
+    def _saliency_mask(self, backend):
+        return lambda: K.saliency_mask(self.f1, self.f2, 1.0, backend=backend)
+
+    def _saliency_mask_eager(self):
+        return [(a + 1e-15) / (b + 1e-15) >= 1.0 for a, b in zip(self.f1, self.f2)]
+
+    def _saliency_histogram(self, backend):
+        return lambda: K.saliency_histogram(self.f1, self.f2, 0, backend=backend)
+
+    # ---------------------------------------------------------------- steps
+    def _masked_adamw(self, backend):
+        kw = dict(lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+        return lambda: K.masked_adamw_(
+            self.params, self.grads, self.m, self.v, self.masks, backend=backend, **kw
+        )
+
+    def _masked_adamw_fused_adamw(self):
+        if not hasattr(self, "_fused"):
+            self._leaf = [p.clone().requires_grad_(True) for p in self.params]
+            self._fused = torch.optim.AdamW(self._leaf, lr=1e-5, weight_decay=0.0, fused=True)
+        for p, g, d in zip(self._leaf, self.grads, self.dense):
+            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+            p.grad.mul_(d)
+        self._fused.step()
+
+    def _masked_sgd(self, backend):
+        return lambda: K.masked_sgd_(self.params, self.grads, self.masks, lr=1e-5, backend=backend)
+
+    def _masked_sgd_eager(self):
+        for p, g, d in zip(self.params, self.grads, self.dense):
+            p.sub_(g * d, alpha=1e-5)
+
+    # ---------------------------------------------------------------- norm
+    def _grad_sq_norm(self, backend):
+        return lambda: K.grad_sq_norm(self.grads, backend=backend)
+
+    def _grad_sq_norm_eager(self):
+        return torch.stack([g.float().square().sum() for g in self.grads]).sum()
+
+
+OPS = list(BYTES_PER_ELEMENT)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, numel: int = 1 << 26, reps: int = 10) -> float:
+    """Measured device copy bandwidth in bytes/s (read + write of an fp32 buffer)."""
+    import time
+
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 2 * 4 * numel / times[len(times) // 2]

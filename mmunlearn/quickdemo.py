@@ -1,0 +1,136 @@
+"""A one-minute demo of the kernel layer on a real (small) network, offline, on CPU or GPU.
+
+A 3-layer MLP learns a 10-class synthetic task; class 0 is the forget set, the rest is
+retained. We collect the diagonal Fisher of both sets with ``fisher_accumulate_``, build the
+MMUnlearner saliency mask ``(F_f + eps)/(F_p + eps) >= gamma`` with ``saliency_mask``, then take
+masked gradient-ascent steps on the forget class with ``MaskedAdamW`` interleaved with ordinary
+descent on retained data, and report accuracy, mask coverage and the untouched-weights check.
+The multimodal pipeline (tiny LLaVA, synthetic people) is ``mmunlearn demo`` once the loop lands.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from mmunlearn.kernels import fisher_accumulate_, saliency_mask, unpack_bits
+from mmunlearn.optim import MaskedAdamW
+
+
+def _data(n, gen, centers):
+    y = torch.randint(0, centers.shape[0], (n,), generator=gen)
+    x = centers[y] + 1.5 * torch.randn(n, centers.shape[1], generator=gen)
+    return x, y
+
+
+def _acc(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(-1) == y).float().mean().item()
+
+
+def run(device="cpu", seed=0, gamma=1.0, steps=30, lr=3e-3, verbose=True) -> dict:
+    """Run the kernel demo; returns a dict of the numbers it prints."""
+    t0 = time.time()
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    centers = 2.0 * torch.randn(10, 32, generator=gen)
+    x, y = _data(4000, gen, centers)
+    xt, yt = _data(2000, gen, centers)
+    x, y, xt, yt = x.to(dev), y.to(dev), xt.to(dev), yt.to(dev)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 10),
+    ).to(dev)
+    ce = torch.nn.functional.cross_entropy
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(300):  # the "vanilla" model
+        idx = torch.randint(0, x.shape[0], (128,), generator=gen).to(dev)
+        ce(model(x[idx]), y[idx]).backward()
+        opt.step()
+        opt.zero_grad()
+    fo, re = yt == 0, yt != 0
+    before = dict(forget=_acc(model, xt[fo], yt[fo]), retain=_acc(model, xt[re], yt[re]))
+
+    params = list(model.parameters())
+
+    def fisher(xs, ys):
+        acc = [torch.zeros_like(p) for p in params]
+        batches = list(zip(xs.split(64), ys.split(64)))
+        for xb, yb in batches:
+            model.zero_grad()
+            ce(model(xb), yb).backward()
+            fisher_accumulate_(acc, [p.grad for p in params], scale=1.0 / len(batches))
+        model.zero_grad()
+        return acc
+
+    f_forget = fisher(x[y == 0], y[y == 0])
+    f_keep = fisher(x[y != 0], y[y != 0])
+    bits, counts = saliency_mask(f_forget, f_keep, gamma)
+    total = sum(p.numel() for p in params)
+    selected = int(counts.sum())
+    start = [p.detach().clone() for p in params]
+
+    unl = MaskedAdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    unl.set_masks(dict(zip(params, bits)))
+    xf, yf = x[y == 0], y[y == 0]
+    xr, yr = x[y != 0], y[y != 0]
+    for _ in range(steps):
+        i = torch.randint(0, xf.shape[0], (64,), generator=gen).to(dev)
+        (-ce(model(xf[i]), yf[i])).backward()  # gradient ascent, masked
+        unl.step(masked=True, max_grad_norm=1.0)
+        unl.zero_grad()
+        j = torch.randint(0, xr.shape[0], (64,), generator=gen).to(dev)
+        ce(model(xr[j]), yr[j]).backward()  # retain descent, every weight
+        unl.step(masked=False, max_grad_norm=1.0)
+        unl.zero_grad()
+    after = dict(forget=_acc(model, xt[fo], yt[fo]), retain=_acc(model, xt[re], yt[re]))
+    res = dict(
+        device=str(dev),
+        seed=seed,
+        gamma=gamma,
+        steps=steps,
+        mask_selected=selected,
+        mask_total=total,
+        mask_fraction=selected / total,
+        per_tensor_selected=counts.tolist(),
+        before=before,
+        after=after,
+        seconds=round(time.time() - t0, 2),
+    )
+    # masked-out weights moved only through the retain steps; check the ascent alone:
+    probe = [p.detach().clone() for p in params]
+    (-ce(model(xf[:64]), yf[:64])).backward()
+    unl.step(masked=True)
+    unl.zero_grad()
+    res["masked_out_untouched_by_ascent"] = all(
+        torch.equal(p.detach()[~unpack_bits(b, p.shape)], q[~unpack_bits(b, p.shape)])
+        for p, q, b in zip(params, probe, bits)
+    )
+    del start
+    if verbose:
+        print(
+            f"mask (gamma={gamma}): {selected:,}/{total:,} weights selected "
+            f"({100 * selected / total:.1f} %), per tensor {counts.tolist()}"
+        )
+        print("| model | forget-class acc | retained-classes acc |")
+        print("|---|---:|---:|")
+        print(f"| before | {before['forget']:.3f} | {before['retain']:.3f} |")
+        print(
+            f"| after {steps} masked ascent + retain steps | {after['forget']:.3f} | "
+            f"{after['retain']:.3f} |"
+        )
+        print(
+            f"masked-out weights untouched by a masked ascent step: "
+            f"{res['masked_out_untouched_by_ascent']}; {res['seconds']} s on {dev}"
+        )
+    return res
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(verbose=False), indent=1))
