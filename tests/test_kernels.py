@@ -451,3 +451,26 @@ def test_gpu_auto_backend_is_triton():
     from mmunlearn.kernels._common import resolve_backend
 
     assert resolve_backend("auto", [torch.zeros(1, device="cuda")]) == "triton"
+
+
+def test_mixed_dtype_lists_in_one_call():
+    """One call over a list mixing dtypes: grouped into one launch per dtype pair internally."""
+    shapes = [(5,), (4095,), (3, 7), (65537,)]
+    pdts = [torch.float32, torch.bfloat16, torch.float16, torch.bfloat16]
+    gdts = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
+    params = [torch.randn(s, device=DEVICE).to(d) for s, d in zip(shapes, pdts)]
+    grads = [torch.randn(s, device=DEVICE).to(d) for s, d in zip(shapes, gdts)]
+    masks = [K.pack_bits(torch.rand(s, device=DEVICE) < 0.5) for s in shapes]
+    out = {}
+    for be in ("torch", "triton"):
+        p = [x.clone() for x in params]
+        m = [torch.zeros(s, device=DEVICE) for s in shapes]
+        v = [torch.zeros(s, device=DEVICE) for s in shapes]
+        acc = [torch.zeros(s, device=DEVICE) for s in shapes]
+        K.masked_adamw_(p, grads, m, v, masks, step=1, backend=be, **HP)
+        K.fisher_accumulate_(acc, grads, backend=be)
+        out[be] = (p, m, acc)
+    for i, pdt in enumerate(pdts):
+        assert_close_verbose(out["triton"][0][i], out["torch"][0][i], **_param_tol(pdt))
+        assert_close_verbose(out["triton"][1][i], out["torch"][1][i], rtol=1e-6, atol=1e-7)
+        assert_close_verbose(out["triton"][2][i], out["torch"][2][i], rtol=1e-6, atol=0)
