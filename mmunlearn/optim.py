@@ -37,6 +37,16 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _shard_like(mask: torch.Tensor, p) -> torch.Tensor:
+    """A full-shape mask → the local shard matching DTensor parameter ``p`` (FSDP2 layout)."""
+    try:
+        from torch.distributed.tensor import distribute_tensor
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import distribute_tensor
+    dev = _local(p).device
+    return distribute_tensor(mask.to(dev), p.device_mesh, p.placements).to_local()
+
+
 class _MaskedOptimizer(torch.optim.Optimizer):
     """Shared machinery: masks kept in per-parameter state, clipping, masked/unmasked split."""
 
@@ -59,8 +69,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         }
 
     def set_masks(self, masks: Mapping[torch.Tensor, torch.Tensor], *, clear: bool = True):
-        """Attach masks: ``{param: mask}``; a mask is a bool tensor of the parameter's (local)
-        shape, or a packed uint8 tensor of ``ceil(numel/8)`` bytes (:func:`pack_bits`).
+        """Attach masks: ``{param: mask}``; a mask is a bool tensor of the parameter's shape, or
+        a packed uint8 tensor of ``ceil(numel/8)`` bytes (:func:`pack_bits`). For a sharded
+        (DTensor, FSDP2) parameter a full-shape bool mask is sharded like the parameter (all
+        ranks must call this together); a packed mask must already be the local shard's.
 
         With ``clear=True`` (default) parameters absent from ``masks`` lose any previous mask.
         Raises ValueError naming the parameter for a mask that does not fit.
@@ -72,6 +84,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             if p not in names:
                 raise ValueError("set_masks: a tensor that is not a parameter of this optimizer")
             local = _local(p)
+            if hasattr(p, "to_local") and m.dtype == torch.bool and m.shape == p.shape:
+                m = _shard_like(m, p)  # a full-shape mask for a sharded parameter
             m = _local(m).to(local.device)
             if m.dtype == torch.bool:
                 if m.shape != local.shape:

@@ -1,0 +1,95 @@
+"""MaskedAdamW on FSDP2-sharded (DTensor) parameters, 2 gloo processes vs 1 process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+STEPS = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(13, 37),
+        torch.nn.Tanh(),
+        torch.nn.Linear(37, 37),
+        torch.nn.Tanh(),
+        torch.nn.Linear(37, 5),
+    )
+
+
+def _masks(model):
+    g = torch.Generator().manual_seed(3)
+    return {name: torch.rand(p.shape, generator=g) < 0.4 for name, p in model.named_parameters()}
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, 13, generator=g), torch.randn(8, 5, generator=g)) for _ in range(STEPS)]
+
+
+def _run(model, opt):
+    for i, (x, y) in enumerate(_batches()):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step(masked=(i % 2 == 0), max_grad_norm=0.5)  # masked ascent-like and plain steps
+        opt.zero_grad()
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    from mmunlearn import dist as mdist
+    from mmunlearn.optim import MaskedAdamW
+
+    mdist.init_from_env("gloo")
+    model = _model()
+    masks = _masks(model)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(model)
+    named = dict(model.named_parameters())
+    assert all(hasattr(p, "to_local") for p in named.values())
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend="torch")
+    opt.set_masks({named[n]: m for n, m in masks.items()})
+    _run(model, opt)
+    full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    if rank == 0:
+        out["full"] = full
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_masked_steps_match_single_process():
+    from mmunlearn.optim import MaskedAdamW
+
+    ref = _model()
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    masks = _masks(ref)
+    named = dict(ref.named_parameters())
+    opt = MaskedAdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, backend="torch")
+    opt.set_masks({named[n]: m for n, m in masks.items()})
+    _run(ref, opt)
+
+    out = mp.Manager().dict()
+    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    full = out["full"]
+    for n, p in ref.named_parameters():
+        torch.testing.assert_close(full[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+        assert not torch.equal(full[n], start[n]), n
