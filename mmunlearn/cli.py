@@ -39,6 +39,18 @@ def _cmd_bench(args) -> int:
     return bench_run.main(args.rest)
 
 
+def _cmd_estimate(args) -> int:
+    from mmunlearn import estimate as est
+
+    cfg = est._load_config(args.model)
+    ests = est.estimate(
+        cfg, args.world_size, args.dtype, args.batch, args.seq, args.method, args.grad_checkpointing
+    )
+    params, _ = est.count_parameters(cfg)
+    print(est.format_report(ests, params, args.world_size))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mmunlearn",
@@ -61,6 +73,23 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=3e-3, help="unlearning learning rate")
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.set_defaults(fn=_cmd_demo)
+
+    e = sub.add_parser(
+        "estimate",
+        help="peak memory per rank for saliency and unlearning (no weights needed)",
+        description="Estimate the peak bytes per rank of each phase from a model config, "
+        "broken down into weights, grads, moments, Fisher, mask, reference model, activations.",
+    )
+    e.add_argument("--model", required=True, help="model directory or config.json")
+    e.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks (default 1)")
+    e.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    e.add_argument("--batch", type=int, default=4, help="per-rank batch size (default 4)")
+    e.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
+    e.add_argument(
+        "--method", default="mmunlearner", choices=["ga", "ga_diff", "kl_min", "npo", "mmunlearner"]
+    )
+    e.add_argument("--grad-checkpointing", action="store_true")
+    e.set_defaults(fn=_cmd_estimate)
 
     b = sub.add_parser(
         "bench", help="kernel benchmark table (source checkout only; see bench/)", add_help=False
