@@ -40,13 +40,14 @@ _TORCH_CHUNK = 1 << 22
 
 
 def _check_fishers(f_forget, f_preserve):
+    """Validate two fp32 lists of matching sizes; return contiguous copies of both lists."""
     f_forget, f_preserve = as_list(f_forget), as_list(f_preserve)
     check_same_numel("f_forget", f_forget, "f_preserve", f_preserve)
     for name, lst in (("f_forget", f_forget), ("f_preserve", f_preserve)):
         for i, t in enumerate(lst):
             if t.dtype != torch.float32:
                 raise ValueError(f"{name}[{i}] must be float32, got {t.dtype}")
-    return f_forget, [t.contiguous() for t in f_forget], [t.contiguous() for t in f_preserve]
+    return [t.contiguous() for t in f_forget], [t.contiguous() for t in f_preserve]
 
 
 def saliency_ratio(f_forget: torch.Tensor, f_preserve: torch.Tensor, eps: float = 1e-15):
@@ -145,7 +146,7 @@ def saliency_mask(f_forget, f_preserve, gamma: float, eps: float = 1e-15, *, bac
     Dtypes: fp32 Fishers, matching numel pairwise. Bytes per element: 8.125.
     Determinism: bit-exact (integer counts, no float reductions).
     """
-    orig, ff, fp = _check_fishers(f_forget, f_preserve)
+    ff, fp = _check_fishers(f_forget, f_preserve)
     if resolve_backend(backend, ff) == "triton":
         return triton_saliency_mask(ff, fp, gamma, eps)
     return torch_saliency_mask(ff, fp, gamma, eps)
@@ -248,17 +249,27 @@ def triton_saliency_histogram(f_forget, f_preserve, level: int, prefix: int, eps
 
 
 def saliency_histogram(
-    f_forget, f_preserve, level: int, prefix: int = 0, eps: float = 1e-15, *, backend: str = "auto"
+    f_forget,
+    f_preserve,
+    level: int,
+    prefix: int = 0,
+    eps: float = 1e-15,
+    *,
+    backend: str = "auto",
+    device=None,
 ) -> torch.Tensor:
     """One radix-select pass over the scores ``(F_f + eps)/(F_p + eps)`` of all tensors.
 
     Level 0 counts every element by key bits 31..21 (2048 bins); level 1 counts elements whose
     bits 31..21 equal ``prefix`` by bits 20..10 (2048 bins); level 2 counts elements whose
     bits 31..10 equal ``prefix`` by bits 9..0 (1024 bins). Keys as in :func:`float_to_key`.
-    Returns a new int64 histogram on the device (sum it across ranks for sharded inputs).
-    Dtypes: fp32. Bytes per element: 8. Determinism: bit-exact (integer counts).
+    Returns a new int64 histogram on the device (sum it across ranks for sharded inputs; with
+    empty lists, zeros on ``device``). Dtypes: fp32. Bytes per element: 8.
+    Determinism: bit-exact (integer counts).
     """
-    _, ff, fp = _check_fishers(f_forget, f_preserve)
+    ff, fp = _check_fishers(f_forget, f_preserve)
+    if not ff:  # a rank that holds no shard still takes part in the all-reduce
+        return torch.zeros(1 << _level(level)[1], dtype=torch.int64, device=device)
     if resolve_backend(backend, ff) == "triton":
         return triton_saliency_histogram(ff, fp, level, prefix, eps)
     return torch_saliency_histogram(ff, fp, level, prefix, eps)
@@ -291,6 +302,7 @@ def saliency_threshold_topk(
     backend: str = "auto",
     n_total: int | None = None,
     all_reduce: Callable[[torch.Tensor], None] | None = None,
+    device=None,
 ) -> float:
     """Exact score of the k-th largest ratio over all given tensors, k = ceil(fraction·N).
 
@@ -301,16 +313,17 @@ def saliency_threshold_topk(
     beyond ``torch.quantile``'s 2^24-element limit.
     Distributed: pass ``all_reduce`` (sums an int64 tensor in place across ranks) and
     ``n_total`` (the global element count); the result equals the single-process threshold.
+    ``device``: where a rank holding no element makes its (zero) histograms.
     Determinism: bit-exact on every backend.
     """
-    _, ff, fp = _check_fishers(f_forget, f_preserve)
+    ff, fp = _check_fishers(f_forget, f_preserve)
     n = n_total if n_total is not None else sum(t.numel() for t in ff)
     if n == 0:
         raise ValueError("saliency_threshold_topk needs at least one element")
     k = topk_count(fraction, n)
     prefix = 0
     for level, (_, nbits) in enumerate(RADIX_LEVELS):
-        hist = saliency_histogram(ff, fp, level, prefix, eps, backend=backend)
+        hist = saliency_histogram(ff, fp, level, prefix, eps, backend=backend, device=device)
         if all_reduce is not None:
             all_reduce(hist)
         digit, k = _select_digit(hist, k)

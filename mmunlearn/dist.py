@@ -69,4 +69,5 @@ def topk_threshold(
         backend=backend,
         n_total=int(n.item()),
         all_reduce=all_reduce_sum_,
+        device=dev,
     )

@@ -41,6 +41,10 @@ def _worker(rank, world, port, out):
     loc_f = [t.reshape(-1).tensor_split(world)[rank] for t in ff]
     loc_p = [t.reshape(-1).tensor_split(world)[rank] for t in fp]
     out[rank] = [mdist.topk_threshold(loc_f, loc_p, f, backend="torch") for f in (0.001, 0.1, 0.5)]
+    # a rank with no shard at all (more ranks than rows) still joins the three all-reduces
+    whole_f = [t.reshape(-1) for t in ff] if rank == 0 else []
+    whole_p = [t.reshape(-1) for t in fp] if rank == 0 else []
+    out[f"empty{rank}"] = mdist.topk_threshold(whole_f, whole_p, 0.1, backend="torch")
     torch.distributed.destroy_process_group()
 
 
@@ -50,3 +54,4 @@ def test_distributed_topk_equals_single_process_bit_for_bit():
     out = mp.Manager().dict()
     mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     assert out[0] == want and out[1] == want
+    assert out["empty0"] == out["empty1"] == want[1]
