@@ -133,6 +133,18 @@ class Case:
             p.grad.mul_(d)
         self._fused.step()
 
+    def _masked_adamw_official(self):
+        # official: the bool mask lives on the host and is copied to the device every forget
+        # step, the gradient is multiplied by it, then a stock AdamW (foreach) steps everything
+        if not hasattr(self, "_off"):
+            self._off_leaf = [p.clone().requires_grad_(True) for p in self.params]
+            self._off = torch.optim.AdamW(self._off_leaf, lr=1e-5, weight_decay=0.0)
+            self._host_masks = [d.cpu() for d in self.dense]
+        for p, g, hm in zip(self._off_leaf, self.grads, self._host_masks):
+            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+            p.grad.mul_(hm.to(p.device, non_blocking=False))
+        self._off.step()
+
     def _masked_sgd(self, backend):
         return lambda: K.masked_sgd_(self.params, self.grads, self.masks, lr=1e-5, backend=backend)
 
