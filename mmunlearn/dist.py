@@ -71,3 +71,31 @@ def topk_threshold(
         all_reduce=all_reduce_sum_,
         device=dev,
     )
+
+
+def shard_batch(batch: dict, rank_: int | None = None, world: int | None = None) -> dict:
+    """The slice of a global batch this rank computes (contiguous rows, torch.tensor_split:
+    uneven splits allowed). Tensors without a batch dimension are passed through."""
+    r = rank() if rank_ is None else rank_
+    w = world_size() if world is None else world
+    if w == 1:
+        return batch
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            out[k] = v.tensor_split(w)[r]
+        else:
+            out[k] = v
+    return out
+
+
+def global_mean(local_sum: torch.Tensor, local_count) -> torch.Tensor:
+    """``local_sum / global_count · world_size``: a per-rank loss whose gradient, averaged
+    across ranks by FSDP's reduce-scatter, equals the single-process gradient of
+    ``Σ_all / N_all`` over the global batch. The count is all-reduced (no gradient flows
+    through it). In one process this is ``local_sum / local_count``."""
+    count = torch.as_tensor(local_count, dtype=torch.float32, device=local_sum.device).clone()
+    w = world_size()
+    if w > 1:
+        all_reduce_sum_(count)
+    return local_sum / count.clamp_min(1) * w

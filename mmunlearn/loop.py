@@ -24,6 +24,7 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from tqdm.auto import tqdm
 
+from mmunlearn.dist import shard_batch
 from mmunlearn.methods import Method
 from mmunlearn.optim import MaskedAdamW
 
@@ -235,10 +236,11 @@ def unlearn(
     try:
         for step in range(start, total):
             kind, idx = plan[step]
+            # under torchrun every rank computes its slice of the same global batch
             if kind == "forget":
-                loss = method.forget_loss(model, forget[idx], ref_model)
+                loss = method.forget_loss(model, shard_batch(forget[idx]), ref_model)
             else:
-                loss = method.retain_loss(model, retain[idx], ref_model)
+                loss = method.retain_loss(model, shard_batch(retain[idx]), ref_model)
             value = loss.item()
             if not np.isfinite(value):
                 raise NonFiniteLossError(

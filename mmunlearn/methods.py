@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mmunlearn.dist import global_mean, world_size
+
 METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")
 
 
@@ -54,6 +56,15 @@ def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -lp.sum(-1) / valid.sum(-1).clamp_min(1)
 
 
+def mean_ce(out, batch) -> torch.Tensor:
+    """Mean token CE of the batch's label tokens; under torchrun the mean is over the *global*
+    batch (label tokens counted on every rank), so gradients do not depend on the world size."""
+    if world_size() == 1:
+        return out.loss
+    lp, valid = token_logprobs(out.logits, batch["labels"])
+    return global_mean(-lp.sum(), valid.sum())
+
+
 def kl_ref_to_model(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor):
     """KL(p_ref ‖ p_θ) averaged over label-token positions (scalar)."""
     lg, lb = _shifted(logits, labels)
@@ -62,7 +73,7 @@ def kl_ref_to_model(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torc
     kl = F.kl_div(
         torch.log_softmax(lg, -1), torch.log_softmax(rg, -1), log_target=True, reduction="none"
     ).sum(-1)
-    return (kl * valid).sum() / valid.sum().clamp_min(1)
+    return global_mean((kl * valid).sum(), valid.sum())
 
 
 @dataclass
@@ -102,8 +113,9 @@ class Method:
             logr = sequence_logprob(out.logits, batch["labels"]) - sequence_logprob(
                 ref.logits, batch["labels"]
             )
-            return -(2.0 / self.beta) * F.logsigmoid(-self.beta * logr).mean()
-        return -self.alpha * model(**batch).loss
+            per_sample = F.logsigmoid(-self.beta * logr)
+            return -(2.0 / self.beta) * global_mean(per_sample.sum(), per_sample.numel())
+        return -self.alpha * mean_ce(model(**batch), batch)
 
     def retain_loss(self, model, batch, ref_model=None) -> torch.Tensor | None:
         if not self.has_retain:
@@ -112,5 +124,5 @@ class Method:
         if self.name == "kl_min":
             with torch.no_grad():
                 ref = ref_model(**batch)
-            return out.loss + kl_ref_to_model(out.logits, ref.logits, batch["labels"])
-        return out.loss
+            return mean_ce(out, batch) + kl_ref_to_model(out.logits, ref.logits, batch["labels"])
+        return mean_ce(out, batch)

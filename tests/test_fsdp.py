@@ -93,3 +93,65 @@ def test_fsdp2_masked_steps_match_single_process():
     for n, p in ref.named_parameters():
         torch.testing.assert_close(full[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
         assert not torch.equal(full[n], start[n]), n
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 64, (5, 10), generator=g)  # 5 rows: ranks get 3 and 2 rows
+    labels = ids.clone()
+    labels[0, :8] = -100  # very uneven label-token counts across the two halves
+    labels[1:3, :2] = -100
+    labels[3:, :6] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _grad_worker(rank, world, port, out):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    from torch.distributed.fsdp import fully_shard
+
+    from mmunlearn import dist as mdist
+    from mmunlearn.methods import mean_ce
+
+    mdist.init_from_env("gloo")
+    model = _llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    batch = mdist.shard_batch(_global_batch())
+    mean_ce(model(**batch), batch).backward()
+    grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+    if rank == 0:
+        out["grads"] = grads
+    torch.distributed.destroy_process_group()
+
+
+def test_global_token_normalisation_makes_gradients_world_size_invariant():
+    model = _llama()
+    batch = _global_batch()
+    model(**batch).loss.backward()
+    out = mp.Manager().dict()
+    mp.spawn(_grad_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(out["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
