@@ -1,0 +1,106 @@
+"""Evaluation on a tiny LLaVA: every key present, deterministic for a seed, MCQ sanity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmunlearn.data.schema import Sample
+from mmunlearn.eval import EvalConfig, evaluate
+from mmunlearn.models import adapter_for, build_tokenizer, tiny_llava
+
+WORDS = ["paris", "london", "rome", "madrid", "pilot", "chef", "nurse", "judge"]
+
+
+def _img(seed):
+    a = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    return Image.fromarray(a)
+
+
+def _mcq(q, correct, opts, image=None):
+    return Sample(
+        question=q, answer=opts[correct], image=image, meta={"options": opts, "correct": correct}
+    )
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tok = build_tokenizer(
+        WORDS
+        + [
+            "where does the person live",
+            "what is the job of ann",
+            "ann lives in __",
+            "options",
+            "answer with the letter",
+            "a b c d",
+        ]
+    )
+    model = tiny_llava(tok, seed=0)
+    return model, adapter_for(model, tok), tok
+
+
+def _sets():
+    opts = {"A": "paris", "B": "london", "C": "rome", "D": "madrid"}
+    jobs = {"A": "pilot", "B": "chef", "C": "nurse", "D": "judge"}
+    return {
+        "forget": {
+            "mcq": [
+                _mcq("where does the person live", "B", opts, _img(1)),
+                _mcq("what is the job of ann", "C", jobs),
+            ],
+            "cloze": [Sample("ann lives in __", "paris", None, meta={"ground_truth": "paris"})],
+            "gen": [
+                Sample("where does the person live", "paris", _img(2)),
+                Sample("what is the job of ann", "pilot", None),
+            ],
+        },
+        "retain": {"mcq": [_mcq("where does the person live", "A", opts, _img(3))]},
+    }
+
+
+def test_evaluate_keys_and_determinism(setup):
+    model, adapter, tok = setup
+    cfg = EvalConfig(batch_size=3, max_new_tokens=4, progress=False, seed=11)
+    a = evaluate(model, adapter.collate, tok, _sets(), cfg)
+    b = evaluate(model, adapter.collate, tok, _sets(), cfg)
+    assert a == b
+    f = a["forget"]
+    for key in (
+        "vqa_mcq_acc",
+        "qa_mcq_acc",
+        "vqa_mcq_letter_acc",
+        "qa_mcq_letter_acc",
+        "qa_cloze_acc",
+        "vqa_rouge1",
+        "vqa_rougeL",
+        "qa_bleu",
+        "n_vqa_mcq",
+    ):
+        assert key in f, key
+    assert a["_protocol"]["seed"] == 11 and a["_protocol"]["shots"] == 0
+    assert 0.0 <= f["vqa_mcq_acc"] <= 1.0
+
+
+def test_mcq_likelihood_picks_a_trained_answer(setup):
+    """After teaching the answer, likelihood MCQ must pick it (the scorer is not random)."""
+    model, adapter, tok = setup
+    model = tiny_llava(tok, seed=1)
+    s = _mcq("what is the job of ann", "C", {"A": "pilot", "B": "chef", "C": "nurse", "D": "judge"})
+    batch = adapter.collate([s])
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(25):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    res = evaluate(
+        model,
+        adapter.collate,
+        tok,
+        {"x": {"mcq": [s]}},
+        EvalConfig(progress=False, letter_mcq=False),
+    )
+    assert res["x"]["qa_mcq_acc"] == 1.0
