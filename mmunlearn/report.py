@@ -13,9 +13,11 @@ import os
 COLUMNS = [  # (header, set, metric, better)
     ("Forget VQA ↓", "forget", "vqa_mcq_acc", "low"),
     ("Forget QA ↑", "forget", "qa_mcq_acc", "high"),
-    ("Test VQA ↓", "test", "vqa_mcq_acc", "low"),
+    ("Forget VQA, new pictures ↓", "forget_test", "vqa_mcq_acc", "low"),
+    ("Forget text-only facts from picture", "forget_link", "vqa_mcq_acc", "low"),
     ("Retain VQA ↑", "retain", "vqa_mcq_acc", "high"),
     ("Retain QA ↑", "retain", "qa_mcq_acc", "high"),
+    ("Retain VQA, new pictures ↑", "retain_test", "vqa_mcq_acc", "high"),
 ]
 
 
