@@ -10,7 +10,7 @@ from mmunlearn.cli import build_parser, main
 
 
 def test_demo_writes_results_and_forgets(tmp_path):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "30"]) == 0
+    assert main(["demo", "--kernels", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     for key in ("mask_selected", "mask_total", "before", "after", "masked_out_untouched_by_ascent"):
         assert key in res
@@ -18,6 +18,11 @@ def test_demo_writes_results_and_forgets(tmp_path):
     assert res["masked_out_untouched_by_ascent"] is True
     assert res["before"]["forget"] > 0.9 and res["after"]["forget"] < 0.2
     assert res["after"]["retain"] > 0.9
+
+
+def test_fast_llava_demo_from_the_cli(tmp_path):
+    assert main(["demo", "--fast", "--out", str(tmp_path)]) == 0
+    assert "mmunlearner" in json.loads((tmp_path / "results.json").read_text())["methods"]
 
 
 def test_help_lists_commands(capsys):

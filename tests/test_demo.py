@@ -1,0 +1,36 @@
+"""The LLaVA demo end to end in a fast configuration: every file and key is written."""
+
+from __future__ import annotations
+
+import json
+
+from mmunlearn.demo import DemoConfig, run_demo
+from mmunlearn.methods import METHODS
+from mmunlearn.models import load_model
+from mmunlearn.saliency import SaliencyMask
+
+
+def test_fast_demo_writes_everything(tmp_path):
+    cfg = DemoConfig(
+        n_people=6,
+        forget_ratio=0.34,
+        vanilla_steps=20,
+        unlearn_steps=3,
+        batch_size=8,
+        hidden=32,
+        vision_hidden=32,
+        progress=False,
+    )
+    res = run_demo(str(tmp_path), cfg)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["methods"].keys() == {"vanilla", *METHODS} == res["methods"].keys()
+    for name, sets in data["methods"].items():
+        for set_name in ("forget", "forget_test", "retain", "retain_test"):
+            assert "vqa_mcq_acc" in sets[set_name], (name, set_name)
+        assert "qa_mcq_acc" in sets["forget"] and "qa_mcq_acc" in sets["retain"]
+    assert set(data["mask_coverage"]) == {"vision", "language", "both"}
+    assert (tmp_path / "report.md").read_text().startswith("# ")
+    assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    model, tok = load_model(str(tmp_path / "mmunlearner"))
+    mask = SaliencyMask.load(str(tmp_path / "mask_both.safetensors"), model=model)
+    assert mask.coverage()["total"]["selected"] > 0
