@@ -40,6 +40,127 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _prepare(args):
+    """Model, tokenizer, adapter and synthetic benchmark for saliency / unlearn."""
+    import torch
+
+    from mmunlearn.data.synthetic import make_benchmark
+    from mmunlearn.demo import DemoConfig, finetune
+    from mmunlearn.models import adapter_for, build_tokenizer, load_model, tiny_llava
+
+    if not args.synthetic:
+        raise SystemExit("only --synthetic data is wired to the CLI so far; see mmunlearn.data")
+    bench = make_benchmark(n_people=args.people, seed=args.seed)
+    dev = torch.device(args.device)
+    if args.tiny:
+        d = DemoConfig()
+        texts = [x.question + " " + x.answer for x in bench.train]
+        tok = build_tokenizer(texts)
+        model = tiny_llava(
+            tok,
+            seed=args.seed,
+            hidden=d.hidden,
+            intermediate=2 * d.hidden,
+            vision_hidden=d.vision_hidden,
+        ).to(dev)
+        adapter = adapter_for(model, tok)
+        if args.vanilla_steps:
+            finetune(model, adapter, bench.train, args.vanilla_steps, 1e-3, 16, args.seed, dev)
+    elif args.model:
+        model, tok = load_model(args.model, device=dev)
+        adapter = adapter_for(model, tok)
+    else:
+        raise SystemExit("give --model DIR (a saved model) or --tiny")
+    return model, tok, adapter, bench, dev
+
+
+def _masks(args, model, adapter, bench, dev):
+    import random
+
+    from mmunlearn.demo import _batches, _to
+    from mmunlearn.saliency import build_masks
+
+    rng = random.Random(args.seed)
+    b = lambda xs: _to(_batches(adapter, xs, 16, rng), dev)  # noqa: E731
+    return build_masks(
+        model,
+        b(bench.forget_vqa),
+        b(bench.retain_vqa),
+        b(bench.forget_text + bench.retain_vqa),
+        gamma=args.gamma,
+        fraction=args.fraction,
+    )
+
+
+def _cmd_saliency(args) -> int:
+    model, tok, adapter, bench, dev = _prepare(args)
+    masks = _masks(args, model, adapter, bench, dev)
+    os.makedirs(args.out, exist_ok=True)
+    for k, m in masks.items():
+        m.save(os.path.join(args.out, f"mask_{k}.safetensors"))
+        cov = m.coverage()["total"]
+        print(f"{k}: {cov['selected']:,}/{cov['total']:,} selected ({100 * cov['fraction']:.1f} %)")
+    print(f"wrote {args.out}/mask_{{vision,language,both}}.safetensors")
+    return 0
+
+
+def _cmd_unlearn(args) -> int:
+    import random
+
+    from mmunlearn.demo import _batches, _to
+    from mmunlearn.loop import UnlearnConfig, unlearn
+    from mmunlearn.models import save_model
+    from mmunlearn.saliency import SaliencyMask
+
+    model, tok, adapter, bench, dev = _prepare(args)
+    kw = {}
+    if args.method == "mmunlearner":
+        if args.mask:
+            mask = SaliencyMask.load(args.mask, model=model)
+        else:
+            mask = _masks(args, model, adapter, bench, dev)[args.mask_group]
+        os.makedirs(args.out, exist_ok=True)
+        mask.save(os.path.join(args.out, "mask.safetensors"))
+        kw["masks"] = mask.for_model(model)
+    rng = random.Random(args.seed)
+    forget = _to(_batches(adapter, bench.forget_vqa, 16, rng, args.steps), dev)
+    retain = _to(_batches(adapter, bench.retain_vqa + bench.retain_text, 16, rng, args.steps), dev)
+    cfg = UnlearnConfig(
+        lr=args.lr,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        forget_freq=1,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    unlearn(
+        model,
+        args.method,
+        forget,
+        retain,
+        config=cfg,
+        output_dir=os.path.join(args.out, "run"),
+        resume=args.resume,
+        **kw,
+    )
+    path = save_model(model, tok, os.path.join(args.out, "model"))
+    print(f"wrote {path}")
+    return 0
+
+
+def _load_config_file(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise SystemExit(f"--config {path}: cannot read it ({e})") from e
+    if not isinstance(data, dict):
+        raise SystemExit(f"--config {path}: expected a mapping of option: value")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
 def _cmd_bench(args) -> int:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(here, "bench", "run.py")
@@ -99,6 +220,51 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.set_defaults(fn=_cmd_demo)
 
+    for name, fn, helptext in (
+        ("saliency", _cmd_saliency, "compute the Fisher saliency masks and write them"),
+        ("unlearn", _cmd_unlearn, "run one unlearning method and write the model (+ mask)"),
+    ):
+        c = sub.add_parser(
+            name,
+            help=helptext,
+            description=helptext + ". Values in --config "
+            "(YAML or JSON) are defaults; flags given on the command line win.",
+        )
+        c.add_argument("--config", help="YAML/JSON file of option: value defaults")
+        c.add_argument("--tiny", action="store_true", help="a tiny LLaVA built from a config")
+        c.add_argument("--model", help="a saved model directory (save_pretrained layout)")
+        c.add_argument("--synthetic", action="store_true", help="the built-in benchmark")
+        c.add_argument("--people", type=int, default=40, help="synthetic people (default 40)")
+        c.add_argument(
+            "--vanilla-steps",
+            type=int,
+            default=300,
+            help="--tiny: fine-tune steps before unlearning (default 300)",
+        )
+        c.add_argument("--gamma", type=float, default=1.0, help="mask threshold γ")
+        c.add_argument(
+            "--fraction",
+            type=float,
+            default=None,
+            help="exact top-k fraction instead of γ (e.g. 0.05)",
+        )
+        c.add_argument("--seed", type=int, default=0)
+        c.add_argument("--device", default="cpu")
+        c.add_argument("--out", default=f"runs/{name}", help=f"output dir (default runs/{name})")
+        if name == "unlearn":
+            c.add_argument(
+                "--method",
+                default="mmunlearner",
+                choices=["ga", "ga_diff", "kl_min", "npo", "mmunlearner"],
+            )
+            c.add_argument("--mask", help="a mask file from `mmunlearn saliency` (else computed)")
+            c.add_argument("--mask-group", default="both", choices=["vision", "language", "both"])
+            c.add_argument("--steps", type=int, default=50, help="forget steps (default 50)")
+            c.add_argument("--lr", type=float, default=1e-3)
+            c.add_argument("--checkpoint-every", type=int, default=0)
+            c.add_argument("--resume", action="store_true", help="continue from --out/run")
+        c.set_defaults(fn=fn)
+
     e = sub.add_parser(
         "estimate",
         help="peak memory per rank for saliency and unlearning (no weights needed)",
@@ -125,7 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None):
+        # file values become defaults of that subcommand; explicit flags still win
+        sub = parser._subparsers._group_actions[0].choices[args.cmd]
+        sub.set_defaults(**_load_config_file(args.config))
+        args = parser.parse_args(argv)
     return args.fn(args)
 
 
