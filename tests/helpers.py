@@ -36,3 +36,40 @@ def max_rel_err(actual, expected, floor=1e-12):
 def ulp(dtype: torch.dtype) -> float:
     """Relative spacing of a dtype (2^-mantissa bits)."""
     return torch.finfo(dtype).eps
+
+
+def run_ranks(worker, world: int = 2) -> dict:
+    """Run ``worker(rank, world, out)`` in ``world`` spawned processes joined into one gloo
+    group (torchrun's environment variables set, ``mmunlearn.dist.init_from_env`` called);
+    returns the shared ``out`` dict the workers filled."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_rank_main, args=(world, port, worker, out), nprocs=world, join=True)
+    return dict(out)
+
+
+def _rank_main(rank, world, port, worker, out):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    from mmunlearn import dist as mdist
+
+    assert mdist.init_from_env("gloo")
+    try:
+        worker(rank, world, out)
+    finally:
+        dist.destroy_process_group()

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
-import torch.multiprocessing as mp
 
 from mmunlearn.kernels import saliency_threshold_topk
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import run_ranks
 
 
 def _inputs():
@@ -25,17 +17,9 @@ def _inputs():
     return ff, fp
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+def _worker(rank, world, out):
     from mmunlearn import dist as mdist
 
-    assert mdist.init_from_env("gloo")
     ff, fp = _inputs()
     # each rank holds an uneven row-shard of every tensor, as FSDP2 would
     loc_f = [t.reshape(-1).tensor_split(world)[rank] for t in ff]
@@ -45,13 +29,11 @@ def _worker(rank, world, port, out):
     whole_f = [t.reshape(-1) for t in ff] if rank == 0 else []
     whole_p = [t.reshape(-1) for t in fp] if rank == 0 else []
     out[f"empty{rank}"] = mdist.topk_threshold(whole_f, whole_p, 0.1, backend="torch")
-    torch.distributed.destroy_process_group()
 
 
 def test_distributed_topk_equals_single_process_bit_for_bit():
     ff, fp = _inputs()
     want = [saliency_threshold_topk(ff, fp, f, backend="torch") for f in (0.001, 0.1, 0.5)]
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    out = run_ranks(_worker)
     assert out[0] == want and out[1] == want
     assert out["empty0"] == out["empty1"] == want[1]

@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
 import torch
-import torch.multiprocessing as mp
+
+from helpers import run_ranks
 
 STEPS = 6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model():
@@ -45,20 +37,11 @@ def _run(model, opt):
         opt.zero_grad()
 
 
-def _worker(rank, world, port, out):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+def _worker(rank, world, out):
     from torch.distributed.fsdp import fully_shard
 
-    from mmunlearn import dist as mdist
     from mmunlearn.optim import MaskedAdamW
 
-    mdist.init_from_env("gloo")
     model = _model()
     masks = _masks(model)
     for layer in model:
@@ -73,7 +56,6 @@ def _worker(rank, world, port, out):
     full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     if rank == 0:
         out["full"] = full
-    torch.distributed.destroy_process_group()
 
 
 def test_fsdp2_masked_steps_match_single_process():
@@ -87,8 +69,7 @@ def test_fsdp2_masked_steps_match_single_process():
     opt.set_masks({named[n]: m for n, m in masks.items()})
     _run(ref, opt)
 
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    out = run_ranks(_worker)
     full = out["full"]
     for n, p in ref.named_parameters():
         torch.testing.assert_close(full[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
@@ -121,20 +102,12 @@ def _global_batch():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _grad_worker(rank, world, port, out):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+def _grad_worker(rank, world, out):
     from torch.distributed.fsdp import fully_shard
 
     from mmunlearn import dist as mdist
     from mmunlearn.methods import mean_ce
 
-    mdist.init_from_env("gloo")
     model = _llama()
     for layer in model.model.layers:
         fully_shard(layer)
@@ -144,14 +117,12 @@ def _grad_worker(rank, world, port, out):
     grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
     if rank == 0:
         out["grads"] = grads
-    torch.distributed.destroy_process_group()
 
 
 def test_global_token_normalisation_makes_gradients_world_size_invariant():
     model = _llama()
     batch = _global_batch()
     model(**batch).loss.backward()
-    out = mp.Manager().dict()
-    mp.spawn(_grad_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    out = run_ranks(_grad_worker)
     for n, p in model.named_parameters():
         torch.testing.assert_close(out["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
