@@ -49,3 +49,54 @@ def test_saliency_and_every_method(family):
         assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res["history"]), name
         moved = sum(int((p.detach() != start[n]).sum()) for n, p in m.named_parameters())
         assert moved > 0, name
+
+
+def test_bf16_llava_mmunlearner_keeps_masked_out_weights():
+    """A bf16 model end to end: finite losses, bf16 kept, masked-out weights bit-identical
+    across every forget step (retain steps may move them)."""
+    bench = make_benchmark(n_people=4, forget_ratio=0.25, seed=1, n_train_images=2, n_test_images=1)
+    tok = build_tokenizer([s.question + " " + s.answer for s in bench.train])
+    model = tiny_llava(tok, seed=0).to(torch.bfloat16)
+    adapter = adapter_for(model, tok)
+    rng = random.Random(0)
+
+    def b(xs, n=None):
+        out = _batches(adapter, xs, 4, rng, n)
+        for x in out:
+            if "pixel_values" in x:
+                x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
+        return out
+
+    masks = build_masks(
+        model,
+        b(bench.forget_vqa, 2),
+        b(bench.retain_vqa, 2),
+        b(bench.forget_text + bench.retain_vqa, 2),
+        progress=False,
+    )
+    params = dict(model.named_parameters())
+    keep = {n: ~masks["both"].dense(n) for n in params}
+    snap = {n: p.detach().clone() for n, p in params.items()}
+    seen = []
+
+    def check(step, kind, loss):
+        for n, p in params.items():
+            if kind == "forget":
+                assert torch.equal(
+                    p.detach()[keep[n]].view(torch.int16), snap[n][keep[n]].view(torch.int16)
+                ), n
+            snap[n] = p.detach().clone()
+        seen.append(kind)
+
+    res = unlearn(
+        model,
+        "mmunlearner",
+        b(bench.forget_vqa, 2),
+        b(bench.retain_vqa, 2),
+        masks=masks["both"].for_model(model),
+        callback=check,
+        config=UnlearnConfig(lr=1e-2, forget_freq=1, progress=False),
+    )
+    assert seen.count("forget") == 2
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res["history"])
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
