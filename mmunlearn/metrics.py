@@ -95,7 +95,7 @@ def ngrams(tokens: Sequence[str], n: int) -> Counter:
     """Multiset (``Counter``) of the contiguous ``n``-grams (as tuples) of ``tokens``."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
 def _prf(overlap: float, n_pred: int, n_ref: int) -> dict[str, float]:
@@ -166,8 +166,9 @@ def _bleu_stats(pred: str, ref: str, max_n: int) -> tuple[list[int], list[int], 
     return matches, totals, len(tp), len(tr)
 
 
-def _bleu_from_stats(matches: Sequence[int], totals: Sequence[int], c: int, r: int,
-                     smooth: bool) -> float:
+def _bleu_from_stats(
+    matches: Sequence[int], totals: Sequence[int], c: int, r: int, smooth: bool
+) -> float:
     if c == 0 or r == 0 or matches[0] == 0:
         return 0.0
     log_p = 0.0
@@ -201,8 +202,9 @@ def bleu(pred: str, ref: str, max_n: int = 4, smooth: bool = True) -> float:
     return _bleu_from_stats(*_bleu_stats(pred, ref, max_n), smooth=smooth)
 
 
-def corpus_bleu(preds: Sequence[str], refs: Sequence[str], max_n: int = 4,
-                smooth: bool = False) -> float:
+def corpus_bleu(
+    preds: Sequence[str], refs: Sequence[str], max_n: int = 4, smooth: bool = False
+) -> float:
     """Corpus BLEU: the statistics of :func:`bleu` summed over the corpus, then combined once.
 
     ``m_n`` and ``l_n`` are summed over all (pred, ref) pairs, c and r are the summed lengths,
@@ -244,8 +246,11 @@ def _letter_order(letters) -> list[str]:
     return sorted(letters, key=lambda k: (len(k), k))
 
 
-def mcq_from_loglik(option_logliks: Mapping[str, float], length_normalized: bool = False,
-                    option_lengths: Mapping[str, int] | None = None) -> str:
+def mcq_from_loglik(
+    option_logliks: Mapping[str, float],
+    length_normalized: bool = False,
+    option_lengths: Mapping[str, int] | None = None,
+) -> str:
     """Chosen option of a multiple-choice question from the options' answer log-likelihoods.
 
     The score of option ``k`` is ``option_logliks[k]`` (summed token log-probability), or with
@@ -320,7 +325,7 @@ def mcq_letter_from_text(generated: str, options: Mapping[str, str]) -> str | No
         return valid[bare.upper()]
     for rx in (_ANSWER_RE, _LEAD_RE):
         for m in rx.finditer(text):
-            k, rest = m.group(1), text[m.end():]
+            k, rest = m.group(1), text[m.end() :]
             if rx is _LEAD_RE and k.islower() and rest[:1] not in (".", ")"):
                 continue  # a leading lower-case "a" is the article unless "a." / "a)"
             word_like = k.islower() or k in ("A", "I")  # could be the article / pronoun
@@ -333,8 +338,11 @@ def mcq_letter_from_text(generated: str, options: Mapping[str, str]) -> str | No
     gen = f" {normalize_text(text)} "
     hits = {k: normalize_text(v) for k, v in options.items()}
     hits = {k: v for k, v in hits.items() if v and f" {v} " in gen}
-    hits = {k: v for k, v in hits.items()
-            if not any(v != w and f" {v} " in f" {w} " for w in hits.values())}
+    hits = {
+        k: v
+        for k, v in hits.items()
+        if not any(v != w and f" {v} " in f" {w} " for w in hits.values())
+    }
     if len(hits) == 1:
         return next(iter(hits))
     return None
@@ -350,8 +358,9 @@ def accuracy(preds: Sequence, golds: Sequence) -> float:
     return sum(p is not None and p == g for p, g in zip(preds, golds)) / len(golds)
 
 
-def mean_ci(values: Sequence[float], confidence: float = 0.95, n_boot: int = 1000,
-            seed: int = 0) -> tuple[float, float, float]:
+def mean_ci(
+    values: Sequence[float], confidence: float = 0.95, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float, float]:
     """Mean and percentile-bootstrap confidence interval: ``(mean, low, high)``.
 
     ``n_boot`` resamples of ``len(values)`` values with replacement are drawn with
