@@ -45,25 +45,15 @@ def _prepare(args):
     import torch
 
     from mmunlearn.data.synthetic import make_benchmark
-    from mmunlearn.demo import DemoConfig, finetune
-    from mmunlearn.models import adapter_for, build_tokenizer, load_model, tiny_llava
+    from mmunlearn.demo import DemoConfig, build_tiny, finetune
+    from mmunlearn.models import adapter_for, load_model
 
     if not args.synthetic:
         raise SystemExit("only --synthetic data is wired to the CLI so far; see mmunlearn.data")
     bench = make_benchmark(n_people=args.people, seed=args.seed)
     dev = torch.device(args.device)
     if args.tiny:
-        d = DemoConfig()
-        texts = [x.question + " " + x.answer for x in bench.train]
-        tok = build_tokenizer(texts)
-        model = tiny_llava(
-            tok,
-            seed=args.seed,
-            hidden=d.hidden,
-            intermediate=2 * d.hidden,
-            vision_hidden=d.vision_hidden,
-        ).to(dev)
-        adapter = adapter_for(model, tok)
+        model, tok, adapter = build_tiny(bench, DemoConfig(seed=args.seed), dev)
         if args.vanilla_steps:
             finetune(model, adapter, bench.train, args.vanilla_steps, 1e-3, 16, args.seed, dev)
     elif args.model:

@@ -96,19 +96,7 @@ def run_demo(out: str = "runs/demo", cfg: DemoConfig | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     bench = make_benchmark(n_people=cfg.n_people, forget_ratio=cfg.forget_ratio, seed=cfg.seed)
     sets = demo_eval_sets(bench)
-    texts = [s.question + " " + s.answer for s in bench.train]
-    for v in sets.values():
-        for s in v["mcq"]:
-            texts += [s.question] + [str(o) for o in s.meta["options"].values()]
-    tok = build_tokenizer(texts, vocab_size=4096)
-    model = tiny_llava(
-        tok,
-        seed=cfg.seed,
-        hidden=cfg.hidden,
-        intermediate=2 * cfg.hidden,
-        vision_hidden=cfg.vision_hidden,
-    ).to(dev)
-    adapter = adapter_for(model, tok)
+    model, tok, adapter = build_tiny(bench, cfg, dev)
     finetune(
         model,
         adapter,
@@ -171,6 +159,24 @@ def run_demo(out: str = "runs/demo", cfg: DemoConfig | None = None) -> dict:
         print(f"mask coverage (selected/total): {json.dumps(coverage)}")
         print(f"wrote {out}/results.json, report.md, tradeoff.png in {results['seconds']} s")
     return results
+
+
+def build_tiny(bench, cfg: DemoConfig, dev):
+    """Tokenizer trained on the benchmark's text (training items and every MCQ option) and a
+    tiny LLaVA of the demo's size on ``dev``; returns (model, tokenizer, adapter)."""
+    texts = [s.question + " " + s.answer for s in bench.train]
+    for v in demo_eval_sets(bench).values():
+        for s in v["mcq"]:
+            texts += [s.question] + [str(o) for o in s.meta["options"].values()]
+    tok = build_tokenizer(texts, vocab_size=4096)
+    model = tiny_llava(
+        tok,
+        seed=cfg.seed,
+        hidden=cfg.hidden,
+        intermediate=2 * cfg.hidden,
+        vision_hidden=cfg.vision_hidden,
+    ).to(dev)
+    return model, tok, adapter_for(model, tok)
 
 
 def _strip(res: dict) -> dict:
