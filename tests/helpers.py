@@ -73,3 +73,21 @@ def _rank_main(rank, world, port, worker, out):
         worker(rank, world, out)
     finally:
         dist.destroy_process_group()
+
+
+def tiny_llama(seed: int = 0):
+    """A real 2-layer ``LlamaForCausalLM`` (vocab 64, hidden 32), seeded, in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from helpers import run_ranks
+from helpers import run_ranks, tiny_llama
 
 STEPS = 6
 
@@ -77,19 +77,7 @@ def test_fsdp2_masked_steps_match_single_process():
 
 
 def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
+    return tiny_llama(0).train()
 
 
 def _global_batch():

@@ -6,25 +6,16 @@ import os
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from mmunlearn.kernels import pack_bits
 from mmunlearn.loop import NonFiniteLossError, UnlearnConfig, build_schedule, unlearn
 from mmunlearn.methods import METHODS, Method, per_sample_ce, sequence_logprob
 
+from helpers import tiny_llama
+
 
 def _model(seed=0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed)
 
 
 def _batches(n, seed, bs=4, t=12):
