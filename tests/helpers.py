@@ -71,6 +71,10 @@ def _rank_main(rank, world, port, worker, out):
     assert mdist.init_from_env("gloo")
     try:
         worker(rank, world, out)
+        # Every rank reaches this point before any tears gloo down: a rank destroying its
+        # group while a peer still has a collective in flight aborts that peer
+        # ("terminate called without an active exception", seen once in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
