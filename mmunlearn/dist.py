@@ -73,19 +73,118 @@ def topk_threshold(
     )
 
 
-def shard_batch(batch: dict, rank_: int | None = None, world: int | None = None) -> dict:
-    """The slice of a global batch this rank computes (contiguous rows, torch.tensor_split:
-    uneven splits allowed). Tensors without a batch dimension are passed through."""
+def image_token_id(model) -> int | None:
+    """The id of the image placeholder token of a multimodal model's config (LLaVA, Qwen2-VL),
+    or None for a text-only model."""
+    cfg = getattr(model, "config", None)
+    for attr in ("image_token_id", "image_token_index"):
+        v = getattr(cfg, attr, None)
+        if v is not None:
+            return int(v)
+    return None
+
+
+def _row_images(batch: dict, image_token: int | None):
+    """Per row, the list of its pixel_values row indices (and of its image indices).
+
+    Images are assigned to rows in order by their placeholder-token counts (every image of a
+    LLaVA batch has the same number of tokens; a Qwen2-VL image has prod(grid_thw)/merge²,
+    i.e. proportional to its patch rows)."""
+    ids = batch["input_ids"]
+    pix = batch["pixel_values"]
+    grid = batch.get("image_grid_thw")
+    n = ids.shape[0]
+    if grid is None and pix.shape[0] == n:
+        return [[i] for i in range(n)], [[i] for i in range(n)]
+    if image_token is None:
+        raise ValueError(
+            f"shard_batch: {pix.shape[0]} pixel rows for {n} rows (text-only rows, several "
+            "images per row or patch rows): pass image_token_id= to find each row's images"
+        )
+    per_row = (ids == image_token).sum(1).tolist()
+    weights = grid.prod(-1).tolist() if grid is not None else [1] * pix.shape[0]
+    total_tok, total_w = sum(per_row), sum(weights)
+    if total_w == 0 or (total_tok * weights[0]) % total_w:
+        raise ValueError(
+            f"shard_batch: {total_tok} image tokens do not split over {len(weights)} images"
+        )
+    pix_off = [0]
+    for w in weights:
+        pix_off.append(pix_off[-1] + w)
+    rows_pix, rows_img, img = [], [], 0
+    for c in per_row:
+        imgs = []
+        while c > 0 and img < len(weights):
+            imgs.append(img)
+            used = weights[img] * total_tok // total_w
+            c -= used
+            img += 1
+        if c != 0:
+            raise ValueError("shard_batch: image placeholder tokens do not match the images")
+        rows_img.append(imgs)
+        rows_pix.append([r for i in imgs for r in range(pix_off[i], pix_off[i + 1])])
+    return rows_pix, rows_img
+
+
+def shard_batch(
+    batch: dict,
+    rank_: int | None = None,
+    world: int | None = None,
+    *,
+    image_token_id: int | None = None,
+) -> dict:
+    """The rows of a global batch this rank computes.
+
+    Text-only batches: contiguous rows (``torch.tensor_split`` sizes, uneven splits allowed).
+    Batches with images: the rows that carry images are dealt round-robin first, then the
+    text-only rows, so every rank runs the vision tower (FSDP2 all-gathers its weights on
+    every rank; a rank that skipped it would deadlock the others). Images follow their rows;
+    when ``pixel_values`` does not have one entry per row (text rows mixed in, Qwen2-VL's patch
+    rows) each row's images are found from the ``image_token_id`` placeholders in
+    ``input_ids`` (pass :func:`image_token_id` of the model). Raises ValueError when there are
+    fewer image rows than ranks. The loss is normalised by global counts
+    (:func:`global_mean`), so which rank takes which row does not change the gradient. Tensors
+    without a batch dimension are passed through."""
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
     if w == 1:
         return batch
+    ref = batch.get("input_ids")
+    if ref is None:
+        ref = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    n = ref.shape[0]
+    image_keys = ("pixel_values", "image_grid_thw", "image_sizes")
+    if not isinstance(batch.get("pixel_values"), torch.Tensor):
+        rows = torch.arange(n).tensor_split(w)[r]
+        return {
+            k: (v[rows[0] : rows[-1] + 1] if len(rows) else v[:0])
+            if isinstance(v, torch.Tensor) and v.dim() > 0
+            else v
+            for k, v in batch.items()
+        }
+    rows_pix, rows_img = _row_images(batch, image_token_id)
+    with_img = [i for i in range(n) if rows_img[i]]
+    without = [i for i in range(n) if not rows_img[i]]
+    if len(with_img) < w:
+        raise ValueError(
+            f"shard_batch: {len(with_img)} rows with images for {w} ranks; every rank must "
+            "get one (FSDP runs the vision tower on every rank): use larger global batches"
+        )
+    order = with_img + without
+    mine = sorted(order[r::w])
+    pix = sorted(p for i in mine for p in rows_pix[i])
+    imgs = sorted(j for i in mine for j in rows_img[i])
+    idx = torch.tensor(mine, dtype=torch.long)
     out = {}
     for k, v in batch.items():
-        if isinstance(v, torch.Tensor) and v.dim() > 0:
-            out[k] = v.tensor_split(w)[r]
-        else:
+        if not (isinstance(v, torch.Tensor) and v.dim() > 0):
             out[k] = v
+        elif k == "pixel_values":
+            out[k] = v[torch.tensor(pix, dtype=torch.long, device=v.device)]
+        elif k in image_keys:
+            out[k] = v[torch.tensor(imgs, dtype=torch.long, device=v.device)]
+        else:
+            out[k] = v[idx.to(v.device)]
     return out
 
 

@@ -16,7 +16,7 @@ import os
 import random
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -24,7 +24,8 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from tqdm.auto import tqdm
 
-from mmunlearn.dist import shard_batch
+from mmunlearn import fsdp
+from mmunlearn.dist import all_reduce_sum_, image_token_id, is_rank0, shard_batch, world_size
 from mmunlearn.methods import Method
 from mmunlearn.optim import MaskedAdamW
 
@@ -107,9 +108,38 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+def _global_value(loss: torch.Tensor) -> float:
+    """The loss of the whole global batch as a float (under torchrun each rank's loss is its
+    share, ``local_sum / global_count · world``: the mean over ranks is the global loss)."""
+    w = world_size()
+    if w == 1:
+        return loss.item()
+    t = loss.detach().float().reshape(1).clone()
+    return all_reduce_sum_(t).item() / w
+
+
 def save_checkpoint(output_dir: str, model, opt, sched, step: int, history: list, config) -> str:
     """Atomically write ``output_dir/checkpoint``: model weights (safetensors), optimizer state
-    (masks included), LR schedule, RNG states, step and history. Returns the path."""
+    (masks included), LR schedule, RNG states, step and history. Returns the path.
+
+    An FSDP2-sharded model gets a sharded DCP checkpoint instead
+    (:func:`mmunlearn.fsdp.save_sharded_checkpoint`: every rank writes its shards, rank 0
+    renames; masks are not stored there — they come from the mask file given again on resume,
+    checked by their selected-element count)."""
+    if fsdp.is_sharded(model):
+        extra = {
+            "step": step,
+            "history": history,
+            "config": asdict(config),
+            "scheduler": sched.state_dict(),
+            "lr": [g["lr"] for g in opt.param_groups],  # the scheduler does not restore it
+            "mask_selected": _mask_selected(opt),
+        }
+        if is_rank0():
+            os.makedirs(output_dir, exist_ok=True)
+        return fsdp.save_sharded_checkpoint(
+            os.path.join(output_dir, CKPT), model, opt, extra, _rng_state()
+        )
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, CKPT)
     tmp = os.path.join(output_dir, f".{CKPT}.tmp-{os.getpid()}")
@@ -131,6 +161,25 @@ def save_checkpoint(output_dir: str, model, opt, sched, step: int, history: list
     return final
 
 
+def _mask_selected(opt) -> int:
+    """Selected elements over every mask set on ``opt``, summed over ranks."""
+    from mmunlearn.kernels import unpack_bits
+
+    n = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            m = opt.state.get(p, {}).get("mask")
+            if m is not None:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                n += int(unpack_bits(m, local.shape, backend="torch").sum())
+    t = torch.tensor([n], dtype=torch.int64)
+    if world_size() > 1:
+        dev = next(iter(opt.param_groups[0]["params"]))
+        dev = (dev.to_local() if hasattr(dev, "to_local") else dev).device
+        t = all_reduce_sum_(t.to(dev)).cpu()
+    return int(t.item())
+
+
 def find_checkpoint(output_dir: str) -> str | None:
     """The checkpoint to resume from in ``output_dir`` (or its .old twin after a crash
     between the two renames of :func:`save_checkpoint`), or None."""
@@ -143,6 +192,24 @@ def find_checkpoint(output_dir: str) -> str | None:
 
 def load_checkpoint(path: str, model, opt, sched) -> tuple[int, list]:
     """Restore a checkpoint written by :func:`save_checkpoint`; returns (step, history)."""
+    if fsdp.is_sharded(model):
+        if not fsdp.is_sharded_checkpoint(path):
+            raise ValueError(f"cannot resume from {path}: not a sharded (DCP) checkpoint")
+        meta, rng = fsdp.load_sharded_checkpoint(path, model, opt)
+        selected = _mask_selected(opt)
+        if meta.get("mask_selected") != selected:
+            raise ValueError(
+                f"cannot resume from {path}: the masks now set select {selected} elements, "
+                f"the checkpointed run's {meta.get('mask_selected')} (give the same --mask)"
+            )
+        sched.load_state_dict(meta["scheduler"])
+        for g, lr in zip(opt.param_groups, meta["lr"]):
+            g["lr"] = lr
+        if rng is not None:
+            _set_rng_state(rng)
+        return int(meta["step"]), list(meta["history"])
+    if fsdp.is_sharded_checkpoint(path):
+        raise ValueError(f"{path} is a sharded (DCP) checkpoint: resume it under torchrun")
     try:
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
@@ -191,7 +258,13 @@ def unlearn(
     np.random.seed(cfg.seed)
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
+    sharded = fsdp.is_sharded(model)
     if method.needs_reference and ref_model is None:
+        if sharded:
+            raise ValueError(
+                f"{method.name} on an FSDP2-sharded model needs ref_model= (a second sharded "
+                "copy of the vanilla model); a sharded model cannot be deep-copied"
+            )
         ref_model = copy.deepcopy(model)
     if ref_model is not None:
         ref_model.eval().requires_grad_(False)
@@ -225,6 +298,8 @@ def unlearn(
     if found:
         start, history = load_checkpoint(found, model, opt, sched)
     resumed_from = start
+    if sharded and cfg.progress and not is_rank0():
+        cfg = replace(cfg, progress=False)  # one progress bar per run, rank 0's
 
     bar = tqdm(
         total=total,
@@ -233,15 +308,21 @@ def unlearn(
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
+    itok = image_token_id(model)
     try:
         for step in range(start, total):
             kind, idx = plan[step]
             # under torchrun every rank computes its slice of the same global batch
             if kind == "forget":
-                loss = method.forget_loss(model, shard_batch(forget[idx]), ref_model)
+                loss = method.forget_loss(
+                    model, shard_batch(forget[idx], image_token_id=itok), ref_model
+                )
             else:
-                loss = method.retain_loss(model, shard_batch(retain[idx]), ref_model)
-            value = loss.item()
+                loss = method.retain_loss(
+                    model, shard_batch(retain[idx], image_token_id=itok), ref_model
+                )
+            # the global loss (all ranks agree, so a NaN stops every rank at the same step)
+            value = _global_value(loss)
             if not np.isfinite(value):
                 raise NonFiniteLossError(
                     f"non-finite {kind} loss ({value}) at step {step} of {total} "

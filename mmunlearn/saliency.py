@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from mmunlearn.dist import image_token_id, shard_batch, world_size
 from mmunlearn.kernels import (
     fisher_accumulate_,
     pack_bits,
@@ -41,6 +42,7 @@ from mmunlearn.kernels import (
     saliency_threshold_topk,
     unpack_bits,
 )
+from mmunlearn.methods import mean_ce
 
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor
@@ -156,8 +158,12 @@ def model_family(model) -> str | None:
 
 
 def _model_class(model) -> str:
-    m = _unwrap(model)
-    return f"{type(m).__module__}.{type(m).__name__}"
+    cls = type(_unwrap(model))
+    if cls.__name__.startswith("FSDP") and len(cls.__mro__) > 2:
+        # FSDP2's fully_shard swaps the class for FSDP<Name>(FSDPModule, <Name>): the real
+        # class is the last base, so files do not depend on whether the run was sharded
+        cls = cls.__bases__[-1]
+    return f"{cls.__module__}.{cls.__name__}"
 
 
 def module_groups(
@@ -347,6 +353,15 @@ def collect_fisher(
             seen.clear()
             if loss_fn is not None:
                 loss = loss_fn(model, batch)
+            elif world_size() > 1:
+                # torchrun: this rank's slice of the global batch, loss normalised by the
+                # global label-token count, so the reduced gradient (hence the Fisher) is the
+                # 1-process gradient of the whole batch
+                local = shard_batch(
+                    _to_device(batch, device) if device is not None else batch,
+                    image_token_id=image_token_id(model),
+                )
+                loss = mean_ce(model(**local), local)
             else:
                 out = model(**(_to_device(batch, device) if device is not None else batch))
                 loss = out.get("loss") if isinstance(out, Mapping) else getattr(out, "loss", out)
@@ -562,11 +577,15 @@ class SaliencyMask:
         *,
         model_class: str | None = None,
         backend: str = "auto",
+        distributed: bool = False,
     ) -> SaliencyMask:
         """Top-k fraction of the ratio ``(F_f + eps)/(F_p + eps)``: the exact k-th largest
         score ``t`` (k = ceil(fraction·N)) from :func:`saliency_threshold_topk`, then bit =
         ``ratio >= t`` (exactly k elements unless scores tie at t; then all tied ones).
         ``scope="global"``: one threshold over all tensors; ``"layer"``: one per tensor.
+        ``distributed=True`` (torchrun, FSDP2): the tensors are this rank's shards; k and the
+        threshold are over the shards of *all* ranks (histograms all-reduced: the same
+        threshold as one process over the full tensors). Every rank must call it together.
         Returns a new mask with ``meta["rule"] = "topk"``."""
         if scope not in ("global", "layer"):
             raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
@@ -575,7 +594,25 @@ class SaliencyMask:
         names, ff, fp = _as_fp32_lists(f_forget, f_preserve)
         bits: list[torch.Tensor] = []
         thresholds: list[float] = []
-        if scope == "global":
+        if distributed:
+            from mmunlearn.dist import topk_threshold
+
+            groups_ = [list(range(len(ff)))] if scope == "global" else [[i] for i in range(len(ff))]
+            by_index = [None] * len(ff)
+            for idx in groups_:
+                if not idx:
+                    continue
+                t = topk_threshold(
+                    [ff[i] for i in idx], [fp[i] for i in idx], fraction, eps, backend=backend
+                )
+                thresholds.append(t)
+                sel = saliency_mask(
+                    [ff[i] for i in idx], [fp[i] for i in idx], t, eps, backend=backend
+                )[0]
+                for i, b in zip(idx, sel):
+                    by_index[i] = b
+            bits = by_index
+        elif scope == "global":
             live = [i for i, t in enumerate(ff) if t.numel()]
             if live:
                 t = saliency_threshold_topk(
@@ -832,12 +869,14 @@ def masks_from_fishers(
     eps: float = 1e-15,
     model_class: str | None = None,
     backend: str = "auto",
+    distributed: bool = False,
 ) -> dict[str, SaliencyMask]:
     """The vision / language / both masks from saved Fishers (cheap: no forward pass).
 
     ``f_forget`` covers both groups; ``f_vision_preserve`` the ``groups["vision"]`` names,
     ``f_language_preserve`` the ``groups["language"]`` names. Threshold ``gamma`` unless
     ``fraction`` is given (exact top-k within each group, ``scope`` "global" or "layer").
+    ``distributed``: the Fishers are this rank's shards (top-k over all ranks' shards).
     Returns ``{"vision", "language", "both"}`` (both = vision | language)."""
     out: dict[str, SaliencyMask] = {}
     for g, f_pres in (("vision", f_vision_preserve), ("language", f_language_preserve)):
@@ -850,7 +889,15 @@ def masks_from_fishers(
             )
         else:
             m = SaliencyMask.topk(
-                ff, fp, fraction, scope, eps, grp, model_class=model_class, backend=backend
+                ff,
+                fp,
+                fraction,
+                scope,
+                eps,
+                grp,
+                model_class=model_class,
+                backend=backend,
+                distributed=distributed,
             )
         out[g] = m
     out["both"] = out["vision"] | out["language"]
@@ -903,14 +950,19 @@ def build_masks(
     f_vp = collect_fisher(model, vision_preserve_batches, vision, **kw) if vision else {}
     f_lp = collect_fisher(model, language_preserve_batches, language, **kw) if language else {}
     cls = _model_class(model)
+    sharded = any(_is_dtensor(p) for p in model.parameters())
     if fisher_dir is not None:
+        from mmunlearn import fsdp
+
         meta = {"model_class": cls, "mode": mode, "official_parity": official_parity}
         for fname, f in (
             ("forget", f_forget),
             ("vision_preserve", f_vp),
             ("language_preserve", f_lp),
         ):
-            save_fisher(Path(fisher_dir) / f"{fname}.safetensors", f, dict(meta, set=fname))
+            full = fsdp.full_fishers(f, model) if sharded else f  # rank 0 only, per tensor
+            if full is not None:
+                save_fisher(Path(fisher_dir) / f"{fname}.safetensors", full, dict(meta, set=fname))
     masks = masks_from_fishers(
         f_forget,
         f_vp,
@@ -922,7 +974,12 @@ def build_masks(
         eps=eps,
         model_class=cls,
         backend=backend,
+        distributed=sharded,
     )
+    if sharded:  # local-shard masks → full-shape masks, the same on every rank
+        from mmunlearn import fsdp
+
+        masks = {k: fsdp.full_mask(m, model) for k, m in masks.items()}
     for k, m in masks.items():
         c = m.coverage()["total"]
         log.info(

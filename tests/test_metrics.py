@@ -46,7 +46,10 @@ def test_identical_strings_score_one_everywhere():
     assert M.cloze_match(s, s)
     # case and punctuation do not matter
     assert M.rouge_scores("Paris, France!", "paris france") == {
-        "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0}
+        "rouge1": 1.0,
+        "rouge2": 1.0,
+        "rougeL": 1.0,
+    }
     # two tokens, smoothed: p1 = 2/2, p2 = (1+1)/(1+1), p3 = p4 = (0+1)/(0+1); BP = 1 → 1
     assert M.bleu("Paris, France", "paris france") == pytest.approx(1.0, abs=TOL)
 
@@ -142,7 +145,8 @@ def test_bleu_brevity_penalty():
     assert M.bleu("the cat sat", "the cat sat on the mat", smooth=False) == 0.0
     # max_n = 3, unsmoothed: all p_n = 1 → BLEU = BP = e^-1
     assert M.bleu("the cat sat", "the cat sat on the mat", max_n=3, smooth=False) == pytest.approx(
-        math.exp(-1), abs=TOL)
+        math.exp(-1), abs=TOL
+    )
     # a prediction longer than the reference is not penalised (BP = 1): see the next test
 
 
@@ -233,29 +237,49 @@ def test_mcq_from_loglik_length_normalisation():
 OPTS = {"A": "Paris", "B": "London", "C": "Paris, Texas", "D": "Rome"}
 
 
-@pytest.mark.parametrize("text, letter", [
-    ("B", "B"), ("b", "B"), ("(B)", "B"), ("B.", "B"), (" **B** ", "B"),
-    ("Answer: B", "B"), ("answer: d", "D"), ("The answer is (D).", "D"),
-    ("The correct answer is C.", "C"), ("B. London", "B"), ("(D) Rome", "D"),
-    ("b) London", "B"), ("B is correct", "B"), ("A", "A"), ("A. Paris", "A"),
-    ("A Paris", "A"),  # "A" followed by its own option text
-    ("I think (D) is right.", "D"),
-    ("It is London.", "B"),  # option text
-    ("Rome, clearly", "D"),
-    ("Paris, Texas", "C"),  # "Paris" is inside "Paris, Texas": the longer option wins
-    ("The capital is Paris.", "A"),
-])
+@pytest.mark.parametrize(
+    "text, letter",
+    [
+        ("B", "B"),
+        ("b", "B"),
+        ("(B)", "B"),
+        ("B.", "B"),
+        (" **B** ", "B"),
+        ("Answer: B", "B"),
+        ("answer: d", "D"),
+        ("The answer is (D).", "D"),
+        ("The correct answer is C.", "C"),
+        ("B. London", "B"),
+        ("(D) Rome", "D"),
+        ("b) London", "B"),
+        ("B is correct", "B"),
+        ("A", "A"),
+        ("A. Paris", "A"),
+        ("A Paris", "A"),  # "A" followed by its own option text
+        ("I think (D) is right.", "D"),
+        ("It is London.", "B"),  # option text
+        ("Rome, clearly", "D"),
+        ("Paris, Texas", "C"),  # "Paris" is inside "Paris, Texas": the longer option wins
+        ("The capital is Paris.", "A"),
+    ],
+)
 def test_mcq_letter_from_text_parses(text, letter):
     assert M.mcq_letter_from_text(text, OPTS) == letter
 
 
-@pytest.mark.parametrize("text", [
-    "", "   ", "E", "(E)",  # not an option letter
-    "A man in a hat",  # article, not option A; no option text
-    "The answer is a dog",
-    "Either Paris or London",  # two options named
-    "I do not know",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "E",
+        "(E)",  # not an option letter
+        "A man in a hat",  # article, not option A; no option text
+        "The answer is a dog",
+        "Either Paris or London",  # two options named
+        "I do not know",
+    ],
+)
 def test_mcq_letter_from_text_none(text):
     assert M.mcq_letter_from_text(text, OPTS) is None
 
