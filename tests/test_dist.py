@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mmunlearn.kernels import saliency_threshold_topk
@@ -37,3 +38,47 @@ def test_distributed_topk_equals_single_process_bit_for_bit():
     out = run_ranks(_worker)
     assert out[0] == want and out[1] == want
     assert out["empty0"] == out["empty1"] == want[1]
+
+
+def _mixed_batch(family):
+    """A collated global batch of 7 rows mixing image rows and text-only rows."""
+    import random
+
+    from mmunlearn.data.synthetic import make_benchmark
+    from mmunlearn.models import adapter_for, build_tokenizer, tiny_llava, tiny_qwen2vl
+
+    bench = make_benchmark(n_people=4, forget_ratio=0.25, seed=0, n_train_images=2, n_test_images=1)
+    tok = build_tokenizer([s.question + " " + s.answer for s in bench.train])
+    model = (tiny_llava if family == "llava" else tiny_qwen2vl)(tok, seed=0)
+    items = bench.retain_vqa[:4] + bench.retain_text[:3]
+    random.Random(1).shuffle(items)
+    return model, adapter_for(model, tok).collate(items)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_shard_batch_keeps_images_with_their_rows(family, world):
+    """Every row lands on exactly one rank with exactly its own images, every rank gets an
+    image, and each shard runs through the model (placeholders match the features)."""
+    from mmunlearn.dist import image_token_id, shard_batch
+
+    model, batch = _mixed_batch(family)
+    itok = image_token_id(model)
+    shards = [shard_batch(batch, r, world, image_token_id=itok) for r in range(world)]
+    rows = sorted(tuple(row.tolist()) for s in shards for row in s["input_ids"])
+    assert rows == sorted(tuple(row.tolist()) for row in batch["input_ids"])
+    assert sum(s["pixel_values"].shape[0] for s in shards) == batch["pixel_values"].shape[0]
+    with torch.no_grad():
+        for s in shards:
+            assert (s["input_ids"] == itok).any(), "a rank without an image"
+            assert torch.isfinite(model(**s).loss)
+
+
+def test_shard_batch_refuses_fewer_image_rows_than_ranks():
+    from mmunlearn.dist import image_token_id, shard_batch
+
+    model, batch = _mixed_batch("llava")
+    with pytest.raises(ValueError, match="rows with images for 5 ranks"):
+        shard_batch(batch, 0, 5, image_token_id=image_token_id(model))
+    with pytest.raises(ValueError, match="image_token_id"):
+        shard_batch(batch, 0, 2)
