@@ -40,34 +40,93 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _prepare(args):
-    """Model, tokenizer, adapter and synthetic benchmark for saliency / unlearn."""
+def _say(*a) -> None:
+    """Print on rank 0 only (under torchrun every rank runs the command)."""
+    from mmunlearn.dist import is_rank0
+
+    if is_rank0():
+        print(*a, flush=True)
+
+
+def _distributed(args) -> bool:
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1): FSDP2 then."""
+    from mmunlearn import dist as mdist
+
+    on = mdist.init_from_env()
+    if args.fsdp and not on:
+        raise SystemExit("--fsdp: launch with torchrun --nproc-per-node N (WORLD_SIZE is 1)")
+    return on
+
+
+def _device(args, distributed: bool):
     import torch
 
+    if distributed and str(args.device).startswith("cuda"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(args.device)
+
+
+def _prepare(args, distributed: bool = False):
+    """Model, tokenizer, adapter, synthetic benchmark and device for saliency / unlearn, plus
+    an unsharded copy of the starting model when the method needs a reference (KL_Min, NPO).
+    Under torchrun the model (and the reference) are FSDP2-sharded per block."""
+    import copy
+
+    from mmunlearn import fsdp
     from mmunlearn.data.synthetic import make_benchmark
     from mmunlearn.demo import DemoConfig, build_tiny, finetune
+    from mmunlearn.methods import Method
     from mmunlearn.models import adapter_for, load_model
 
     if not args.synthetic:
         raise SystemExit("only --synthetic data is wired to the CLI so far; see mmunlearn.data")
     bench = make_benchmark(n_people=args.people, seed=args.seed)
-    dev = torch.device(args.device)
+    dev = _device(args, distributed)
     if args.tiny:
         model, tok, adapter = build_tiny(bench, DemoConfig(seed=args.seed), dev)
         if args.vanilla_steps:
-            finetune(model, adapter, bench.train, args.vanilla_steps, 1e-3, 16, args.seed, dev)
+            progress = not distributed or int(os.environ.get("RANK", "0")) == 0
+            finetune(
+                model,
+                adapter,
+                bench.train,
+                args.vanilla_steps,
+                1e-3,
+                16,
+                args.seed,
+                dev,
+                progress=progress,
+            )
     elif args.model:
-        model, tok = load_model(args.model, device=dev)
+        try:
+            model, tok = load_model(args.model, device=dev)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--model {args.model}: cannot load it ({e})") from e
         adapter = adapter_for(model, tok)
     else:
         raise SystemExit("give --model DIR (a saved model) or --tiny")
-    return model, tok, adapter, bench, dev
+    method = getattr(args, "method", None)
+    ref = None
+    if method and Method(method).needs_reference:
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+    if distributed:
+        fsdp.broadcast_from_rank0(model)  # every rank starts from rank 0's weights
+        mp = args.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if dev.type == "cuda" else "none"
+        blocks = adapter.block_classes()
+        fsdp.shard_model(model, blocks, mixed_precision=mp)
+        if ref is not None:
+            fsdp.broadcast_from_rank0(ref)
+            fsdp.shard_model(ref, blocks, mixed_precision=mp)
+    return model, tok, adapter, bench, dev, ref
 
 
 def _masks(args, model, adapter, bench, dev):
     import random
 
     from mmunlearn.demo import _batches, _to
+    from mmunlearn.dist import is_rank0
     from mmunlearn.saliency import build_masks
 
     rng = random.Random(args.seed)
@@ -79,38 +138,55 @@ def _masks(args, model, adapter, bench, dev):
         b(bench.forget_text + bench.retain_vqa),
         gamma=args.gamma,
         fraction=args.fraction,
+        progress=is_rank0(),
     )
 
 
 def _cmd_saliency(args) -> int:
-    model, tok, adapter, bench, dev = _prepare(args)
+    from mmunlearn.dist import is_rank0
+
+    distributed = _distributed(args)
+    model, tok, adapter, bench, dev, _ = _prepare(args, distributed)
     masks = _masks(args, model, adapter, bench, dev)
-    os.makedirs(args.out, exist_ok=True)
-    for k, m in masks.items():
-        m.save(os.path.join(args.out, f"mask_{k}.safetensors"))
-        cov = m.coverage()["total"]
-        print(f"{k}: {cov['selected']:,}/{cov['total']:,} selected ({100 * cov['fraction']:.1f} %)")
-    print(f"wrote {args.out}/mask_{{vision,language,both}}.safetensors")
+    if is_rank0():
+        os.makedirs(args.out, exist_ok=True)
+        for k, m in masks.items():
+            m.save(os.path.join(args.out, f"mask_{k}.safetensors"))
+            cov = m.coverage()["total"]
+            print(
+                f"{k}: {cov['selected']:,}/{cov['total']:,} selected "
+                f"({100 * cov['fraction']:.1f} %)"
+            )
+        print(f"wrote {args.out}/mask_{{vision,language,both}}.safetensors")
     return 0
 
 
 def _cmd_unlearn(args) -> int:
     import random
 
+    from mmunlearn import fsdp
     from mmunlearn.demo import _batches, _to
+    from mmunlearn.dist import is_rank0
     from mmunlearn.loop import UnlearnConfig, unlearn
     from mmunlearn.models import save_model
     from mmunlearn.saliency import SaliencyMask
 
-    model, tok, adapter, bench, dev = _prepare(args)
+    distributed = _distributed(args)
+    model, tok, adapter, bench, dev, ref = _prepare(args, distributed)
     kw = {}
+    if ref is not None:
+        kw["ref_model"] = ref
     if args.method == "mmunlearner":
         if args.mask:
-            mask = SaliencyMask.load(args.mask, model=model)
+            try:
+                mask = SaliencyMask.load(args.mask, model=model)
+            except ValueError as e:
+                raise SystemExit(f"--mask: {e}") from e
         else:
             mask = _masks(args, model, adapter, bench, dev)[args.mask_group]
-        os.makedirs(args.out, exist_ok=True)
-        mask.save(os.path.join(args.out, "mask.safetensors"))
+        if is_rank0():
+            os.makedirs(args.out, exist_ok=True)
+            mask.save(os.path.join(args.out, "mask.safetensors"))
         kw["masks"] = mask.for_model(model)
     rng = random.Random(args.seed)
     forget = _to(_batches(adapter, bench.forget_vqa, 16, rng, args.steps), dev)
@@ -122,6 +198,7 @@ def _cmd_unlearn(args) -> int:
         forget_freq=1,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
+        progress=is_rank0(),
     )
     unlearn(
         model,
@@ -133,8 +210,11 @@ def _cmd_unlearn(args) -> int:
         resume=args.resume,
         **kw,
     )
-    path = save_model(model, tok, os.path.join(args.out, "model"))
-    print(f"wrote {path}")
+    # a world-size-independent model directory: full tensors gathered one at a time to rank 0
+    state = fsdp.full_state_dict(model) if distributed else None
+    if is_rank0():
+        path = save_model(model, tok, os.path.join(args.out, "model"), state_dict=state)
+        print(f"wrote {path}")
     return 0
 
 
@@ -239,7 +319,20 @@ def build_parser() -> argparse.ArgumentParser:
             help="exact top-k fraction instead of γ (e.g. 0.05)",
         )
         c.add_argument("--seed", type=int, default=0)
-        c.add_argument("--device", default="cpu")
+        c.add_argument(
+            "--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)"
+        )
+        c.add_argument(
+            "--fsdp",
+            action="store_true",
+            help="require a torchrun launch (FSDP2 is used whenever WORLD_SIZE > 1)",
+        )
+        c.add_argument(
+            "--mixed-precision",
+            default="auto",
+            choices=["auto", "bf16", "none"],
+            help="FSDP2 policy: bf16 parameters, fp32 gradient reduction (auto: bf16 on CUDA)",
+        )
         c.add_argument("--out", default=f"runs/{name}", help=f"output dir (default runs/{name})")
         if name == "unlearn":
             c.add_argument(

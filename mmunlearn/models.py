@@ -674,16 +674,28 @@ def tiny_qwen2vl(
 # --------------------------------------------------------------------------------------------
 
 
-def save_model(model, tokenizer, directory) -> Path:
+def save_model(model, tokenizer, directory, state_dict: dict | None = None) -> Path:
     """``save_pretrained`` of model (safetensors) and tokenizer into ``directory``, atomically:
     written to a temporary sibling, then renamed into place (an existing directory is replaced).
+    ``state_dict``: full tensors to write instead of the model's own (an FSDP2-sharded model:
+    :func:`mmunlearn.fsdp.full_state_dict`); ``config.architectures`` names the real class,
+    not FSDP2's ``FSDP<Class>`` wrapper, so the directory loads like any other.
 
     Returns the directory's ``Path``."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp)
+        cls = type(model)
+        fsdp_cls = cls.__name__.startswith("FSDP") and len(cls.__bases__) > 1
+        if fsdp_cls:
+            # FSDP2 made the class FSDP<Class>(FSDPModule, <Class>); transformers picks the
+            # architecture name and the key conversions by class, so save as <Class>
+            model.__class__ = cls.__bases__[-1]
+        try:
+            model.save_pretrained(tmp, state_dict=state_dict)
+        finally:
+            model.__class__ = cls
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         old = None
