@@ -9,6 +9,11 @@ import sys
 
 
 def _cmd_demo(args) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit(
+            "demo runs in one process (its tiny model fits anywhere); under torchrun use "
+            "`mmunlearn saliency` / `mmunlearn unlearn`, which shard the model with FSDP2"
+        )
     if args.kernels:
         from mmunlearn import quickdemo
 

@@ -139,6 +139,18 @@ def _worker(rank, world, out, tmp):
         )
     finally:
         loop_mod.MaskedAdamW = orig
+    opt = holder["opt"]
+    locs = [p.to_local() for p in model.parameters()]
+    out[f"bytes{rank}"] = {
+        "weights": sum(t.numel() * t.element_size() for t in locs),
+        "moments": sum(
+            st[k].numel() * 4
+            for st in opt.state.values()
+            for k in ("exp_avg", "exp_avg_sq")
+            if k in st
+        ),
+        "mask": sum(st["mask"].numel() for st in opt.state.values() if "mask" in st),
+    }
     full = fsdp.full_state_dict(model)
     out[f"violations{rank}"] = violations[0]
     if rank == 0:
@@ -260,6 +272,21 @@ def test_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(got[n], p.detach(), rtol=1e-4, atol=2e-5, msg=n)
     moved = sum(int((model.state_dict()[n] != ref_start[n]).sum()) for n in ref_start)
     assert moved > 0
+
+    # the memory estimate's sharded terms against the bytes each rank really holds (fp32
+    # model; the mask covers the masked groups only, the moments the parameters with a grad)
+    from mmunlearn.estimate import estimate
+
+    terms = estimate(model.config, 2, "fp32", method="mmunlearner")[1].terms
+    for r in (0, 1):
+        got_b = out[f"bytes{r}"]
+        assert abs(got_b["weights"] - terms["weights (sharded)"]) <= 0.02 * got_b["weights"], r
+        assert (
+            0.9 * terms["AdamW moments (fp32)"]
+            <= got_b["moments"]
+            <= terms["AdamW moments (fp32)"] * 1.02
+        ), (r, got_b, terms)
+        assert got_b["mask"] <= terms["mask (1 bit)"] * 1.05 + 64, (r, got_b, terms)
 
     # the interrupted + resumed run ends exactly where the uninterrupted 2-rank run ends
     assert out["resumed_from"] == 2
