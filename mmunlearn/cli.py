@@ -370,6 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grad-checkpointing", action="store_true")
     e.set_defaults(fn=_cmd_estimate)
 
+    from mmunlearn.evalcli import add_eval_parser
+    from mmunlearn.sweep import add_sweep_parser
+
+    add_eval_parser(sub)
+    add_sweep_parser(sub)
+
     b = sub.add_parser(
         "bench", help="kernel benchmark table (source checkout only; see bench/)", add_help=False
     )

@@ -8,6 +8,10 @@ Image items are "VQA", text-only items "QA"; both are reported separately, as in
 
 ``collate(samples, ans_only=True, with_answer=True)`` is the model adapter's batch builder
 (``with_answer=False`` gives left-padded prompts for ``generate``).
+
+CLEAR (:func:`evaluate_clear`): face recognition as a name MCQ given the image (likelihood
+and letter), caption ROUGE / BLEU, and the real-faces / real-world MCQs; keys in
+:func:`evaluate_clear_set`.
 """
 
 from __future__ import annotations
@@ -99,6 +103,36 @@ def generate(model, collate: Callable, tokenizer, samples: Sequence[Sample], cfg
     return out
 
 
+def shuffle_options(mcq: Sequence[Sample], rng: random.Random) -> list[Sample]:
+    """Copies of MCQ samples with their options in a seeded random order, re-lettered
+    ``A, B, ...`` (so the correct letter is not always the same position); ``meta["correct"]``
+    follows the correct option's text. Draws one shuffle per sample from ``rng``, in order."""
+    out = []
+    for s in mcq:
+        items = list(s.meta["options"].items())
+        rng.shuffle(items)
+        opts = {LETTERS[i]: v for i, (_, v) in enumerate(items)}
+        correct_text = s.meta["options"][s.meta["correct"]]
+        letter = next(k for k, v in opts.items() if v == correct_text)
+        out.append(replace(s, meta={**s.meta, "options": opts, "correct": letter}))
+    return out
+
+
+def _mcq_metrics(model, collate, tokenizer, items, cfg: EvalConfig, prefix: str) -> dict:
+    """``{prefix}_mcq_acc`` (option likelihood) and, with ``cfg.letter_mcq``,
+    ``{prefix}_mcq_letter_acc`` (generated letter) of already shuffled MCQ samples."""
+    from mmunlearn import metrics
+
+    golds = [s.meta["correct"] for s in items]
+    sc = option_scores(model, collate, items, cfg)
+    res = {f"{prefix}_mcq_acc": metrics.accuracy([metrics.mcq_from_loglik(d) for d in sc], golds)}
+    if cfg.letter_mcq:
+        texts = generate(model, collate, tokenizer, [_letter_prompt(s) for s in items], cfg)
+        letters = [metrics.mcq_letter_from_text(t, s.meta["options"]) for t, s in zip(texts, items)]
+        res[f"{prefix}_mcq_letter_acc"] = metrics.accuracy(letters, golds)
+    return res
+
+
 def evaluate_set(
     model,
     collate,
@@ -123,30 +157,12 @@ def evaluate_set(
             "qa": [s for s in items if s.image is None],
         }
 
-    # seeded option order: the correct letter is not always the same position
-    shuffled = []
-    for s in mcq:
-        items = list(s.meta["options"].items())
-        rng.shuffle(items)
-        opts = {LETTERS[i]: v for i, (_, v) in enumerate(items)}
-        correct_text = s.meta["options"][s.meta["correct"]]
-        letter = next(k for k, v in opts.items() if v == correct_text)
-        shuffled.append(replace(s, meta={**s.meta, "options": opts, "correct": letter}))
+    shuffled = shuffle_options(mcq, rng)
     for kind, items in split(shuffled).items():
         if not items:
             continue
-        sc = option_scores(model, collate, items, cfg)
-        picks = [metrics.mcq_from_loglik(d) for d in sc]
-        res[f"{kind}_mcq_acc"] = metrics.accuracy(picks, [s.meta["correct"] for s in items])
+        res.update(_mcq_metrics(model, collate, tokenizer, items, cfg, kind))
         res[f"n_{kind}_mcq"] = len(items)
-        if cfg.letter_mcq:
-            texts = generate(model, collate, tokenizer, [_letter_prompt(s) for s in items], cfg)
-            letters = [
-                metrics.mcq_letter_from_text(t, s.meta["options"]) for t, s in zip(texts, items)
-            ]
-            res[f"{kind}_mcq_letter_acc"] = metrics.accuracy(
-                letters, [s.meta["correct"] for s in items]
-            )
     for kind, items in split(list(cloze)).items():
         if not items:
             continue
@@ -181,7 +197,14 @@ def evaluate(model, collate, tokenizer, sets: dict, cfg: EvalConfig | None = Non
         out[name] = evaluate_set(
             model, collate, tokenizer, s.get("mcq", ()), s.get("cloze", ()), s.get("gen", ()), cfg
         )
-    out["_protocol"] = {
+    out["_protocol"] = protocol(cfg)
+    return out
+
+
+def protocol(cfg: EvalConfig) -> dict:
+    """The evaluation protocol record (``"_protocol"`` of the results): seed, batch size,
+    shots (always 0), MCQ scoring, letter MCQ, max new tokens, decoding."""
+    return {
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
         "shots": 0,
@@ -192,4 +215,87 @@ def evaluate(model, collate, tokenizer, sets: dict, cfg: EvalConfig | None = Non
         "max_new_tokens": cfg.max_new_tokens,
         "decoding": "greedy",
     }
+
+
+def evaluate_clear_set(
+    model,
+    collate,
+    tokenizer,
+    faces: Sequence[Sample] = (),
+    captions: Sequence[Sample] = (),
+    mcq: Sequence[Sample] = (),
+    cfg: EvalConfig | None = None,
+) -> dict:
+    """CLEAR metrics of one evaluation set (method.md §6, CLEAR). Keys, each present only when
+    its items are given:
+
+    - ``face_acc``: face recognition, the name MCQ (samples of
+      :func:`mmunlearn.data.clear.read_clear_name_mcq`: the image, options = the true name and
+      its ``perturbed_names``) scored by option likelihood; ``face_letter_acc``: the same
+      questions answered by a generated letter (with ``cfg.letter_mcq``); ``n_face``;
+    - ``caption_rouge1`` / ``caption_rouge2`` / ``caption_rougeL``: mean F1 of the greedy
+      caption (``cfg.max_new_tokens``) against the sample's caption
+      (:func:`mmunlearn.metrics.rouge_scores`); ``caption_rougeL_recall``: mean ROUGE-L recall
+      (the TOFU / CLEAR convention); ``caption_bleu``: corpus BLEU
+      (:func:`mmunlearn.metrics.corpus_bleu`); ``n_caption`` (with ``cfg.generation``);
+    - ``mcq_acc`` / ``mcq_letter_acc`` / ``n_mcq``: ``real_faces`` / ``real_world`` MCQs
+      (:func:`mmunlearn.data.clear.read_clear_real`), likelihood / generated letter.
+
+    Options are re-shuffled with ``cfg.seed`` as in :func:`evaluate_set` (faces first, then
+    the MCQs, from one ``random.Random(cfg.seed)``). Accuracies are in [0, 1]."""
+    from mmunlearn import metrics
+
+    cfg = cfg or EvalConfig()
+    rng = random.Random(cfg.seed)
+    res: dict = {}
+    faces, mcq = shuffle_options(faces, rng), shuffle_options(mcq, rng)
+    if faces:
+        r = _mcq_metrics(model, collate, tokenizer, faces, cfg, "face")
+        res["face_acc"] = r["face_mcq_acc"]
+        if "face_mcq_letter_acc" in r:
+            res["face_letter_acc"] = r["face_mcq_letter_acc"]
+        res["n_face"] = len(faces)
+    if captions and cfg.generation:
+        texts = generate(model, collate, tokenizer, list(captions), cfg)
+        refs = [s.answer for s in captions]
+        rs = [metrics.rouge_scores(t, r) for t, r in zip(texts, refs)]
+        for key in ("rouge1", "rouge2", "rougeL"):
+            res[f"caption_{key}"] = sum(r[key] for r in rs) / len(rs)
+        rec = [metrics.rouge_l(t, r)["recall"] for t, r in zip(texts, refs)]
+        res["caption_rougeL_recall"] = sum(rec) / len(rec)
+        res["caption_bleu"] = metrics.corpus_bleu(texts, refs)
+        res["n_caption"] = len(captions)
+    if mcq:
+        r = _mcq_metrics(model, collate, tokenizer, mcq, cfg, "mcq")
+        res["mcq_acc"] = r["mcq_mcq_acc"]
+        if "mcq_mcq_letter_acc" in r:
+            res["mcq_letter_acc"] = r["mcq_mcq_letter_acc"]
+        res["n_mcq"] = len(mcq)
+    return res
+
+
+def evaluate_clear(model, collate, tokenizer, sets: dict, cfg: EvalConfig | None = None) -> dict:
+    """CLEAR evaluation. ``sets = {name: {"faces": [...], "captions": [...], "mcq": [...]}}``
+    (any part may be absent; usual names: ``forget``, ``retain``, ``real_faces``,
+    ``real_world``) → ``{name: metrics}`` with the keys of :func:`evaluate_clear_set`
+    (``face_acc``, ``face_letter_acc``, ``caption_rougeL``, ``caption_rougeL_recall``,
+    ``caption_rouge1``, ``caption_rouge2``, ``caption_bleu``, ``mcq_acc``, ``mcq_letter_acc``,
+    ``n_*``) plus ``"_protocol"`` (as :func:`evaluate`, with ``benchmark = "CLEAR"``).
+    Forget: lower face accuracy / caption ROUGE = more forgotten; retain and real: higher is
+    better."""
+    cfg = cfg or EvalConfig()
+    model.eval()
+    out = {}
+    for name in tqdm(list(sets), desc="eval CLEAR", disable=not cfg.progress):
+        s = sets[name]
+        out[name] = evaluate_clear_set(
+            model,
+            collate,
+            tokenizer,
+            s.get("faces", ()),
+            s.get("captions", ()),
+            s.get("mcq", ()),
+            cfg,
+        )
+    out["_protocol"] = {**protocol(cfg), "benchmark": "CLEAR"}
     return out

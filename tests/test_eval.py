@@ -104,3 +104,36 @@ def test_mcq_likelihood_picks_a_trained_answer(setup):
         EvalConfig(progress=False, letter_mcq=False),
     )
     assert res["x"]["qa_mcq_acc"] == 1.0
+
+
+def test_shuffle_options_is_seeded_and_keeps_the_answer():
+    import random
+
+    from mmunlearn.eval import shuffle_options
+
+    opts = {"A": "paris", "B": "london", "C": "rome", "D": "madrid"}
+    items = [_mcq("where", "B", opts), _mcq("where", "D", opts)] * 5
+    a = shuffle_options(items, random.Random(4))
+    b = shuffle_options(items, random.Random(4))
+    assert [x.meta for x in a] == [x.meta for x in b]
+    for old, new in zip(items, a):
+        assert new.meta["options"][new.meta["correct"]] == old.meta["options"][old.meta["correct"]]
+        assert sorted(new.meta["options"].values()) == sorted(opts.values())
+        assert list(new.meta["options"]) == ["A", "B", "C", "D"]
+    assert len({x.meta["correct"] for x in a}) > 1  # not always the same position
+    assert items[0].meta["correct"] == "B"  # the input is not modified
+
+
+def test_protocol_record():
+    from mmunlearn.eval import protocol
+
+    p = protocol(EvalConfig(seed=7, batch_size=5, letter_mcq=False, length_normalized=False))
+    assert p == {
+        "seed": 7,
+        "batch_size": 5,
+        "shots": 0,
+        "mcq": "option log-likelihood (sum)",
+        "letter_mcq": False,
+        "max_new_tokens": 16,
+        "decoding": "greedy",
+    }

@@ -1,0 +1,222 @@
+"""``mmunlearn eval`` (mmunlearn.evalcli): a tiny saved model on the synthetic benchmark and on
+CLEAR-format files, determinism for a seed, several models, and the errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from mmunlearn.data.synthetic import make_benchmark
+from mmunlearn.evalcli import add_eval_parser
+from mmunlearn.models import build_tokenizer, save_model, tiny_llava
+
+PEOPLE = 4  # 1 forget + 3 retain people: a few dozen items per set
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and two processes with a thread per core each
+    slow down many-fold on a 2-core machine (method.md §8); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmunlearn")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    add_eval_parser(sub)
+    return p
+
+
+def _run(argv) -> int:
+    args = _parser().parse_args(argv)
+    return args.fn(args)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """Two tiny LLaVAs (different seeds, small hidden sizes) saved with a tokenizer that knows
+    the synthetic benchmark's words."""
+    bench = make_benchmark(n_people=PEOPLE, seed=0)
+    texts = [s.question + " " + s.answer for s in bench.train]
+    for v in bench.eval_sets().values():
+        for s in v["mcq"]:
+            texts += [s.question] + [str(o) for o in s.meta["options"].values()]
+    tok = build_tokenizer(texts + ["options answer with the letter"])
+    root = tmp_path_factory.mktemp("models")
+    dirs = []
+    for seed, name in ((0, "vanilla"), (1, "other")):
+        m = tiny_llava(tok, seed=seed, hidden=32, intermediate=64, vision_hidden=16, heads=2)
+        dirs.append(str(save_model(m, tok, root / name)))
+    return dirs
+
+
+def _argv(model_dir, out, *extra):
+    return [
+        "eval",
+        "--model",
+        model_dir,
+        "--synthetic",
+        "--people",
+        str(PEOPLE),
+        "--batch-size",
+        "8",
+        "--max-new-tokens",
+        "3",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def test_eval_synthetic_keys_and_determinism(model_dirs, tmp_path):
+    assert _run(_argv(model_dirs[0], tmp_path / "a")) == 0
+    assert _run(_argv(model_dirs[0], tmp_path / "b")) == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["methods"] == b["methods"] and a["_protocol"] == b["_protocol"]
+    assert list(a["methods"]) == ["vanilla"]
+    sets = a["methods"]["vanilla"]
+    assert set(sets) == {
+        "forget",
+        "forget_test",
+        "forget_link",
+        "retain",
+        "retain_test",
+        "retain_link",
+    }
+    f = sets["forget"]
+    for key in (
+        "vqa_mcq_acc",
+        "qa_mcq_acc",
+        "vqa_mcq_letter_acc",
+        "qa_mcq_letter_acc",
+        "vqa_cloze_acc",
+        "qa_cloze_acc",
+        "vqa_rouge1",
+        "vqa_rouge2",
+        "vqa_rougeL",
+        "vqa_bleu",
+        "qa_rougeL",
+    ):
+        assert key in f, key
+        assert 0.0 <= f[key] <= 1.0, (key, f[key])
+    # 1 forget person: 4 picture MCQs (3 attributes + name), 4 by-name MCQs
+    assert f["n_vqa_mcq"] == 4 and f["n_qa_mcq"] == 4
+    proto = a["_protocol"]
+    assert proto["seed"] == 3 and proto["shots"] == 0 and proto["benchmark"] == "synthetic"
+    tpl = proto["template"]["vanilla"]
+    assert tpl["family"] == "llava" and "{question}" in tpl["vqa"] and "<image>×17" in tpl["vqa"]
+    assert "<image>" not in tpl["qa"]
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert md.startswith("# mmunlearn eval: synthetic") and "| vanilla |" in md
+    assert not (tmp_path / "a" / "tradeoff.png").exists()  # one model: no plot
+
+
+def test_eval_options_change_what_is_computed(model_dirs, tmp_path):
+    out = tmp_path / "o"
+    argv = _argv(model_dirs[0], out, "--no-generation", "--no-letter-mcq", "--limit", "2")
+    assert _run(argv) == 0
+    f = json.loads((out / "results.json").read_text())["methods"]["vanilla"]["forget"]
+    assert "vqa_mcq_acc" in f and "vqa_mcq_letter_acc" not in f and "vqa_rougeL" not in f
+    assert f["n_vqa_mcq"] == 2 and "n_qa_mcq" not in f  # the first 2 items are picture MCQs
+    assert "vqa_cloze_acc" in f  # cloze is scored on generations still (MLLMU's fill-in)
+
+
+def test_eval_several_models_labels_and_plot(model_dirs, tmp_path):
+    out = tmp_path / "two"
+    argv = _argv(model_dirs[0], out, "--model", model_dirs[1], "--no-generation")
+    argv += ["--no-letter-mcq", "--label", "A", "--label", "B"]
+    assert _run(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["A", "B"] and res["models"]["B"] == model_dirs[1]
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit, match="--label"):
+        _run(_argv(model_dirs[0], out, "--model", model_dirs[1], "--label", "only-one"))
+
+
+def test_eval_errors_name_the_path(model_dirs, tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(SystemExit, match="no-such-model"):
+        _run(_argv(str(missing), tmp_path / "x"))
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="empty-model"):
+        _run(_argv(str(empty), tmp_path / "x"))
+    for flag in ("--mllmu", "--clear"):
+        with pytest.raises(SystemExit, match="no-such-data"):
+            _run(["eval", "--model", model_dirs[0], flag, str(tmp_path / "no-such-data")])
+    (tmp_path / "mllmu").mkdir()
+    with pytest.raises(SystemExit, match="forget_5"):
+        _run(["eval", "--model", model_dirs[0], "--mllmu", str(tmp_path / "mllmu")])
+    with pytest.raises(SystemExit, match="--tiny"):
+        _run(["eval", "--synthetic"])
+    with pytest.raises(SystemExit):  # argparse: a data flag is required
+        _run(["eval", "--model", model_dirs[0]])
+
+
+def test_eval_clear_files(model_dirs, tmp_path):
+    from test_clear_eval import write_clear_root
+
+    root = write_clear_root(tmp_path / "CLEAR")
+    out = tmp_path / "c"
+    argv = ["eval", "--model", model_dirs[0], "--clear", str(root), "--max-new-tokens", "3"]
+    assert _run(argv + ["--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    sets = res["methods"]["vanilla"]
+    assert set(sets) == {"forget", "retain", "real_faces"}
+    for key in ("face_acc", "face_letter_acc", "caption_rougeL", "caption_bleu"):
+        assert 0.0 <= sets["forget"][key] <= 1.0
+    assert res["_protocol"]["benchmark"] == "CLEAR"
+    assert "Forget face ↓" in (out / "report.md").read_text()
+    # a corrupt file: the message names it
+    bad = root / "forget05" / "train-00000-of-00001.parquet"
+    bad.write_bytes(b"not parquet")
+    with pytest.raises(SystemExit, match="forget05"):
+        _run(argv + ["--out", str(tmp_path / "d")])
+
+
+def test_help_reads_well():
+    text = _parser()._subparsers._group_actions[0].choices["eval"].format_help()
+    for flag in ("--model", "--tiny", "--synthetic", "--mllmu", "--clear", "--out", "--seed"):
+        assert flag in text
+    assert "examples:" in text
+
+
+def test_eval_mllmu_files(model_dirs, tmp_path):
+    """An MLLMU-Bench root (forget_5, retain_95, Test_Set; no Retain_Set): the test set keeps
+    the forget profiles only."""
+    from test_data import CLASSIFY, COLOURS, GEN, MASK, img_cell, mllmu_row, write
+
+    tasks = dict(
+        Classification_Task=json.dumps(CLASSIFY),
+        Mask_Task=json.dumps(MASK),
+        Generation_Task=json.dumps(GEN),
+    )
+    root = tmp_path / "MLLMU"
+    shard = "train-00000-of-00001.parquet"
+    write(root / "forget_5" / shard, [mllmu_row(0, **tasks)])
+    write(root / "retain_95" / shard, [mllmu_row(1, **tasks), mllmu_row(2, **tasks)])
+    test_rows = [
+        {"ID": f"P{i}", "images": [img_cell(c) for c in COLOURS[:2]], **tasks} for i in range(3)
+    ]
+    write(root / "Test_Set" / shard, test_rows)
+    out = tmp_path / "m"
+    argv = ["eval", "--model", model_dirs[0], "--mllmu", str(root), "--max-new-tokens", "3"]
+    assert _run(argv + ["--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    sets = res["methods"]["vanilla"]
+    assert set(sets) == {"forget", "forget_test", "retain"}
+    assert sets["forget"]["n_vqa_mcq"] == 1 and sets["forget"]["n_qa_mcq"] == 2
+    assert sets["forget_test"]["n_qa_mcq"] == 2  # only P0's rows of Test_Set
+    assert sets["retain"]["n_qa_mcq"] == 4
+    for key in ("vqa_mcq_acc", "qa_cloze_acc", "vqa_rougeL", "qa_bleu"):
+        assert 0.0 <= sets["forget"][key] <= 1.0
+    assert res["_protocol"]["benchmark"] == "MLLMU-Bench" and res["_protocol"]["split"] == 5
