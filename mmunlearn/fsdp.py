@@ -85,15 +85,23 @@ def broadcast_from_rank0(model: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
+def _laid_out_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``local`` (this rank's shard) as a DTensor laid out like DTensor ``like``, sharing
+    storage; ``local`` itself when ``like`` is a plain tensor."""
+    if not is_dtensor(like):
+        return local
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    )
+
+
 def full_tensor(t: torch.Tensor, like: torch.Tensor | None = None, *, to_all: bool = False):
     """The full tensor of a DTensor, or of a local shard laid out like DTensor ``like``
     (e.g. a Fisher accumulator of a sharded parameter). Returned on the CPU on rank 0 (on every
     rank with ``to_all``), None on the other ranks. Plain tensors come back as they are (CPU).
     Every rank must call it, in the same order."""
-    if like is not None and is_dtensor(like) and not is_dtensor(t):
-        t = DTensor.from_local(
-            t, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
-        )
+    if like is not None and not is_dtensor(t):
+        t = _laid_out_like(t, like)
     if is_dtensor(t):
         full = t.full_tensor()
     else:
@@ -164,12 +172,7 @@ def _optimizer_dtensors(model, opt) -> dict[str, torch.Tensor]:
         if not st or "exp_avg" not in st:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
-            t = st[key]
-            if is_dtensor(p):
-                t = DTensor.from_local(
-                    t, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-                )
-            out[f"{name}.{key}"] = t
+            out[f"{name}.{key}"] = _laid_out_like(st[key], p)
         out[f"{name}.step"] = st["step"]
     return out
 

@@ -164,9 +164,9 @@ def _worker(rank, world, out, tmp):
         if step == 2:
             raise Kill
 
-    model, data = sharded()
-    try:
-        unlearn(
+    def run(**kw):
+        model, data = sharded()  # a fresh process would rebuild the model the same way
+        res = unlearn(
             model,
             "mmunlearner",
             data["unlearn_forget"],
@@ -174,22 +174,16 @@ def _worker(rank, world, out, tmp):
             masks=mask1.for_model(model),
             config=_cfg(checkpoint_every=2),
             output_dir=f"{tmp}/run",
-            callback=killer,
+            **kw,
         )
+        return model, res
+
+    try:
+        run(callback=killer)
         raise AssertionError("the run was not interrupted")
     except Kill:
         pass
-    model, data = sharded()  # a fresh process would rebuild the model the same way
-    res = unlearn(
-        model,
-        "mmunlearner",
-        data["unlearn_forget"],
-        data["unlearn_retain"],
-        masks=mask1.for_model(model),
-        config=_cfg(checkpoint_every=2),
-        output_dir=f"{tmp}/run",
-        resume=True,
-    )
+    model, res = run(resume=True)
     full = fsdp.full_state_dict(model)
     if rank == 0:
         out["resumed_from"] = res["resumed_from"]
