@@ -132,6 +132,7 @@ def shard_batch(
     world: int | None = None,
     *,
     image_token_id: int | None = None,
+    short: str = "replicate",
 ) -> dict:
     """The rows of a global batch this rank computes.
 
@@ -141,19 +142,31 @@ def shard_batch(
     every rank; a rank that skipped it would deadlock the others). Images follow their rows;
     when ``pixel_values`` does not have one entry per row (text rows mixed in, Qwen2-VL's patch
     rows) each row's images are found from the ``image_token_id`` placeholders in
-    ``input_ids`` (pass :func:`image_token_id` of the model). Raises ValueError when there are
-    fewer image rows than ranks. The loss is normalised by global counts
-    (:func:`global_mean`), so which rank takes which row does not change the gradient. Tensors
-    without a batch dimension are passed through."""
+    ``input_ids`` (pass :func:`image_token_id` of the model). The loss is normalised by global
+    counts (:func:`global_mean`), so which rank takes which row does not change the gradient.
+    Tensors without a batch dimension are passed through.
+
+    A batch that cannot give every rank a row (fewer rows than ranks) or, when it has images,
+    an image row (1 ≤ image rows < ranks): with ``short="replicate"`` (default) every rank
+    takes the whole batch. That is still exact: the all-reduced count is then ``world × n``,
+    so :func:`global_mean` gives each rank the plain batch mean and FSDP's average of ``world``
+    equal gradients is the 1-process gradient; it only costs redundant compute on such
+    batches. ``short="error"`` raises ValueError instead."""
     r = rank() if rank_ is None else rank_
     w = world_size() if world is None else world
     if w == 1:
         return batch
+    if short not in ("replicate", "error"):
+        raise ValueError(f"shard_batch: short must be 'replicate' or 'error', got {short!r}")
     ref = batch.get("input_ids")
     if ref is None:
         ref = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
     n = ref.shape[0]
     image_keys = ("pixel_values", "image_grid_thw", "image_sizes")
+    if n < w:
+        if short == "replicate":
+            return batch
+        raise ValueError(f"shard_batch: {n} rows for {w} ranks: use larger global batches")
     if not isinstance(batch.get("pixel_values"), torch.Tensor):
         rows = torch.arange(n).tensor_split(w)[r]
         return {
@@ -166,6 +179,8 @@ def shard_batch(
     with_img = [i for i in range(n) if rows_img[i]]
     without = [i for i in range(n) if not rows_img[i]]
     if len(with_img) < w:
+        if short == "replicate":
+            return batch
         raise ValueError(
             f"shard_batch: {len(with_img)} rows with images for {w} ranks; every rank must "
             "get one (FSDP runs the vision tower on every rank): use larger global batches"

@@ -111,15 +111,18 @@ def full_tensor(t: torch.Tensor, like: torch.Tensor | None = None, *, to_all: bo
     return None
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The model's state dict with full tensors on the CPU of rank 0, gathered one tensor at a
-    time (None on other ranks). Keys are the model's own (what ``save_pretrained`` expects)."""
+def full_state_dict(
+    model: torch.nn.Module, *, to_all: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """The model's state dict with full tensors on the CPU of rank 0 (of every rank with
+    ``to_all``), gathered one tensor at a time (None on other ranks). Keys are the model's own
+    (what ``save_pretrained`` and ``load_state_dict`` of the unsharded class expect)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        full = full_tensor(t)
+        full = full_tensor(t, to_all=to_all)
         if full is not None:
             out[name] = full
-    return out if mdist.rank() == 0 else None
+    return out if (to_all or mdist.rank() == 0) else None
 
 
 def full_fishers(

@@ -74,11 +74,22 @@ def test_shard_batch_keeps_images_with_their_rows(family, world):
             assert torch.isfinite(model(**s).loss)
 
 
-def test_shard_batch_refuses_fewer_image_rows_than_ranks():
+def test_shard_batch_short_batches_replicate_or_refuse():
+    """Fewer image rows (or rows) than ranks: by default every rank takes the whole batch (the
+    global-count loss then is the plain mean on each rank); ``short="error"`` refuses."""
     from mmunlearn.dist import image_token_id, shard_batch
 
     model, batch = _mixed_batch("llava")
+    itok = image_token_id(model)
     with pytest.raises(ValueError, match="rows with images for 5 ranks"):
-        shard_batch(batch, 0, 5, image_token_id=image_token_id(model))
+        shard_batch(batch, 0, 5, image_token_id=itok, short="error")
+    for r in range(5):
+        assert shard_batch(batch, r, 5, image_token_id=itok) is batch
+    text = {k: v[:2] for k, v in batch.items() if k != "pixel_values"}
+    with pytest.raises(ValueError, match="2 rows for 3 ranks"):
+        shard_batch(text, 1, 3, short="error")
+    assert shard_batch(text, 2, 3) is text
+    with pytest.raises(ValueError, match="short must be"):
+        shard_batch(batch, 0, 2, image_token_id=itok, short="drop")
     with pytest.raises(ValueError, match="image_token_id"):
         shard_batch(batch, 0, 2)

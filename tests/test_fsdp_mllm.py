@@ -25,7 +25,7 @@ STEPS = 3  # forget batches; MMUnlearner interleaves as many retain steps
 
 def _setup():
     from mmunlearn.data.synthetic import make_benchmark
-    from mmunlearn.demo import _batches
+    from mmunlearn.demo import make_batches
     from mmunlearn.models import adapter_for, build_tokenizer, tiny_llava
 
     bench = make_benchmark(n_people=4, forget_ratio=0.25, seed=0, n_train_images=2, n_test_images=1)
@@ -33,11 +33,15 @@ def _setup():
     model = tiny_llava(tok, seed=0, hidden=32, intermediate=64, vision_hidden=16).train()
     adapter = adapter_for(model, tok)
     rng = random.Random(0)
-    b = lambda xs, n: _batches(adapter, xs, 5, rng, n)  # noqa: E731  (5 rows: ranks get 3 + 2)
+    b = lambda xs, n: make_batches(adapter, xs, 5, rng, n)  # noqa: E731  (5 rows: ranks get 3 + 2)
     data = {
         "forget": b(bench.forget_vqa, 2),
         "vision": b(bench.retain_vqa, 2),
-        "language": b(bench.forget_text + bench.retain_vqa, 2),
+        # + two short batches every rank takes whole (shard_batch's "replicate"): one image row
+        # among text rows, and a single text row
+        "language": b(bench.forget_text + bench.retain_vqa, 2)
+        + [adapter.collate(bench.retain_vqa[:1] + bench.forget_text[:4])]
+        + [adapter.collate(bench.forget_text[:1])],
         "unlearn_forget": b(bench.forget_vqa, STEPS),
         "unlearn_retain": b(bench.retain_vqa + bench.retain_text, STEPS),
     }
