@@ -9,12 +9,9 @@ import sys
 
 
 def _cmd_demo(args) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit(
-            "demo runs in one process (its tiny model fits anywhere); under torchrun use "
-            "`mmunlearn saliency` / `mmunlearn unlearn`, which shard the model with FSDP2"
-        )
     if args.kernels:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise SystemExit("demo --kernels runs in one process; drop torchrun or --kernels")
         from mmunlearn import quickdemo
 
         res = quickdemo.run(device=args.device, seed=args.seed, gamma=args.gamma, steps=30)
@@ -27,12 +24,25 @@ def _cmd_demo(args) -> int:
         return 0
     from mmunlearn.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(seed=args.seed, device=args.device, gamma=args.gamma)
+    distributed = _distributed(args)
+    dev = _device(args, distributed)
+    mp = args.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if (distributed and dev.type == "cuda") else "none"
+    kw = dict(
+        seed=args.seed,
+        device=str(dev),
+        gamma=args.gamma,
+        fraction=args.fraction,
+        reference=not args.no_reference,
+        mixed_precision=mp,
+    )
+    if args.threads is not None:
+        kw["threads"] = args.threads or None
+    elif distributed:
+        kw["threads"] = None  # torchrun's OMP_NUM_THREADS (1 per rank unless set)
     if args.fast:
-        cfg = DemoConfig(
-            seed=args.seed,
-            device=args.device,
-            gamma=args.gamma,
+        kw.update(
             n_people=6,
             forget_ratio=0.34,
             vanilla_steps=20,
@@ -41,7 +51,7 @@ def _cmd_demo(args) -> int:
             hidden=32,
             vision_hidden=32,
         )
-    run_demo(args.out, cfg)
+    run_demo(args.out, DemoConfig(**kw))
     return 0
 
 
@@ -130,12 +140,12 @@ def _prepare(args, distributed: bool = False):
 def _masks(args, model, adapter, bench, dev):
     import random
 
-    from mmunlearn.demo import _batches, _to
+    from mmunlearn.demo import make_batches, to_device
     from mmunlearn.dist import is_rank0
     from mmunlearn.saliency import build_masks
 
     rng = random.Random(args.seed)
-    b = lambda xs: _to(_batches(adapter, xs, 16, rng), dev)  # noqa: E731
+    b = lambda xs: to_device(make_batches(adapter, xs, 16, rng), dev)  # noqa: E731
     return build_masks(
         model,
         b(bench.forget_vqa),
@@ -170,7 +180,7 @@ def _cmd_unlearn(args) -> int:
     import random
 
     from mmunlearn import fsdp
-    from mmunlearn.demo import _batches, _to
+    from mmunlearn.demo import make_batches, to_device
     from mmunlearn.dist import is_rank0
     from mmunlearn.loop import UnlearnConfig, unlearn
     from mmunlearn.models import save_model
@@ -194,8 +204,10 @@ def _cmd_unlearn(args) -> int:
             mask.save(os.path.join(args.out, "mask.safetensors"))
         kw["masks"] = mask.for_model(model)
     rng = random.Random(args.seed)
-    forget = _to(_batches(adapter, bench.forget_vqa, 16, rng, args.steps), dev)
-    retain = _to(_batches(adapter, bench.retain_vqa + bench.retain_text, 16, rng, args.steps), dev)
+    forget = to_device(make_batches(adapter, bench.forget_vqa, 16, rng, args.steps), dev)
+    retain = to_device(
+        make_batches(adapter, bench.retain_vqa + bench.retain_text, 16, rng, args.steps), dev
+    )
     cfg = UnlearnConfig(
         lr=args.lr,
         weight_decay=0.0,
@@ -276,12 +288,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paper's comparison in miniature, offline: tiny LLaVA, synthetic people",
         description="Build the synthetic benchmark and a tiny LLaVA, fine-tune it into the "
         "vanilla model, compute the MMUnlearner saliency masks, run GA, GA_Diff, KL_Min, NPO "
-        "and MMUnlearner with the same budget, evaluate all six, and write results.json, "
-        "report.md, tradeoff.png, every model and the mask under --out (~75 s on 2 CPU cores).",
+        "and MMUnlearner with the same budget, train the reference (the same recipe without "
+        "the forget people's pictures), evaluate all seven, and write results.json, report.md, "
+        "tradeoff.png, every model and the mask under --out (about 2 minutes on 2 CPU cores). "
+        "Under torchrun every model is FSDP2-sharded and rank 0 evaluates and writes.",
     )
     d.add_argument("--device", default="cpu", help="cpu or cuda (cuda uses the Triton kernels)")
     d.add_argument("--seed", type=int, default=0, help="seed of every random draw (default 0)")
     d.add_argument("--gamma", type=float, default=1.0, help="mask threshold γ (default 1.0)")
+    d.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help="exact top-k mask: this fraction of each group's weights instead of γ",
+    )
+    d.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default 2 in one process: the table depends on the thread "
+        "count; under torchrun OMP_NUM_THREADS; 0 = torch's default)",
+    )
+    d.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the reference model (the recipe trained without the forget pictures)",
+    )
+    d.add_argument(
+        "--mixed-precision",
+        choices=["auto", "bf16", "none"],
+        default="auto",
+        help="under torchrun: FSDP2 bf16 parameters / fp32 reduce (auto: bf16 on CUDA)",
+    )
+    d.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="require torchrun (FSDP2 is used whenever WORLD_SIZE > 1)",
+    )
     d.add_argument(
         "--fast",
         action="store_true",

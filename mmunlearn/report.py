@@ -178,6 +178,7 @@ def write_report(
     _atomic_write(paths["json"], json.dumps(results, indent=1, default=str))
     cfg = results.get("config", {})
     md = [f"# {title}", "", markdown_table(results, columns), ""]
+    md += [line + "\n" for line in results.get("notes", [])]
     proto = results.get("_protocol")
     if proto:
         md += ["Protocol:", "", "```json", json.dumps(proto, indent=1, default=str), "```", ""]

@@ -7,9 +7,9 @@ LLaVA fine-tuned into the vanilla model (the expensive part, done once per seed)
 masks, and the forget / retain batches; then every (lr, steps, method) cell starts from a copy
 of that vanilla model. The batches are drawn as the demo draws them (``steps`` = the largest
 step count; a cell with fewer steps uses the first batches of those lists, which is what
-``_batches`` gives for a smaller count), so the cell (lr, steps) of a seed is the demo run with
-``--seed``, ``unlearn_lr = lr``, ``unlearn_steps = steps`` (up to float reduction order when
-the thread count differs).
+``make_batches`` gives for a smaller count), so the cell (lr, steps) of a seed is the demo run
+with ``--seed``, ``unlearn_lr = lr``, ``unlearn_steps = steps``. Both pin torch to 2 CPU threads
+by default: the vanilla model (and so every cell) depends on the thread count.
 
 Methods are :data:`mmunlearn.methods.METHODS` plus three MMUnlearner variants for the
 investigation of what the mask does:
@@ -77,7 +77,7 @@ class SweepConfig:
     methods: list = field(default_factory=lambda: list(METHODS))
     demo: DemoConfig = field(default_factory=lambda: _demo_config(save_models=False))
     fraction: float | None = None
-    threads: int | None = 1
+    threads: int | None = 2  # as the demo (DemoConfig.threads): results depend on it
     probe_batches: int = 4  # forget / retain batches the CE diagnostics are measured on
     probe: bool = True  # per seed: mask_probe + ascent_only (see their docstrings)
     progress: bool = True
@@ -276,7 +276,7 @@ def _run_sweep(out: str, cfg: SweepConfig) -> dict:
     import torch
 
     from mmunlearn.data.synthetic import make_benchmark
-    from mmunlearn.demo import _batches, _strip, _to, build_tiny, demo_eval_sets, finetune
+    from mmunlearn.demo import build_tiny, demo_eval_sets, finetune, make_batches, public, to_device
     from mmunlearn.eval import EvalConfig, evaluate
     from mmunlearn.loop import UnlearnConfig, unlearn
     from mmunlearn.saliency import build_masks
@@ -315,11 +315,15 @@ def _run_sweep(out: str, cfg: SweepConfig) -> dict:
         # the demo's draws, in the demo's order (run_demo), with the largest step count
         rng = random.Random(seed)
         bs = d.batch_size
-        forget = _to(_batches(adapter, bench.forget_vqa, bs, rng, n_max), dev)
-        retain = _to(_batches(adapter, bench.retain_vqa + bench.retain_text, bs, rng, n_max), dev)
-        f_b = _to(_batches(adapter, bench.forget_vqa, bs, rng), dev)
-        v_pres = _to(_batches(adapter, bench.retain_vqa, bs, rng), dev)
-        l_pres = _to(_batches(adapter, bench.forget_text + bench.retain_vqa, bs, rng), dev)
+        forget = to_device(make_batches(adapter, bench.forget_vqa, bs, rng, n_max), dev)
+        retain = to_device(
+            make_batches(adapter, bench.retain_vqa + bench.retain_text, bs, rng, n_max), dev
+        )
+        f_b = to_device(make_batches(adapter, bench.forget_vqa, bs, rng), dev)
+        v_pres = to_device(make_batches(adapter, bench.retain_vqa, bs, rng), dev)
+        l_pres = to_device(
+            make_batches(adapter, bench.forget_text + bench.retain_vqa, bs, rng), dev
+        )
         masks = build_masks(
             model, f_b, v_pres, l_pres, gamma=d.gamma, fraction=cfg.fraction, progress=False
         )
@@ -329,7 +333,7 @@ def _run_sweep(out: str, cfg: SweepConfig) -> dict:
         groups = adapter.param_groups()
         theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
         probe_f, probe_r = forget[: cfg.probe_batches], retain[: cfg.probe_batches]
-        van = _strip(evaluate(model, adapter.collate, tok, sets, ecfg))
+        van = public(evaluate(model, adapter.collate, tok, sets, ecfg))
         grid["vanilla"][str(seed)] = {
             **_metrics(van),
             **_diagnostics(model, theta0, groups, probe_f, probe_r),
@@ -341,7 +345,7 @@ def _run_sweep(out: str, cfg: SweepConfig) -> dict:
             grid.setdefault("mask_probe", {})[str(seed)] = mask_probe(model, masks, f_b, seed)
 
             def evalfn(m, collate=adapter.collate, tok=tok, sets=sets, ecfg=ecfg):
-                return _metrics(_strip(evaluate(m, collate, tok, sets, ecfg)))
+                return _metrics(public(evaluate(m, collate, tok, sets, ecfg)))
 
             grid.setdefault("ascent_only", {})[str(seed)] = {
                 str(lr): ascent_only(model, masks, forget, lr, set(cfg.steps), evalfn, seed)
@@ -367,7 +371,7 @@ def _run_sweep(out: str, cfg: SweepConfig) -> dict:
                     unlearn(
                         m, method.split(":")[0], forget[:steps], retain[:steps], config=ucfg, **kw
                     )
-                    res = _strip(evaluate(m, adapter.collate, tok, sets, ecfg))
+                    res = public(evaluate(m, adapter.collate, tok, sets, ecfg))
                     row = {
                         "seed": seed,
                         "lr": lr,
@@ -634,7 +638,11 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
         help="skip the per-seed mask probe and forget-steps-only runs (see mmunlearn.sweep)",
     )
     s.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)"
+        "--threads",
+        type=int,
+        default=2,
+        help="torch CPU threads (default 2, as the demo: the vanilla model depends on it; "
+        "0 = torch's default)",
     )
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")

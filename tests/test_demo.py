@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from mmunlearn.demo import DemoConfig, run_demo
 from mmunlearn.methods import METHODS
 from mmunlearn.models import load_model
@@ -21,16 +23,23 @@ def test_fast_demo_writes_everything(tmp_path):
         vision_hidden=32,
         progress=False,
     )
+    threads = torch.get_num_threads()
     res = run_demo(str(tmp_path), cfg)
+    assert torch.get_num_threads() == threads  # pinned for the run (2), restored after
     data = json.loads((tmp_path / "results.json").read_text())
-    assert data["methods"].keys() == {"vanilla", *METHODS} == res["methods"].keys()
+    assert data["methods"].keys() == {"vanilla", *METHODS, "reference"} == res["methods"].keys()
+    assert data["environment"]["threads"] == 2 and data["environment"]["world_size"] == 1
     for name, sets in data["methods"].items():
         for set_name in ("forget", "forget_test", "retain", "retain_test"):
             assert "vqa_mcq_acc" in sets[set_name], (name, set_name)
         assert "qa_mcq_acc" in sets["forget"] and "qa_mcq_acc" in sets["retain"]
     assert set(data["mask_coverage"]) == {"vision", "language", "both"}
-    assert (tmp_path / "report.md").read_text().startswith("# ")
+    report = (tmp_path / "report.md").read_text()
+    assert report.startswith("# ") and "Mask coverage (γ = 1):" in report
+    assert "| reference |" in report
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    for name in ("vanilla", "reference", *METHODS):
+        assert (tmp_path / name / "config.json").exists(), name
     model, tok = load_model(str(tmp_path / "mmunlearner"))
     mask = SaliencyMask.load(str(tmp_path / "mask_both.safetensors"), model=model)
     assert mask.coverage()["total"]["selected"] > 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmunlearn.data.synthetic import make_benchmark
-from mmunlearn.demo import _batches
+from mmunlearn.demo import make_batches
 from mmunlearn.loop import UnlearnConfig, unlearn
 from mmunlearn.methods import METHODS
 from mmunlearn.models import adapter_for, build_tokenizer, tiny_llava, tiny_qwen2vl
@@ -26,7 +26,7 @@ def test_saliency_and_every_method(family):
     model = FAMILIES[family](tok, seed=0)
     adapter = adapter_for(model, tok)
     rng = random.Random(0)
-    b = lambda xs, n=None: _batches(adapter, xs, 4, rng, n)  # noqa: E731
+    b = lambda xs, n=None: make_batches(adapter, xs, 4, rng, n)  # noqa: E731
     masks = build_masks(
         model,
         b(bench.forget_vqa, 2),
@@ -61,7 +61,7 @@ def test_bf16_llava_mmunlearner_keeps_masked_out_weights():
     rng = random.Random(0)
 
     def b(xs, n=None):
-        out = _batches(adapter, xs, 4, rng, n)
+        out = make_batches(adapter, xs, 4, rng, n)
         for x in out:
             if "pixel_values" in x:
                 x["pixel_values"] = x["pixel_values"].to(torch.bfloat16)
