@@ -268,7 +268,15 @@ def _cmd_estimate(args) -> int:
 
     cfg = est._load_config(args.model)
     ests = est.estimate(
-        cfg, args.world_size, args.dtype, args.batch, args.seq, args.method, args.grad_checkpointing
+        cfg,
+        args.world_size,
+        args.dtype,
+        args.batch,
+        args.seq,
+        args.method,
+        args.grad_checkpointing,
+        attn=args.attn,
+        images_per_sample=args.images,
     )
     params, _ = est.count_parameters(cfg)
     print(est.format_report(ests, params, args.world_size))
@@ -411,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--method", default="mmunlearner", choices=["ga", "ga_diff", "kl_min", "npo", "mmunlearner"]
     )
     e.add_argument("--grad-checkpointing", action="store_true")
+    e.add_argument(
+        "--attn",
+        default=None,
+        choices=["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"],
+        help="attention implementation (default: the config's, else sdpa); eager stores the "
+        "s² softmax",
+    )
+    e.add_argument("--images", type=int, default=1, help="images per sequence (multimodal configs)")
     e.set_defaults(fn=_cmd_estimate)
 
     from mmunlearn.evalcli import add_eval_parser
