@@ -140,12 +140,22 @@ def tradeoff_plot(results: dict, path: str, axes: dict | None = None) -> bool:
                 continue
             ax.scatter([x], [y], s=60)
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
+        ref = results["methods"].get("reference", {}).get(xset, {}).get(xkey)
+        if ref is not None:
+            ax.axvline(ref, ls="--", lw=1, color="grey")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_xlim(-0.05, 1.05)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    fig.suptitle("Unlearning trade-off: best is top-left")
+    if "reference" in results["methods"]:
+        fig.suptitle(
+            "Unlearning trade-off: best is at the top, on the dashed line (the reference: "
+            "trained without the forgotten pictures)",
+            fontsize=10,
+        )
+    else:
+        fig.suptitle("Unlearning trade-off: best is top-left")
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
