@@ -10,8 +10,10 @@ import sys
 
 def _cmd_demo(args) -> int:
     if args.kernels:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise SystemExit("demo --kernels runs in one process; drop torchrun or --kernels")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.fsdp:
+            raise SystemExit(
+                "demo --kernels runs in one process; drop torchrun/--fsdp or --kernels"
+            )
         from mmunlearn import quickdemo
 
         res = quickdemo.run(device=args.device, seed=args.seed, gamma=args.gamma, steps=30)
@@ -29,6 +31,9 @@ def _cmd_demo(args) -> int:
     mp = args.mixed_precision
     if mp == "auto":
         mp = "bf16" if (distributed and dev.type == "cuda") else "none"
+    elif mp == "bf16" and not distributed:
+        _say("--mixed-precision bf16 applies to FSDP2 (torchrun) only; this run is fp32")
+        mp = "none"
     kw = dict(
         seed=args.seed,
         device=str(dev),
@@ -67,7 +72,9 @@ def _distributed(args) -> bool:
     """Start the process group when launched by torchrun (WORLD_SIZE > 1): FSDP2 then."""
     from mmunlearn import dist as mdist
 
-    on = mdist.init_from_env()
+    # NCCL only for CUDA tensors: a CPU run on a GPU host still needs gloo
+    cuda = str(getattr(args, "device", "cpu")).startswith("cuda")
+    on = mdist.init_from_env(None if cuda else "gloo")
     if args.fsdp and not on:
         raise SystemExit("--fsdp: launch with torchrun --nproc-per-node N (WORLD_SIZE is 1)")
     return on
@@ -315,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="torch CPU threads (default 2 in one process: the table depends on the thread "
-        "count; under torchrun OMP_NUM_THREADS; 0 = torch's default)",
+        "count; under torchrun OMP_NUM_THREADS, so its table can differ from the "
+        "1-process one beyond rounding; 0 = torch's default)",
     )
     d.add_argument(
         "--no-reference",
@@ -451,7 +459,17 @@ def main(argv=None) -> int:
         sub = parser._subparsers._group_actions[0].choices[args.cmd]
         sub.set_defaults(**_load_config_file(args.config))
         args = parser.parse_args(argv)
-    return args.fn(args)
+    rc = args.fn(args)
+    from mmunlearn.dist import finish
+
+    if finish() and argv is None:
+        # under torchrun, as a program: leave without interpreter teardown, where gloo's
+        # threads can abort the process ("terminate called without an active exception")
+        # after all work is done and written
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc or 0)
+    return rc
 
 
 if __name__ == "__main__":

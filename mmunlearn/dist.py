@@ -43,6 +43,17 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
+def finish() -> bool:
+    """End a torchrun process cleanly: every rank waits at a barrier (so none leaves while
+    another still runs collectives, e.g. rank 0 evaluating and writing), then the group is
+    destroyed. Returns True when there was a group to end."""
+    if not dist.is_initialized():
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` in place across ranks (no-op in a single process); returns ``t``."""
     if world_size() > 1:

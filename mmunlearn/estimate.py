@@ -125,7 +125,8 @@ _FUSED = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 def _attn_impl(cfg, attn: str | None) -> str:
     if attn is None:
-        attn = getattr(cfg, "_attn_implementation", None) or "sdpa"
+        # the explicitly set value only: older transformers report "eager" when it is unset
+        attn = getattr(cfg, "_attn_implementation_internal", None) or "sdpa"
     if attn != "eager" and attn not in _FUSED:
         raise ValueError(f"attn must be 'eager' or one of {_FUSED}, got {attn!r}")
     return attn
@@ -272,8 +273,9 @@ def estimate(
     """Per-rank byte estimates for the saliency and unlearning phases.
 
     ``attn``: ``"eager"`` or a fused kernel (``"sdpa"``, flash); default: the config's
-    ``_attn_implementation``, else ``"sdpa"``. ``images_per_sample``: images per sequence
-    for multimodal configs (their tokens are part of ``seq``).
+    attention implementation when one was set explicitly, else ``"sdpa"``.
+    ``images_per_sample``: images per sequence for multimodal configs (their tokens are part of
+    ``seq``).
     """
     b = _DTYPE_BYTES[dtype]
     P, block = count_parameters(cfg)

@@ -45,6 +45,21 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(is_dtensor(p) for p in model.parameters())
 
 
+def require_reduced_grads(model: torch.nn.Module, what: str) -> None:
+    """Under torchrun (world size > 1) ``model`` must average its gradients across ranks
+    (FSDP2-sharded, or DDP): every rank computes only its slice of each global batch, so an
+    unsharded model would silently train on a different gradient per rank."""
+    if mdist.world_size() <= 1 or is_sharded(model):
+        return
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    raise ValueError(
+        f"{what} under torchrun (world size {mdist.world_size()}) needs a model whose "
+        "gradients are reduced across ranks: shard it with mmunlearn.fsdp.shard_model (FSDP2) "
+        "or wrap it in DistributedDataParallel"
+    )
+
+
 def shard_model(
     model: torch.nn.Module,
     block_classes: Iterable[type] = (),

@@ -259,6 +259,7 @@ def unlearn(
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
     sharded = fsdp.is_sharded(model)
+    fsdp.require_reduced_grads(model, "unlearn")
     if method.needs_reference and ref_model is None:
         if sharded:
             raise ValueError(

@@ -44,6 +44,13 @@ from mmunlearn.kernels import (
 )
 from mmunlearn.methods import mean_ce
 
+
+def _require_reduced(model) -> None:
+    from mmunlearn.fsdp import require_reduced_grads
+
+    require_reduced_grads(model, "the Fisher pass")
+
+
 try:  # torch >= 2.5
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - older torch
@@ -354,6 +361,7 @@ def collect_fisher(
             if loss_fn is not None:
                 loss = loss_fn(model, batch)
             elif world_size() > 1:
+                _require_reduced(model)
                 # torchrun: this rank's slice of the global batch, loss normalised by the
                 # global label-token count, so the reduced gradient (hence the Fisher) is the
                 # 1-process gradient of the whole batch

@@ -12,7 +12,7 @@ from mmunlearn.models import load_model
 from mmunlearn.saliency import SaliencyMask
 
 
-def test_fast_demo_writes_everything(tmp_path):
+def test_fast_demo_writes_everything(tmp_path, monkeypatch):
     cfg = DemoConfig(
         n_people=6,
         forget_ratio=0.34,
@@ -23,10 +23,30 @@ def test_fast_demo_writes_everything(tmp_path):
         vision_hidden=32,
         progress=False,
     )
+    import mmunlearn.demo as demo_mod
+
+    seen = []  # training items of each fine-tune: vanilla, then the reference
+    real = demo_mod.finetune
+    monkeypatch.setattr(
+        demo_mod,
+        "finetune",
+        lambda m, a, samples, *r, **k: seen.append(samples) or real(m, a, samples, *r, **k),
+    )
     threads = torch.get_num_threads()
-    res = run_demo(str(tmp_path), cfg)
-    assert torch.get_num_threads() == threads  # pinned for the run (2), restored after
+    torch.set_num_threads(1)
+    try:
+        res = run_demo(str(tmp_path), cfg)
+        assert torch.get_num_threads() == 1  # pinned for the run (2), restored after
+    finally:
+        torch.set_num_threads(threads)
     data = json.loads((tmp_path / "results.json").read_text())
+    # the reference saw everything the vanilla model saw but the forget people's pictures
+    from mmunlearn.data.synthetic import make_benchmark
+
+    bench = make_benchmark(n_people=6, forget_ratio=0.34, seed=0)
+    assert len(seen) == 2 and len(seen[0]) == len(bench.train)
+    assert len(seen[1]) == len(bench.train) - len(bench.forget_vqa)
+    assert not any(s.image is not None and s.meta["split"] == "forget" for s in seen[1])
     assert data["methods"].keys() == {"vanilla", *METHODS, "reference"} == res["methods"].keys()
     assert data["environment"]["threads"] == 2 and data["environment"]["world_size"] == 1
     for name, sets in data["methods"].items():

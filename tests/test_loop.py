@@ -190,3 +190,19 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
             output_dir=str(tmp_path),
             resume=True,
         )
+
+
+def test_unsharded_model_under_torchrun_is_refused(monkeypatch):
+    """Under torchrun each rank computes only its rows of a batch: a model whose gradients are
+    not reduced across ranks (neither FSDP2 nor DDP) would train on a different gradient per
+    rank, so unlearn and the Fisher pass refuse it."""
+    import mmunlearn.dist as mdist
+    from mmunlearn.saliency import collect_fisher
+
+    monkeypatch.setattr(mdist, "world_size", lambda: 2)
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="reduced across ranks"):
+        unlearn(model, "ga", [{"x": torch.zeros(1, 3)}], [], config=UnlearnConfig(progress=False))
+    monkeypatch.setattr("mmunlearn.saliency.world_size", lambda: 2)
+    with pytest.raises(ValueError, match="reduced across ranks"):
+        collect_fisher(model, [{"input_ids": torch.zeros(1, 3, dtype=torch.long)}], progress=False)
