@@ -47,3 +47,12 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(SEED)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that pins torch's thread count must not leak it into the tests after it: rounding
+    (and so tight tolerances) depends on how many threads split a reduction."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)

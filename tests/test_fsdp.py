@@ -114,3 +114,59 @@ def test_global_token_normalisation_makes_gradients_world_size_invariant():
     out = run_ranks(_grad_worker)
     for n, p in model.named_parameters():
         torch.testing.assert_close(out["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+CASES = [("ga", "forget"), ("npo", "forget"), ("kl_min", "retain")]
+
+
+def _method_grads(model, ref, batches, shard):
+    """Gradients of every (method, phase) loss over ``batches``: 5 rows (ranks get 3 + 2) and
+    1 row (short: every rank takes it whole, ``shard_batch``'s "replicate")."""
+    from mmunlearn import dist as mdist
+    from mmunlearn.methods import Method
+
+    grads = {}
+    for name, phase in CASES:
+        m = Method(name)
+        for i, b in enumerate(batches):
+            model.zero_grad(set_to_none=True)
+            b = mdist.shard_batch(b) if shard else b
+            loss = (m.forget_loss if phase == "forget" else m.retain_loss)(model, b, ref)
+            loss.backward()
+            grads[(name, i)] = {
+                n: (p.grad.full_tensor() if shard else p.grad).clone()
+                for n, p in model.named_parameters()
+            }
+    return grads
+
+
+def _ref_model():
+    return tiny_llama(1).eval()  # a different model, so NPO's log-ratio and KL are not 0
+
+
+def _short_batches():
+    b = _global_batch()
+    return [b, {k: v[3:4] for k, v in b.items()}]
+
+
+def _method_worker(rank, world, out):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _llama()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    grads = _method_grads(model, _ref_model(), _short_batches(), shard=True)
+    if rank == 0:
+        out["grads"] = grads
+
+
+def test_every_loss_gradient_is_world_size_invariant_including_short_batches():
+    """GA, NPO (sequence log-ratio, per-sample mean) and KL_Min (token KL) on 2 FSDP2 ranks give
+    the 1-process gradient of the same batch — also for a 1-row batch both ranks take whole."""
+    expect = _method_grads(_llama(), _ref_model(), _short_batches(), shard=False)
+    got = run_ranks(_method_worker)["grads"]
+    assert set(got) == set(expect)
+    for key, g in expect.items():
+        for n, e in g.items():
+            torch.testing.assert_close(got[key][n], e, rtol=1e-4, atol=1e-6, msg=f"{key} {n}")

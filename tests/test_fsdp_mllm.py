@@ -16,7 +16,7 @@ import random
 
 import torch
 
-from helpers import run_ranks
+from helpers import assert_close_verbose, run_ranks
 
 GAMMA = 1.0
 FRACTION = 0.05
@@ -224,7 +224,12 @@ def test_two_ranks_match_one_process(tmp_path):
         f2, _ = load_fisher(f"{tmp}/fisher2/{name}.safetensors")
         assert f1.keys() == f2.keys()
         for n in f1:
-            torch.testing.assert_close(f2[n], f1[n], rtol=1e-5, atol=1e-12, msg=f"{name} {n}")
+            # rtol 1e-5, plus a floor of a few fp32 ulps of the tensor's largest Fisher: the
+            # gradient sums are rounded in another order (reduce-scatter, thread count), an
+            # O(eps) error of the tensor's gradient scale, so an element far below the tensor's
+            # largest (cancellation) carries up to ~eps * max F absolute error, not eps relative
+            floor = 1e-12 + 4 * torch.finfo(torch.float32).eps * f1[n].abs().max().item()
+            assert_close_verbose(f2[n], f1[n], rtol=1e-5, atol=floor, name=f"{name} {n}")
     # elements whose ratio lies within 1e-5 of gamma may flip; count them (expected 0)
     f1f, _ = load_fisher(f"{tmp}/fisher1/forget.safetensors")
     f1v, _ = load_fisher(f"{tmp}/fisher1/vision_preserve.safetensors")

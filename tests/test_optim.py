@@ -11,7 +11,7 @@ from mmunlearn.kernels import pack_bits
 from mmunlearn.optim import MaskedAdamW, MaskedSGD
 
 from conftest import DEVICE, HAS_CUDA
-from helpers import assert_close_verbose, max_rel_err
+from helpers import assert_close_verbose, max_rel_err, ulp
 
 BACKENDS = ["torch", "triton"]
 
@@ -46,8 +46,12 @@ def _train(model, opt, batches, sched=None, **step_kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_ones_masks_match_torch_adamw_50_steps(backend):
-    """External oracle: all-ones masks == torch.optim.AdamW (fp32, max rel. error <= 1e-6,
-    relative to max(|ref|, 0.01) per element; see test_kernels for why the floor)."""
+    """External oracle: all-ones masks == torch.optim.AdamW over 50 steps (fp32, max rel.
+    error relative to max(|ref|, 0.01) per element; see test_kernels for why the floor). The
+    torch backend does AdamW's arithmetic in AdamW's order (<= 1e-6; 0 seen). The Triton kernel
+    (CPU interpreter: numpy) rounds differently by ~1 ulp per step (the one-step bound is in
+    test_kernels), and training feeds that back through the gradients: 1.2e-6 after 50 steps
+    on an AMD EPYC, < 1e-6 on the machine before it, so the bound is 50 steps x 1 ulp."""
     ref, ours = _model(), _model()
     batches = _batches(50)
     kw = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
@@ -55,8 +59,9 @@ def test_all_ones_masks_match_torch_adamw_50_steps(backend):
     opt = MaskedAdamW(ours.parameters(), backend=backend, **kw)
     opt.set_masks({p: torch.ones_like(p, dtype=torch.bool) for p in ours.parameters()})
     _train(ours, opt, batches, masked=True)
+    bound = 1e-6 if backend == "torch" else len(batches) * ulp(torch.float32)
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
-        assert max_rel_err(a.detach(), b.detach(), floor=1e-2) <= 1e-6, name
+        assert max_rel_err(a.detach(), b.detach(), floor=1e-2) <= bound, name
 
 
 @pytest.mark.gpu
