@@ -16,7 +16,7 @@ def _cmd_demo(args) -> int:
             )
         from mmunlearn import quickdemo
 
-        res = quickdemo.run(device=args.device, seed=args.seed, gamma=args.gamma, steps=30)
+        res = quickdemo.run(device=args.device, seed=args.seed, gamma=args.gamma)
         os.makedirs(args.out, exist_ok=True)
         path = os.path.join(args.out, "results.json")
         with open(path + ".tmp", "w") as f:

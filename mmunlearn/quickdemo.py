@@ -5,7 +5,7 @@ retained. We collect the diagonal Fisher of both sets with ``fisher_accumulate_`
 MMUnlearner saliency mask ``(F_f + eps)/(F_p + eps) >= gamma`` with ``saliency_mask``, then take
 masked gradient-ascent steps on the forget class with ``MaskedAdamW`` interleaved with ordinary
 descent on retained data, and report accuracy, mask coverage and the untouched-weights check.
-The multimodal pipeline (tiny LLaVA, synthetic people) is ``mmunlearn demo`` once the loop lands.
+The multimodal pipeline (tiny LLaVA, synthetic people) is ``mmunlearn demo``.
 """
 
 from __future__ import annotations
@@ -30,8 +30,13 @@ def _acc(model, x, y):
         return (model(x).argmax(-1) == y).float().mean().item()
 
 
-def run(device="cpu", seed=0, gamma=1.0, steps=30, lr=3e-3, verbose=True) -> dict:
-    """Run the kernel demo; returns a dict of the numbers it prints."""
+def run(device="cpu", seed=0, gamma=1.0, steps=60, lr=1e-2, verbose=True) -> dict:
+    """Run the kernel demo; returns a dict of the numbers it prints.
+
+    60 steps at lr 1e-2: every seed 0-5 forgets class 0 (accuracy 0.00) with retained accuracy
+    >= 0.96, at 1 and at 2 torch threads. The earlier 30 steps at 3e-3 sat on an edge: the
+    vanilla model (300 Adam steps) rounds differently with the thread count, and 4 of those
+    12 runs kept the forget class entirely."""
     t0 = time.time()
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
