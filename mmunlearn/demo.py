@@ -195,12 +195,7 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
     results = {
         "methods": {},
         "config": asdict(cfg),
-        "environment": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "world_size": world,
-            "device": str(dev),
-        },
+        "environment": environment(dev, world),
     }
     results["methods"]["vanilla"] = evaluate_and_save(model, "vanilla")
     vanilla_state = fsdp.full_state_dict(model, to_all=True) if sharded else None
@@ -293,10 +288,39 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
         env = results["environment"]
         print(
             f"seed {cfg.seed}, torch {env['torch']}, {env['threads']} CPU threads, "
-            f"world size {world}, {env['device']}"
+            f"world size {world}, {env['device']}; {env['cpu']} ({env['cpu_capability']})"
         )
         print(f"wrote {out}/results.json, report.md, tradeoff.png in {results['seconds']} s")
     return results
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else ``platform.processor()``)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(dev, world: int) -> dict:
+    """What the demo's numbers depend on besides the seed: the fine-tune is chaotic enough that
+    the summation order matters, and that is set by the thread count and by the vector width
+    ATen/oneDNN/MKL pick for this CPU (AVX2 vs AVX-512: README, "Same seed, other CPU")."""
+    cap = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "world_size": world,
+        "device": str(dev),
+        "cpu": cpu_name(),
+        "cpu_capability": cap() if cap else "unknown",
+    }
 
 
 def build_tiny(bench, cfg: DemoConfig, dev):

@@ -196,6 +196,9 @@ def write_report(
         md += ["## Every metric", "", metrics_tables(results), ""]
     if cfg:
         md += ["Configuration:", "", "```json", json.dumps(cfg, indent=1, default=str), "```", ""]
+    env = results.get("environment")
+    if env:
+        md += ["Environment:", "", "```json", json.dumps(env, indent=1, default=str), "```", ""]
     if axes is None and columns is CLEAR_COLUMNS:
         axes = CLEAR_AXES
     if plot and tradeoff_plot(results, paths["png"], axes):

@@ -49,6 +49,7 @@ def test_fast_demo_writes_everything(tmp_path, monkeypatch):
     assert not any(s.image is not None and s.meta["split"] == "forget" for s in seen[1])
     assert data["methods"].keys() == {"vanilla", *METHODS, "reference"} == res["methods"].keys()
     assert data["environment"]["threads"] == 2 and data["environment"]["world_size"] == 1
+    assert data["environment"]["cpu"] and data["environment"]["cpu_capability"]
     for name, sets in data["methods"].items():
         for set_name in ("forget", "forget_test", "retain", "retain_test"):
             assert "vqa_mcq_acc" in sets[set_name], (name, set_name)
@@ -56,7 +57,7 @@ def test_fast_demo_writes_everything(tmp_path, monkeypatch):
     assert set(data["mask_coverage"]) == {"vision", "language", "both"}
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# ") and "Mask coverage (γ = 1):" in report
-    assert "| reference |" in report
+    assert "| reference |" in report and "Environment:" in report and "cpu_capability" in report
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("vanilla", "reference", *METHODS):
         assert (tmp_path / name / "config.json").exists(), name
