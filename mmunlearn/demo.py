@@ -177,11 +177,12 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
         batch_size=32, seed=cfg.seed, letter_mcq=False, generation=False, progress=False
     )
 
-    def evaluate_and_save(m, name):
-        """Evaluate (rank 0; a sharded model is gathered into an unsharded copy first) and
-        save the model under out/name."""
+    def evaluate_and_save(m, name, state=None):
+        """Evaluate (rank 0; a sharded model is gathered into an unsharded copy first, unless
+        its full ``state`` is given) and save the model under out/name."""
         if sharded:
-            state = fsdp.full_state_dict(m)  # every rank: collective
+            if state is None:
+                state = fsdp.full_state_dict(m)  # every rank: collective
             if not rank0:
                 return None
             m = tiny_model(tok, cfg, dev)
@@ -197,8 +198,9 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
         "config": asdict(cfg),
         "environment": environment(dev, world),
     }
-    results["methods"]["vanilla"] = evaluate_and_save(model, "vanilla")
+    # gathered once, to every rank: evaluated here, and the start of every method's copy
     vanilla_state = fsdp.full_state_dict(model, to_all=True) if sharded else None
+    results["methods"]["vanilla"] = evaluate_and_save(model, "vanilla", vanilla_state)
 
     def fresh(requires_grad=True):
         """A working copy of the vanilla model (sharded like it under torchrun)."""
