@@ -29,7 +29,7 @@ from mmunlearn.loop import UnlearnConfig, unlearn
 from mmunlearn.methods import METHODS
 from mmunlearn.models import adapter_for, build_tokenizer, save_model, tiny_llava
 from mmunlearn.optim import MaskedAdamW
-from mmunlearn.report import markdown_table, write_report
+from mmunlearn.report import TEXT_COLUMNS, markdown_table, write_report
 
 
 @dataclass
@@ -151,7 +151,7 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
     progress = cfg.progress and rank0
     torch.manual_seed(cfg.seed)
     bench = make_benchmark(n_people=cfg.n_people, forget_ratio=cfg.forget_ratio, seed=cfg.seed)
-    sets = demo_eval_sets(bench)
+    sets = demo_eval_sets(bench, cloze_gen=True)
     model, tok, adapter = build_tiny(bench, cfg, dev)
     blocks = adapter.block_classes()
 
@@ -173,8 +173,10 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
         dev,
         progress,
     )
+    # MCQ by option likelihood (the main table), cloze and greedy generation (ROUGE / BLEU:
+    # the second table); the letter MCQ is left out: this tiny model is never taught letters
     ecfg = EvalConfig(
-        batch_size=32, seed=cfg.seed, letter_mcq=False, generation=False, progress=False
+        batch_size=32, seed=cfg.seed, letter_mcq=False, generation=True, progress=False
     )
 
     def evaluate_and_save(m, name, state=None):
@@ -283,9 +285,16 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
         )
     if not rank0:
         return {}
-    write_report(results, out, title="mmunlearn demo: tiny LLaVA on the synthetic benchmark")
+    write_report(
+        results,
+        out,
+        title="mmunlearn demo: tiny LLaVA on the synthetic benchmark",
+        extra_tables=[(TEXT_TITLE, TEXT_COLUMNS)],
+        details=True,
+    )
     if cfg.progress:
         print(markdown_table(results))
+        print(f"\n{TEXT_TITLE}:\n\n{markdown_table(results, TEXT_COLUMNS)}\n")
         print("\n".join(results["notes"]))
         env = results["environment"]
         print(
@@ -294,6 +303,9 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
         )
         print(f"wrote {out}/results.json, report.md, tradeoff.png in {results['seconds']} s")
     return results
+
+
+TEXT_TITLE = "Cloze and generation (greedy, 16 new tokens; ROUGE-L F1)"
 
 
 def cpu_name() -> str:
@@ -348,7 +360,9 @@ def tiny_model(tok, cfg: DemoConfig, dev):
     ).to(dev)
 
 
-def demo_eval_sets(bench) -> dict:
-    """MCQ evaluation sets of the demo: forget / forget_test / forget_link and the same for
-    retain (see :meth:`SyntheticBenchmark.eval_sets`)."""
-    return {k: {"mcq": v["mcq"]} for k, v in bench.eval_sets().items()}
+def demo_eval_sets(bench, cloze_gen: bool = False) -> dict:
+    """Evaluation sets of the demo: forget / forget_test / forget_link and the same for
+    retain (see :meth:`SyntheticBenchmark.eval_sets`); MCQ only (the sweep, and the tokenizer's
+    training text), or with the cloze and generation items too (``cloze_gen``: the demo)."""
+    keep = ("mcq", "cloze", "gen") if cloze_gen else ("mcq",)
+    return {k: {w: v[w] for w in keep} for k, v in bench.eval_sets().items()}

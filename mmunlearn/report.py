@@ -24,6 +24,19 @@ COLUMNS = [  # (header, set, metric, better)
 ]
 
 
+# the demo's second table: cloze (exact answer in the greedy fill) and generation (ROUGE-L F1)
+TEXT_COLUMNS = [
+    ("Forget VQA cloze ↓", "forget", "vqa_cloze_acc", "low"),
+    ("Forget QA cloze ↑", "forget", "qa_cloze_acc", "high"),
+    ("Forget VQA ROUGE-L ↓", "forget", "vqa_rougeL", "low"),
+    ("Forget QA ROUGE-L ↑", "forget", "qa_rougeL", "high"),
+    ("Retain VQA cloze ↑", "retain", "vqa_cloze_acc", "high"),
+    ("Retain QA cloze ↑", "retain", "qa_cloze_acc", "high"),
+    ("Retain VQA ROUGE-L ↑", "retain", "vqa_rougeL", "high"),
+    ("Retain QA ROUGE-L ↑", "retain", "qa_rougeL", "high"),
+]
+
+
 # ``mmunlearn eval`` on the synthetic benchmark / MLLMU-Bench (MLLMU-style keys)
 EVAL_COLUMNS = [
     ("Forget VQA ↓", "forget", "vqa_mcq_acc", "low"),
@@ -173,12 +186,14 @@ def write_report(
     plot: bool = True,
     axes: dict | None = None,
     details: bool = False,
+    extra_tables: list | None = None,
 ) -> dict:
     """Write results.json, report.md and (``plot``) tradeoff.png atomically; returns their
     paths. ``columns``: the table's columns (:data:`COLUMNS`, :data:`EVAL_COLUMNS`,
     :data:`CLEAR_COLUMNS`); ``axes``: the plot's (:func:`tradeoff_plot`; default: the
     columns' benchmark); ``details``: also every metric of every set
-    (:func:`metrics_tables`)."""
+    (:func:`metrics_tables`); ``extra_tables``: ``[(title, columns), ...]`` more tables of
+    the same rows after the first (e.g. :data:`TEXT_COLUMNS`)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = {
         "json": os.path.join(out_dir, "results.json"),
@@ -188,6 +203,8 @@ def write_report(
     _atomic_write(paths["json"], json.dumps(results, indent=1, default=str))
     cfg = results.get("config", {})
     md = [f"# {title}", "", markdown_table(results, columns), ""]
+    for title_x, cols_x in extra_tables or ():
+        md += [f"## {title_x}", "", markdown_table(results, cols_x), ""]
     md += [line + "\n" for line in results.get("notes", [])]
     proto = results.get("_protocol")
     if proto:

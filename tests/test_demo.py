@@ -54,10 +54,15 @@ def test_fast_demo_writes_everything(tmp_path, monkeypatch):
         for set_name in ("forget", "forget_test", "retain", "retain_test"):
             assert "vqa_mcq_acc" in sets[set_name], (name, set_name)
         assert "qa_mcq_acc" in sets["forget"] and "qa_mcq_acc" in sets["retain"]
+        for g in ("forget", "retain"):  # cloze and generation (ROUGE / BLEU) per modality
+            for k in ("vqa_cloze_acc", "qa_cloze_acc", "vqa_rougeL", "qa_rougeL", "qa_bleu"):
+                assert 0.0 <= sets[g][k] <= 1.0, (name, g, k)
     assert set(data["mask_coverage"]) == {"vision", "language", "both"}
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# ") and "Mask coverage (γ = 1):" in report
     assert "| reference |" in report and "Environment:" in report and "cpu_capability" in report
+    assert "## Cloze and generation" in report and "Forget VQA ROUGE-L" in report
+    assert "## Every metric" in report
     assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
     for name in ("vanilla", "reference", *METHODS):
         assert (tmp_path / name / "config.json").exists(), name
