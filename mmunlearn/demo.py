@@ -29,7 +29,7 @@ from mmunlearn.loop import UnlearnConfig, unlearn
 from mmunlearn.methods import METHODS
 from mmunlearn.models import adapter_for, build_tokenizer, save_model, tiny_llava
 from mmunlearn.optim import MaskedAdamW
-from mmunlearn.report import TEXT_COLUMNS, markdown_table, write_report
+from mmunlearn.report import TEXT_COLUMNS, TEXT_TITLE, markdown_table, write_report
 
 
 @dataclass
@@ -303,9 +303,6 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
         )
         print(f"wrote {out}/results.json, report.md, tradeoff.png in {results['seconds']} s")
     return results
-
-
-TEXT_TITLE = "Cloze and generation (greedy, 16 new tokens; ROUGE-L F1)"
 
 
 def cpu_name() -> str:

@@ -25,6 +25,7 @@ COLUMNS = [  # (header, set, metric, better)
 
 
 # the demo's second table: cloze (exact answer in the greedy fill) and generation (ROUGE-L F1)
+TEXT_TITLE = "Cloze and generation (greedy, 16 new tokens; ROUGE-L F1)"
 TEXT_COLUMNS = [
     ("Forget VQA cloze ↓", "forget", "vqa_cloze_acc", "low"),
     ("Forget QA cloze ↑", "forget", "qa_cloze_acc", "high"),

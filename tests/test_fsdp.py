@@ -90,16 +90,21 @@ def _global_batch():
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _grad_worker(rank, world, out):
+def _sharded_llama():
+    """``_llama()`` under FSDP2: every decoder layer, then the root."""
     from torch.distributed.fsdp import fully_shard
-
-    from mmunlearn import dist as mdist
-    from mmunlearn.methods import mean_ce
 
     model = _llama()
     for layer in model.model.layers:
         fully_shard(layer)
-    fully_shard(model)
+    return fully_shard(model)
+
+
+def _grad_worker(rank, world, out):
+    from mmunlearn import dist as mdist
+    from mmunlearn.methods import mean_ce
+
+    model = _sharded_llama()
     batch = mdist.shard_batch(_global_batch())
     mean_ce(model(**batch), batch).backward()
     grads = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
@@ -150,13 +155,7 @@ def _short_batches():
 
 
 def _method_worker(rank, world, out):
-    from torch.distributed.fsdp import fully_shard
-
-    model = _llama()
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    grads = _method_grads(model, _ref_model(), _short_batches(), shard=True)
+    grads = _method_grads(_sharded_llama(), _ref_model(), _short_batches(), shard=True)
     if rank == 0:
         out["grads"] = grads
 
