@@ -22,14 +22,19 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
+from mmunlearn import fsdp
+from mmunlearn.data.batching import make_batches, to_device
+from mmunlearn.data.recipe import synthetic_sets
+from mmunlearn.data.synthetic import make_benchmark
+from mmunlearn.distributed import is_rank0, world_size
 from mmunlearn.eval import EvalConfig, evaluate
+from mmunlearn.eval.report import TEXT_COLUMNS, TEXT_TITLE, markdown_table, write_report
 from mmunlearn.loop import UnlearnConfig, unlearn
-from mmunlearn.methods import METHODS
+from mmunlearn.masks import build_masks
+from mmunlearn.methods import METHODS, Method
 from mmunlearn.models import adapter_for, build_tokenizer, save_model, tiny_llava
-from mmunlearn.optim import MaskedAdamW
-from mmunlearn.report import TEXT_COLUMNS, TEXT_TITLE, markdown_table, write_report
+from mmunlearn.train import finetune
 
 
 @dataclass
@@ -60,62 +65,9 @@ class DemoConfig:
     progress: bool = True
 
 
-def make_batches(adapter, samples, bs, rng, n=None):
-    """Collated batches over a shuffled copy of samples (n batches, cycling if needed)."""
-    items = list(samples)
-    rng.shuffle(items)
-    out = []
-    total = n if n is not None else (len(items) + bs - 1) // bs
-    for b in range(total):
-        chunk = [items[(b * bs + i) % len(items)] for i in range(min(bs, len(items)))]
-        out.append(adapter.collate(chunk))
-    return out
-
-
-def to_device(batches, dev):
-    """The batches with every tensor moved to ``dev``."""
-    return [
-        {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches
-    ]
-
-
 def public(res: dict) -> dict:
     """An evaluation result without its private (``_``-prefixed) keys."""
     return {k: v for k, v in res.items() if not k.startswith("_")}
-
-
-def finetune(model, adapter, samples, steps, lr, bs, seed, dev, progress=True):
-    """The vanilla model: plain AdamW on every training item (image and text).
-
-    On an FSDP2-sharded model (under torchrun) every rank takes its rows of each global batch
-    (:func:`mmunlearn.dist.shard_batch`) and the loss is normalised by the global label-token
-    count, so the reduced gradient is the 1-process gradient of the same batch. An unsharded
-    model takes the whole batch (also under torchrun: every rank then trains the same model)."""
-    from mmunlearn.dist import image_token_id, is_rank0, shard_batch
-    from mmunlearn.fsdp import is_sharded
-    from mmunlearn.methods import mean_ce
-
-    rng = random.Random(seed)
-    opt = MaskedAdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    itok = image_token_id(model)
-    sharded = is_sharded(model)
-    per_epoch = max(1, len(samples) // bs)
-    batches = []
-    for _ in range((steps + per_epoch - 1) // per_epoch):
-        batches += make_batches(adapter, samples, bs, rng)
-    for b in tqdm(batches[:steps], desc="vanilla fine-tune", disable=not (progress and is_rank0())):
-        b = to_device([b], dev)[0]
-        if sharded:
-            b = shard_batch(b, image_token_id=itok)
-            loss = mean_ce(model(**b), b)
-        else:  # one process, or an unsharded model trained identically on every rank
-            loss = model(**b).loss
-        loss.backward()
-        opt.step(max_grad_norm=1.0)
-        opt.zero_grad()
-    model.eval()
-    return model
 
 
 def run_demo(out: str = "runs/demo", cfg: DemoConfig | None = None) -> dict:
@@ -137,12 +89,6 @@ def run_demo(out: str = "runs/demo", cfg: DemoConfig | None = None) -> dict:
 
 
 def _run_demo(out: str, cfg: DemoConfig) -> dict:
-    from mmunlearn import fsdp
-    from mmunlearn.data.synthetic import make_benchmark
-    from mmunlearn.dist import is_rank0, world_size
-    from mmunlearn.methods import Method
-    from mmunlearn.saliency import build_masks
-
     t0 = time.time()
     dev = torch.device(cfg.device)
     world = world_size()
@@ -214,16 +160,14 @@ def _run_demo(out: str, cfg: DemoConfig) -> dict:
 
     rng = random.Random(cfg.seed)
     bs = cfg.batch_size
-    forget = to_device(make_batches(adapter, bench.forget_vqa, bs, rng, cfg.unlearn_steps), dev)
-    retain_mm = to_device(
-        make_batches(adapter, bench.retain_vqa + bench.retain_text, bs, rng, cfg.unlearn_steps),
-        dev,
-    )
+    data = synthetic_sets(bench)
+    forget = to_device(make_batches(adapter, data.forget, bs, rng, cfg.unlearn_steps), dev)
+    retain_mm = to_device(make_batches(adapter, data.retain, bs, rng, cfg.unlearn_steps), dev)
     # saliency (method.md §2): vision group vs multimodal retain; language group vs the forget
     # people's text QA + multimodal retain; both = union
-    f_b = to_device(make_batches(adapter, bench.forget_vqa, bs, rng), dev)
-    v_pres = to_device(make_batches(adapter, bench.retain_vqa, bs, rng), dev)
-    l_pres = to_device(make_batches(adapter, bench.forget_text + bench.retain_vqa, bs, rng), dev)
+    f_b = to_device(make_batches(adapter, data.forget, bs, rng), dev)
+    v_pres = to_device(make_batches(adapter, data.vision_preserve, bs, rng), dev)
+    l_pres = to_device(make_batches(adapter, data.language_preserve, bs, rng), dev)
     masks = build_masks(
         model, f_b, v_pres, l_pres, gamma=cfg.gamma, fraction=cfg.fraction, progress=progress
     )

@@ -70,7 +70,7 @@ import torch
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 
 
-def _load_config(model: str):
+def load_config(model: str):
     from transformers import AutoConfig
 
     if os.path.isdir(model):

@@ -2,16 +2,16 @@
 tensors one at a time for world-size-independent files, and sharded atomic DCP checkpoints.
 
 Everything here is PyTorch's own engine; this module only decides *what* to shard and *how*
-to get full-shape, world-size-independent files out of a sharded run:
+to get full-shape, world-size-independent files out of a sharded run. It sits above the
+parameter, Fisher, mask and optimizer layers (it checkpoints the optimizer's state); none of
+them imports it:
 
 * :func:`shard_model` — ``fully_shard`` on every repeated block the model adapter names
   (vision encoder layer, decoder layer), then on the root; bf16 parameters with fp32
   gradient reduction when ``mixed_precision="bf16"``.
-* :func:`full_tensor` / :func:`full_state_dict` — one tensor at a time: each DTensor is
-  all-gathered, kept on rank 0 (moved to the CPU) and dropped elsewhere, so no rank ever holds
-  the whole model on its device.
-* :func:`full_mask` — a mask computed on local shards becomes the full-shape mask (the packed
-  file written by rank 0 is byte-identical to a 1-process run's).
+* :func:`full_state_dict` — one tensor at a time (:func:`mmunlearn.distributed.full_tensor`):
+  each DTensor is all-gathered, kept on rank 0 (moved to the CPU) and dropped elsewhere, so no
+  rank ever holds the whole model on its device.
 * :func:`save_sharded_checkpoint` / :func:`load_sharded_checkpoint` —
   ``torch.distributed.checkpoint`` (DCP) of the parameters and the optimizer's moments as
   DTensors: written to a temporary directory by every rank, then renamed by rank 0 after a
@@ -28,36 +28,10 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.distributed as dist
 
-from mmunlearn import dist as mdist
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # pragma: no cover - torch < 2.4
-    from torch.distributed._tensor import DTensor
-
-
-def is_dtensor(t) -> bool:
-    return isinstance(t, DTensor)
-
-
-def is_sharded(model: torch.nn.Module) -> bool:
-    """True when any parameter of ``model`` is a DTensor (FSDP2-sharded)."""
-    return any(is_dtensor(p) for p in model.parameters())
-
-
-def require_reduced_grads(model: torch.nn.Module, what: str) -> None:
-    """Under torchrun (world size > 1) ``model`` must average its gradients across ranks
-    (FSDP2-sharded, or DDP): every rank computes only its slice of each global batch, so an
-    unsharded model would silently train on a different gradient per rank."""
-    if mdist.world_size() <= 1 or is_sharded(model):
-        return
-    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return
-    raise ValueError(
-        f"{what} under torchrun (world size {mdist.world_size()}) needs a model whose "
-        "gradients are reduced across ranks: shard it with mmunlearn.fsdp.shard_model (FSDP2) "
-        "or wrap it in DistributedDataParallel"
-    )
+from mmunlearn import distributed as mdist
+from mmunlearn.distributed import full_tensor, laid_out_like, local
+from mmunlearn.io import atomic_write_json, replace_dir
+from mmunlearn.params import canonical_parameters
 
 
 def shard_model(
@@ -100,32 +74,6 @@ def broadcast_from_rank0(model: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def _laid_out_like(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``local`` (this rank's shard) as a DTensor laid out like DTensor ``like``, sharing
-    storage; ``local`` itself when ``like`` is a plain tensor."""
-    if not is_dtensor(like):
-        return local
-    return DTensor.from_local(
-        local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
-    )
-
-
-def full_tensor(t: torch.Tensor, like: torch.Tensor | None = None, *, to_all: bool = False):
-    """The full tensor of a DTensor, or of a local shard laid out like DTensor ``like``
-    (e.g. a Fisher accumulator of a sharded parameter). Returned on the CPU on rank 0 (on every
-    rank with ``to_all``), None on the other ranks. Plain tensors come back as they are (CPU).
-    Every rank must call it, in the same order."""
-    if like is not None and not is_dtensor(t):
-        t = _laid_out_like(t, like)
-    if is_dtensor(t):
-        full = t.full_tensor()
-    else:
-        full = t
-    if to_all or mdist.rank() == 0:
-        return full.detach().cpu()
-    return None
-
-
 def full_state_dict(
     model: torch.nn.Module, *, to_all: bool = False
 ) -> dict[str, torch.Tensor] | None:
@@ -140,40 +88,6 @@ def full_state_dict(
     return out if (to_all or mdist.rank() == 0) else None
 
 
-def full_fishers(
-    fishers: Mapping[str, torch.Tensor], model: torch.nn.Module, *, to_all: bool = False
-) -> dict[str, torch.Tensor] | None:
-    """Local-shard Fishers (from :func:`mmunlearn.saliency.collect_fisher` on a sharded model)
-    → full-shape Fishers on rank 0's CPU, one tensor at a time (None on other ranks)."""
-    from mmunlearn.saliency import canonical_parameters
-
-    params = canonical_parameters(model)
-    out = {}
-    for name, f in fishers.items():
-        full = full_tensor(f, params[name], to_all=to_all)
-        if full is not None:
-            out[name] = full
-    return out if (to_all or mdist.rank() == 0) else None
-
-
-def full_mask(local, model: torch.nn.Module):
-    """A :class:`~mmunlearn.saliency.SaliencyMask` over local shards (shapes of the local
-    shards) → the full-shape mask, identical on every rank (packed bits on the CPU). Gathers
-    one tensor at a time as uint8 (1 byte per element, transiently)."""
-    from mmunlearn.kernels import pack_bits
-    from mmunlearn.saliency import SaliencyMask, canonical_parameters
-
-    params = canonical_parameters(model)
-    bits, shapes = {}, {}
-    for name in local.names:
-        p = params[name]
-        dense = local.dense(name).to(torch.uint8)
-        full = full_tensor(dense, p, to_all=True)
-        bits[name] = pack_bits(full.reshape(-1).bool(), backend="torch").cpu()
-        shapes[name] = tuple(p.shape)
-    return SaliencyMask(bits, shapes, dict(local.meta), local.groups)
-
-
 # --------------------------------------------------------------------------------------------
 # Sharded checkpoints (DCP)
 # --------------------------------------------------------------------------------------------
@@ -182,15 +96,13 @@ def full_mask(local, model: torch.nn.Module):
 def _optimizer_dtensors(model, opt) -> dict[str, torch.Tensor]:
     """The optimizer's moments as DTensors laid out like their parameters, keyed by canonical
     parameter name (local tensors shared, so a DCP load fills the optimizer's state)."""
-    from mmunlearn.saliency import canonical_parameters
-
     out: dict[str, torch.Tensor] = {}
     for name, p in canonical_parameters(model).items():
         st = opt.state.get(p)
         if not st or "exp_avg" not in st:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
-            out[f"{name}.{key}"] = _laid_out_like(st[key], p)
+            out[f"{name}.{key}"] = laid_out_like(st[key], p)
         out[f"{name}.step"] = st["step"]
     return out
 
@@ -198,8 +110,6 @@ def _optimizer_dtensors(model, opt) -> dict[str, torch.Tensor]:
 def _init_optimizer_state(model, opt, saved_keys) -> None:
     """Create (zero) optimizer state for the parameters that have state in the checkpoint,
     so DCP has tensors to load into."""
-    from mmunlearn.saliency import canonical_parameters
-
     for name, p in canonical_parameters(model).items():
         if f"optim.{name}.exp_avg" in saved_keys and hasattr(opt, "_init_state"):
             opt._init_state(p)
@@ -221,25 +131,19 @@ def save_sharded_checkpoint(
     if r == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
+    mdist.barrier()
     state = {"model": model.state_dict(), "optim": _optimizer_dtensors(model, opt)}
     dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
     if rng is not None:
         torch.save(dict(rng), os.path.join(tmp, f"rng-rank{r}.pt"))
-    _barrier()
+    mdist.barrier()
     if r == 0:
         meta = dict(extra or {})
         meta["world_size"] = mdist.world_size()
         meta["format"] = "mmunlearn-dcp-checkpoint"
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(meta, f)
-        old = path + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        atomic_write_json(os.path.join(tmp, "state.json"), meta, indent=None)
+        replace_dir(tmp, path)
+    mdist.barrier()
     return path
 
 
@@ -273,15 +177,13 @@ def load_sharded_checkpoint(path: str, model, opt) -> tuple[dict, dict | None]:
 
 def _refill_optimizer(model, opt, optim_state: Mapping[str, torch.Tensor]) -> None:
     """Copy loaded moments into the optimizer's state (DCP may have replaced the objects)."""
-    from mmunlearn.saliency import canonical_parameters
-
     for name, p in canonical_parameters(model).items():
         st = opt.state.get(p)
         if not st or "exp_avg" not in st:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
             t = optim_state[f"{name}.{key}"]
-            t = t.to_local() if is_dtensor(t) else t
+            t = local(t)
             if t.data_ptr() != st[key].data_ptr():
                 st[key].copy_(t)
         step = optim_state[f"{name}.step"]
@@ -289,18 +191,9 @@ def _refill_optimizer(model, opt, optim_state: Mapping[str, torch.Tensor]) -> No
             st["step"].copy_(step)
 
 
-def _barrier() -> None:
-    if mdist.world_size() > 1:
-        dist.barrier()
-
-
 __all__ = [
     "broadcast_from_rank0",
-    "full_fishers",
-    "full_mask",
     "full_state_dict",
-    "full_tensor",
-    "is_sharded",
     "load_sharded_checkpoint",
     "save_sharded_checkpoint",
     "shard_model",

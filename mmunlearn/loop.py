@@ -11,25 +11,27 @@ before the mask is applied (the official order).
 
 from __future__ import annotations
 
-import json
+import copy
 import os
 import random
-import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
-from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
 from tqdm.auto import tqdm
 
-from mmunlearn import fsdp
-from mmunlearn.dist import all_reduce_sum_, image_token_id, is_rank0, shard_batch, world_size
+from mmunlearn.checkpoint import CKPT, find_checkpoint, load_checkpoint, save_checkpoint
+from mmunlearn.distributed import (
+    all_reduce_sum_,
+    is_rank0,
+    is_sharded,
+    require_reduced_grads,
+    world_size,
+)
+from mmunlearn.losses import local_batch
 from mmunlearn.methods import Method
 from mmunlearn.optim import MaskedAdamW
-
-CKPT = "checkpoint"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -89,25 +91,6 @@ def build_schedule(
     return steps
 
 
-def _rng_state() -> dict:
-    st = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
 def _global_value(loss: torch.Tensor) -> float:
     """The loss of the whole global batch as a float (under torchrun each rank's loss is its
     share, ``local_sum / global_count · world``: the mean over ranks is the global loss)."""
@@ -116,111 +99,6 @@ def _global_value(loss: torch.Tensor) -> float:
         return loss.item()
     t = loss.detach().float().reshape(1).clone()
     return all_reduce_sum_(t).item() / w
-
-
-def save_checkpoint(output_dir: str, model, opt, sched, step: int, history: list, config) -> str:
-    """Atomically write ``output_dir/checkpoint``: model weights (safetensors), optimizer state
-    (masks included), LR schedule, RNG states, step and history. Returns the path.
-
-    An FSDP2-sharded model gets a sharded DCP checkpoint instead
-    (:func:`mmunlearn.fsdp.save_sharded_checkpoint`: every rank writes its shards, rank 0
-    renames; masks are not stored there — they come from the mask file given again on resume,
-    checked by their selected-element count)."""
-    if fsdp.is_sharded(model):
-        extra = {
-            "step": step,
-            "history": history,
-            "config": asdict(config),
-            "scheduler": sched.state_dict(),
-            "lr": [g["lr"] for g in opt.param_groups],  # the scheduler does not restore it
-            "mask_selected": _mask_selected(opt),
-        }
-        if is_rank0():
-            os.makedirs(output_dir, exist_ok=True)
-        return fsdp.save_sharded_checkpoint(
-            os.path.join(output_dir, CKPT), model, opt, extra, _rng_state()
-        )
-    os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, CKPT)
-    tmp = os.path.join(output_dir, f".{CKPT}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    st_save_model(model, os.path.join(tmp, "model.safetensors"))
-    torch.save(
-        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
-        os.path.join(tmp, "trainer.pt"),
-    )
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "history": history, "config": asdict(config)}, f)
-    old = final + ".old"  # between the two renames only the .old copy exists; resume finds it
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(final):
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _mask_selected(opt) -> int:
-    """Selected elements over every mask set on ``opt``, summed over ranks."""
-    from mmunlearn.kernels import unpack_bits
-
-    n = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            m = opt.state.get(p, {}).get("mask")
-            if m is not None:
-                local = p.to_local() if hasattr(p, "to_local") else p
-                n += int(unpack_bits(m, local.shape, backend="torch").sum())
-    t = torch.tensor([n], dtype=torch.int64)
-    if world_size() > 1:
-        dev = next(iter(opt.param_groups[0]["params"]))
-        dev = (dev.to_local() if hasattr(dev, "to_local") else dev).device
-        t = all_reduce_sum_(t.to(dev)).cpu()
-    return int(t.item())
-
-
-def find_checkpoint(output_dir: str) -> str | None:
-    """The checkpoint to resume from in ``output_dir`` (or its .old twin after a crash
-    between the two renames of :func:`save_checkpoint`), or None."""
-    for name in (CKPT, CKPT + ".old"):
-        path = os.path.join(output_dir, name)
-        if os.path.isfile(os.path.join(path, "state.json")):
-            return path
-    return None
-
-
-def load_checkpoint(path: str, model, opt, sched) -> tuple[int, list]:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns (step, history)."""
-    if fsdp.is_sharded(model):
-        if not fsdp.is_sharded_checkpoint(path):
-            raise ValueError(f"cannot resume from {path}: not a sharded (DCP) checkpoint")
-        meta, rng = fsdp.load_sharded_checkpoint(path, model, opt)
-        selected = _mask_selected(opt)
-        if meta.get("mask_selected") != selected:
-            raise ValueError(
-                f"cannot resume from {path}: the masks now set select {selected} elements, "
-                f"the checkpointed run's {meta.get('mask_selected')} (give the same --mask)"
-            )
-        sched.load_state_dict(meta["scheduler"])
-        for g, lr in zip(opt.param_groups, meta["lr"]):
-            g["lr"] = lr
-        if rng is not None:
-            _set_rng_state(rng)
-        return int(meta["step"]), list(meta["history"])
-    if fsdp.is_sharded_checkpoint(path):
-        raise ValueError(f"{path} is a sharded (DCP) checkpoint: resume it under torchrun")
-    try:
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
-        st_load_model(model, os.path.join(path, "model.safetensors"))
-        blob = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    _set_rng_state(blob["rng"])
-    return int(state["step"]), list(state["history"])
 
 
 def unlearn(
@@ -247,8 +125,6 @@ def unlearn(
     Returns ``{"history": [{"step", "kind", "loss"}...], "steps": n, "resumed_from": k}``.
     Raises :class:`NonFiniteLossError` on a NaN/inf loss (the step is not applied).
     """
-    import copy
-
     cfg = config or UnlearnConfig()
     method = Method(method) if isinstance(method, str) else method
     if method.uses_mask and not masks:
@@ -258,8 +134,8 @@ def unlearn(
     np.random.seed(cfg.seed)
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable()
-    sharded = fsdp.is_sharded(model)
-    fsdp.require_reduced_grads(model, "unlearn")
+    sharded = is_sharded(model)
+    require_reduced_grads(model, "unlearn")
     if method.needs_reference and ref_model is None:
         if sharded:
             raise ValueError(
@@ -309,19 +185,14 @@ def unlearn(
         disable=not cfg.progress,
         dynamic_ncols=True,
     )
-    itok = image_token_id(model)
     try:
         for step in range(start, total):
             kind, idx = plan[step]
             # under torchrun every rank computes its slice of the same global batch
             if kind == "forget":
-                loss = method.forget_loss(
-                    model, shard_batch(forget[idx], image_token_id=itok), ref_model
-                )
+                loss = method.forget_loss(model, local_batch(model, forget[idx]), ref_model)
             else:
-                loss = method.retain_loss(
-                    model, shard_batch(retain[idx], image_token_id=itok), ref_model
-                )
+                loss = method.retain_loss(model, local_batch(model, retain[idx]), ref_model)
             # the global loss (all ranks agree, so a NaN stops every rank at the same step)
             value = _global_value(loss)
             if not np.isfinite(value):

@@ -25,55 +25,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mmunlearn.dist import global_mean, world_size
+from mmunlearn.distributed import global_mean
+from mmunlearn.losses import kl_ref_to_model, mean_ce, sequence_logprob
 
 METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")
-
-
-def _shifted(logits: torch.Tensor, labels: torch.Tensor):
-    """Causal-LM alignment: position t predicts token t+1."""
-    return logits[:, :-1, :].float(), labels[:, 1:]
-
-
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor):
-    """Log-probabilities of the label tokens, shape [B, T-1], and the valid-token mask."""
-    lg, lb = _shifted(logits, labels)
-    valid = lb != -100
-    safe = lb.clamp_min(0)
-    lp = torch.log_softmax(lg, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    return lp * valid, valid
-
-
-def sequence_logprob(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ log p(label tokens) per sample, shape [B]."""
-    lp, _ = token_logprobs(logits, labels)
-    return lp.sum(-1)
-
-
-def per_sample_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over each sample's label tokens, shape [B] (0 for no label token)."""
-    lp, valid = token_logprobs(logits, labels)
-    return -lp.sum(-1) / valid.sum(-1).clamp_min(1)
-
-
-def mean_ce(out, batch) -> torch.Tensor:
-    """Mean token CE of the batch's label tokens; under torchrun the mean is over the *global*
-    batch (label tokens counted on every rank), so gradients do not depend on the world size."""
-    if world_size() == 1:
-        return out.loss
-    lp, valid = token_logprobs(out.logits, batch["labels"])
-    return global_mean(-lp.sum(), valid.sum())
-
-
-def kl_ref_to_model(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor):
-    """KL(p_ref ‖ p_θ) averaged over label-token positions (scalar)."""
-    lg, lb = _shifted(logits, labels)
-    rg, _ = _shifted(ref_logits, labels)
-    valid = lb != -100
-    kl = F.kl_div(
-        torch.log_softmax(lg, -1), torch.log_softmax(rg, -1), log_target=True, reduction="none"
-    ).sum(-1)
-    return global_mean((kl * valid).sum(), valid.sum())
 
 
 @dataclass

@@ -66,7 +66,7 @@ def _rank_main(rank, world, port, worker, out):
         WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
-    from mmunlearn import dist as mdist
+    from mmunlearn import distributed as mdist
 
     assert mdist.init_from_env("gloo")
     try:

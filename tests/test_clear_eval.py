@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmunlearn import eval as ev
 from mmunlearn.data.clear import read_clear, read_clear_name_mcq, read_clear_real
 from mmunlearn.data.schema import Sample
 from mmunlearn.eval import EvalConfig, evaluate_clear, evaluate_clear_set
+from mmunlearn.eval import tasks as ev
 from mmunlearn.models import adapter_for, build_tokenizer, tiny_llava
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (200, 100, 50), (20, 20, 20)]

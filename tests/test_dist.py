@@ -19,17 +19,17 @@ def _inputs():
 
 
 def _worker(rank, world, out):
-    from mmunlearn import dist as mdist
+    from mmunlearn.saliency import topk_threshold
 
     ff, fp = _inputs()
     # each rank holds an uneven row-shard of every tensor, as FSDP2 would
     loc_f = [t.reshape(-1).tensor_split(world)[rank] for t in ff]
     loc_p = [t.reshape(-1).tensor_split(world)[rank] for t in fp]
-    out[rank] = [mdist.topk_threshold(loc_f, loc_p, f, backend="torch") for f in (0.001, 0.1, 0.5)]
+    out[rank] = [topk_threshold(loc_f, loc_p, f, backend="torch") for f in (0.001, 0.1, 0.5)]
     # a rank with no shard at all (more ranks than rows) still joins the three all-reduces
     whole_f = [t.reshape(-1) for t in ff] if rank == 0 else []
     whole_p = [t.reshape(-1) for t in fp] if rank == 0 else []
-    out[f"empty{rank}"] = mdist.topk_threshold(whole_f, whole_p, 0.1, backend="torch")
+    out[f"empty{rank}"] = topk_threshold(whole_f, whole_p, 0.1, backend="torch")
 
 
 def test_distributed_topk_equals_single_process_bit_for_bit():
@@ -60,7 +60,7 @@ def _mixed_batch(family):
 def test_shard_batch_keeps_images_with_their_rows(family, world):
     """Every row lands on exactly one rank with exactly its own images, every rank gets an
     image, and each shard runs through the model (placeholders match the features)."""
-    from mmunlearn.dist import image_token_id, shard_batch
+    from mmunlearn.distributed import image_token_id, shard_batch
 
     model, batch = _mixed_batch(family)
     itok = image_token_id(model)
@@ -77,7 +77,7 @@ def test_shard_batch_keeps_images_with_their_rows(family, world):
 def test_shard_batch_short_batches_replicate_or_refuse():
     """Fewer image rows (or rows) than ranks: by default every rank takes the whole batch (the
     global-count loss then is the plain mean on each rank); ``short="error"`` refuses."""
-    from mmunlearn.dist import image_token_id, shard_batch
+    from mmunlearn.distributed import image_token_id, shard_batch
 
     model, batch = _mixed_batch("llava")
     itok = image_token_id(model)

@@ -1,16 +1,15 @@
-"""``mmunlearn eval`` (mmunlearn.evalcli): a tiny saved model on the synthetic benchmark and on
+"""``mmunlearn eval`` (mmunlearn.cli.evaluate): a tiny saved model on the synthetic benchmark and on
 CLEAR-format files, determinism for a seed, several models, and the errors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
+from mmunlearn.cli import main
 from mmunlearn.data.synthetic import make_benchmark
-from mmunlearn.evalcli import add_eval_parser
 from mmunlearn.models import build_tokenizer, save_model, tiny_llava
 
 PEOPLE = 4  # 1 forget + 3 retain people: a few dozen items per set
@@ -26,16 +25,20 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmunlearn")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    add_eval_parser(sub)
-    return p
-
-
 def _run(argv) -> int:
-    args = _parser().parse_args(argv)
-    return args.fn(args)
+    return main(argv)
+
+
+def _fails(argv, capsys, *names, code: int = 2) -> str:
+    """``argv`` exits with ``code`` and one error line on stderr naming every one of ``names``
+    (other stderr lines are progress bars, e.g. of weight loading), no traceback."""
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("mmunlearn eval: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in names:
+        assert n in lines[0], err
+    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +133,7 @@ def test_eval_options_change_what_is_computed(model_dirs, tmp_path):
     assert "vqa_cloze_acc" in f  # cloze is scored on generations still (MLLMU's fill-in)
 
 
-def test_eval_several_models_labels_and_plot(model_dirs, tmp_path):
+def test_eval_several_models_labels_and_plot(model_dirs, tmp_path, capsys):
     out = tmp_path / "two"
     argv = _argv(model_dirs[0], out, "--model", model_dirs[1], "--no-generation")
     argv += ["--no-letter-mcq", "--label", "A", "--label", "B"]
@@ -138,31 +141,32 @@ def test_eval_several_models_labels_and_plot(model_dirs, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert list(res["methods"]) == ["A", "B"] and res["models"]["B"] == model_dirs[1]
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
-    with pytest.raises(SystemExit, match="--label"):
-        _run(_argv(model_dirs[0], out, "--model", model_dirs[1], "--label", "only-one"))
+    _fails(
+        _argv(model_dirs[0], out, "--model", model_dirs[1], "--label", "only-one"),
+        capsys,
+        "--label",
+    )
 
 
-def test_eval_errors_name_the_path(model_dirs, tmp_path):
+def test_eval_errors_name_the_path(model_dirs, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
-    with pytest.raises(SystemExit, match="no-such-model"):
-        _run(_argv(str(missing), tmp_path / "x"))
+    _fails(_argv(str(missing), tmp_path / "x"), capsys, "no-such-model")
     empty = tmp_path / "empty-model"
     empty.mkdir()
-    with pytest.raises(SystemExit, match="empty-model"):
-        _run(_argv(str(empty), tmp_path / "x"))
+    _fails(_argv(str(empty), tmp_path / "x"), capsys, "empty-model")
     for flag in ("--mllmu", "--clear"):
-        with pytest.raises(SystemExit, match="no-such-data"):
-            _run(["eval", "--model", model_dirs[0], flag, str(tmp_path / "no-such-data")])
+        argv = ["eval", "--model", model_dirs[0], flag, str(tmp_path / "no-such-data")]
+        _fails(argv, capsys, "no-such-data")
     (tmp_path / "mllmu").mkdir()
-    with pytest.raises(SystemExit, match="forget_5"):
-        _run(["eval", "--model", model_dirs[0], "--mllmu", str(tmp_path / "mllmu")])
-    with pytest.raises(SystemExit, match="--tiny"):
-        _run(["eval", "--synthetic"])
+    _fails(
+        ["eval", "--model", model_dirs[0], "--mllmu", str(tmp_path / "mllmu")], capsys, "forget_5"
+    )
+    _fails(["eval", "--synthetic"], capsys, "--tiny")
     with pytest.raises(SystemExit):  # argparse: a data flag is required
         _run(["eval", "--model", model_dirs[0]])
 
 
-def test_eval_clear_files(model_dirs, tmp_path):
+def test_eval_clear_files(model_dirs, tmp_path, capsys):
     from test_clear_eval import write_clear_root
 
     root = write_clear_root(tmp_path / "CLEAR")
@@ -179,12 +183,13 @@ def test_eval_clear_files(model_dirs, tmp_path):
     # a corrupt file: the message names it
     bad = root / "forget05" / "train-00000-of-00001.parquet"
     bad.write_bytes(b"not parquet")
-    with pytest.raises(SystemExit, match="forget05"):
-        _run(argv + ["--out", str(tmp_path / "d")])
+    _fails(argv + ["--out", str(tmp_path / "d")], capsys, "forget05")
 
 
 def test_help_reads_well():
-    text = _parser()._subparsers._group_actions[0].choices["eval"].format_help()
+    from mmunlearn.cli import _build
+
+    text = _build()[1]["eval"].format_help()
     for flag in ("--model", "--tiny", "--synthetic", "--mllmu", "--clear", "--out", "--seed"):
         assert flag in text
     assert "examples:" in text

@@ -101,8 +101,8 @@ def _sharded_llama():
 
 
 def _grad_worker(rank, world, out):
-    from mmunlearn import dist as mdist
-    from mmunlearn.methods import mean_ce
+    from mmunlearn import distributed as mdist
+    from mmunlearn.losses import mean_ce
 
     model = _sharded_llama()
     batch = mdist.shard_batch(_global_batch())
@@ -127,7 +127,7 @@ CASES = [("ga", "forget"), ("npo", "forget"), ("kl_min", "retain")]
 def _method_grads(model, ref, batches, shard):
     """Gradients of every (method, phase) loss over ``batches``: 5 rows (ranks get 3 + 2) and
     1 row (short: every rank takes it whole, ``shard_batch``'s "replicate")."""
-    from mmunlearn import dist as mdist
+    from mmunlearn import distributed as mdist
     from mmunlearn.methods import Method
 
     grads = {}

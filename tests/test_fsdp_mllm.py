@@ -24,8 +24,8 @@ STEPS = 3  # forget batches; MMUnlearner interleaves as many retain steps
 
 
 def _setup():
+    from mmunlearn.data.batching import make_batches
     from mmunlearn.data.synthetic import make_benchmark
-    from mmunlearn.demo import make_batches
     from mmunlearn.models import adapter_for, build_tokenizer, tiny_llava
 
     bench = make_benchmark(n_people=4, forget_ratio=0.25, seed=0, n_train_images=2, n_test_images=1)
@@ -49,7 +49,7 @@ def _setup():
 
 
 def _masks(model, data, fisher_dir=None, fraction=None):
-    from mmunlearn.saliency import build_masks
+    from mmunlearn.masks import build_masks
 
     return build_masks(
         model,
@@ -72,7 +72,7 @@ def _cfg(**kw):
 
 def _local_masks(opt, model):
     """{name: (local param tensor, local bool mask)} of every masked parameter."""
-    from mmunlearn.saliency import canonical_parameters
+    from mmunlearn.params import canonical_parameters
 
     out = {}
     for name, p in canonical_parameters(model).items():
@@ -85,8 +85,10 @@ def _local_masks(opt, model):
 
 def _worker(rank, world, out, tmp):
     from mmunlearn import fsdp
+    from mmunlearn.distributed import is_sharded
     from mmunlearn.loop import unlearn
-    from mmunlearn.saliency import SaliencyMask, canonical_parameters
+    from mmunlearn.params import canonical_parameters
+    from mmunlearn.saliency import SaliencyMask
 
     def sharded():
         model, adapter, data = _setup()
@@ -95,7 +97,7 @@ def _worker(rank, world, out, tmp):
 
     # --- saliency on 2 ranks: files written by rank 0, full-shape masks on every rank
     model, data = sharded()
-    assert fsdp.is_sharded(model)
+    assert is_sharded(model)
     masks = _masks(model, data, fisher_dir=f"{tmp}/fisher2")  # every rank: collective
     topk = _masks(model, data, fraction=FRACTION)
     if rank == 0:
@@ -195,9 +197,10 @@ def _worker(rank, world, out, tmp):
 
 
 def test_two_ranks_match_one_process(tmp_path):
+    from mmunlearn.fisher import load_fisher
     from mmunlearn.kernels import saliency_mask, saliency_threshold_topk
     from mmunlearn.loop import unlearn
-    from mmunlearn.saliency import SaliencyMask, load_fisher
+    from mmunlearn.saliency import SaliencyMask
 
     tmp = str(tmp_path)
     model, adapter, data = _setup()

@@ -9,7 +9,8 @@ import torch
 
 from mmunlearn.kernels import pack_bits
 from mmunlearn.loop import NonFiniteLossError, UnlearnConfig, build_schedule, unlearn
-from mmunlearn.methods import METHODS, Method, per_sample_ce, sequence_logprob
+from mmunlearn.losses import per_sample_ce, sequence_logprob
+from mmunlearn.methods import METHODS, Method
 
 from helpers import tiny_llama
 
@@ -196,13 +197,12 @@ def test_unsharded_model_under_torchrun_is_refused(monkeypatch):
     """Under torchrun each rank computes only its rows of a batch: a model whose gradients are
     not reduced across ranks (neither FSDP2 nor DDP) would train on a different gradient per
     rank, so unlearn and the Fisher pass refuse it."""
-    import mmunlearn.dist as mdist
-    from mmunlearn.saliency import collect_fisher
+    import mmunlearn.distributed as mdist
+    from mmunlearn.fisher import collect_fisher
 
     monkeypatch.setattr(mdist, "world_size", lambda: 2)
     model = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="reduced across ranks"):
         unlearn(model, "ga", [{"x": torch.zeros(1, 3)}], [], config=UnlearnConfig(progress=False))
-    monkeypatch.setattr("mmunlearn.saliency.world_size", lambda: 2)
     with pytest.raises(ValueError, match="reduced across ranks"):
         collect_fisher(model, [{"input_ids": torch.zeros(1, 3, dtype=torch.long)}], progress=False)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mmunlearn import metrics as M
+from mmunlearn.eval import metrics as M
 
 TOL = 1e-9
 PRED = "the cat sat on the mat"

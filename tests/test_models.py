@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mmunlearn.data.schema import Sample
-from mmunlearn.methods import per_sample_ce, sequence_logprob
+from mmunlearn.losses import per_sample_ce, sequence_logprob
 from mmunlearn.models import (
     IGNORE_INDEX,
     IMAGE_TOKEN,

@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 
+from mmunlearn.data.batching import make_batches
 from mmunlearn.data.synthetic import make_benchmark
-from mmunlearn.demo import make_batches
 from mmunlearn.loop import UnlearnConfig, unlearn
+from mmunlearn.masks import build_masks
 from mmunlearn.methods import METHODS
 from mmunlearn.models import adapter_for, build_tokenizer, tiny_llava, tiny_qwen2vl
-from mmunlearn.saliency import build_masks
 
 FAMILIES = {"llava": tiny_llava, "qwen2vl": tiny_qwen2vl}
 

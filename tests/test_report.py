@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from mmunlearn.report import markdown_table, write_report
+from mmunlearn.eval.report import markdown_table, write_report
 
 RES = {
     "methods": {

@@ -8,16 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from mmunlearn.saliency import (
-    SaliencyMask,
-    build_masks,
-    canonical_name,
-    collect_fisher,
-    load_fisher,
-    masks_from_fishers,
-    module_groups,
-    save_fisher,
-)
+from mmunlearn.fisher import collect_fisher, load_fisher, save_fisher
+from mmunlearn.masks import build_masks, masks_from_fishers
+from mmunlearn.params import canonical_name, module_groups
+from mmunlearn.saliency import SaliencyMask
 
 IMAGE_TOKEN = 3
 VOCAB = 128
@@ -579,7 +573,7 @@ def test_build_masks_llava(llava, tmp_path, caplog):
     forget = [llava_batch(), llava_batch()]
     v_pres = [llava_batch()]
     l_pres = [llava_batch(image=False), llava_batch()]
-    with caplog.at_level("INFO", logger="mmunlearn.saliency"):
+    with caplog.at_level("INFO", logger="mmunlearn.masks"):
         masks = build_masks(
             llava,
             forget,

@@ -1,16 +1,15 @@
-"""``mmunlearn sweep`` (mmunlearn.sweep) in a tiny configuration: files and keys, a cell equals
-the demo run with the same settings, the CLI entry point."""
+"""The research sweep (experiments/sweep.py) in a tiny configuration: files and keys, a cell
+equals the demo run with the same settings, the script's command line."""
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
+from experiments.sweep import METRICS, SweepConfig, main, run_sweep
 from mmunlearn.demo import DemoConfig, run_demo
-from mmunlearn.sweep import METRICS, SweepConfig, add_sweep_parser, run_sweep
 
 TINY = dict(
     n_people=4,
@@ -79,22 +78,18 @@ def test_tiny_sweep_files_keys_and_demo_parity(tmp_path):
 
 
 def test_sweep_cli(tmp_path):
-    p = argparse.ArgumentParser()
-    sub = p.add_subparsers(dest="cmd", required=True)
-    add_sweep_parser(sub)
-    argv = ["sweep", "--fast", "--seeds", "0", "--lrs", "1e-3", "--steps", "1", "--threads", "0"]
+    argv = ["--fast", "--seeds", "0", "--lrs", "1e-3", "--steps", "1", "--threads", "0"]
     extra = ["--methods", "ga", "--vanilla-steps", "3", "--no-probe", "--out", str(tmp_path)]
-    args = p.parse_args(argv + extra)
-    assert args.fn(args) == 0
+    assert main(argv + extra) == 0
     data = json.loads((tmp_path / "grid.json").read_text())
     assert data["rows"][0]["method"] == "ga" and "mask_probe" not in data
     with pytest.raises(SystemExit):
-        p.parse_args(argv + ["--methods", "bogus"])
+        main(argv + ["--methods", "bogus"])
 
 
 def test_cheap_constants_match_their_sources():
-    """sweep.py keeps torch out of its import (the CLI parser); its copies must agree."""
-    from mmunlearn import sweep
+    """sweep.py keeps torch out of its import (--help); its copies must agree."""
+    from experiments import sweep
     from mmunlearn.methods import METHODS
 
     assert sweep.METHODS == METHODS

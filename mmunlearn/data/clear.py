@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from mmunlearn.data.mllmu import DataFormatError, decode_image, iter_rows, parse_json
+from mmunlearn.data.parquet import DataFormatError, decode_image, iter_rows, parse_json
 from mmunlearn.data.schema import Sample
 
 __all__ = [

@@ -6,11 +6,14 @@ MMUnlearner saliency mask ``(F_f + eps)/(F_p + eps) >= gamma`` with ``saliency_m
 masked gradient-ascent steps on the forget class with ``MaskedAdamW`` interleaved with ordinary
 descent on retained data, and report accuracy, mask coverage and the untouched-weights check.
 The multimodal pipeline (tiny LLaVA, synthetic people) is ``mmunlearn demo``.
+
+This is the fused optimizer imported into someone's own training code::
+
+    python examples/masked_mlp.py [--device cuda] [--seed 0] [--out results.json]
 """
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
@@ -137,5 +140,23 @@ def run(device="cpu", seed=0, gamma=1.0, steps=60, lr=1e-2, verbose=True) -> dic
     return res
 
 
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--out", help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    res = run(device=args.device, seed=args.seed, gamma=args.gamma)
+    if args.out:
+        from mmunlearn.io import atomic_write_json
+
+        atomic_write_json(args.out, res)
+        print(f"wrote {args.out}")
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(run(verbose=False), indent=1))
+    raise SystemExit(main())

@@ -1,9 +1,9 @@
-"""Model adapters for multimodal LLMs (LLaVA, Qwen2-VL / Qwen2.5-VL), tiny models and tokenizers.
+"""Model adapters for multimodal LLMs (LLaVA, Qwen2-VL / Qwen2.5-VL).
 
 An adapter knows, for one model family:
 
-- its module groups: the vision side (LLaVA ``vision_tower`` + ``multi_modal_projector``,
-  Qwen ``visual``) and the language side (everything else, ``lm_head`` included);
+- its module groups (:func:`mmunlearn.params.module_groups`: the vision side, LLaVA
+  ``vision_tower`` + ``multi_modal_projector`` / Qwen ``visual``, and the language side);
 - its transformer block classes (vision encoder layer, decoder layer), for FSDP wrapping;
 - its prompt template, with the right number of image placeholder tokens per image;
 - how to turn :class:`~mmunlearn.data.schema.Sample` lists into a padded batch
@@ -11,118 +11,22 @@ An adapter knows, for one model family:
   the prompt and the padding with ``ans_only``) and the image inputs of the samples that have
   an image, in batch order.
 
-Images are preprocessed here with PIL + numpy (square resize, CLIP mean/std), so no processor
-download is ever needed. The tiny models (:func:`tiny_llava`, :func:`tiny_qwen2vl`) and the
-locally trained tokenizer (:func:`build_tokenizer`) serve the tests and the demo.
+Images are preprocessed here with PIL + numpy (square resize, CLIP mean/std).
 """
 
 from __future__ import annotations
-
-import os
-import shutil
-import uuid
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from mmunlearn.data.schema import Sample
-
-PAD_TOKEN = "<pad>"
-BOS_TOKEN = "<s>"
-EOS_TOKEN = "</s>"
-UNK_TOKEN = "<unk>"
-IMAGE_TOKEN = "<image>"
-SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN)
+from mmunlearn.models.tokenizer import IGNORE_INDEX, token_id
+from mmunlearn.params import module_groups, vision_components
 
 # OpenAI CLIP normalisation (used by the LLaVA-1.5 and the Qwen2-VL image processors).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-# Words of the prompt templates, always put into the vocabulary of a locally built tokenizer.
-TEMPLATE_TEXT = "USER: ASSISTANT: system user assistant"
-
-IGNORE_INDEX = -100
-
-
-# --------------------------------------------------------------------------------------------
-# Tokenizer
-# --------------------------------------------------------------------------------------------
-
-
-def build_tokenizer(
-    texts: list[str], vocab_size: int = 4096, kind: str = "word", min_frequency: int = 1
-):
-    """Train a small tokenizer on ``texts`` with the ``tokenizers`` library (no download).
-
-    ``kind="word"``: one token per lowercased word / punctuation mark (words beyond
-    ``vocab_size`` become ``<unk>``); ``kind="bpe"``: byte-pair merges on the same pre-tokens.
-    Normalisation: NFKC, lowercase, whitespace runs collapsed, stripped. Pre-tokenization:
-    whitespace (``Metaspace``: a word carries its leading space as ``▁``) then punctuation, so
-    ``decode`` restores the normalised text exactly. Special tokens: ``<pad>`` (id 0), ``<s>``,
-    ``</s>``, ``<unk>``, ``<image>`` (``tokenizer.image_token``); the template words of the
-    adapters are always in the vocabulary.
-
-    Returns a ``transformers.PreTrainedTokenizerFast`` (saveable with ``save_pretrained``,
-    reloadable with ``AutoTokenizer.from_pretrained``), right padding.
-    """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = list(SPECIAL_TOKENS)
-    if kind == "word":
-        tk = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
-        trainer = trainers.WordLevelTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials
-        )
-    elif kind == "bpe":
-        tk = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=specials
-        )
-    else:
-        raise ValueError(f"kind must be 'word' or 'bpe', got {kind!r}")
-    tk.normalizer = normalizers.Sequence(
-        [
-            normalizers.NFKC(),
-            normalizers.Lowercase(),
-            normalizers.Replace(Regex(r"\s+"), " "),
-            normalizers.Strip(),
-        ]
-    )
-    tk.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
-            pre_tokenizers.Punctuation(),
-        ]
-    )
-    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    tk.train_from_iterator([TEMPLATE_TEXT, *texts], trainer)
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        pad_token=PAD_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        unk_token=UNK_TOKEN,
-        image_token=IMAGE_TOKEN,
-        padding_side="right",
-    )
-    return tok
-
-
-def _token_id(tokenizer, token: str) -> int | None:
-    """Id of ``token`` if the tokenizer has it as a single token, else None."""
-    tid = tokenizer.convert_tokens_to_ids(token)
-    if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
-        return None
-    return int(tid)
-
-
-# --------------------------------------------------------------------------------------------
-# Images
-# --------------------------------------------------------------------------------------------
 
 
 def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
@@ -140,11 +44,6 @@ def preprocess_image(image: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
-# --------------------------------------------------------------------------------------------
-# Adapters
-# --------------------------------------------------------------------------------------------
-
-
 def _unwrap_config(model_or_config):
     return getattr(model_or_config, "config", model_or_config)
 
@@ -159,7 +58,6 @@ class ModelAdapter:
     """
 
     family = "base"
-    vision_attrs: tuple[str, ...] = ()
 
     def __init__(self, model, tokenizer=None, image_size: int | None = None):
         self.model = model
@@ -176,6 +74,11 @@ class ModelAdapter:
         if self.model is None:
             raise ValueError(f"{type(self).__name__} was unpickled without its model")
         return self.model
+
+    @property
+    def vision_attrs(self) -> tuple[str, ...]:
+        """Module names of the vision side (:func:`mmunlearn.params.vision_components`)."""
+        return vision_components(self.family)
 
     def vision_module_names(self) -> list[str]:
         """Dotted names (as in ``model.named_modules()``) of the vision-side modules; the
@@ -194,15 +97,9 @@ class ModelAdapter:
         return [found[a] for a in self.vision_attrs]
 
     def param_groups(self) -> dict[str, list[str]]:
-        """Parameter names by group, grouped by module (not by substring).
-
-        Returns ``{"vision": [...], "language": [...]}``; language = every parameter outside
-        the vision modules (language model, ``lm_head``)."""
-        prefixes = tuple(n + "." for n in self.vision_module_names())
-        groups: dict[str, list[str]] = {"vision": [], "language": []}
-        for name, _ in self._model().named_parameters():
-            groups["vision" if name.startswith(prefixes) else "language"].append(name)
-        return groups
+        """Trainable parameter names by group: :func:`mmunlearn.params.module_groups` of the
+        model (``{"vision": [...], "language": [...]}``; language includes ``lm_head``)."""
+        return module_groups(self._model())
 
     def block_classes(self) -> tuple[type, ...]:
         """The repeated transformer block classes: (vision encoder layer, decoder layer)."""
@@ -241,6 +138,19 @@ class ModelAdapter:
         if with_answer:
             text += " " + sample.answer + self.answer_end
         return text
+
+    def template(self) -> dict:
+        """The prompt template, for the protocol record: ``{"family", "vqa", "qa"}``
+        (``{question}`` / ``{answer}`` placeholders; the image placeholder run shown once with
+        its count, e.g. ``<image>×17``)."""
+        img_tok = self._tok().convert_ids_to_tokens(self.image_token_id)
+        n = self.num_image_tokens()
+        with_img = self.format(Sample("{question}", "{answer}", image=Image.new("RGB", (1, 1))))
+        return {
+            "family": self.family,
+            "vqa": with_img.replace(img_tok * n, f"{img_tok}×{n}"),
+            "qa": self.format(Sample("{question}", "{answer}", image=None)),
+        }
 
     def encode(self, sample: Sample, with_answer: bool = True, ans_only: bool = True):
         """Token ids and labels of one sample.
@@ -329,7 +239,6 @@ class LlavaAdapter(ModelAdapter):
     """
 
     family = "llava"
-    vision_attrs = ("vision_tower", "multi_modal_projector")
 
     def default_image_size(self) -> int:
         return int(self.config.vision_config.image_size)
@@ -378,7 +287,6 @@ class Qwen2VLAdapter(ModelAdapter):
     """
 
     family = "qwen2vl"
-    vision_attrs = ("visual",)
 
     def __init__(self, model, tokenizer=None, image_size: int | None = None):
         super().__init__(model, tokenizer, image_size)
@@ -404,7 +312,7 @@ class Qwen2VLAdapter(ModelAdapter):
     @property
     def chat(self) -> bool:
         """True when the tokenizer has the Qwen chat tokens."""
-        return _token_id(self._tok(), "<|im_start|>") is not None
+        return token_id(self._tok(), "<|im_start|>") is not None
 
     @property
     def answer_end(self) -> str:
@@ -502,269 +410,13 @@ def adapter_for(model, tokenizer=None, image_size: int | None = None) -> ModelAd
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Tiny models
-# --------------------------------------------------------------------------------------------
-
-
-def _special_ids(tokenizer) -> dict[str, int | None]:
-    image_id = _token_id(tokenizer, getattr(tokenizer, "image_token", None) or IMAGE_TOKEN)
-    if image_id is None:
-        raise ValueError(f"the tokenizer has no image token {IMAGE_TOKEN!r}")
-    return {
-        "image": image_id,
-        "pad": tokenizer.pad_token_id,
-        "bos": tokenizer.bos_token_id,
-        "eos": tokenizer.eos_token_id,
-        "unk": tokenizer.unk_token_id,
-    }
-
-
-def _seeded_build(cls, config, seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = cls(config)
-    model.eval()
-    gc = model.generation_config
-    gc.pad_token_id = config.text_config.pad_token_id
-    gc.bos_token_id = config.text_config.bos_token_id
-    gc.eos_token_id = config.text_config.eos_token_id
-    return model
-
-
-def tiny_llava(
-    tokenizer,
-    seed: int = 0,
-    image_size: int = 32,
-    patch_size: int = 8,
-    vision_hidden: int = 32,
-    vision_layers: int = 2,
-    vision_heads: int = 2,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    intermediate: int = 128,
-    vision_feature_layer: int = -1,
-):
-    """A tiny, randomly initialised LLaVA (CLIP vision tower + Llama), deterministic in ``seed``.
-
-    ``vision_feature_select_strategy="full"`` ((image_size/patch)² + 1 image tokens);
-    ``vision_feature_layer=-1`` so every vision layer is used (LLaVA-1.5 uses -2, which leaves
-    the last CLIP layer without gradient). Vocabulary = ``len(tokenizer)``; image / pad / bos /
-    eos ids from the tokenizer. Returns a ``LlavaForConditionalGeneration`` in eval mode (about
-    170 k parameters at the defaults with a ~500-word vocabulary).
-    """
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
-
-    ids = _special_ids(tokenizer)
-    vision = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=vision_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        projection_dim=vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=512,
-        pad_token_id=ids["pad"],
-        bos_token_id=ids["bos"],
-        eos_token_id=ids["eos"],
-    )
-    n_img = (image_size // patch_size) ** 2 + 1
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=ids["image"],
-        image_seq_length=n_img,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=vision_feature_layer,
-    )
-    config.pad_token_id = ids["pad"]
-    return _seeded_build(LlavaForConditionalGeneration, config, seed)
-
-
-def tiny_qwen2vl(
-    tokenizer,
-    seed: int = 0,
-    image_size: int = 32,
-    patch_size: int = 8,
-    merge_size: int = 2,
-    vision_dim: int = 32,
-    vision_layers: int = 2,
-    vision_heads: int = 2,
-    hidden: int = 64,
-    layers: int = 2,
-    heads: int = 4,
-    kv_heads: int = 2,
-    intermediate: int = 128,
-):
-    """A tiny, randomly initialised Qwen2-VL, deterministic in ``seed``.
-
-    Vision: ``depth`` ``vision_layers``, ``embed_dim`` ``vision_dim``, patch ``patch_size``,
-    spatial merge ``merge_size``, temporal patch 2; ``vision_config.image_size`` is recorded
-    (not a Qwen field) so the adapter resizes images to it ((image_size/patch)²/merge² image
-    tokens: 4 at the defaults). Text: M-RoPE sections summing to head_dim / 2.
-    ``video_token_id`` / ``vision_start`` / ``vision_end`` point at ``<unk>`` (unused).
-    Returns a ``Qwen2VLForConditionalGeneration`` in eval mode.
-    """
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    ids = _special_ids(tokenizer)
-    if image_size % (patch_size * merge_size):
-        raise ValueError("image_size must be a multiple of patch_size * merge_size")
-    half = hidden // heads // 2
-    h = (half - half // 4) // 2  # Qwen2-VL-7B: head_dim 128 -> [16, 24, 24]
-    section = [half - 2 * h, h, h]
-    text = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": hidden,
-        "intermediate_size": intermediate,
-        "num_hidden_layers": layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads,
-        "max_position_embeddings": 512,
-        "max_window_layers": layers,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": section,
-        },
-        "pad_token_id": ids["pad"],
-        "bos_token_id": ids["bos"],
-        "eos_token_id": ids["eos"],
-    }
-    vision = {
-        "depth": vision_layers,
-        "embed_dim": vision_dim,
-        "hidden_size": hidden,
-        "mlp_ratio": 2,
-        "num_heads": vision_heads,
-        "patch_size": patch_size,
-        "spatial_merge_size": merge_size,
-        "temporal_patch_size": 2,
-    }
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["image"],
-        video_token_id=ids["unk"],
-        vision_start_token_id=ids["unk"],
-        vision_end_token_id=ids["unk"],
-    )
-    config.vision_config.image_size = image_size
-    config.pad_token_id = ids["pad"]
-    return _seeded_build(Qwen2VLForConditionalGeneration, config, seed)
-
-
-# --------------------------------------------------------------------------------------------
-# Save / load
-# --------------------------------------------------------------------------------------------
-
-
-def save_model(model, tokenizer, directory, state_dict: dict | None = None) -> Path:
-    """``save_pretrained`` of model (safetensors) and tokenizer into ``directory``, atomically:
-    written to a temporary sibling, then renamed into place (an existing directory is replaced).
-    ``state_dict``: full tensors to write instead of the model's own (an FSDP2-sharded model:
-    :func:`mmunlearn.fsdp.full_state_dict`); ``config.architectures`` names the real class,
-    not FSDP2's ``FSDP<Class>`` wrapper, so the directory loads like any other.
-
-    Returns the directory's ``Path``."""
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        cls = type(model)
-        fsdp_cls = cls.__name__.startswith("FSDP") and len(cls.__bases__) > 1
-        if fsdp_cls:
-            # FSDP2 made the class FSDP<Class>(FSDPModule, <Class>); transformers picks the
-            # architecture name and the key conversions by class, so save as <Class>
-            model.__class__ = cls.__bases__[-1]
-        try:
-            model.save_pretrained(tmp, state_dict=state_dict)
-        finally:
-            model.__class__ = cls
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        old = None
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def load_model(path_or_dir, dtype: torch.dtype | str | None = None, device: Any = None):
-    """Load a model and its tokenizer from a local directory (never the hub).
-
-    The model through ``AutoModelForImageTextToText``, falling back to the exact class named in
-    ``config.architectures``; ``dtype`` (e.g. ``torch.bfloat16``) is passed on if given.
-    Returns ``(model, tokenizer)``, the model in eval mode (on ``device`` if given)."""
-    import transformers
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
-
-    path = Path(path_or_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"not a model directory: {path}")
-    kw: dict[str, Any] = {"local_files_only": True}
-    if dtype is not None:
-        kw["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kw)
-    except (ValueError, KeyError):
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-        archs = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        if cls is None:
-            raise
-        model = cls.from_pretrained(path, **kw)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError):
-        from transformers import PreTrainedTokenizerFast
-
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
-    if device is not None:
-        model = model.to(device)
-    model.eval()
-    return model, tokenizer
-
-
-# --------------------------------------------------------------------------------------------
-# Scores
-# --------------------------------------------------------------------------------------------
-
-
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
-    "IGNORE_INDEX",
-    "IMAGE_TOKEN",
+    "SUPPORTED",
     "LlavaAdapter",
     "ModelAdapter",
     "Qwen2VLAdapter",
     "adapter_for",
-    "build_tokenizer",
-    "load_model",
     "preprocess_image",
-    "save_model",
-    "tiny_llava",
-    "tiny_qwen2vl",
 ]

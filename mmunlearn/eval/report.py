@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+from mmunlearn.io import atomic_write, atomic_write_text
+
 COLUMNS = [  # (header, set, metric, better)
     ("Forget VQA ↓", "forget", "vqa_mcq_acc", "low"),
     ("Forget QA ↑", "forget", "qa_mcq_acc", "high"),
@@ -80,13 +82,6 @@ CLEAR_AXES = {
         ("retain", "caption_rougeL", "retain caption ROUGE-L ↑"),
     ],
 }
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _cell(v) -> str:
@@ -171,10 +166,10 @@ def tradeoff_plot(results: dict, path: str, axes: dict | None = None) -> bool:
     else:
         fig.suptitle("Unlearning trade-off: best is top-left")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -201,7 +196,7 @@ def write_report(
         "md": os.path.join(out_dir, "report.md"),
         "png": os.path.join(out_dir, "tradeoff.png"),
     }
-    _atomic_write(paths["json"], json.dumps(results, indent=1, default=str))
+    atomic_write_text(paths["json"], json.dumps(results, indent=1, default=str))
     cfg = results.get("config", {})
     md = [f"# {title}", "", markdown_table(results, columns), ""]
     for title_x, cols_x in extra_tables or ():
@@ -223,5 +218,5 @@ def write_report(
         md += ["![trade-off](tradeoff.png)", ""]
     else:
         paths.pop("png")
-    _atomic_write(paths["md"], "\n".join(md))
+    atomic_write_text(paths["md"], "\n".join(md))
     return paths

@@ -3,22 +3,8 @@
 Models: ``--model DIR`` (repeatable; a ``save_pretrained`` directory with its tokenizer, as
 written by ``mmunlearn unlearn`` / ``demo``), labelled by the directory name or ``--label``; or
 ``--tiny``, the demo's tiny LLaVA freshly built (optionally fine-tuned ``--vanilla-steps`` on the
-synthetic benchmark first). Data: ``--synthetic`` (the built-in benchmark, ``--people``,
-``--seed``), ``--mllmu DIR`` or ``--clear DIR`` (dataset roots; the readers of
-:mod:`mmunlearn.data`).
-
-Sets evaluated:
-
-- synthetic: ``forget``, ``forget_test``, ``forget_link``, ``retain``, ``retain_test``,
-  ``retain_link`` (:meth:`SyntheticBenchmark.eval_sets`: MCQ, cloze, generation);
-- MLLMU-Bench (``--split R``): ``forget`` = ``forget_R``, ``forget_test`` = ``Test_Set`` rows of
-  the forget profiles (by ``ID``), ``retain`` = ``retain_{100-R}``, ``retain_celebrity`` =
-  ``Retain_Set`` (each MCQ + cloze + generation; a missing split other than ``forget_R`` is
-  skipped with a note);
-- CLEAR (``--split R``, e.g. 5 → ``forget05``): ``forget`` / ``retain`` = name MCQ of
-  ``forgetRR_perturbed`` / ``retain_perturbed`` (face recognition) + captions of ``forgetRR`` /
-  ``retain{100-R}``; ``real_faces``, ``real_world`` MCQs (keys of
-  :func:`mmunlearn.eval.evaluate_clear`).
+synthetic benchmark first). Data: ``--synthetic``, ``--mllmu DIR`` or ``--clear DIR``; the sets
+evaluated are those of :mod:`mmunlearn.data.eval_sets`.
 
 Writes ``results.json`` (``{"methods": {label: {set: metrics}}, "_protocol": {seed, shots,
 template, ...}, "models", "config"}``), ``report.md`` and, for several models,
@@ -31,10 +17,10 @@ import argparse
 import os
 from pathlib import Path
 
-DATA_FLAGS = ("synthetic", "mllmu", "clear")
+from mmunlearn.cli.common import UsageError
 
 
-def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+def register(subparsers) -> argparse.ArgumentParser:
     """Register ``eval`` on an ``add_subparsers()`` object; returns the sub-parser."""
     e = subparsers.add_parser(
         "eval",
@@ -124,104 +110,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     e.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
-    e.set_defaults(fn=cmd_eval)
+    e.set_defaults(fn=run)
     return e
-
-
-# ---------------------------------------------------------------------------------------------
-# data
-# ---------------------------------------------------------------------------------------------
-
-
-def _dir(path: str, flag: str) -> Path:
-    p = Path(path)
-    if not p.is_dir():
-        raise SystemExit(f"{flag} {path}: no such directory")
-    return p
-
-
-def _read(fn, path, *args, **kw):
-    """``fn(path, ...)``; an unreadable file (not parquet, truncated, ...) becomes a
-    ``SystemExit`` naming ``path``. :class:`~mmunlearn.data.mllmu.DataFormatError` (which
-    already names file, row and column) passes through."""
-    from mmunlearn.data.mllmu import DataFormatError
-
-    try:
-        return fn(path, *args, **kw)
-    except DataFormatError:
-        raise
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"eval: cannot read {path} ({type(e).__name__}: {e})") from e
-
-
-def _limit(items, n):
-    return list(items) if n is None else list(items)[:n]
-
-
-def mllmu_sets(root, split: int = 5, seed: int = 0, limit: int | None = None) -> dict:
-    """Evaluation sets of an MLLMU-Bench root (see the module docstring); raises
-    ``SystemExit`` naming the folder when ``forget_{split}`` is absent."""
-    from mmunlearn.data.mllmu import read_mllmu_eval
-
-    root = _dir(str(root), "--mllmu")
-    forget_dir = root / f"forget_{split}"
-    if not forget_dir.is_dir():
-        raise SystemExit(f"--mllmu {root}: no forget split folder {forget_dir}")
-    kw = {"image_choice": "random", "seed": seed}
-    sets = {"forget": _read(read_mllmu_eval, forget_dir, **kw)}
-    forget_ids = {s.meta.get("id") for v in sets["forget"].values() for s in v} - {None}
-    for name, folder in (
-        ("forget_test", "Test_Set"),
-        ("retain", f"retain_{100 - split}"),
-        ("retain_celebrity", "Retain_Set"),
-    ):
-        if not (root / folder).is_dir():
-            print(f"eval: {root / folder} not found; set {name!r} skipped")
-            continue
-        s = _read(read_mllmu_eval, root / folder, **kw)
-        if name == "forget_test" and forget_ids:
-            s = {k: [x for x in v if x.meta.get("id") in forget_ids] for k, v in s.items()}
-        sets[name] = s
-    return {n: {k: _limit(v, limit) for k, v in s.items()} for n, s in sets.items()}
-
-
-def clear_sets(root, split: int = 5, seed: int = 0, limit: int | None = None) -> dict:
-    """Evaluation sets of a CLEAR root for :func:`mmunlearn.eval.evaluate_clear` (see the
-    module docstring); raises ``SystemExit`` naming the folder when neither ``forgetRR`` nor
-    ``forgetRR_perturbed`` exists."""
-    from mmunlearn.data.clear import read_clear, read_clear_name_mcq, read_clear_real
-
-    root = _dir(str(root), "--clear")
-    f, r = f"forget{split:02d}", f"retain{100 - split:02d}"
-    if not (root / f).is_dir() and not (root / f"{f}_perturbed").is_dir():
-        raise SystemExit(f"--clear {root}: neither {root / f} nor {root / (f + '_perturbed')}")
-    sets: dict = {}
-    for name, caps, faces in (("forget", f, f"{f}_perturbed"), ("retain", r, "retain_perturbed")):
-        s = {}
-        if (root / faces).is_dir():
-            s["faces"] = _read(read_clear_name_mcq, root / faces, seed=seed)
-        if (root / caps).is_dir():
-            s["captions"] = _read(read_clear, root / caps, "caption", seed=seed, include_text=False)
-        if s:
-            sets[name] = s
-        else:
-            print(f"eval: neither {root / caps} nor {root / faces} found; set {name!r} skipped")
-    for name in ("real_faces", "real_world"):
-        if (root / name).is_dir():
-            sets[name] = {"mcq": _read(read_clear_real, root / name, seed=seed)}
-    return {n: {k: _limit(v, limit) for k, v in s.items()} for n, s in sets.items()}
-
-
-# ---------------------------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------------------------
 
 
 def _labels(args) -> list[str]:
     if args.tiny:
         return args.label[:1] or ["tiny"]
     if args.label and len(args.label) != len(args.model):
-        raise SystemExit(f"{len(args.label)} --label for {len(args.model)} --model; give one each")
+        raise UsageError(f"{len(args.label)} --label for {len(args.model)} --model; give one each")
     labels = args.label or [Path(m).resolve().name or m for m in args.model]
     seen: dict[str, int] = {}
     out = []
@@ -235,50 +132,27 @@ def _load(path: str, dev):
     from mmunlearn.models import adapter_for, load_model
 
     if not Path(path).is_dir():
-        raise SystemExit(f"--model {path}: no such directory")
+        raise UsageError(f"--model {path}: no such directory")
     try:
         model, tok = load_model(path, device=dev)
         adapter = adapter_for(model, tok)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"--model {path}: cannot load it ({type(e).__name__}: {e})") from e
+        raise UsageError(f"--model {path}: cannot load it ({type(e).__name__}: {e})") from e
     return model, tok, adapter
 
 
-def template(adapter) -> dict:
-    """The prompt template of an adapter, for the protocol record: ``{"family", "vqa", "qa"}``
-    (``{question}`` / ``{answer}`` placeholders; the image placeholder run shown once with its
-    count, e.g. ``<image>×17``)."""
-    from PIL import Image
-
-    from mmunlearn.data.schema import Sample
-
-    tok = adapter.tokenizer
-    img_tok = tok.convert_ids_to_tokens(adapter.image_token_id)
-    n = adapter.num_image_tokens()
-    with_img = adapter.format(Sample("{question}", "{answer}", image=Image.new("RGB", (1, 1))))
-    return {
-        "family": adapter.family,
-        "vqa": with_img.replace(img_tok * n, f"{img_tok}×{n}"),
-        "qa": adapter.format(Sample("{question}", "{answer}", image=None)),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# command
-# ---------------------------------------------------------------------------------------------
-
-
-def cmd_eval(args) -> int:
+def run(args) -> int:
     """Run ``mmunlearn eval`` from parsed arguments; returns the exit status (raises
-    ``SystemExit`` with a message naming the bad path for unusable models or data)."""
+    :class:`UsageError` naming the bad path for unusable models or data)."""
     import torch
 
-    from mmunlearn.data.mllmu import DataFormatError
+    from mmunlearn.data.eval_sets import clear_sets, mllmu_sets, synthetic_eval_sets
+    from mmunlearn.data.parquet import DataFormatError
     from mmunlearn.eval import EvalConfig, evaluate, evaluate_clear
-    from mmunlearn.report import CLEAR_COLUMNS, EVAL_COLUMNS, write_report
+    from mmunlearn.eval.report import CLEAR_COLUMNS, EVAL_COLUMNS, markdown_table, write_report
 
     if bool(args.tiny) == bool(args.model):
-        raise SystemExit("give --model DIR (one or more) or --tiny")
+        raise UsageError("give --model DIR (one or more) or --tiny")
     labels = _labels(args)
     dev = torch.device(args.device)
     cfg = EvalConfig(
@@ -297,10 +171,7 @@ def cmd_eval(args) -> int:
             bench = make_benchmark(n_people=args.people, seed=args.seed)
         if args.synthetic:
             benchmark, data = "synthetic", None
-            sets = {
-                n: {k: _limit(v, args.limit) for k, v in s.items()}
-                for n, s in bench.eval_sets().items()
-            }
+            sets = synthetic_eval_sets(bench, args.limit)
         elif args.mllmu:
             benchmark, data = "MLLMU-Bench", args.mllmu
             sets = mllmu_sets(args.mllmu, args.split, args.seed, args.limit)
@@ -308,14 +179,15 @@ def cmd_eval(args) -> int:
             benchmark, data = "CLEAR", args.clear
             sets = clear_sets(args.clear, args.split, args.seed, args.limit)
     except (DataFormatError, FileNotFoundError) as e:
-        raise SystemExit(f"eval: cannot read the data: {e}") from e
+        raise UsageError(f"cannot read the data: {e}") from e
     run = evaluate_clear if benchmark == "CLEAR" else evaluate
 
     results: dict = {"methods": {}, "models": {}}
     templates = {}
     for i, label in enumerate(labels):
         if args.tiny:
-            from mmunlearn.demo import DemoConfig, build_tiny, finetune
+            from mmunlearn.demo import DemoConfig, build_tiny
+            from mmunlearn.train import finetune
 
             torch.manual_seed(args.seed)
             model, tok, adapter = build_tiny(bench, DemoConfig(seed=args.seed), dev)
@@ -328,7 +200,7 @@ def cmd_eval(args) -> int:
         res = run(model, adapter.collate, tok, sets, cfg)
         protocol = res.pop("_protocol")
         results["methods"][label] = res
-        templates[label] = template(adapter)
+        templates[label] = adapter.template()
         print(f"eval: {label} done")
         del model
     results["_protocol"] = {
@@ -350,8 +222,6 @@ def cmd_eval(args) -> int:
         plot=len(labels) > 1,
         details=True,
     )
-    from mmunlearn.report import markdown_table
-
     print(markdown_table(results, columns))
     print("wrote " + ", ".join(paths.values()))
     return 0

@@ -23,8 +23,10 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm.auto import tqdm
 
+from mmunlearn.data.batching import to_device
 from mmunlearn.data.schema import Sample
-from mmunlearn.methods import per_sample_ce, sequence_logprob
+from mmunlearn.eval import metrics
+from mmunlearn.losses import per_sample_ce, sequence_logprob
 
 LETTERS = "ABCDEFGH"
 
@@ -49,10 +51,6 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
 @torch.no_grad()
 def option_scores(model, collate: Callable, samples: Sequence[Sample], cfg: EvalConfig):
     """Log-likelihood of every option of every MCQ sample as the answer: list of dicts."""
@@ -63,7 +61,7 @@ def option_scores(model, collate: Callable, samples: Sequence[Sample], cfg: Eval
     scores: list[dict] = [{} for _ in samples]
     dev = _model_device(model)
     for chunk in _batches(cands, cfg.batch_size):
-        batch = _to(collate([c[2] for c in chunk], ans_only=True, with_answer=True), dev)
+        batch = to_device(collate([c[2] for c in chunk], ans_only=True, with_answer=True), dev)
         logits = model(**batch).logits
         if cfg.length_normalized:
             val = -per_sample_ce(logits, batch["labels"])
@@ -89,7 +87,7 @@ def generate(model, collate: Callable, tokenizer, samples: Sequence[Sample], cfg
     out: list[str] = []
     dev = _model_device(model)
     for chunk in _batches(list(samples), cfg.batch_size):
-        batch = _to(collate(chunk, ans_only=True, with_answer=False), dev)
+        batch = to_device(collate(chunk, ans_only=True, with_answer=False), dev)
         batch.pop("labels", None)
         n_in = batch["input_ids"].shape[1]
         gen = model.generate(
@@ -121,8 +119,6 @@ def shuffle_options(mcq: Sequence[Sample], rng: random.Random) -> list[Sample]:
 def _mcq_metrics(model, collate, tokenizer, items, cfg: EvalConfig, prefix: str) -> dict:
     """``{prefix}_mcq_acc`` (option likelihood) and, with ``cfg.letter_mcq``,
     ``{prefix}_mcq_letter_acc`` (generated letter) of already shuffled MCQ samples."""
-    from mmunlearn import metrics
-
     golds = [s.meta["correct"] for s in items]
     sc = option_scores(model, collate, items, cfg)
     res = {f"{prefix}_mcq_acc": metrics.accuracy([metrics.mcq_from_loglik(d) for d in sc], golds)}
@@ -145,8 +141,6 @@ def evaluate_set(
     """Metrics of one evaluation set. Keys: ``{vqa,qa}_mcq_acc`` (likelihood),
     ``{vqa,qa}_mcq_letter_acc`` (generated letter), ``{vqa,qa}_cloze_acc``,
     ``{vqa,qa}_rouge1|rouge2|rougeL|bleu``, and ``n_*`` counts."""
-    from mmunlearn import metrics
-
     cfg = cfg or EvalConfig()
     rng = random.Random(cfg.seed)
     res: dict = {}
@@ -243,8 +237,6 @@ def evaluate_clear_set(
 
     Options are re-shuffled with ``cfg.seed`` as in :func:`evaluate_set` (faces first, then
     the MCQs, from one ``random.Random(cfg.seed)``). Accuracies are in [0, 1]."""
-    from mmunlearn import metrics
-
     cfg = cfg or EvalConfig()
     rng = random.Random(cfg.seed)
     res: dict = {}

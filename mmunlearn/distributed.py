@@ -1,8 +1,10 @@
 """Process-group plumbing for torchrun / FSDP2 runs (gloo on CPU, NCCL on CUDA).
 
-Only what the rest of the package needs: start from torchrun's environment, know the rank,
-sum a tensor across ranks, and the exact distributed top-k threshold (the radix-select
-histograms are summed across ranks, so the result equals the single-process threshold).
+Only what the rest of the package needs, below every other layer (imports torch only): start
+from torchrun's environment, know the rank, sum a tensor across ranks, this rank's local
+tensor of a maybe-``DTensor`` and the full tensor of a sharded one, this rank's rows of a
+global batch (:func:`shard_batch`) and the world-size-independent mean (:func:`global_mean`).
+Named ``distributed`` so that ``import torch.distributed as dist`` keeps its usual name.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ import os
 import torch
 import torch.distributed as dist
 
-from mmunlearn.kernels import saliency_threshold_topk
+try:  # torch >= 2.5
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch
+    try:
+        from torch.distributed._tensor import DTensor
+    except ImportError:
+        DTensor = None
 
 
 def world_size() -> int:
@@ -54,34 +62,73 @@ def finish() -> bool:
     return True
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
+def is_dtensor(t) -> bool:
+    """True for a ``DTensor`` (an FSDP2-sharded parameter, gradient or state tensor)."""
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor``; any other tensor as it is."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when any parameter of ``model`` is a DTensor (FSDP2-sharded)."""
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def reduces_grads(model: torch.nn.Module) -> bool:
+    """True when ``model`` averages its gradients across ranks (FSDP2-sharded, or DDP)."""
+    return is_sharded(model) or isinstance(model, torch.nn.parallel.DistributedDataParallel)
+
+
+def require_reduced_grads(model: torch.nn.Module, what: str) -> None:
+    """Under torchrun (world size > 1) ``model`` must average its gradients across ranks
+    (FSDP2-sharded, or DDP): every rank computes only its slice of each global batch, so an
+    unsharded model would silently train on a different gradient per rank."""
+    if world_size() <= 1 or reduces_grads(model):
+        return
+    raise ValueError(
+        f"{what} under torchrun (world size {world_size()}) needs a model whose "
+        "gradients are reduced across ranks: shard it with mmunlearn.fsdp.shard_model (FSDP2) "
+        "or wrap it in DistributedDataParallel"
+    )
+
+
+def laid_out_like(local_: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``local_`` (this rank's shard) as a DTensor laid out like DTensor ``like``, sharing
+    storage; ``local_`` itself when ``like`` is a plain tensor."""
+    if not is_dtensor(like):
+        return local_
+    return DTensor.from_local(
+        local_, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    )
+
+
+def full_tensor(t: torch.Tensor, like: torch.Tensor | None = None, *, to_all: bool = False):
+    """The full tensor of a DTensor, or of a local shard laid out like DTensor ``like``
+    (e.g. a Fisher accumulator of a sharded parameter). Returned on the CPU on rank 0 (on every
+    rank with ``to_all``), None on the other ranks. Plain tensors come back as they are (CPU).
+    Every rank must call it, in the same order."""
+    if like is not None and not is_dtensor(t):
+        t = laid_out_like(t, like)
+    full = t.full_tensor() if is_dtensor(t) else t
+    if to_all or rank() == 0:
+        return full.detach().cpu()
+    return None
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum ``t`` in place across ranks (no-op in a single process); returns ``t``."""
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def topk_threshold(
-    f_forget, f_preserve, fraction: float, eps: float = 1e-15, backend: str = "auto"
-) -> float:
-    """Exact k-th largest ratio over the shards held by *all* ranks (k = ceil(fraction·N_global)).
-
-    Each rank passes its local shards; three int64 histograms (16 KiB each) and one count are
-    all-reduced. Bit-identical to the single-process threshold over the full tensors.
-    """
-    n_local = sum(t.numel() for t in f_forget)
-    dev = f_forget[0].device if f_forget else torch.device("cpu")
-    n = all_reduce_sum_(torch.tensor([n_local], dtype=torch.int64, device=dev))
-    return saliency_threshold_topk(
-        f_forget,
-        f_preserve,
-        fraction,
-        eps,
-        backend=backend,
-        n_total=int(n.item()),
-        all_reduce=all_reduce_sum_,
-        device=dev,
-    )
 
 
 def image_token_id(model) -> int | None:

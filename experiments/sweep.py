@@ -1,4 +1,6 @@
-"""``mmunlearn sweep``: the demo's unlearning phase over a grid of lr × steps × seeds.
+"""The demo's unlearning phase over a grid of lr × steps × seeds (research, not the product).
+
+Run from a source checkout: ``python experiments/sweep.py --seeds 0 1 --out runs/sweep``.
 
 method.md §8: the comparison of methods moves with the learning rate and the step count, so it
 is reported over a small grid and several seeds, never at one hand-picked setting. Per seed this
@@ -41,11 +43,12 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from mmunlearn.io import atomic_write_text
+
 if TYPE_CHECKING:
     from mmunlearn.demo import DemoConfig
 
-# torch and the demo's pieces are imported inside the functions: building the command-line
-# parser (``add_sweep_parser``) must stay as cheap as the rest of ``mmunlearn.cli``.
+# torch and the demo's pieces are imported inside the functions: --help stays instant.
 METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")  # = mmunlearn.methods.METHODS
 VANILLA_STEPS = 2500  # = DemoConfig.vanilla_steps (both checked by tests/test_sweep.py)
 
@@ -246,13 +249,6 @@ def ascent_only(model, masks: dict, forget: list, lr: float, checkpoints, evalfn
     return out
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def run_sweep(out: str = "runs/sweep", cfg: SweepConfig | None = None) -> dict:
     """Run the grid; writes ``grid.json`` (after each seed), ``grid.md`` and ``grid.png`` under
     ``out`` and returns the grid dict: ``{"config", "vanilla": {seed: {metrics, diagnostics}},
@@ -275,11 +271,14 @@ def run_sweep(out: str = "runs/sweep", cfg: SweepConfig | None = None) -> dict:
 def _run_sweep(out: str, cfg: SweepConfig) -> dict:
     import torch
 
+    from mmunlearn.data.batching import make_batches, to_device
+    from mmunlearn.data.recipe import synthetic_sets
     from mmunlearn.data.synthetic import make_benchmark
-    from mmunlearn.demo import build_tiny, demo_eval_sets, finetune, make_batches, public, to_device
+    from mmunlearn.demo import build_tiny, demo_eval_sets, public
     from mmunlearn.eval import EvalConfig, evaluate
     from mmunlearn.loop import UnlearnConfig, unlearn
-    from mmunlearn.saliency import build_masks
+    from mmunlearn.masks import build_masks
+    from mmunlearn.train import finetune
 
     os.makedirs(out, exist_ok=True)
     t_all = time.time()
@@ -315,15 +314,12 @@ def _run_sweep(out: str, cfg: SweepConfig) -> dict:
         # the demo's draws, in the demo's order (run_demo), with the largest step count
         rng = random.Random(seed)
         bs = d.batch_size
-        forget = to_device(make_batches(adapter, bench.forget_vqa, bs, rng, n_max), dev)
-        retain = to_device(
-            make_batches(adapter, bench.retain_vqa + bench.retain_text, bs, rng, n_max), dev
-        )
-        f_b = to_device(make_batches(adapter, bench.forget_vqa, bs, rng), dev)
-        v_pres = to_device(make_batches(adapter, bench.retain_vqa, bs, rng), dev)
-        l_pres = to_device(
-            make_batches(adapter, bench.forget_text + bench.retain_vqa, bs, rng), dev
-        )
+        data = synthetic_sets(bench)
+        forget = to_device(make_batches(adapter, data.forget, bs, rng, n_max), dev)
+        retain = to_device(make_batches(adapter, data.retain, bs, rng, n_max), dev)
+        f_b = to_device(make_batches(adapter, data.forget, bs, rng), dev)
+        v_pres = to_device(make_batches(adapter, data.vision_preserve, bs, rng), dev)
+        l_pres = to_device(make_batches(adapter, data.language_preserve, bs, rng), dev)
         masks = build_masks(
             model, f_b, v_pres, l_pres, gamma=d.gamma, fraction=cfg.fraction, progress=False
         )
@@ -387,11 +383,11 @@ def _run_sweep(out: str, cfg: SweepConfig) -> dict:
                     del m
         grid["summary"] = summarize(grid["rows"])
         grid["seconds"] = round(time.time() - t_all, 1)
-        _atomic_write(os.path.join(out, "grid.json"), json.dumps(grid, indent=1, default=str))
+        atomic_write_text(os.path.join(out, "grid.json"), json.dumps(grid, indent=1, default=str))
     md = grid_markdown(grid)
     if grid_plot(grid, os.path.join(out, "grid.png")):
         md += "\n![grid](grid.png)\n"
-    _atomic_write(os.path.join(out, "grid.md"), md)
+    atomic_write_text(os.path.join(out, "grid.md"), md)
     if cfg.progress:
         print(summary_table(grid["summary"]))
         print(f"wrote {out}/grid.json, grid.md in {grid['seconds']} s")
@@ -578,7 +574,7 @@ def grid_plot(grid: dict, path: str) -> bool:
     axes[0].legend(fontsize=8)
     fig.suptitle("lr × steps grid (means over seeds; larger marker = more steps); best top-left")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
+    tmp = path + ".tmp.png"  # (a research script: a plain rename is enough)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
@@ -590,11 +586,10 @@ def grid_plot(grid: dict, path: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``sweep`` on an ``add_subparsers()`` object; returns the sub-parser."""
-    s = subparsers.add_parser(
-        "sweep",
-        help="the demo's unlearning phase over a grid of lr × steps × seeds",
+def build_parser() -> argparse.ArgumentParser:
+    """The script's argument parser."""
+    s = argparse.ArgumentParser(
+        prog="experiments/sweep.py",
         description="Per seed: build the demo's benchmark and tiny LLaVA, fine-tune the vanilla "
         "model once, compute the MMUnlearner masks, then run every method at every (lr, steps) "
         "from that vanilla model and evaluate it. Writes grid.json, grid.md and grid.png "
@@ -646,13 +641,15 @@ def add_sweep_parser(subparsers) -> argparse.ArgumentParser:
     )
     s.add_argument("--device", default="cpu")
     s.add_argument("--out", default="runs/sweep", help="output directory (default runs/sweep)")
-    s.set_defaults(fn=cmd_sweep)
     return s
 
 
-def cmd_sweep(args) -> int:
-    """Run ``mmunlearn sweep`` from parsed arguments; returns the exit status."""
+def main(argv=None) -> int:
+    """Run the sweep from command-line arguments; returns the exit status."""
+    from mmunlearn.cli.demo import FAST
     from mmunlearn.demo import DemoConfig
+
+    args = build_parser().parse_args(argv)
 
     demo = DemoConfig(
         device=args.device,
@@ -662,15 +659,8 @@ def cmd_sweep(args) -> int:
         save_models=False,
     )
     if args.fast:
-        demo = replace(
-            demo,
-            n_people=6,
-            forget_ratio=0.34,
-            vanilla_steps=min(args.vanilla_steps, 20),
-            batch_size=8,
-            hidden=32,
-            vision_hidden=32,
-        )
+        fast = {k: v for k, v in FAST.items() if k not in ("unlearn_steps", "vanilla_steps")}
+        demo = replace(demo, **fast, vanilla_steps=min(args.vanilla_steps, FAST["vanilla_steps"]))
     cfg = SweepConfig(
         seeds=args.seeds,
         lrs=args.lrs,
@@ -687,3 +677,7 @@ def cmd_sweep(args) -> int:
         raise SystemExit(f"sweep: {e}") from e
     run_sweep(args.out, cfg)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,197 @@
+"""What every ``mmunlearn`` subcommand shares: the usage error, options defined once, config
+files, the torchrun / device set-up and rank-0 printing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+class UsageError(Exception):
+    """A bad command line or config value: one line naming it, exit code 2."""
+
+
+def add_fast(p: argparse.ArgumentParser, what: str = "") -> None:
+    """``--fast``: a seconds-long smoke configuration of the command (not a result)."""
+    p.add_argument(
+        "--fast",
+        action="store_true",
+        help=f"a seconds-long smoke configuration{what}: not a result",
+    )
+
+
+def add_device(p, help_: str = "cpu or cuda (under torchrun: cuda:LOCAL_RANK)") -> None:
+    p.add_argument("--device", default="cpu", help=help_)
+
+
+def add_seed(p, help_: str = "seed of every random draw (default 0)") -> None:
+    p.add_argument("--seed", type=int, default=0, help=help_)
+
+
+def add_torchrun(p) -> None:
+    """``--fsdp`` and ``--mixed-precision`` (FSDP2 under torchrun)."""
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="require a torchrun launch (FSDP2 is used whenever WORLD_SIZE > 1)",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=["auto", "bf16", "none"],
+        help="FSDP2 policy: bf16 parameters, fp32 gradient reduction (auto: bf16 on CUDA)",
+    )
+
+
+def add_mask_rule(p) -> None:
+    """``--gamma`` / ``--fraction``: the saliency mask's rule."""
+    p.add_argument("--gamma", type=float, default=1.0, help="mask threshold γ (default 1.0)")
+    p.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help="exact top-k mask: this fraction of each group's weights instead of γ (e.g. 0.05)",
+    )
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that keeps the ``Action`` of each option it (or one of its groups)
+    adds, by ``dest``, so a config file can be checked against the options with argparse's
+    own types and choices (argparse itself keeps them only in private attributes)."""
+
+    def __init__(self, *args, **kwargs):
+        self.options: dict[str, argparse.Action] = {}  # before __init__ adds --help
+        super().__init__(*args, **kwargs)
+
+    def _remember(self, add):
+        def add_argument(*args, **kwargs):
+            action = add(*args, **kwargs)
+            self.options[action.dest] = action
+            return action
+
+        return add_argument
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.options[action.dest] = action
+        return action
+
+    def add_argument_group(self, *args, **kwargs):
+        group = super().add_argument_group(*args, **kwargs)
+        group.add_argument = self._remember(group.add_argument)
+        make = group.add_mutually_exclusive_group
+
+        def mutex(*a, **kw):
+            m = make(*a, **kw)
+            m.add_argument = self._remember(m.add_argument)
+            return m
+
+        group.add_mutually_exclusive_group = mutex
+        return group
+
+    def add_mutually_exclusive_group(self, *args, **kwargs):
+        group = super().add_mutually_exclusive_group(*args, **kwargs)
+        group.add_argument = self._remember(group.add_argument)
+        return group
+
+
+def _config_value(path: str, key: str, action: argparse.Action, value):
+    """``value`` of config key ``key`` converted and checked like the command-line option."""
+    flag = action.option_strings[-1] if action.option_strings else key
+
+    def bad(why: str):
+        return UsageError(f"--config {path}: {key}: {value!r} {why} (as {flag})")
+
+    if action.nargs == 0:  # store_true / store_false / store_const
+        if not isinstance(value, bool):
+            raise bad("is not true or false")
+        return action.const if value else action.default
+    many = action.nargs in ("*", "+") or isinstance(action.default, list)  # append: default []
+    values = value if isinstance(value, list) else [value]
+    if not many and isinstance(value, list):
+        raise bad("is a list; one value expected")
+    out = []
+    for v in values:
+        if isinstance(v, (dict, list)) or v is None:
+            raise bad("is not a single value")
+        if isinstance(v, bool) and action.type not in (None, str):
+            raise bad("is a boolean")
+        try:
+            v = action.type(str(v)) if action.type is not None else str(v)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise bad(f"is not valid ({e})") from e
+        if action.choices is not None and v not in action.choices:
+            raise bad(f"is not one of {', '.join(map(str, action.choices))}")
+        out.append(v)
+    return out if many else out[0]
+
+
+def load_config(path: str, parser: Parser) -> dict:
+    """Option values from a YAML or JSON mapping (``key: value``, dashes or underscores), each
+    converted and checked as the command-line option would be. An unknown key (a typo) or a
+    bad value is a :class:`UsageError` naming the file, the key and what is accepted."""
+    import difflib
+
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UsageError(f"--config {path}: cannot read it ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option: value")
+    known = {d: a for d, a in parser.options.items() if d not in ("help", "config")}
+    out = {}
+    for k, v in data.items():
+        key = str(k).replace("-", "_")
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {near[0].replace('_', '-')!r}?" if near else ""
+            raise UsageError(f"--config {path}: unknown option {k!r}{hint}")
+        out[key] = _config_value(path, str(k), known[key], v)
+    return out
+
+
+def say(*a) -> None:
+    """Print on rank 0 only (under torchrun every rank runs the command)."""
+    from mmunlearn.distributed import is_rank0
+
+    if is_rank0():
+        print(*a, flush=True)
+
+
+def start_distributed(args) -> bool:
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1): FSDP2 then."""
+    from mmunlearn import distributed
+
+    # NCCL only for CUDA tensors: a CPU run on a GPU host still needs gloo
+    cuda = str(getattr(args, "device", "cpu")).startswith("cuda")
+    on = distributed.init_from_env(None if cuda else "gloo")
+    if getattr(args, "fsdp", False) and not on:
+        raise UsageError("--fsdp: launch with torchrun --nproc-per-node N (WORLD_SIZE is 1)")
+    return on
+
+
+def device(args, distributed: bool):
+    """The torch device of this rank."""
+    import torch
+
+    if distributed and str(args.device).startswith("cuda"):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        return torch.device(args.device)
+    except RuntimeError as e:
+        raise UsageError(f"--device {args.device!r}: {e}") from e
+
+
+def mixed_precision(args, dev, distributed: bool) -> str:
+    """``--mixed-precision`` resolved: bf16 only for FSDP2 on CUDA under ``auto``."""
+    mp = args.mixed_precision
+    if mp == "auto":
+        return "bf16" if (distributed and dev.type == "cuda") else "none"
+    if mp == "bf16" and not distributed:
+        say("--mixed-precision bf16 applies to FSDP2 (torchrun) only; this run is fp32")
+        return "none"
+    return mp

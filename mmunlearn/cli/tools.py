@@ -1,0 +1,77 @@
+"""``mmunlearn estimate`` (peak memory per rank, no weights needed) and ``mmunlearn bench``
+(the kernel benchmark table of a source checkout)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from mmunlearn.methods import METHODS
+
+
+def register(sub):
+    e = sub.add_parser(
+        "estimate",
+        help="peak memory per rank for saliency and unlearning (no weights needed)",
+        description="Estimate the peak bytes per rank of each phase from a model config, "
+        "broken down into weights, grads, moments, Fisher, mask, reference model, activations.",
+    )
+    e.add_argument("--model", required=True, help="model directory or config.json")
+    e.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks (default 1)")
+    e.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    e.add_argument("--batch", type=int, default=4, help="per-rank batch size (default 4)")
+    e.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
+    e.add_argument("--method", default="mmunlearner", choices=list(METHODS))
+    e.add_argument("--grad-checkpointing", action="store_true")
+    e.add_argument(
+        "--attn",
+        default=None,
+        choices=["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"],
+        help="attention implementation (default: the config's, else sdpa); eager stores the "
+        "s² softmax",
+    )
+    e.add_argument("--images", type=int, default=1, help="images per sequence (multimodal configs)")
+    e.set_defaults(fn=run_estimate)
+
+    b = sub.add_parser(
+        "bench", help="kernel benchmark table (source checkout only; see bench/)", add_help=False
+    )
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=run_bench)
+    return e
+
+
+def run_estimate(args) -> int:
+    from mmunlearn import estimate as est
+
+    cfg = est.load_config(args.model)
+    ests = est.estimate(
+        cfg,
+        args.world_size,
+        args.dtype,
+        args.batch,
+        args.seq,
+        args.method,
+        args.grad_checkpointing,
+        attn=args.attn,
+        images_per_sample=args.images,
+    )
+    params, _ = est.count_parameters(cfg)
+    print(est.format_report(ests, params, args.world_size))
+    return 0
+
+
+def run_bench(args) -> int:
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(here, "bench", "run.py")
+    if not os.path.exists(script):
+        print(
+            "bench/run.py is not installed with the package; run it from a source checkout",
+            file=sys.stderr,
+        )
+        return 2
+    sys.path.insert(0, os.path.dirname(script))
+    import run as bench_run  # type: ignore
+
+    return bench_run.main(args.rest)

@@ -1,0 +1,215 @@
+"""Diagonal Fisher importance: collection by gradient hooks, files, gathering shards.
+
+``F[i] = mean_batches (∂L_b/∂θ_i)²`` (method.md §2) of every selected parameter. One
+``register_post_accumulate_grad_hook`` per parameter squares its gradient into an fp32
+accumulator (:func:`mmunlearn.kernels.fisher_accumulate_`) as soon as the gradient is final and
+drops ``param.grad`` at once, so full gradients never pile up in memory. Fishers are saved as
+mmunlearn safetensors files (:func:`save_fisher` / :func:`load_fisher`) so masks can be redone
+at other thresholds without a forward pass; under FSDP2 the accumulators are local shards and
+:func:`full_fishers` gathers them one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmunlearn.distributed import full_tensor, local, rank, require_reduced_grads
+from mmunlearn.io import read_safetensors, save_safetensors
+from mmunlearn.kernels import fisher_accumulate_
+from mmunlearn.losses import batch_loss
+from mmunlearn.params import canonical_name, canonical_parameters
+
+FISHER_FORMAT = "mmunlearn.fisher"
+
+
+def _select_params(model, params) -> dict[str, torch.nn.Parameter]:
+    if params is None:
+        return canonical_parameters(model, trainable_only=True)
+    if isinstance(params, Mapping):
+        items = [(canonical_name(n), p) for n, p in params.items()]
+    else:
+        if isinstance(params, str):
+            params = [params]
+        available = canonical_parameters(model)
+        items = []
+        for name in params:
+            c = canonical_name(name)
+            if c not in available:
+                raise ValueError(f"collect_fisher: no parameter named {name!r} in the model")
+            items.append((c, available[c]))
+    out: dict[str, torch.nn.Parameter] = {}
+    owner: dict[int, str] = {}
+    for c, p in items:
+        if id(p) in owner and owner[id(p)] != c:
+            raise ValueError(
+                f"collect_fisher: {c!r} and {owner[id(p)]!r} are the same (tied) parameter; "
+                "list it once"
+            )
+        owner[id(p)] = c
+        out[c] = p
+    return out
+
+
+def collect_fisher(
+    model: torch.nn.Module,
+    batches: Iterable,
+    params=None,
+    *,
+    mode: str = "sq",
+    loss_fn: Callable | None = None,
+    progress: bool = True,
+    official_parity: bool = False,
+    backend: str = "auto",
+) -> dict[str, torch.Tensor]:
+    """Diagonal Fisher ``F[i] = (1/B) Σ_batches (∂L_b/∂θ_i)²`` of the selected parameters.
+
+    ``L_b = model(**batch).loss`` (dict batches; tensors are moved to the parameters' device),
+    or ``loss_fn(model, batch)``. ``params``: ``{name: param}`` or a list of names (raw or
+    canonical); default: every trainable parameter. ``mode="abs"`` accumulates ``|g|`` instead.
+    A post-accumulate-grad hook squares each parameter's final gradient of the batch into an fp32
+    accumulator on the parameter's device (:func:`fisher_accumulate_`, ``backend``) and sets
+    ``param.grad = None`` at once; gradients of trainable parameters that are not selected are
+    dropped the same way. Tied parameters are seen once, with their total gradient. The model's
+    train/eval mode is left as it is. Every hook is removed afterwards, even on error, and every
+    trainable parameter ends with ``.grad`` None.
+    ``official_parity=True`` reproduces the reference code: each gradient is copied to the CPU,
+    squared in the parameter's dtype (fp16/bf16 squares underflow) and summed there in that dtype;
+    the result is then in the parameter's dtype on the CPU.
+    With FSDP2 (DTensor parameters) the accumulators have the *local shard's* shape.
+    Activation checkpointing: use ``use_reentrant=False`` (the transformers default); a hook that
+    fires twice for one parameter in one backward (reentrant checkpointing of a shared weight)
+    raises RuntimeError, because the squares of partial gradients are not the Fisher.
+    Returns ``{canonical name: Fisher tensor}`` (fp32 unless ``official_parity``), in the order
+    of ``model.named_parameters()`` / of ``params``.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in ("sq", "abs"):
+        raise ValueError(f"mode must be 'sq' or 'abs', got {mode!r}")
+    selected = _select_params(model, params)
+    if loss_fn is None:
+        require_reduced_grads(model, "the Fisher pass")
+    trainable = canonical_parameters(model, trainable_only=True)
+    sel_ids = {id(p) for p in selected.values()}
+    accs: dict[str, torch.Tensor] = {}
+    for name, p in selected.items():
+        if not p.requires_grad:
+            raise ValueError(f"collect_fisher: parameter {name!r} does not require grad")
+        loc = local(p.detach())
+        if official_parity:
+            accs[name] = torch.zeros(loc.shape, dtype=p.dtype, device="cpu")
+        else:
+            accs[name] = torch.zeros(loc.shape, dtype=torch.float32, device=loc.device)
+    device = None
+    for p in selected.values():
+        device = local(p.detach()).device
+        break
+
+    seen: set[int] = set()
+
+    def make_hook(name: str):
+        acc = accs[name]
+
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad
+            p.grad = None
+            if g is None:
+                return
+            if id(p) in seen:
+                raise RuntimeError(
+                    f"collect_fisher: the gradient hook of {name!r} fired twice in one backward "
+                    "(reentrant activation checkpointing?); use "
+                    "gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False})"
+                )
+            seen.add(id(p))
+            g = local(g.detach())
+            if official_parity:
+                gc = g.to("cpu", p.dtype)
+                acc.add_(gc * gc if mode == "sq" else gc.abs())
+            else:
+                fisher_accumulate_([acc], [g], mode=mode, backend=backend)
+
+        return hook
+
+    def drop_grad(p: torch.Tensor) -> None:
+        p.grad = None
+
+    for p in trainable.values():
+        p.grad = None
+    handles = []
+    n_batches = 0
+    try:
+        for name, p in selected.items():
+            handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
+        for p in trainable.values():
+            if id(p) not in sel_ids:
+                handles.append(p.register_post_accumulate_grad_hook(drop_grad))
+        total = len(batches) if hasattr(batches, "__len__") else None
+        for batch in tqdm(batches, total=total, desc="fisher", disable=not progress):
+            seen.clear()
+            if loss_fn is not None:
+                loss = loss_fn(model, batch)
+                if not isinstance(loss, torch.Tensor):
+                    raise ValueError("collect_fisher: loss_fn returned no tensor")
+            else:
+                try:
+                    loss = batch_loss(model, batch, device)
+                except ValueError as e:
+                    raise ValueError(f"collect_fisher: {e}") from e
+            loss.backward()
+            n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        for p in trainable.values():
+            p.grad = None
+        for p in selected.values():
+            p.grad = None
+    if n_batches == 0:
+        raise ValueError("collect_fisher: no batches")
+    for a in accs.values():
+        a.div_(n_batches)
+    return accs
+
+
+def save_fisher(path, fishers: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> Path:
+    """Save Fisher tensors (``{name: tensor}``, names canonicalised) to safetensors atomically
+    (:func:`mmunlearn.io.save_safetensors`). ``metadata``: JSON-able values. Returns the path."""
+    tensors = {canonical_name(k): v for k, v in fishers.items()}
+    meta = dict(metadata or {})
+    meta["names"] = list(tensors)
+    return save_safetensors(path, tensors, FISHER_FORMAT, meta)
+
+
+def load_fisher(path, device="cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a file written by :func:`save_fisher`. Returns ``(fishers, metadata)`` with the
+    tensors in their saved order on ``device`` and the metadata JSON-decoded. Raises ValueError
+    naming the path for a missing, corrupt or foreign file."""
+    tensors, meta = read_safetensors(path, FISHER_FORMAT, device)
+    names = meta.get("names", list(tensors))
+    if not isinstance(names, list) or set(names) != set(tensors):
+        raise ValueError(f"{path}: tensor names do not match the metadata")
+    return {n: tensors[n] for n in names}, meta
+
+
+def full_fishers(
+    fishers: Mapping[str, torch.Tensor], model: torch.nn.Module, *, to_all: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """Local-shard Fishers (from :func:`collect_fisher` on an FSDP2-sharded model) → full-shape
+    Fishers on rank 0's CPU, one tensor at a time (None on other ranks; on every rank with
+    ``to_all``). Unsharded Fishers come back as they are. Every rank must call it."""
+    params = canonical_parameters(model)
+    out = {}
+    for name, f in fishers.items():
+        full = full_tensor(f, params[name], to_all=to_all)
+        if full is not None:
+            out[name] = full
+    return out if (to_all or rank() == 0) else None
+
+
+__all__ = ["collect_fisher", "full_fishers", "load_fisher", "save_fisher"]

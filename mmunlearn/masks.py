@@ -1,0 +1,179 @@
+"""MMUnlearner's masks (method.md §2): the vision, language and union masks of a model.
+
+One Fisher pass on the forget set over both module groups (:func:`mmunlearn.params.
+module_groups`), the vision group's preserve Fisher on multimodal retain data, the language
+group's on text QA of the forget entities plus multimodal retain data; each group thresholded
+by γ or an exact top-k fraction; ``both`` = vision | language. :func:`masks_from_fishers` redoes
+the masks from saved Fishers (no forward pass); :func:`full_mask` gathers a mask made on FSDP2
+shards into the full-shape mask every rank holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from mmunlearn.distributed import full_tensor, is_sharded
+from mmunlearn.fisher import collect_fisher, full_fishers, save_fisher
+from mmunlearn.kernels import pack_bits
+from mmunlearn.params import canonical_parameters, model_class, module_groups
+from mmunlearn.saliency import SaliencyMask
+
+log = logging.getLogger(__name__)
+
+
+def full_mask(local_mask: SaliencyMask, model: torch.nn.Module) -> SaliencyMask:
+    """A mask computed on this rank's FSDP2 shards (shapes of the local shards) → the
+    full-shape mask, identical on every rank (packed bits on the CPU). Gathers one tensor at a
+    time as uint8 (1 byte per element, transiently). Every rank must call it."""
+    params = canonical_parameters(model)
+    bits, shapes = {}, {}
+    for name in local_mask.names:
+        p = params[name]
+        dense = local_mask.dense(name).to(torch.uint8)
+        full = full_tensor(dense, p, to_all=True)
+        bits[name] = pack_bits(full.reshape(-1).bool(), backend="torch").cpu()
+        shapes[name] = tuple(p.shape)
+    return SaliencyMask(bits, shapes, dict(local_mask.meta), local_mask.groups)
+
+
+def _subset(d: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, torch.Tensor]:
+    return {n: d[n] for n in names}
+
+
+def masks_from_fishers(
+    f_forget: Mapping[str, torch.Tensor],
+    f_vision_preserve: Mapping[str, torch.Tensor],
+    f_language_preserve: Mapping[str, torch.Tensor],
+    groups: Mapping[str, list[str]],
+    *,
+    gamma: float = 1.0,
+    fraction: float | None = None,
+    scope: str = "global",
+    eps: float = 1e-15,
+    model_class: str | None = None,
+    backend: str = "auto",
+    distributed: bool = False,
+) -> dict[str, SaliencyMask]:
+    """The vision / language / both masks from saved Fishers (cheap: no forward pass).
+
+    ``f_forget`` covers both groups; ``f_vision_preserve`` the ``groups["vision"]`` names,
+    ``f_language_preserve`` the ``groups["language"]`` names. Threshold ``gamma`` unless
+    ``fraction`` is given (exact top-k within each group, ``scope`` "global" or "layer").
+    ``distributed``: the Fishers are this rank's shards (top-k over all ranks' shards).
+    Returns ``{"vision", "language", "both"}`` (both = vision | language)."""
+    out: dict[str, SaliencyMask] = {}
+    for g, f_pres in (("vision", f_vision_preserve), ("language", f_language_preserve)):
+        names = list(groups.get(g, []))
+        ff, fp = _subset(f_forget, names), _subset(f_pres, names)
+        grp = {g: names}
+        if fraction is None:
+            m = SaliencyMask.from_fisher(
+                ff, fp, gamma, eps, grp, model_class=model_class, backend=backend
+            )
+        else:
+            m = SaliencyMask.topk(
+                ff,
+                fp,
+                fraction,
+                scope,
+                eps,
+                grp,
+                model_class=model_class,
+                backend=backend,
+                distributed=distributed,
+            )
+        out[g] = m
+    out["both"] = out["vision"] | out["language"]
+    return out
+
+
+def build_masks(
+    model: torch.nn.Module,
+    forget_batches: Iterable,
+    vision_preserve_batches: Iterable,
+    language_preserve_batches: Iterable,
+    *,
+    gamma: float = 1.0,
+    fraction: float | None = None,
+    scope: str = "global",
+    eps: float = 1e-15,
+    rules: Mapping[str, Iterable[str]] | None = None,
+    loss_fn: Callable | None = None,
+    mode: str = "sq",
+    progress: bool = True,
+    official_parity: bool = False,
+    backend: str = "auto",
+    fisher_dir: str | os.PathLike | None = None,
+) -> dict[str, SaliencyMask]:
+    """MMUnlearner's masks (method.md §2).
+
+    Groups from :func:`module_groups` (``rules`` for other families). One Fisher pass on
+    ``forget_batches`` (multimodal VQA of the forget entities) over both groups; the vision
+    group's preserve Fisher on ``vision_preserve_batches`` (multimodal retain) and the language
+    group's on ``language_preserve_batches`` (the caller combines text-only QA of the forget
+    entities with the multimodal retain batches). Masks by threshold ``gamma`` or, with
+    ``fraction``, exact top-k within each group (``scope``). ``fisher_dir``: also save the
+    three Fishers there (``forget`` / ``vision_preserve`` / ``language_preserve.safetensors``)
+    so that :func:`masks_from_fishers` can redo the masks at other thresholds. Coverage is logged
+    (``logging``, this module's logger). Returns ``{"vision", "language", "both"}`` masks
+    (both = vision | language).
+    """
+    groups = module_groups(model, rules)
+    vision, language = list(groups.get("vision", [])), list(groups.get("language", []))
+    if not vision and not language:
+        raise ValueError("build_masks: no trainable parameter in the vision or language group")
+    kw = dict(
+        mode=mode,
+        loss_fn=loss_fn,
+        progress=progress,
+        official_parity=official_parity,
+        backend=backend,
+    )
+    f_forget = collect_fisher(model, forget_batches, vision + language, **kw)
+    f_vp = collect_fisher(model, vision_preserve_batches, vision, **kw) if vision else {}
+    f_lp = collect_fisher(model, language_preserve_batches, language, **kw) if language else {}
+    cls = model_class(model)
+    sharded = is_sharded(model)
+    if fisher_dir is not None:
+        meta = {"model_class": cls, "mode": mode, "official_parity": official_parity}
+        for fname, f in (
+            ("forget", f_forget),
+            ("vision_preserve", f_vp),
+            ("language_preserve", f_lp),
+        ):
+            full = full_fishers(f, model) if sharded else f  # rank 0 only, per tensor
+            if full is not None:
+                save_fisher(Path(fisher_dir) / f"{fname}.safetensors", full, dict(meta, set=fname))
+    masks = masks_from_fishers(
+        f_forget,
+        f_vp,
+        f_lp,
+        {"vision": vision, "language": language},
+        gamma=gamma,
+        fraction=fraction,
+        scope=scope,
+        eps=eps,
+        model_class=cls,
+        backend=backend,
+        distributed=sharded,
+    )
+    if sharded:  # local-shard masks → full-shape masks, the same on every rank
+        masks = {k: full_mask(m, model) for k, m in masks.items()}
+    for k, m in masks.items():
+        c = m.coverage()["total"]
+        log.info(
+            "saliency mask %s: %d / %d elements selected (%.2f%%)",
+            k,
+            c["selected"],
+            c["total"],
+            100.0 * c["fraction"],
+        )
+    return masks
+
+
+__all__ = ["build_masks", "full_mask", "masks_from_fishers"]

@@ -1,0 +1,34 @@
+"""Models: adapters per family (LLaVA, Qwen2-VL / Qwen2.5-VL), tiny models built from configs,
+locally trained tokenizers, and model directories (save / load)."""
+
+from mmunlearn.models.adapters import (
+    CLIP_MEAN,
+    CLIP_STD,
+    SUPPORTED,
+    LlavaAdapter,
+    ModelAdapter,
+    Qwen2VLAdapter,
+    adapter_for,
+    preprocess_image,
+)
+from mmunlearn.models.loading import load_model, save_model
+from mmunlearn.models.tiny import tiny_llava, tiny_qwen2vl
+from mmunlearn.models.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, build_tokenizer
+
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "IGNORE_INDEX",
+    "IMAGE_TOKEN",
+    "SUPPORTED",
+    "LlavaAdapter",
+    "ModelAdapter",
+    "Qwen2VLAdapter",
+    "adapter_for",
+    "build_tokenizer",
+    "load_model",
+    "preprocess_image",
+    "save_model",
+    "tiny_llava",
+    "tiny_qwen2vl",
+]

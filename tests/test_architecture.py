@@ -1,0 +1,184 @@
+"""The package's import graph: data flows one way (docs/architecture.md).
+
+Every module of ``mmunlearn`` (``kernels/`` is ``mmunlearn.kernels``) is assigned a layer below;
+a module may import modules of its own layer or lower ones, never a higher one, and the graph
+has no cycle. Imports inside functions count (they are found with ``ast``). A new module must be
+added to a layer here, which is the point: its place in the design is decided, not drifted into.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# lowest first; a module may import from its own layer and every layer before it
+LAYERS: list[tuple[str, list[str]]] = [
+    ("kernels", ["mmunlearn.kernels", "mmunlearn.kernels.*"]),
+    (
+        "foundations",
+        [
+            "mmunlearn._version",
+            "mmunlearn.io",
+            "mmunlearn.distributed",
+            "mmunlearn.data",
+            "mmunlearn.data.schema",
+            "mmunlearn.data.batching",
+            "mmunlearn.data.parquet",
+            "mmunlearn.data.portraits",
+        ],
+    ),
+    (
+        "names and data",
+        [
+            "mmunlearn.params",
+            "mmunlearn.data.mllmu",
+            "mmunlearn.data.clear",
+            "mmunlearn.data.synthetic",
+            "mmunlearn.data.recipe",
+            "mmunlearn.data.eval_sets",
+        ],
+    ),
+    ("losses and models", ["mmunlearn.losses", "mmunlearn.models", "mmunlearn.models.*"]),
+    ("fisher", ["mmunlearn.fisher"]),
+    ("saliency", ["mmunlearn.saliency"]),
+    ("masks", ["mmunlearn.masks"]),
+    ("optimizer", ["mmunlearn.optim"]),
+    ("methods", ["mmunlearn.methods"]),
+    ("fsdp", ["mmunlearn.fsdp"]),
+    ("checkpoint", ["mmunlearn.checkpoint"]),
+    ("loop", ["mmunlearn.loop", "mmunlearn.train"]),
+    ("eval", ["mmunlearn.eval", "mmunlearn.eval.*"]),
+    ("applications", ["mmunlearn.demo", "mmunlearn.estimate"]),
+    ("cli", ["mmunlearn.cli", "mmunlearn.cli.*"]),
+    ("api", ["mmunlearn"]),
+]
+
+
+def modules() -> dict[str, Path]:
+    """``{module name: file}`` of every module of the package."""
+    out = {}
+    for base, prefix in (
+        (ROOT / "mmunlearn", "mmunlearn"),
+        (ROOT / "kernels", "mmunlearn.kernels"),
+    ):
+        for f in sorted(base.rglob("*.py")):
+            parts = list(f.relative_to(base).with_suffix("").parts)
+            if parts[-1] == "__main__":
+                continue
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            out[".".join([prefix, *parts])] = f
+    return out
+
+
+def layer_of(name: str) -> int | None:
+    for i, (_, pats) in enumerate(LAYERS):
+        for p in pats:
+            if name == p or (p.endswith(".*") and name.startswith(p[:-1])):
+                return i
+    return None
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The package modules ``name`` imports (anywhere in the file)."""
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            # `from pkg import sub` imports the submodule pkg.sub when there is one
+            targets = [f"{mod}.{a.name}" if f"{mod}.{a.name}" in known else mod for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name and t.startswith("mmunlearn"):
+                out.add(t)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    mods = modules()
+    known = set(mods)
+    return {n: imports(n, f, known) for n, f in mods.items()}
+
+
+def test_every_module_has_a_layer():
+    missing = [n for n in modules() if layer_of(n) is None]
+    assert not missing, f"add these modules to a layer in {__file__}: {missing}"
+
+
+def test_no_import_goes_up_a_layer():
+    bad = []
+    for mod, deps in graph().items():
+        for d in deps:
+            if (
+                layer_of(d) is not None
+                and layer_of(mod) is not None
+                and layer_of(d) > layer_of(mod)
+            ):
+                bad.append(
+                    f"{mod} ({LAYERS[layer_of(mod)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
+                )
+    assert not bad, "imports going up a layer:\n" + "\n".join(sorted(bad))
+
+
+def test_no_import_cycle():
+    g = graph()
+    index, low, stack, on, sccs = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in g.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                sccs.append(sorted(comp))
+
+    for v in g:
+        if v not in index:
+            visit(v)
+    assert not sccs, f"import cycles: {sccs}"
+
+
+def test_every_module_says_its_job_and_stays_small():
+    """A docstring on every module and no module of ``mmunlearn/`` over ≈500 lines (one job per
+    file; the kernel files are each one op with its launchers and twin, and may be longer)."""
+    for name, path in modules().items():
+        text = path.read_text()
+        assert ast.get_docstring(ast.parse(text)), f"{path} has no module docstring"
+        if not name.startswith("mmunlearn.kernels"):
+            assert len(text.splitlines()) <= 520, f"{path}: {len(text.splitlines())} lines"
+
+
+def test_the_checker_catches_an_upward_import(tmp_path):
+    """The checker itself can fail: a lower-layer module importing a higher one is found."""
+    f = tmp_path / "io.py"
+    f.write_text("def f():\n    from mmunlearn.loop import unlearn\n")
+    deps = imports("mmunlearn.io", f, set(modules()))
+    assert deps == {"mmunlearn.loop"}
+    assert layer_of("mmunlearn.loop") > layer_of("mmunlearn.io")
