@@ -11,7 +11,7 @@ from mmunlearn.models.adapters import (
     adapter_for,
     preprocess_image,
 )
-from mmunlearn.models.loading import load_model, save_model
+from mmunlearn.models.loading import load_checkpoint, load_model, save_model
 from mmunlearn.models.tiny import tiny_llava, tiny_qwen2vl
 from mmunlearn.models.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, build_tokenizer
 
@@ -26,6 +26,7 @@ __all__ = [
     "Qwen2VLAdapter",
     "adapter_for",
     "build_tokenizer",
+    "load_checkpoint",
     "load_model",
     "preprocess_image",
     "save_model",

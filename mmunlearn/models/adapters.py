@@ -24,6 +24,9 @@ from mmunlearn.data.schema import Sample
 from mmunlearn.models.tokenizer import IGNORE_INDEX, token_id
 from mmunlearn.params import module_groups, vision_components
 
+# Sample.meta key of a verbatim prompt (a benchmark protocol's own), see ModelAdapter.prompt
+RAW_PROMPT = "raw_prompt"
+
 # OpenAI CLIP normalisation (used by the LLaVA-1.5 and the Qwen2-VL image processors).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -129,12 +132,33 @@ class ModelAdapter:
         return self._tok().eos_token
 
     def prompt_text(self, sample: Sample) -> str:
-        """The prompt string with the image placeholders expanded (none for text-only)."""
+        """The family's prompt string for a sample, image placeholders expanded."""
         raise NotImplementedError
+
+    @property
+    def image_token(self) -> str:
+        """The image placeholder token as a string (e.g. ``<image>``)."""
+        return self._tok().convert_ids_to_tokens(self.image_token_id)
+
+    def prompt(self, sample: Sample) -> str:
+        """The prompt string of a sample, image placeholders expanded: the family's template
+        (:meth:`prompt_text`), or ``sample.meta["raw_prompt"]`` verbatim when given (a benchmark
+        protocol's own prompt, e.g. few-shot; it holds :attr:`image_token` once per image, which
+        is expanded here to the model's count)."""
+        raw = (sample.meta or {}).get(RAW_PROMPT)
+        if raw is None:
+            return self.prompt_text(sample)
+        n_img = 0 if sample.image is None else 1
+        if raw.count(self.image_token) != n_img:
+            raise ValueError(
+                f"raw_prompt must hold the image token {self.image_token!r} {n_img} time(s), "
+                f"found {raw.count(self.image_token)}: {raw[:80]!r}"
+            )
+        return raw.replace(self.image_token, self.image_token * self.num_image_tokens())
 
     def format(self, sample: Sample, with_answer: bool = True) -> str:
         """Prompt (+ answer + end token) as one string, for display and debugging."""
-        text = self.prompt_text(sample)
+        text = self.prompt(sample)
         if with_answer:
             text += " " + sample.answer + self.answer_end
         return text
@@ -160,7 +184,7 @@ class ModelAdapter:
         token; on the prompt ``-100`` with ``ans_only``, else the ids; ``-100`` on image
         placeholders always; ``labels`` is ``[]`` when ``with_answer`` is False."""
         tok = self._tok()
-        ids = self._encode(self.prompt_text(sample))
+        ids = self._encode(self.prompt(sample))
         if tok.bos_token_id is not None and (not ids or ids[0] != tok.bos_token_id):
             ids = [int(tok.bos_token_id)] + ids
         if not with_answer:
@@ -413,6 +437,7 @@ def adapter_for(model, tokenizer=None, image_size: int | None = None) -> ModelAd
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
+    "RAW_PROMPT",
     "SUPPORTED",
     "LlavaAdapter",
     "ModelAdapter",

@@ -77,4 +77,15 @@ def load_model(path_or_dir, dtype: torch.dtype | str | None = None, device: Any 
     return model, tokenizer
 
 
-__all__ = ["load_model", "save_model"]
+def load_checkpoint(path, *, processor=None, dtype=None, device=None):
+    """A checkpoint directory as ``(model, adapter)``: the model (eval mode, on ``device``) and
+    the adapter that collates its batches (``adapter.tokenizer``; the checkpoint's own
+    processor and chat template drive collation for real checkpoints). ``processor``: a
+    directory to take the processor / tokenizer from when the checkpoint ships none."""
+    from mmunlearn.models.adapters import adapter_for
+
+    model, tok = load_model(path, dtype=dtype, device=device)
+    return model, adapter_for(model, tok)
+
+
+__all__ = ["load_checkpoint", "load_model", "save_model"]
