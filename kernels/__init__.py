@@ -1,13 +1,17 @@
 """mmunlearn.kernels: fused Triton kernels and their PyTorch twins.
 
-Every op exists as ``torch_<op>`` (reference, CPU path, oracle) and ``triton_<op>`` with the same
-signature, plus one public function choosing at call time by ``backend="auto"|"torch"|"triton"``
-(auto = Triton for CUDA tensors). Ops take lists of tensors and cover them in one launch.
-Imports torch and triton only.
+Every op exists as ``torch_<op>`` (reference, oracle), ``triton_<op>`` (GPU) and, for the
+streaming ops, ``cpu_<op>`` (compiled C kernels for CPU tensors, kernels/_cpu.py) with the same
+signature, plus one public function choosing at call time by
+``backend="auto"|"torch"|"triton"|"cpu"`` (auto = Triton for CUDA tensors, the C kernels for
+CPU tensors where they build, else the twins). Ops take lists of tensors and cover them in one
+launch. Imports torch, triton and the standard library only. Constants (``BLOCK``,
+``BACKENDS``, ``HAS_TRITON``, ``INTERPRET``) live in :mod:`mmunlearn.kernels._common`.
 """
 
-from ._common import BACKENDS, BLOCK, HAS_TRITON, INTERPRET
 from .adamw import (
+    cpu_masked_adamw_,
+    cpu_masked_sgd_,
     masked_adamw_,
     masked_sgd_,
     torch_masked_adamw_,
@@ -17,6 +21,7 @@ from .adamw import (
 )
 from .bits import (
     pack_bits,
+    packed_size,
     torch_pack_bits,
     torch_unpack_bits,
     triton_pack_bits,
@@ -24,6 +29,9 @@ from .bits import (
     unpack_bits,
 )
 from .fisher import (
+    FisherBuckets,
+    cpu_fisher_accumulate_,
+    cpu_grad_sq_norm,
     fisher_accumulate_,
     grad_sq_norm,
     torch_fisher_accumulate_,
@@ -32,6 +40,8 @@ from .fisher import (
     triton_grad_sq_norm,
 )
 from .saliency import (
+    cpu_saliency_histogram,
+    cpu_saliency_mask,
     float_to_key,
     key_to_float,
     saliency_histogram,
@@ -46,15 +56,13 @@ from .saliency import (
 )
 
 __all__ = [
-    "BACKENDS",
-    "BLOCK",
-    "HAS_TRITON",
-    "INTERPRET",
+    "FisherBuckets",
     "fisher_accumulate_",
     "grad_sq_norm",
     "masked_adamw_",
     "masked_sgd_",
     "pack_bits",
+    "packed_size",
     "unpack_bits",
     "saliency_mask",
     "saliency_histogram",
@@ -79,4 +87,10 @@ __all__ = [
     "triton_saliency_mask",
     "torch_saliency_histogram",
     "triton_saliency_histogram",
+    "cpu_fisher_accumulate_",
+    "cpu_grad_sq_norm",
+    "cpu_masked_adamw_",
+    "cpu_masked_sgd_",
+    "cpu_saliency_mask",
+    "cpu_saliency_histogram",
 ]

@@ -30,7 +30,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this package is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-BACKENDS = ("auto", "torch", "triton")
+# "torch": the reference twins (oracles); "triton": the GPU kernels (or the interpreter);
+# "cpu": the compiled multi-tensor C kernels for CPU tensors (kernels/_cpu.py). "auto" picks
+# triton for CUDA tensors and cpu for CPU tensors (torch where the C kernels cannot be built).
+BACKENDS = ("auto", "torch", "triton", "cpu")
 
 # Elements per program. 4096 = 16 KiB of fp32 per operand per program: large enough to amortise
 # the table lookups, small enough for ≥ 1 wave on an H100 at 1 M elements (256 programs), and
@@ -48,12 +51,31 @@ def as_list(x) -> list[torch.Tensor]:
 
 
 def resolve_backend(backend: str, tensors: Sequence[torch.Tensor]) -> str:
-    """Pick "torch" or "triton". auto: Triton for CUDA tensors when triton is importable."""
+    """Pick "torch", "triton" or "cpu" for an op over ``tensors``.
+
+    auto: Triton for CUDA tensors when triton is importable; the C kernels for CPU tensors when
+    they build on this machine (the first call compiles them, ~1 s, then they are cached on disk;
+    see kernels/_cpu.py), else the torch twins.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = len(tensors) > 0 and tensors[0].is_cuda
+    on_cpu = len(tensors) > 0 and tensors[0].device.type == "cpu"
     if backend == "auto":
-        return "triton" if (on_cuda and HAS_TRITON) else "torch"
+        if on_cuda and HAS_TRITON:
+            return "triton"
+        if on_cpu:
+            from ._cpu import available
+
+            if available():
+                return "cpu"
+        return "torch"
+    if backend == "cpu":
+        if tensors and not on_cpu:
+            raise RuntimeError(f"backend='cpu' needs CPU tensors, got {tensors[0].device}")
+        from ._cpu import load
+
+        load()  # raises RuntimeError with the compiler's message if the kernels cannot be built
     if backend == "triton":
         if not HAS_TRITON:
             raise RuntimeError("backend='triton' requested but triton is not installed")
@@ -77,19 +99,6 @@ def check_same_numel(name_a: str, a: Sequence[torch.Tensor], name_b: str, b) -> 
             )
 
 
-def check_masks(masks: Sequence[torch.Tensor], numels: Sequence[int]) -> None:
-    """Packed masks must be uint8 with exactly ceil(n/8) bytes for an n-element tensor."""
-    if len(masks) != len(numels):
-        raise ValueError(f"got {len(masks)} masks for {len(numels)} tensors")
-    for i, (m, n) in enumerate(zip(masks, numels)):
-        if m.dtype != torch.uint8:
-            raise ValueError(f"masks[{i}] must be a packed uint8 mask (pack_bits), got {m.dtype}")
-        if m.numel() != (n + 7) // 8:
-            raise ValueError(
-                f"masks[{i}] has {m.numel()} bytes; a tensor of {n} elements needs {(n + 7) // 8}"
-            )
-
-
 def check_contiguous(name: str, tensors: Sequence[torch.Tensor]) -> None:
     for i, t in enumerate(tensors):
         if not t.is_contiguous():
@@ -109,13 +118,22 @@ _TABLE_CACHE: OrderedDict = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
 
-def chunk_tables(operands: Sequence[Sequence[torch.Tensor]], numels: Sequence[int], block: int):
-    """Device tables for a multi-tensor launch.
+def chunk_tables(
+    operands: Sequence[Sequence[torch.Tensor]],
+    numels: Sequence[int],
+    block: int,
+    n_vector: int | None = None,
+):
+    """Tables for a multi-tensor launch.
 
-    Returns ``(ptrs, chunks, n_chunks)``: ``ptrs`` is int64 [len(operands) + 1, T] holding each
-    operand's ``data_ptr()`` per tensor and, in the last row, the element counts; ``chunks`` is
-    int64 [2, C] holding (tensor index, start element) of every chunk of ``block`` elements.
-    Tensors with no element get no chunk.
+    Returns ``(ptrs, chunks, n_chunks, aligned)``: ``ptrs`` is int64 [len(operands) + 1, T]
+    holding each operand's ``data_ptr()`` per tensor and, in the last row, the element counts;
+    ``chunks`` is int64 [2, C] holding (tensor index, start element) of every chunk of ``block``
+    elements; ``aligned`` is True when every pointer of the first ``n_vector`` operands (all by
+    default: the ones accessed with vectors, not masks or scalars) is 16-byte aligned.
+    PyTorch's allocators align storages to ≥ 64 bytes, so only views with a storage offset
+    fail this; kernels then take their scalar-access variant (``ALIGNED=False``).
+    Tensors with no element get no chunk. Tables live on the operands' device.
     """
     device = operands[0][0].device
     key = (
@@ -123,12 +141,14 @@ def chunk_tables(operands: Sequence[Sequence[torch.Tensor]], numels: Sequence[in
         block,
         tuple(tuple(t.data_ptr() for t in op) for op in operands),
         tuple(numels),
+        n_vector,
     )
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
-    rows = [[t.data_ptr() for t in op] for op in operands] + [list(numels)]
+    rows = [list(r) for r in key[2]] + [list(numels)]
+    aligned = all(ptr % 16 == 0 for r in key[2][:n_vector] for ptr in r)
     ptrs = torch.tensor(rows, dtype=torch.int64)
     n = np.asarray(numels, dtype=np.int64)
     per = (n + block - 1) // block
@@ -139,7 +159,7 @@ def chunk_tables(operands: Sequence[Sequence[torch.Tensor]], numels: Sequence[in
     if device.type != "cpu":
         ptrs = ptrs.pin_memory().to(device, non_blocking=True)
         chunks = chunks.pin_memory().to(device, non_blocking=True)
-    out = (ptrs, chunks, int(per.sum()))
+    out = (ptrs, chunks, int(per.sum()), aligned)
     _TABLE_CACHE[key] = out
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -168,21 +188,52 @@ def device_guard(t: torch.Tensor):
 if HAS_TRITON:
 
     @triton.jit
-    def round_store(ptr, x, mask, OUT_BF16: tl.constexpr):
-        """Store fp32 ``x`` to ``ptr`` in the pointer's dtype.
+    def load_ptr(ptrs_ptr, row, n_tensors, tid, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+        """Row ``row`` of a pointer table for tensor ``tid``, as a ``DTYPE`` pointer.
+
+        With ``ALIGNED`` (:func:`chunk_tables` found every pointer 16-byte aligned) the compiler is
+        told the address is a multiple of 16 bytes, which with a ``start`` multiple of the block
+        lets it emit 128-bit loads and stores (PTX ``ld.global.v4``, SASS ``LDG.E.128``).
+        """
+        p = tl.load(ptrs_ptr + row * n_tensors + tid).to(tl.pointer_type(DTYPE))
+        if ALIGNED:
+            p = tl.multiple_of(p, 16)
+        return p
+
+    @triton.jit
+    def to_f32(raw, DTYPE: tl.constexpr):
+        """Storage bits (uint16 for bf16/fp16, uint32 for fp32) → fp32 value."""
+        if DTYPE == tl.bfloat16:
+            return (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        elif DTYPE == tl.float16:
+            return raw.to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            return raw.to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def to_bits(x, DTYPE: tl.constexpr):
+        """fp32 ``x`` → the storage bits of ``DTYPE`` (uint16 for bf16/fp16, uint32 for fp32).
 
         bf16 goes through an explicit round-to-nearest-even on the fp32 bit pattern, so the
         interpreter and the GPU give the same bits (and match ``tensor.to(torch.bfloat16)``);
-        NaN stays NaN. fp16/fp32 use triton's cast (round-to-nearest-even on both).
+        NaN becomes 0x7FC0 as in c10. fp16 uses triton's cast (round-to-nearest-even).
+        Kernels store these bits through an integer pointer, so an element left unchanged can
+        be written back with exactly the bits that were read (``tl.where`` on integers).
         """
-        if OUT_BF16:
+        if DTYPE == tl.bfloat16:
             bits = x.to(tl.uint32, bitcast=True)
             bits = bits + 0x7FFF + ((bits >> 16) & 1)
             hi = (bits >> 16).to(tl.uint16)
-            hi = tl.where(x != x, 0x7FC0, hi).to(tl.uint16)
-            tl.store(ptr, hi.to(tl.bfloat16, bitcast=True), mask=mask)
+            return tl.where(x != x, 0x7FC0, hi).to(tl.uint16)
+        elif DTYPE == tl.float16:
+            return x.to(tl.float16).to(tl.uint16, bitcast=True)
         else:
-            tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+            return x.to(tl.uint32, bitcast=True)
 
 else:  # pragma: no cover
-    round_store = None
+    load_ptr = to_f32 = to_bits = None
+
+
+def bits_tl_dtype(dtype: torch.dtype):
+    """torch dtype → the triton integer type of its storage bits."""
+    return tl.uint32 if dtype == torch.float32 else tl.uint16

@@ -8,9 +8,41 @@ packs to ``ceil(n / 8)`` uint8 bytes; padding bits of the last byte are 0.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from ._common import BLOCK, HAS_TRITON, NUM_WARPS, device_guard, resolve_backend, tl, triton
+
+
+def packed_size(numel: int) -> int:
+    """Bytes of the packed mask of an ``numel``-element tensor: ``ceil(numel / 8)``."""
+    return (numel + 7) // 8
+
+
+def check_masks(masks: Sequence[torch.Tensor], numels: Sequence[int]) -> None:
+    """Packed masks must be uint8 with exactly ``packed_size(n)`` bytes for n elements."""
+    if len(masks) != len(numels):
+        raise ValueError(f"got {len(masks)} masks for {len(numels)} tensors")
+    for i, (m, n) in enumerate(zip(masks, numels)):
+        if m.dtype != torch.uint8:
+            raise ValueError(f"masks[{i}] must be a packed uint8 mask (pack_bits), got {m.dtype}")
+        if m.numel() != packed_size(n):
+            raise ValueError(
+                f"masks[{i}] has {m.numel()} bytes; a tensor of {n} elements needs {packed_size(n)}"
+            )
+        if not m.is_contiguous():
+            raise ValueError(f"masks[{i}] must be contiguous")
+
+
+def _check_packed(packed: torch.Tensor, shape: torch.Size) -> None:
+    n = shape.numel()
+    if packed.dtype != torch.uint8 or packed.numel() != packed_size(n):
+        raise ValueError(
+            f"packed mask must be uint8 with {packed_size(n)} bytes for shape {tuple(shape)}, "
+            f"got {packed.dtype} with {packed.numel()}"
+        )
+
 
 _SHIFTS_CACHE: dict = {}
 
@@ -37,16 +69,17 @@ def torch_unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     """Reference: uint8 [ceil(n/8)] → bool tensor of ``shape`` (n = prod(shape))."""
     shape = torch.Size(shape)
     n = shape.numel()
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-        raise ValueError(
-            f"packed mask must be uint8 with {(n + 7) // 8} bytes for shape {tuple(shape)}, "
-            f"got {packed.dtype} with {packed.numel()}"
-        )
+    _check_packed(packed, shape)
     bits = (packed.reshape(-1, 1) >> _shifts(packed.device)) & 1
     return bits.reshape(-1)[:n].to(torch.bool).reshape(shape)
 
 
 if HAS_TRITON:
+
+    @triton.jit
+    def tl_packed_size(numel):
+        """:func:`packed_size` inside a kernel."""
+        return (numel + 7) // 8
 
     @triton.jit
     def _pack_bits_kernel(src_ptr, out_ptr, n, ROWS: tl.constexpr):
@@ -56,7 +89,7 @@ if HAS_TRITON:
         offs = rows[:, None] * 8 + cols[None, :]
         b = tl.load(src_ptr + offs, mask=offs < n, other=0).to(tl.int32)
         byte = tl.sum((b != 0).to(tl.int32) << cols[None, :], axis=1)
-        tl.store(out_ptr + rows, byte.to(tl.uint8), mask=rows < (n + 7) // 8)
+        tl.store(out_ptr + rows, byte.to(tl.uint8), mask=rows < tl_packed_size(n))
 
     @triton.jit
     def _unpack_bits_kernel(packed_ptr, out_ptr, n, ROWS: tl.constexpr):
@@ -64,9 +97,13 @@ if HAS_TRITON:
         rows = pid * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, 8)
         offs = rows[:, None] * 8 + cols[None, :]
-        byte = tl.load(packed_ptr + rows, mask=rows < (n + 7) // 8, other=0).to(tl.int32)
+        byte = tl.load(packed_ptr + rows, mask=rows < tl_packed_size(n), other=0).to(tl.int32)
         bit = (byte[:, None] >> cols[None, :]) & 1
         tl.store(out_ptr + offs, bit.to(tl.uint8), mask=offs < n)
+
+
+else:  # pragma: no cover
+    tl_packed_size = None
 
 
 def triton_pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -75,7 +112,7 @@ def triton_pack_bits(mask: torch.Tensor) -> torch.Tensor:
     if src.dtype == torch.bool:
         src = src.view(torch.uint8)
     n = src.numel()
-    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=src.device)
+    out = torch.empty(packed_size(n), dtype=torch.uint8, device=src.device)
     if n:
         rows = BLOCK // 8
         with device_guard(src):
@@ -89,11 +126,7 @@ def triton_unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     """Triton twin of :func:`torch_unpack_bits` (bit-exact)."""
     shape = torch.Size(shape)
     n = shape.numel()
-    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
-        raise ValueError(
-            f"packed mask must be uint8 with {(n + 7) // 8} bytes for shape {tuple(shape)}, "
-            f"got {packed.dtype} with {packed.numel()}"
-        )
+    _check_packed(packed, shape)
     out = torch.empty(n, dtype=torch.uint8, device=packed.device)
     if n:
         rows = BLOCK // 8
@@ -112,7 +145,7 @@ def pack_bits(mask: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     (nonzero counts as 1 on the Triton path). Bytes moved: 1.125 per element. Bit-exact,
     deterministic.
     """
-    be = resolve_backend(backend, [mask])
+    be = resolve_backend(backend, [mask])  # "cpu": the torch twin is as fast here
     return triton_pack_bits(mask) if be == "triton" else torch_pack_bits(mask)
 
 

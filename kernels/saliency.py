@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import _cpu
 from ._common import (
     BLOCK,
     HAS_TRITON,
@@ -27,11 +28,12 @@ from ._common import (
     check_same_numel,
     chunk_tables,
     device_guard,
+    load_ptr,
     resolve_backend,
     tl,
     triton,
 )
-from .bits import torch_pack_bits
+from .bits import packed_size, tl_packed_size, torch_pack_bits
 
 # Radix-select digit layout over the 32-bit key: (shift, bits) per level.
 RADIX_LEVELS = ((21, 11), (10, 11), (0, 10))
@@ -82,40 +84,95 @@ def torch_saliency_mask(f_forget, f_preserve, gamma: float, eps: float = 1e-15):
     return bits, torch.stack(counts) if counts else torch.zeros(0, dtype=torch.int64)
 
 
+def cpu_saliency_mask(f_forget, f_preserve, gamma: float, eps: float = 1e-15):
+    """C twin of :func:`torch_saliency_mask` (bit-exact): one pass, bits packed as computed."""
+    lib = _cpu.load()
+    bits = [torch.empty(packed_size(t.numel()), dtype=torch.uint8) for t in f_forget]
+    counts = torch.zeros(len(bits), dtype=torch.int64)
+    numels = [t.numel() for t in f_forget]
+    ptrs, chunks, n_chunks, _ = chunk_tables([f_forget, f_preserve, bits], numels, _cpu.CPU_BLOCK)
+    if n_chunks:
+        lib.mmu_mask(
+            ptrs.data_ptr(),
+            len(bits),
+            chunks.data_ptr(),
+            n_chunks,
+            _cpu.CPU_BLOCK,
+            _cpu.threads_for(sum(numels)),
+            gamma,
+            eps,
+            counts.data_ptr(),
+        )
+    return bits, counts
+
+
 if HAS_TRITON:
 
     @triton.jit
+    def _mask_tile(ff_ptr, fp_ptr, out_ptr, start, numel, gamma, eps, MODE: tl.constexpr,
+                   ROWS: tl.constexpr):  # fmt: skip
+        """[ROWS, 8] scores from ``start`` → ROWS mask bytes; returns the selected count.
+        MODE 0: all in bounds; 1: whole rows (per-row predicate, 128-bit loads kept);
+        2: per element (the last numel % 8 elements, ROWS = 1)."""
+        rows = tl.arange(0, ROWS)
+        cols = tl.arange(0, 8)
+        offs = start + rows[:, None] * 8 + cols[None, :]
+        brow = start // 8 + rows
+        if MODE == 0:
+            ff = tl.load(ff_ptr + offs)
+            fp = tl.load(fp_ptr + offs)
+            sel = tl.math.div_rn(ff + eps, fp + eps) >= gamma
+        else:
+            if MODE == 1:
+                live = (rows[:, None] < (numel - start) // 8) & (cols[None, :] < 8)
+            else:
+                live = offs < numel
+            ff = tl.load(ff_ptr + offs, mask=live, other=0.0)
+            fp = tl.load(fp_ptr + offs, mask=live, other=0.0)
+            sel = (tl.math.div_rn(ff + eps, fp + eps) >= gamma) & live
+        sel = sel.to(tl.int32)
+        byte = tl.sum(sel << cols[None, :], axis=1).to(tl.uint8)
+        if MODE == 0:
+            tl.store(out_ptr + brow, byte)
+        elif MODE == 1:
+            tl.store(out_ptr + brow, byte, mask=rows < (numel - start) // 8)
+        else:
+            tl.store(out_ptr + brow, byte, mask=brow < tl_packed_size(numel))
+        return tl.sum(tl.sum(sel, axis=1), axis=0)
+
+    @triton.jit
     def _saliency_mask_kernel(
-        ptrs_ptr, chunks_ptr, count_ptr, n_tensors, gamma, eps, ROWS: tl.constexpr
-    ):
+        ptrs_ptr, chunks_ptr, count_ptr, n_tensors, gamma, eps, ALIGNED: tl.constexpr,
+        ROWS: tl.constexpr,
+    ):  # fmt: skip
+        # table rows: 0 F_forget, 1 F_preserve, 2 packed output, 3 numel
         pid = tl.program_id(0).to(tl.int64)
         n_chunks = tl.num_programs(0).to(tl.int64)
         tid = tl.load(chunks_ptr + pid)
         start = tl.load(chunks_ptr + n_chunks + pid)
-        ff_ptr = tl.load(ptrs_ptr + tid).to(tl.pointer_type(tl.float32))
-        fp_ptr = tl.load(ptrs_ptr + n_tensors + tid).to(tl.pointer_type(tl.float32))
-        out_ptr = tl.load(ptrs_ptr + 2 * n_tensors + tid).to(tl.pointer_type(tl.uint8))
+        if ALIGNED:
+            start = tl.multiple_of(start, ROWS * 8)
         numel = tl.load(ptrs_ptr + 3 * n_tensors + tid)
-        rows = tl.arange(0, ROWS)
-        cols = tl.arange(0, 8)
-        offs = start + rows[:, None] * 8 + cols[None, :]
-        m = offs < numel
-        ff = tl.load(ff_ptr + offs, mask=m, other=0.0)
-        fp = tl.load(fp_ptr + offs, mask=m, other=0.0)
-        r = tl.math.div_rn(ff + eps, fp + eps)
-        sel = ((r >= gamma) & m).to(tl.int32)
-        byte = tl.sum(sel << cols[None, :], axis=1)
-        brow = start // 8 + rows
-        tl.store(out_ptr + brow, byte.to(tl.uint8), mask=brow < (numel + 7) // 8)
-        tl.store(count_ptr + pid, tl.sum(tl.sum(sel, axis=1), axis=0).to(tl.int64))
+        ff_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, tl.float32, ALIGNED)
+        fp_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, tl.float32, ALIGNED)
+        out_ptr = load_ptr(ptrs_ptr, 2, n_tensors, tid, tl.uint8, False)
+        if start + ROWS * 8 <= numel:
+            count = _mask_tile(ff_ptr, fp_ptr, out_ptr, start, numel, gamma, eps, 0, ROWS)
+        else:
+            count = _mask_tile(ff_ptr, fp_ptr, out_ptr, start, numel, gamma, eps, 1, ROWS)
+            if numel % 8 != 0:
+                count += _mask_tile(
+                    ff_ptr, fp_ptr, out_ptr, numel // 8 * 8, numel, gamma, eps, 2, 1
+                )
+        tl.store(count_ptr + pid, count.to(tl.int64))
 
 
 def triton_saliency_mask(f_forget, f_preserve, gamma: float, eps: float = 1e-15):
     """Triton twin of :func:`torch_saliency_mask` (bit-exact): one launch for all tensors."""
     dev = f_forget[0].device
-    bits = [torch.empty((t.numel() + 7) // 8, dtype=torch.uint8, device=dev) for t in f_forget]
+    bits = [torch.empty(packed_size(t.numel()), dtype=torch.uint8, device=dev) for t in f_forget]
     numels = [t.numel() for t in f_forget]
-    ptrs, chunks, n_chunks = chunk_tables([f_forget, f_preserve, bits], numels, BLOCK)
+    ptrs, chunks, n_chunks, aligned = chunk_tables([f_forget, f_preserve, bits], numels, BLOCK, 2)
     partial = torch.zeros(max(n_chunks, 1), dtype=torch.int64, device=dev)
     if n_chunks:
         with device_guard(f_forget[0]):
@@ -126,6 +183,7 @@ def triton_saliency_mask(f_forget, f_preserve, gamma: float, eps: float = 1e-15)
                 len(bits),
                 float(gamma),
                 float(eps),
+                ALIGNED=aligned,
                 ROWS=BLOCK // 8,
                 num_warps=NUM_WARPS,
             )
@@ -147,8 +205,13 @@ def saliency_mask(f_forget, f_preserve, gamma: float, eps: float = 1e-15, *, bac
     Determinism: bit-exact (integer counts, no float reductions).
     """
     ff, fp = _check_fishers(f_forget, f_preserve)
-    if resolve_backend(backend, ff) == "triton":
+    if not ff:
+        return [], torch.zeros(0, dtype=torch.int64)
+    be = resolve_backend(backend, ff)
+    if be == "triton":
         return triton_saliency_mask(ff, fp, gamma, eps)
+    if be == "cpu":
+        return cpu_saliency_mask(ff, fp, gamma, eps)
     return torch_saliency_mask(ff, fp, gamma, eps)
 
 
@@ -179,6 +242,31 @@ def torch_saliency_histogram(f_forget, f_preserve, level: int, prefix: int, eps:
     return hist
 
 
+def cpu_saliency_histogram(f_forget, f_preserve, level: int, prefix: int, eps: float = 1e-15):
+    """C twin of :func:`torch_saliency_histogram` (bit-exact: per-thread integer histograms)."""
+    shift, nbits, _ = _level(level)
+    lib = _cpu.load()
+    hist = torch.zeros(1 << nbits, dtype=torch.int64)
+    numels = [t.numel() for t in f_forget]
+    ptrs, chunks, n_chunks, _ = chunk_tables([f_forget, f_preserve], numels, _cpu.CPU_BLOCK)
+    if n_chunks:
+        lib.mmu_hist(
+            ptrs.data_ptr(),
+            len(f_forget),
+            chunks.data_ptr(),
+            n_chunks,
+            _cpu.CPU_BLOCK,
+            _cpu.threads_for(sum(numels)),
+            eps,
+            shift,
+            nbits,
+            level == 0,
+            int(prefix),
+            hist.data_ptr(),
+        )
+    return hist
+
+
 if HAS_TRITON:
 
     @triton.jit
@@ -192,19 +280,27 @@ if HAS_TRITON:
         SHIFT: tl.constexpr,
         NBITS: tl.constexpr,
         LEVEL0: tl.constexpr,
+        ALIGNED: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
+        # table rows: 0 F_forget, 1 F_preserve, 2 numel
         pid = tl.program_id(0).to(tl.int64)
         n_chunks = tl.num_programs(0).to(tl.int64)
         tid = tl.load(chunks_ptr + pid)
         start = tl.load(chunks_ptr + n_chunks + pid)
-        ff_ptr = tl.load(ptrs_ptr + tid).to(tl.pointer_type(tl.float32))
-        fp_ptr = tl.load(ptrs_ptr + n_tensors + tid).to(tl.pointer_type(tl.float32))
+        if ALIGNED:
+            start = tl.multiple_of(start, BLOCK)
         numel = tl.load(ptrs_ptr + 2 * n_tensors + tid)
+        ff_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, tl.float32, ALIGNED)
+        fp_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, tl.float32, ALIGNED)
         offs = start + tl.arange(0, BLOCK)
         m = offs < numel
-        ff = tl.load(ff_ptr + offs, mask=m, other=0.0)
-        fp = tl.load(fp_ptr + offs, mask=m, other=0.0)
+        if start + BLOCK <= numel:
+            ff = tl.load(ff_ptr + offs)
+            fp = tl.load(fp_ptr + offs)
+        else:
+            ff = tl.load(ff_ptr + offs, mask=m, other=0.0)
+            fp = tl.load(fp_ptr + offs, mask=m, other=0.0)
         r = tl.math.div_rn(ff + eps, fp + eps)
         bits = r.to(tl.int32, bitcast=True)
         flip = (bits >> 31) | -2147483648  # all ones for negatives, the sign bit otherwise
@@ -219,7 +315,10 @@ if HAS_TRITON:
         digit = tl.where(take, digit, digit + (1 << NBITS))
         h = tl.histogram(digit, 2 << NBITS)
         bins = tl.arange(0, 2 << NBITS)
-        tl.atomic_add(hist_ptr + bins, h.to(tl.int64), mask=bins < (1 << NBITS), sem="relaxed")
+        # one atomic per non-empty bin: a chunk of Fisher ratios fills a few dozen of the 2048
+        # level-0 bins, and at levels 1-2 most elements fall outside the prefix
+        tl.atomic_add(hist_ptr + bins, h.to(tl.int64), mask=(bins < (1 << NBITS)) & (h > 0),
+                      sem="relaxed")  # fmt: skip
 
 
 def triton_saliency_histogram(f_forget, f_preserve, level: int, prefix: int, eps: float = 1e-15):
@@ -227,7 +326,7 @@ def triton_saliency_histogram(f_forget, f_preserve, level: int, prefix: int, eps
     shift, nbits, _ = _level(level)
     dev = f_forget[0].device
     hist = torch.zeros(1 << nbits, dtype=torch.int64, device=dev)
-    ptrs, chunks, n_chunks = chunk_tables(
+    ptrs, chunks, n_chunks, aligned = chunk_tables(
         [f_forget, f_preserve], [t.numel() for t in f_forget], BLOCK
     )
     if n_chunks:
@@ -242,6 +341,7 @@ def triton_saliency_histogram(f_forget, f_preserve, level: int, prefix: int, eps
                 SHIFT=shift,
                 NBITS=nbits,
                 LEVEL0=(level == 0),
+                ALIGNED=aligned,
                 BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
@@ -270,8 +370,11 @@ def saliency_histogram(
     ff, fp = _check_fishers(f_forget, f_preserve)
     if not ff:  # a rank that holds no shard still takes part in the all-reduce
         return torch.zeros(1 << _level(level)[1], dtype=torch.int64, device=device)
-    if resolve_backend(backend, ff) == "triton":
+    be = resolve_backend(backend, ff)
+    if be == "triton":
         return triton_saliency_histogram(ff, fp, level, prefix, eps)
+    if be == "cpu":
+        return cpu_saliency_histogram(ff, fp, level, prefix, eps)
     return torch_saliency_histogram(ff, fp, level, prefix, eps)
 
 

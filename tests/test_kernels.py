@@ -18,6 +18,7 @@ from conftest import DEVICE
 from helpers import assert_close_verbose, max_rel_err, ulp
 
 SIZES = [1, 4095, 65537]
+BACKENDS = ["torch", "triton", "cpu"]
 MIXED = [[1, 4095, 65537], [7, (3, 333), 8192, 17]]
 GRAD_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -45,6 +46,13 @@ def _fishers(shapes, zero_frac=0.05):
 
 
 ALL_SPECS = [[n] for n in SIZES] + MIXED
+
+
+def _need_device(backend):
+    """The cpu backend takes CPU tensors; with a GPU, DEVICE is CUDA (test_kernels_cpu.py covers
+    the cpu backend there)."""
+    if backend == "cpu" and DEVICE.type != "cpu":
+        pytest.skip("the cpu backend runs on CPU tensors")
 
 
 # ------------------------------------------------------------------ bits
@@ -274,16 +282,32 @@ def test_masked_adamw_matches_twin(spec, pdt, gdt, with_mask):
         assert_close_verbose(tri[2][i], ref[2][i], rtol=1e-6, atol=1e-10, name=f"exp_avg_sq[{i}]")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def _bits(t):
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pdt", GRAD_DTYPES, ids=str)
 def test_masked_adamw_leaves_masked_out_bytes_untouched(backend, pdt):
-    shapes = _shapes(MIXED[1])
+    """Ten steps; masked-out elements hold NaN payloads, -0.0 and subnormals and get inf / NaN
+    gradients: their bytes must not change (full chunks rewrite them with the bits they read,
+    tail chunks do not write them). 4104 elements: a full chunk plus a tail of whole bytes."""
+    _need_device(backend)
+    shapes = _shapes(MIXED[1]) + [(4104,)]
     params, _, m, v, _ = _adam_inputs(shapes, pdt, torch.float32)
     dense = [torch.rand(s, device=DEVICE) < 0.3 for s in shapes]
     masks = [K.pack_bits(d) for d in dense]
+    for p, d in zip(params, dense):
+        idx = torch.nonzero(~d.reshape(-1)).flatten()[:4]
+        odd = [0x7FC00001, -0x005FFFFF, -0x80000000, 0x1] if p.element_size() == 4 else [
+            0x7FC1, -0x1, -0x8000, 0x1]  # fmt: skip
+        _bits(p).reshape(-1)[idx] = torch.tensor(odd, device=DEVICE).to(_bits(p).dtype)[: len(idx)]
     start = ([p.clone() for p in params], [x.clone() for x in m], [x.clone() for x in v])
     for step in range(1, 11):
         grads = [torch.randn(s, device=DEVICE) for s in shapes]
+        for g, d in zip(grads, dense):
+            g[~d] = float("inf") if step % 2 else float("nan")
         K.masked_adamw_(
             params,
             grads,
@@ -301,14 +325,13 @@ def test_masked_adamw_leaves_masked_out_bytes_untouched(backend, pdt):
             ("exp_avg", m, start[1]),
             ("exp_avg_sq", v, start[2]),
         ):
-            a = now[i][~d].view(torch.uint8 if now[i].dtype == torch.float32 else torch.int16)
-            b = was[i][~d].view(a.dtype)
+            a, b = _bits(now[i])[~d], _bits(was[i])[~d]
             assert torch.equal(a, b), f"{name}[{i}]: a masked-out element changed"
     moved = sum(int((p[d] != s[d]).sum()) for p, s, d in zip(params, start[0], dense))
     assert moved > 0.8 * sum(int(d.sum()) for d in dense), "masked-in elements did not move"
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_adamw_unmasked_matches_torch_adamw_20_steps(backend):
     """External oracle: masks=None is torch.optim.AdamW (fp32, max rel. error <= 1e-6).
 
@@ -317,6 +340,7 @@ def test_masked_adamw_unmasked_matches_torch_adamw_20_steps(backend):
     no reordering of fp32 ops can remove (torch's CPU lerp/addcmul use FMA, the interpreter
     does not). The norm-wise error is checked too.
     """
+    _need_device(backend)
     shapes = _shapes(MIXED[1])
     params = [torch.randn(s, device=DEVICE) for s in shapes]
     ref = [p.clone().requires_grad_(True) for p in params]
@@ -353,8 +377,9 @@ def test_masked_adamw_unmasked_matches_torch_adamw_20_steps(backend):
         assert_close_verbose(v[i], st["exp_avg_sq"], rtol=1e-5, atol=1e-9, name="exp_avg_sq")
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_adamw_maximize_and_scale(backend):
+    _need_device(backend)
     p0 = torch.randn(300, device=DEVICE)
     g = torch.randn(300, device=DEVICE)
     a, b = p0.clone(), p0.clone()
@@ -474,3 +499,129 @@ def test_mixed_dtype_lists_in_one_call():
         assert_close_verbose(out["triton"][0][i], out["torch"][0][i], **_param_tol(pdt))
         assert_close_verbose(out["triton"][1][i], out["torch"][1][i], rtol=1e-6, atol=1e-7)
         assert_close_verbose(out["triton"][2][i], out["torch"][2][i], rtol=1e-6, atol=0)
+
+
+# ------------------------------------------------------------------ codegen paths (issue 16)
+def test_adamw_paths_full_tail_unaligned_and_skipped_chunks():
+    """Triton vs twin over every path of the kernel: full chunks (128-bit), a chunk whose mask
+    bytes are all zero (skipped), tails of whole bytes and of a partial byte, and tensors whose
+    storage offset breaks 16-byte alignment (ALIGNED=False: the scalar-access variant)."""
+    buf = torch.randn(2 * 4104 + 9, device=DEVICE).to(torch.bfloat16)
+    unaligned = [buf[1:4100], buf[4101 : 4101 + 4104]]  # odd offsets: data_ptr % 16 != 0
+    params = [torch.randn(8192, device=DEVICE).to(torch.bfloat16), *unaligned]
+    params.append(torch.randn(4104, device=DEVICE).to(torch.bfloat16))
+    shapes = [p.shape for p in params]
+    dense = [torch.rand(s, device=DEVICE) < 0.5 for s in shapes]
+    dense[0][:4096] = False  # first chunk: nothing selected
+    masks = [K.pack_bits(d) for d in dense]
+    grads = [torch.randn(s, device=DEVICE).to(torch.bfloat16) for s in shapes]
+    m0 = [torch.randn(s, device=DEVICE) * 0.1 for s in shapes]
+    v0 = [0.01 + torch.rand(s, device=DEVICE) * 0.01 for s in shapes]
+    out = {}
+    for be in ("torch", "triton"):
+        p = [x.clone() for x in params] if be == "torch" else params
+        m, v = [x.clone() for x in m0], [x.clone() for x in v0]
+        K.masked_adamw_(p, grads, m, v, masks, step=2, backend=be, **HP)
+        out[be] = (p, m, v)
+    for i in range(len(shapes)):
+        assert_close_verbose(out["triton"][0][i], out["torch"][0][i], name=f"param[{i}]",
+                             **_param_tol(torch.bfloat16))  # fmt: skip
+        assert_close_verbose(out["triton"][1][i], out["torch"][1][i], rtol=1e-6, atol=1e-7)
+        assert_close_verbose(out["triton"][2][i], out["torch"][2][i], rtol=1e-6, atol=1e-10)
+        assert torch.equal(out["triton"][1][i][~dense[i]], m0[i][~dense[i]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_found_inf_turns_steps_into_no_ops(backend):
+    _need_device(backend)
+    shapes = _shapes(MIXED[1])
+    params, grads, m, v, masks = _adam_inputs(shapes, torch.bfloat16, torch.bfloat16)
+    start = [[x.clone() for x in lst] for lst in (params, m, v)]
+    for flag in (torch.tensor(1.0), torch.tensor(True), torch.tensor([float("nan")])):
+        flag = flag.to(DEVICE)
+        K.masked_adamw_(params, grads, m, v, masks, step=1, found_inf=flag, backend=backend,
+                        grad_scale=torch.tensor(0.5, device=DEVICE), **HP)  # fmt: skip
+        K.masked_sgd_(params, grads, None, lr=0.1, found_inf=flag, backend=backend)
+    for now, was in zip((params, m, v), start):
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(now, was))
+    # found_inf == 0: the same step as without the flag
+    ref = [[x.clone() for x in lst] for lst in start]
+    zero = torch.zeros((), device=DEVICE)
+    K.masked_adamw_(params, grads, m, v, masks, step=1, found_inf=zero, backend=backend, **HP)
+    K.masked_adamw_(ref[0], grads, ref[1], ref[2], masks, step=1, backend=backend, **HP)
+    for now, want in zip((params, m, v), ref):
+        assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(now, want))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_device_step_counts_match_host_steps(backend):
+    """Per-tensor step tensors (torch's fused ``state_steps``): bias corrections computed from
+    them (on the device for Triton, in fp64) equal the host's within an fp32 rounding."""
+    _need_device(backend)
+    shapes = _shapes(MIXED[1])
+    params, grads, m, v, masks = _adam_inputs(shapes, torch.float32, torch.float32)
+    ref = [[x.clone() for x in lst] for lst in (params, m, v)]
+    for step in (1, 2, 7):
+        steps = [torch.tensor(float(step), device=DEVICE) for _ in shapes]
+        K.masked_adamw_(params, grads, m, v, masks, step=steps, backend=backend, **HP)
+        K.masked_adamw_(ref[0], grads, ref[1], ref[2], masks, step=step, backend=backend, **HP)
+    for i in range(len(shapes)):
+        assert_close_verbose(params[i], ref[0][i], rtol=1e-6, atol=1e-7, name=f"param[{i}]")
+        assert torch.equal(m[i], ref[1][i]) and torch.equal(v[i], ref[2][i])
+    with pytest.raises(ValueError, match="step tensors"):
+        K.masked_adamw_(params, grads, m, v, masks, step=steps[:1], backend=backend, **HP)
+
+
+# ------------------------------------------------------------------ Fisher buckets
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fisher_buckets_one_launch_per_bucket(backend):
+    _need_device(backend)
+    shapes = [(1000,), (3, 700), (5000,), (17,), (2048,), (9,)]
+    grads = [torch.randn(s, device=DEVICE).to(torch.bfloat16) for s in shapes]
+    want = [torch.zeros(s, device=DEVICE) for s in shapes]
+    K.fisher_accumulate_(want, grads, 0.5, backend="torch")
+    accs = [torch.zeros(s, device=DEVICE) for s in shapes]
+    fb = K.FisherBuckets(0.5, bucket_bytes=4000, backend=backend)
+    for a, g in zip(accs, grads):
+        fb.add(a, g)
+        assert fb.pending_bytes < 4000  # a full bucket is accumulated at once
+    fb.flush()
+    assert fb.pending_bytes == 0
+    # 2000 + 4200 B → launch; 10000 → launch; 34 + 4096 → launch; 18 → flush
+    assert fb.launches == 4
+    for i, (a, w) in enumerate(zip(accs, want)):
+        assert_close_verbose(a, w, rtol=1e-6, atol=0, name=f"acc[{i}]")
+    fb.add(accs[0], grads[0])
+    fb.clear()
+    fb.flush()
+    assert fb.launches == 4
+
+
+def test_fisher_buckets_from_backward_hooks():
+    """The use the Fisher pass makes of it: post-accumulate-grad hooks queue each gradient and
+    drop ``.grad``; one flush after backward; the result equals per-parameter accumulation."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    accs = {p: torch.zeros_like(p) for p in model.parameters()}
+    want = {p: torch.zeros_like(p) for p in model.parameters()}
+    fb = K.FisherBuckets(bucket_bytes=1 << 20)
+
+    def hook(p):
+        fb.add(accs[p], p.grad)
+        p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(hook) for p in model.parameters()]
+    x = torch.randn(8, 16)
+    for _ in range(3):
+        model(x).pow(2).sum().backward()
+        fb.flush()
+    for h in handles:
+        h.remove()
+    for _ in range(3):
+        model(x).pow(2).sum().backward()
+        for p in model.parameters():
+            K.fisher_accumulate_([want[p]], [p.grad], backend="torch")
+            p.grad = None
+    assert fb.launches == 3  # one bucket per backward: 4 parameters, one launch
+    for p in model.parameters():
+        assert_close_verbose(accs[p], want[p], rtol=1e-6, atol=0)
