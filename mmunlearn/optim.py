@@ -5,13 +5,18 @@
 1-bit masks: ``step(masked=True)`` moves only the selected elements of masked parameters and
 leaves every other element of the parameter *and its moments* byte-identical. The hot path is
 one multi-tensor kernel launch per (param group, dtype pair, step count), with no host sync:
-the clip coefficient stays on the device.
+the clip coefficient stays on the device. ``step(found_inf=flag)`` takes a device flag
+(nonzero: skip) as torch's fused AdamW does, so a step guarded against a non-finite loss or
+gradient needs no ``loss.item()`` either: the update, the moments and the step counts stay as
+they were, on the device.
 
 Three-line use in any training loop::
 
     opt = MaskedAdamW(model.parameters(), lr=1e-4)
     opt.set_masks({p: p.abs() > 0.1 for p in model.parameters()})   # bool or packed masks
     loss.backward(); opt.step(max_grad_norm=1.0); opt.zero_grad()
+    # or, never reading the loss back: skip the step on the device if it is not finite
+    opt.step(max_grad_norm=1.0, found_inf=~torch.isfinite(loss.detach()))
 
 Policy for parameters without a mask during a masked step (``unmasked=``): ``"freeze"``
 (default: they do not move at all) or ``"update"`` (a full step). The official MMUnlearner code
@@ -26,7 +31,14 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from mmunlearn.kernels import grad_sq_norm, masked_adamw_, masked_sgd_, pack_bits, unpack_bits
+from mmunlearn.kernels import (
+    grad_sq_norm,
+    masked_adamw_,
+    masked_sgd_,
+    pack_bits,
+    packed_size,
+    unpack_bits,
+)
 
 _UNMASKED = ("freeze", "update")
 _CLIP_ORDERS = ("clip_then_mask", "mask_then_clip")
@@ -95,7 +107,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                     )
                 m = pack_bits(m, backend=self.backend)
             elif m.dtype == torch.uint8:
-                need = (local.numel() + 7) // 8
+                need = packed_size(local.numel())
                 if m.numel() != need:
                     raise ValueError(
                         f"set_masks: packed mask for {names[p]} has {m.numel()} bytes, "
@@ -144,6 +156,11 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ step helpers
     def _clip_scale(self, max_grad_norm, masked):
         """Device 0-dim clip coefficient min(1, max_norm / (norm + 1e-6)) (torch's formula)."""
+        coef, _ = self._clip_scale_and_norm(max_grad_norm, masked)
+        return coef
+
+    def _clip_scale_and_norm(self, max_grad_norm, masked):
+        """(clip coefficient, squared norm) as device 0-dim tensors, or (None, None)."""
         grads, dense_masked = [], []
         for g in self.param_groups:
             for p in g["params"]:
@@ -160,10 +177,28 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 grads.append(grad)
         parts = grads + dense_masked
         if not parts:
-            return None
+            return None, None
         sq = grad_sq_norm(parts, backend=self.backend)
         sq = self._all_reduce_sq_norm(sq)
-        return torch.clamp(max_grad_norm / (sq.sqrt() + 1e-6), max=1.0)
+        return torch.clamp(max_grad_norm / (sq.sqrt() + 1e-6), max=1.0), sq
+
+    def _prepare(self, max_grad_norm, masked, found_inf):
+        """Clip coefficient and skip flag for a step, both on the device (no host sync).
+
+        With ``found_inf`` given and clipping on, a non-finite gradient norm also skips the step
+        (the norm is computed anyway)."""
+        if max_grad_norm is None:
+            scale, sq = None, None
+        else:
+            scale, sq = self._clip_scale_and_norm(max_grad_norm, masked)
+        if found_inf is None:
+            return scale, None
+        if not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1:
+            raise ValueError("found_inf must be a 1-element tensor (nonzero: skip the step)")
+        flag = found_inf.detach().reshape(()).to(torch.float32)
+        if sq is not None:
+            flag = torch.maximum(flag.to(sq.device), (~torch.isfinite(sq)).to(torch.float32))
+        return scale, flag
 
     def _all_reduce_sq_norm(self, sq):
         """Hook for sharded parameters: sum the squared norm over ranks when any is a DTensor."""
@@ -241,14 +276,36 @@ class MaskedAdamW(_MaskedOptimizer):
             st["exp_avg_sq"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
         return st
 
+    @staticmethod
+    def _device_step(st, local: torch.Tensor) -> torch.Tensor:
+        """The state's step count as a 0-dim fp32 tensor on the parameter's device (moved there
+        once, as torch's fused and capturable AdamW keep it)."""
+        t = st["step"]
+        if t.device != local.device or t.dtype != torch.float32:
+            t = st["step"] = t.to(device=local.device, dtype=torch.float32)
+        return t
+
     @torch.no_grad()
-    def step(self, closure=None, *, masked: bool | None = None, max_grad_norm: float | None = None):
+    def step(
+        self,
+        closure=None,
+        *,
+        masked: bool | None = None,
+        max_grad_norm: float | None = None,
+        found_inf: torch.Tensor | None = None,
+    ):
         """One optimizer step.
 
         ``masked=True``: masked parameters move only where their bit is 1; unmasked parameters
         follow the ``unmasked`` policy. ``masked=False``: a plain AdamW step over every parameter
         with a gradient. ``masked=None`` (default): masked iff any mask is set.
         ``max_grad_norm``: clip the global gradient norm on the device first (no host sync).
+        ``found_inf``: a 1-element tensor, e.g. ``~torch.isfinite(loss.detach())``; where it is
+        nonzero the step is a no-op on the device — parameters, moments and step counts keep
+        their values — without a host sync (torch's fused-AdamW ``found_inf`` contract). With
+        ``max_grad_norm`` a non-finite gradient norm skips the step too. Step counts then live
+        on the parameters' devices and bias corrections are computed there (in fp64, rounded
+        to fp32: within an fp32 rounding of the host values used without ``found_inf``).
         Returns the closure's loss, if a closure was given.
         """
         loss = None
@@ -256,11 +313,43 @@ class MaskedAdamW(_MaskedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         masked = self._resolve_masked(masked)
-        scale = None if max_grad_norm is None else self._clip_scale(max_grad_norm, masked)
+        scale, flag = self._prepare(max_grad_norm, masked, found_inf)
+        keep: dict = {}  # device → 1.0 where the step is taken, 0.0 where it is skipped
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             with_mask, without = self._split(group, masked)
+            kw = dict(
+                lr=float(group["lr"]),
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                grad_scale=scale,
+                maximize=group["maximize"],
+                backend=self.backend,
+            )
             for plist, use_mask in ((with_mask, True), (without, False)):
+                if not plist:
+                    continue
+                if flag is not None:  # device step counts, one launch per dtype pair
+                    sts = [self._init_state(p) for p in plist]
+                    locs = [_local(p) for p in plist]
+                    steps = [self._device_step(st, x) for st, x in zip(sts, locs)]
+                    dev = locs[0].device
+                    if dev not in keep:
+                        keep[dev] = (flag.to(dev) == 0).to(torch.float32)
+                    torch._foreach_add_(steps, [keep[dev]] * len(steps))
+                    masked_adamw_(
+                        locs,
+                        [_local(p.grad) for p in plist],
+                        [s["exp_avg"] for s in sts],
+                        [s["exp_avg_sq"] for s in sts],
+                        [s["mask"] for s in sts] if use_mask else None,
+                        step=steps,
+                        found_inf=flag.to(dev),
+                        **kw,
+                    )
+                    continue
                 # one launch per distinct step count (normally one)
                 by_step: dict[float, list] = {}
                 for p in plist:
@@ -275,15 +364,8 @@ class MaskedAdamW(_MaskedOptimizer):
                         [s["exp_avg"] for s in sts],
                         [s["exp_avg_sq"] for s in sts],
                         [s["mask"] for s in sts] if use_mask else None,
-                        lr=float(group["lr"]),
-                        beta1=beta1,
-                        beta2=beta2,
-                        eps=group["eps"],
-                        weight_decay=group["weight_decay"],
                         step=int(step),
-                        grad_scale=scale,
-                        maximize=group["maximize"],
-                        backend=self.backend,
+                        **kw,
                     )
         return loss
 
@@ -316,26 +398,35 @@ class MaskedSGD(_MaskedOptimizer):
         )
 
     @torch.no_grad()
-    def step(self, closure=None, *, masked: bool | None = None, max_grad_norm: float | None = None):
+    def step(
+        self,
+        closure=None,
+        *,
+        masked: bool | None = None,
+        max_grad_norm: float | None = None,
+        found_inf: torch.Tensor | None = None,
+    ):
         """One SGD step; arguments as :meth:`MaskedAdamW.step`."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         masked = self._resolve_masked(masked)
-        scale = None if max_grad_norm is None else self._clip_scale(max_grad_norm, masked)
+        scale, flag = self._prepare(max_grad_norm, masked, found_inf)
         for group in self.param_groups:
             with_mask, without = self._split(group, masked)
             for plist, use_mask in ((with_mask, True), (without, False)):
                 if not plist:
                     continue
+                locs = [_local(p) for p in plist]
                 masked_sgd_(
-                    [_local(p) for p in plist],
+                    locs,
                     [_local(p.grad) for p in plist],
                     [self.state[p]["mask"] for p in plist] if use_mask else None,
                     lr=float(group["lr"]),
                     weight_decay=group["weight_decay"],
                     grad_scale=scale,
+                    found_inf=None if flag is None else flag.to(locs[0].device),
                     maximize=group["maximize"],
                     backend=self.backend,
                 )

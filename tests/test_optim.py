@@ -13,7 +13,12 @@ from mmunlearn.optim import MaskedAdamW, MaskedSGD
 from conftest import DEVICE, HAS_CUDA
 from helpers import assert_close_verbose, max_rel_err, ulp
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "cpu"]
+
+
+def _need_device(backend):
+    if backend == "cpu" and DEVICE.type != "cpu":
+        pytest.skip("the cpu backend runs on CPU tensors")
 
 
 def _model(dtype=torch.float32, device=DEVICE):
@@ -52,6 +57,7 @@ def test_all_ones_masks_match_torch_adamw_50_steps(backend):
     (CPU interpreter: numpy) rounds differently by ~1 ulp per step (the one-step bound is in
     test_kernels), and training feeds that back through the gradients: 1.2e-6 after 50 steps
     on an AMD EPYC, < 1e-6 on the machine before it, so the bound is 50 steps x 1 ulp."""
+    _need_device(backend)
     ref, ours = _model(), _model()
     batches = _batches(50)
     kw = dict(lr=3e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
@@ -59,7 +65,7 @@ def test_all_ones_masks_match_torch_adamw_50_steps(backend):
     opt = MaskedAdamW(ours.parameters(), backend=backend, **kw)
     opt.set_masks({p: torch.ones_like(p, dtype=torch.bool) for p in ours.parameters()})
     _train(ours, opt, batches, masked=True)
-    bound = 1e-6 if backend == "torch" else len(batches) * ulp(torch.float32)
+    bound = 1e-6 if backend == "torch" else len(batches) * ulp(torch.float32)  # cpu: see above
     for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
         assert max_rel_err(a.detach(), b.detach(), floor=1e-2) <= bound, name
 
@@ -79,6 +85,7 @@ def test_all_ones_masks_match_torch_adamw_50_steps_gpu():
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_masked_steps_leave_unselected_bytes_and_moments(backend, dtype):
+    _need_device(backend)
     model = _model(dtype)
     opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend=backend)
     batches = _batches(8, dtype=dtype)
@@ -131,6 +138,7 @@ def test_unmasked_policy(policy):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_state_dict_round_trip_reproduces_trajectory(backend):
+    _need_device(backend)
     batches = _batches(12, dtype=torch.bfloat16)
     model = _model(torch.bfloat16)
     opt = MaskedAdamW(model.parameters(), lr=1e-2, backend=backend)
@@ -202,6 +210,7 @@ def test_mask_then_clip_uses_masked_norm():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_masked_sgd_matches_torch_sgd_and_freezes(backend):
+    _need_device(backend)
     ref, ours = _model(), _model()
     batches = _batches(10)
     _train(ref, torch.optim.SGD(ref.parameters(), lr=0.05), batches)
@@ -252,3 +261,86 @@ def test_step_keeps_clip_coefficient_on_device():
     torch.nn.functional.mse_loss(model(x), y).backward()
     coef = opt._clip_scale(1.0, masked=False)
     assert isinstance(coef, torch.Tensor) and coef.dim() == 0
+
+
+# ------------------------------------------------------------------ found_inf (issue 16)
+def _state_bytes(opt):
+    return {
+        p: {k: v.clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
+        for p, st in opt.state.items()
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_found_inf_skips_step_on_device(backend, dtype):
+    """A flagged step leaves parameters, moments and step counts as they were; an unflagged
+    one equals the step without the flag (bias corrections on the device: within ulps)."""
+    _need_device(backend)
+    model, ref = _model(dtype), _model(dtype)
+    batches = _batches(6, dtype=dtype)
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend=backend)
+    ropt = MaskedAdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, backend=backend)
+    dense = [torch.rand(p.shape, device=DEVICE) < 0.5 for p in model.parameters()]
+    opt.set_masks(dict(zip(model.parameters(), dense)))
+    ropt.set_masks(dict(zip(ref.parameters(), dense)))
+    for k, (x, y) in enumerate(batches):
+        for m, o, guarded in ((model, opt, True), (ref, ropt, False)):
+            loss = torch.nn.functional.mse_loss(m(x).float(), y.float())
+            loss.backward()
+            if guarded:
+                before = [p.detach().clone() for p in m.parameters()], _state_bytes(o)
+                skip = torch.tensor(k % 3 == 1, device=DEVICE)  # steps 1 and 4 are skipped
+                o.step(max_grad_norm=1.0, found_inf=skip | ~torch.isfinite(loss.detach()))
+                if k % 3 == 1:
+                    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), before[0]))
+                    for p, st in before[1].items():
+                        for key, val in st.items():
+                            assert torch.equal(o.state[p][key].to(val.device), val), key
+            elif k % 3 != 1:
+                o.step(max_grad_norm=1.0)
+            o.zero_grad()
+    for p, r in zip(model.parameters(), ref.parameters()):
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+        assert_close_verbose(p, r, **tol)
+    counts = {float(opt.state[p]["step"]) for p in model.parameters()}
+    assert counts == {4.0}  # 6 calls, 2 skipped
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_gradient_norm_skips_when_guarded(backend):
+    _need_device(backend)
+    model = _model()
+    opt = MaskedSGD(model.parameters(), lr=0.1, backend=backend)
+    x, y = _batches(1)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    next(iter(model.parameters())).grad[0, 0] = float("inf")
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(max_grad_norm=1.0, found_inf=torch.zeros((), device=DEVICE))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    opt.step(max_grad_norm=1.0)  # unguarded: clip coefficient 0, inf·0 = NaN (as with torch's
+    assert not all(torch.isfinite(p).all() for p in model.parameters())  # clip_grad_norm_)
+
+
+def test_guarded_triton_step_reads_nothing_back(monkeypatch):
+    """found_inf + clipping on the Triton backend: no tensor value is read on the host."""
+    model = _model()
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, backend="triton")
+    opt.set_masks({p: torch.rand(p.shape, device=DEVICE) < 0.5 for p in model.parameters()})
+    x, y = _batches(1)[0]
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    opt.step(max_grad_norm=1.0, found_inf=~torch.isfinite(loss.detach()))  # state created
+
+    def no_sync(*a, **k):
+        raise AssertionError("host read of a tensor value during a guarded step")
+
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    loss.backward()
+    flag = ~torch.isfinite(loss.detach())
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    opt.step(max_grad_norm=1.0, found_inf=flag)
+    monkeypatch.undo()
+    assert {float(opt.state[p]["step"]) for p in model.parameters()} == {2.0}
