@@ -1,12 +1,16 @@
 """Benchmark cases shared by the pytest-benchmark suite and the table script (bench/run.py).
 
 Each case builds its inputs once and exposes one callable per implementation:
-``triton`` (our kernel, one launch per step), ``torch`` (our reference twin), ``eager`` (the
-natural per-tensor PyTorch loop a user would write), ``compile`` (torch.compile of that loop),
-``fused_adamw`` (``grad.mul_(mask)`` then ``torch.optim.AdamW(fused=True)``) and ``official``
-(the official MMUnlearner way: gradient copied to the CPU and squared there; bool mask on the
-host copied to the device every step). ``bytes_moved`` is the minimum DRAM traffic of the op
-(design.md's byte budget), used for GB/s and the fraction of measured copy bandwidth.
+``triton`` (our kernel, one launch per step; CUDA), ``cpu`` (our C kernels, one call per step;
+CPU), ``torch`` (our reference twin), ``eager`` (the natural per-tensor PyTorch loop a user would
+write), ``compile`` (torch.compile of that loop; CUDA only: a CPU inductor compile of 437 tensors
+takes minutes on 2 cores), ``fused_adamw`` (``grad.mul_(mask)`` then
+``torch.optim.AdamW(fused=True)``, moments in the parameter dtype as torch keeps them) and
+``official`` (the official MMUnlearner way: gradient copied to the CPU and squared there; bool
+mask on the host copied to the device every step). ``bytes_moved`` is the minimum DRAM traffic
+of the op (design.md's byte budget for the case's dtype), used for GB/s and the fraction of
+measured copy bandwidth. ``dtype`` is the parameter and gradient dtype (Fishers and moments are
+always fp32).
 """
 
 from __future__ import annotations
@@ -50,18 +54,28 @@ BYTES_PER_ELEMENT = {  # bf16 grads/params, fp32 state, 1-bit masks (design.md)
     "masked_sgd": 6.125,
     "grad_sq_norm": 2.0,
 }
+# bytes per element of a grad / param in the ops above (the rest is fp32 state or the mask)
+_PARAM_BYTES = {"fisher_accumulate": 1, "masked_adamw": 3, "masked_sgd": 3, "grad_sq_norm": 1}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def bytes_per_element(op: str, dtype: str = "bf16") -> float:
+    """design.md's byte budget of ``op`` with params/grads in ``dtype`` (fp32: 2 more bytes per
+    param or grad access)."""
+    extra = 2 * _PARAM_BYTES.get(op, 0) if dtype == "fp32" else 0
+    return BYTES_PER_ELEMENT[op] + extra
 
 
 class Case:
     """Inputs for one (op, size); ``impls()`` maps implementation name → zero-arg callable."""
 
-    def __init__(self, op: str, total: int, device: str, seed: int = 0):
+    def __init__(self, op: str, total: int, device: str, seed: int = 0, dtype: str = "bf16"):
         torch.manual_seed(seed)
-        self.op, self.device = op, torch.device(device)
+        self.op, self.device, self.dtype = op, torch.device(device), dtype
         self.shapes = model_shapes(total)
         self.numel = sum(math.prod(s) for s in self.shapes)
         dev = self.device
-        bf16 = torch.bfloat16
+        bf16 = DTYPES[dtype]
         self.grads = [torch.randn(s, device=dev, dtype=bf16) for s in self.shapes]
         if op in ("fisher_accumulate", "saliency_mask", "saliency_histogram"):
             self.f1 = [torch.rand(s, device=dev) for s in self.shapes]
@@ -75,14 +89,18 @@ class Case:
 
     @property
     def bytes_moved(self) -> float:
-        return BYTES_PER_ELEMENT[self.op] * self.numel
+        return bytes_per_element(self.op, self.dtype) * self.numel
+
+    @property
+    def ours(self) -> str:
+        """Our implementation on this device: the Triton kernels on CUDA, the C kernels on CPU."""
+        return "triton" if self.device.type == "cuda" else "cpu"
 
     def impls(self) -> dict:
         op = self.op
         on_cuda = self.device.type == "cuda"
         out = {"torch": getattr(self, f"_{op}")("torch")}
-        if on_cuda:
-            out["triton"] = getattr(self, f"_{op}")("triton")
+        out[self.ours] = getattr(self, f"_{op}")(self.ours)
         eager = getattr(self, f"_{op}_eager", None)
         if eager is not None:
             out["eager"] = eager
@@ -125,11 +143,14 @@ class Case:
         )
 
     def _masked_adamw_fused_adamw(self):
+        # the gradient backward left is masked in place (idempotent for a 0/1 mask, so the timed
+        # call needs no fresh copy), then one fused AdamW step over every tensor
         if not hasattr(self, "_fused"):
             self._leaf = [p.clone().requires_grad_(True) for p in self.params]
+            for p, g in zip(self._leaf, self.grads):
+                p.grad = g.clone()
             self._fused = torch.optim.AdamW(self._leaf, lr=1e-5, weight_decay=0.0, fused=True)
-        for p, g, d in zip(self._leaf, self.grads, self.dense):
-            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+        for p, d in zip(self._leaf, self.dense):
             p.grad.mul_(d)
         self._fused.step()
 
@@ -138,10 +159,11 @@ class Case:
         # step, the gradient is multiplied by it, then a stock AdamW (foreach) steps everything
         if not hasattr(self, "_off"):
             self._off_leaf = [p.clone().requires_grad_(True) for p in self.params]
+            for p, g in zip(self._off_leaf, self.grads):
+                p.grad = g.clone()
             self._off = torch.optim.AdamW(self._off_leaf, lr=1e-5, weight_decay=0.0)
             self._host_masks = [d.cpu() for d in self.dense]
-        for p, g, hm in zip(self._off_leaf, self.grads, self._host_masks):
-            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+        for p, hm in zip(self._off_leaf, self._host_masks):
             p.grad.mul_(hm.to(p.device, non_blocking=False))
         self._off.step()
 

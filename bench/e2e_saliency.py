@@ -6,7 +6,9 @@
 ours      per batch, the gradients of every parameter (bf16 or fp32) are added into fp32 Fisher
           accumulators on the device by one multi-tensor ``fisher_accumulate_`` call; at the end
           ``saliency_mask`` makes 1-bit masks on the device; every forget step is one
-          ``masked_adamw_`` call with those packed masks (fp32 moments).
+          ``masked_adamw_`` call with those packed masks (fp32 moments). Backend "auto": the
+          Triton kernels on CUDA, the C kernels (``cpu`` backend) on the CPU.
+twins     ours with ``backend="torch"`` (the reference twins; ``--impls ours official twins``).
 official  what the reference code does (docs method.md §2): every gradient is copied to the host
           (``.cpu()``), squared there in the parameter dtype and summed in that dtype; the bool
           mask ``(F_f+ε)/(F_p+ε) ≥ γ`` is computed on the host, copied to the device every forget
@@ -47,7 +49,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EPS = 1e-15  # the official ε
 GAMMA = 1.0  # the official default γ
 ADAM = dict(lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)  # official: wd 0
-IMPLS = ("ours", "official")
+# "twins": ours with backend="torch" (the reference twins, the CPU path before the C kernels)
+IMPLS = ("ours", "official", "twins")
 
 
 class Inputs:
@@ -219,7 +222,10 @@ def measure(impl: str, total: int, dtype_name: str, device, reps: int, seed: int
     inp = Inputs(total, DTYPES[dtype_name], device, seed)
     probe = MemoryProbe(device)
     probe.start()
-    obj = Ours(inp) if impl == "ours" else Official(inp)
+    if impl == "official":
+        obj = Official(inp)
+    else:
+        obj = Ours(inp, backend="torch" if impl == "twins" else "auto")
     res = dict(impl=impl, numel=inp.numel, n_tensors=len(inp.shapes), dtype=dtype_name)
     big = device.type == "cuda" and impl == "official" and inp.numel >= (1 << 28)
     r = min(reps, 3) if big else reps  # the official way takes seconds per batch there
@@ -288,8 +294,8 @@ def build_tables(rows, batches: int, steps: int, device_name: str, cpu: bool) ->
         note += (
             " On the CPU the device *is* the host: the official `.cpu()` and `mask.to(device)` "
             "are no-ops, so its device↔host copies (its main cost on a GPU) are absent here, "
-            "and ours runs the torch twins (references that unpack masks and use "
-            "`torch.where`), not the Triton kernels. CPU ratios are not the GPU target."
+            "and ours runs the C kernels of the `cpu` backend (`twins`: the torch reference "
+            "twins), not the Triton kernels. CPU ratios are not the GPU target."
         )
     return "\n".join(lines) + "\n\n" + note
 
@@ -301,7 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", nargs="+", default=None, help="elements: 1M 16M 256M 1G 1e9")
     ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    ap.add_argument("--impls", nargs="+", default=["ours", "official"], choices=list(IMPLS))
     ap.add_argument("--reps", type=int, default=None, help="timed calls per phase (median)")
     ap.add_argument("--batches", type=int, default=50, help="Fisher batches per set (pipeline)")
     ap.add_argument("--steps", type=int, default=50, help="forget steps (pipeline)")

@@ -1,12 +1,15 @@
-"""Side-by-side kernel table: every op × size × implementation in one run.
+"""Side-by-side kernel table: every op × size × dtype × implementation in one run.
 
-    python bench/run.py                      # CUDA: 1M,16M,256M,1B elements; CPU: 1M, 4M
-    python bench/run.py --sizes 1M 16M --out bench/out
+    python bench/run.py                          # CUDA: 1M,16M,256M,1G; CPU: 4M, 16M; bf16, fp32
+    python bench/run.py --sizes 4M 16M --dtypes bf16 --json bench/out/run.json
 
-Prints one markdown table and writes ``results.json`` and ``results.md`` to ``--out``. Columns:
-median time, bytes moved (design.md's per-element budget), GB/s, % of the device copy bandwidth
-measured in the same run, and the speed-up of our kernel (triton on CUDA, torch twin on CPU)
-over each alternative.
+Prints one markdown table and writes ``results.json`` / ``results.md`` to ``--out`` and, with
+``--json PATH``, every row as ``{op, impl, device, dtype, elements, ms, GB/s, ...}``. Columns:
+median time over ``--reps`` calls (after warm-up calls; the implementations' calls are
+interleaved so that other jobs on a shared machine slow them alike), bytes moved (design.md's
+per-element budget for the dtype), GB/s, % of the device copy bandwidth measured in the same
+run, and the speed-up of ours (the Triton kernels on CUDA, the C kernels of the ``cpu`` backend
+on CPU) over each row. A summary lists the ratios issue 16 asks for.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import platform
 import statistics
 import sys
 import time
@@ -22,7 +26,14 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cases import OPS, Case, copy_bandwidth, sync  # noqa: E402
+from cases import DTYPES, OPS, Case, copy_bandwidth, sync  # noqa: E402
+
+# (op, baseline) pairs whose speed ratio the CPU path must keep ≥ 1 (issue 16)
+GOALS = [
+    ("masked_adamw", "fused_adamw"),
+    ("fisher_accumulate", "eager"),
+    ("saliency_mask", "eager"),
+]
 
 
 def parse_size(s: str) -> int:
@@ -30,17 +41,40 @@ def parse_size(s: str) -> int:
     return int(float(s[:-1]) * mult[s[-1].upper()]) if s[-1].upper() in mult else int(s)
 
 
-def time_fn(fn, device, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
+def time_fns(fns: dict, device, reps: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each function, and the individual times.
+
+    The calls are interleaved (rep 1 of every implementation, then rep 2, ...), so a machine
+    shared with other jobs loads every implementation alike and the ratios stay fair. A
+    function that raises is dropped (reported on stderr)."""
+    live = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            sync(device)
+            live[name] = fn
+        except Exception as e:  # a baseline that cannot run is reported, not fatal
+            print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
+    times: dict = {name: [] for name in live}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in live.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), t) for name, t in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def main(argv=None) -> int:
@@ -48,85 +82,103 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", nargs="+", default=None, help="element counts, e.g. 1M 16M 256M 1G")
+    ap.add_argument("--sizes", nargs="+", default=None, help="element counts, e.g. 4M 16M 1G")
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=list(DTYPES))
     ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
-    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--impls", nargs="+", default=None, help="only these implementations")
+    ap.add_argument("--reps", type=int, default=None, help="timed calls per row (median)")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--json", default=None, help="also write every row to this JSON file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sizes = [
         parse_size(s)
-        for s in (args.sizes or (["1M", "16M", "256M", "1G"] if cuda else ["1M", "4M"]))
+        for s in (args.sizes or (["1M", "16M", "256M", "1G"] if cuda else ["4M", "16M"]))
     ]
-    reps = args.reps or (20 if cuda else 3)
-    bw = copy_bandwidth(device, numel=(1 << 26) if cuda else (1 << 22))
-    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    reps = args.reps or (20 if cuda else 7)
+    bw = copy_bandwidth(device, numel=(1 << 26) if cuda else (1 << 24))
+    name = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()} ({os.cpu_count()} cores)"
     rows = []
     for op in args.ops:
         for size in sizes:
-            try:
-                case = Case(op, size, str(device))
-            except torch.OutOfMemoryError:
-                print(f"skip {op} @ {size}: out of memory", file=sys.stderr)
-                continue
-            impls = case.impls()
-            times = {}
-            for impl, fn in impls.items():
+            for dtype in args.dtypes:
                 try:
-                    times[impl] = time_fn(fn, device, reps)
-                except Exception as e:  # a baseline that cannot run is reported, not fatal
-                    print(f"{op} {impl} @ {size}: {type(e).__name__}: {e}", file=sys.stderr)
-            ours = "triton" if "triton" in times else "torch"
-            for impl, t in times.items():
-                gbs = case.bytes_moved / t / 1e9
-                rows.append(
-                    dict(
-                        op=op,
-                        numel=case.numel,
-                        impl=impl,
-                        median_ms=t * 1e3,
-                        bytes=case.bytes_moved,
-                        gbps=gbs,
-                        pct_copy_bw=100 * gbs * 1e9 / bw,
-                        speedup_of_ours=t / times[ours],
+                    case = Case(op, size, str(device), dtype=dtype)
+                except torch.OutOfMemoryError:
+                    print(f"skip {op} @ {size} {dtype}: out of memory", file=sys.stderr)
+                    continue
+                impls = case.impls()
+                if args.impls:
+                    impls = {k: v for k, v in impls.items() if k in args.impls or k == case.ours}
+                times = time_fns(impls, device, reps)
+                for impl, (t, all_t) in times.items():
+                    gbs = case.bytes_moved / t / 1e9
+                    rows.append(
+                        dict(
+                            op=op,
+                            impl=impl,
+                            device=name,
+                            dtype=dtype,
+                            elements=case.numel,
+                            ms=t * 1e3,
+                            gbps=gbs,
+                            bytes=case.bytes_moved,
+                            pct_copy_bw=100 * gbs * 1e9 / bw,
+                            speedup_of_ours=t / times[case.ours][0],
+                            ours=impl == case.ours,
+                            reps=reps,
+                            all_ms=[x * 1e3 for x in all_t],
+                        )
                     )
-                )
-            del case, impls
-            if cuda:
-                torch.cuda.empty_cache()
+                done = ", ".join(f"{k} {v[0] * 1e3:.2f} ms" for k, v in times.items())
+                print(f"{op} {size} {dtype}: {done}", file=sys.stderr)
+                del case, impls
+                if cuda:
+                    torch.cuda.empty_cache()
     header = (
-        f"device: {name}; torch {torch.__version__}; date {dt.date.today()}; "
-        f"copy bandwidth {bw / 1e9:.1f} GB/s"
+        f"device: {name}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+        f"date {dt.date.today()}; copy bandwidth {bw / 1e9:.1f} GB/s; median of {reps} calls"
     )
     lines = [
         header,
         "",
-        "| op | elements | impl | median ms | GB/s | % copy BW | ours × faster |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| op | dtype | elements | impl | median ms | GB/s | % copy BW | ours × faster |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['op']} | {r['numel']:,} | {r['impl']} | {r['median_ms']:.3f} | "
+            f"| {r['op']} | {r['dtype']} | {r['elements']:,} | {r['impl']} | {r['ms']:.3f} | "
             f"{r['gbps']:.1f} | {r['pct_copy_bw']:.0f} | {r['speedup_of_ours']:.2f} |"
         )
-    table = "\n".join(lines)
+    by = {(r["op"], r["dtype"], r["elements"], r["impl"]): r for r in rows}
+    summary = [
+        "",
+        "| goal: ours / baseline speed | dtype | elements | ratio |",
+        "|---|---|---:|---:|",
+    ]
+    for op, base in GOALS:
+        for (o, d, n, impl), r in by.items():
+            if o == op and impl == base:
+                ours = [x for x in rows if (x["op"], x["dtype"], x["elements"]) == (o, d, n)
+                        and x["ours"]]  # fmt: skip
+                if ours:
+                    summary.append(
+                        f"| {op} vs {base} | {d} | {n:,} | {r['ms'] / ours[0]['ms']:.2f}× |"
+                    )
+    table = "\n".join(lines + summary)
     print(table)
     os.makedirs(args.out, exist_ok=True)
+    meta = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(),
+                date=str(dt.date.today()), copy_bandwidth=bw, reps=reps)  # fmt: skip
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(
-            dict(
-                device=name,
-                torch=torch.__version__,
-                date=str(dt.date.today()),
-                copy_bandwidth=bw,
-                rows=rows,
-            ),
-            f,
-            indent=1,
-        )
+        json.dump(dict(meta, rows=rows), f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta, rows=rows), f, indent=1)
     return 0
 
 

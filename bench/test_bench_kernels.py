@@ -1,7 +1,7 @@
 """pytest-benchmark suite: every op, every implementation, side by side in one run.
 
-CPU (CI): 1 M elements, torch/eager/official rows only. CUDA: 1 M … 256 M elements, Triton and
-torch.compile rows too. Run ``pytest bench --benchmark-only``; group rows by op and size.
+CPU (CI): 1 M elements, cpu/torch/eager/fused_adamw/official rows. CUDA: 1 M … 256 M elements,
+Triton and torch.compile rows too. Run ``pytest bench --benchmark-only``; group rows by op and size.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from cases import OPS, Case, sync
 
 CUDA = torch.cuda.is_available()
 SIZES = [1 << 20, 1 << 24, 1 << 28] if CUDA else [1 << 20]
-IMPLS = ["triton", "torch", "eager", "compile", "fused_adamw", "official"]
+IMPLS = ["triton", "cpu", "torch", "eager", "compile", "fused_adamw", "official"]
 _CASES: dict = {}
 
 
