@@ -23,7 +23,7 @@ from safetensors.torch import save_model as st_save_model
 from mmunlearn import fsdp
 from mmunlearn.distributed import all_reduce_sum_, is_rank0, is_sharded, local, world_size
 from mmunlearn.io import atomic_write_json, find_complete_dir, replace_dir, temp_dir_for
-from mmunlearn.kernels import unpack_bits
+from mmunlearn.saliency import popcount
 
 CKPT = "checkpoint"
 
@@ -90,7 +90,7 @@ def _mask_selected(opt) -> int:
         for p in group["params"]:
             m = opt.state.get(p, {}).get("mask")
             if m is not None:
-                n += int(unpack_bits(m, local(p).shape, backend="torch").sum())
+                n += popcount(m)
     t = torch.tensor([n], dtype=torch.int64)
     if world_size() > 1:
         dev = next(iter(opt.param_groups[0]["params"]))

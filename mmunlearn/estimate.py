@@ -71,15 +71,21 @@ _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2,
 
 
 def load_config(model: str):
+    """The model config of a checkpoint folder, a ``config.json`` file or a Hub id already in
+    the local cache (only the config is read)."""
     from transformers import AutoConfig
 
-    if os.path.isdir(model):
-        return AutoConfig.from_pretrained(model, local_files_only=True)
+    from mmunlearn.models.loading import resolve
+
     if os.path.isfile(model):
         with open(model) as f:
             d = json.load(f)
         return AutoConfig.for_model(**d)
-    raise ValueError(f"--model must be a model directory or a config.json file, got {model!r}")
+    try:
+        folder = resolve(model, "--model")
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
+    return AutoConfig.from_pretrained(folder, local_files_only=True)
 
 
 def _text_dims(cfg):

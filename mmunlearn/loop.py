@@ -1,20 +1,35 @@
 """The compact unlearning loop: one optimizer, forget/retain steps interleaved as the official
-MMUnlearner code does, clipping, masked steps, atomic checkpoints, resume, NaN guard.
+MMUnlearner code does, clipping, masked steps, streamed batches, a JSON-lines log, periodic
+evaluation, atomic checkpoints, resume, NaN guard.
 
 Schedule (deterministic given the seed): per epoch walk the (shuffled) retain batches; before
 every ``forget_freq``-th retain step (``forget_freq = len(retain) // len(forget)`` by default)
-take one forget step on the next forget batch. Methods without a retain step (GA, NPO) walk the
-forget batches only. Forget steps of MMUnlearner are masked (only salient weights move); every
-other step is a plain AdamW step. The global gradient norm is clipped to ``max_grad_norm``
-before the mask is applied (the official order).
+take one forget step on the next forget batch (``forget_cap``: each forget batch at most once
+per epoch, as the official loop whose forget iterator runs dry). Methods without a retain step
+(GA, NPO) walk the forget batches only. A step consumes ``grad_accum`` batches.
+
+Forget steps of MMUnlearner are masked. ``mask_mode="masked_step"`` (ours): only salient weights
+move, everything else (weights, moments) is untouched. ``"zero_grad"`` (the official code): the
+gradient is clipped, multiplied by the mask and a plain AdamW step follows, so masked-out
+weights still move by the momentum of earlier retain steps. The global gradient norm is clipped
+to ``max_grad_norm`` before the mask is applied (the official order); ``retain_max_grad_norm``
+clips retain steps (``"same"``: ``max_grad_norm``).
+
+Batches come from any sized, indexable source (a list of batches, or a
+:class:`~mmunlearn.data.batching.BatchSource` that collates on demand) through a
+``DataLoader`` over the planned indices (``workers`` processes, pinned memory on CUDA), so only
+the batches in flight exist, and a resumed run starts exactly where the checkpoint stopped.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import os
 import random
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -22,16 +37,22 @@ import torch
 from tqdm.auto import tqdm
 
 from mmunlearn.checkpoint import CKPT, find_checkpoint, load_checkpoint, save_checkpoint
+from mmunlearn.data.batching import to_device
 from mmunlearn.distributed import (
     all_reduce_sum_,
     is_rank0,
     is_sharded,
+    local,
     require_reduced_grads,
     world_size,
 )
+from mmunlearn.kernels import grad_sq_norm
 from mmunlearn.losses import local_batch
 from mmunlearn.methods import Method
 from mmunlearn.optim import MaskedAdamW
+from mmunlearn.saliency import popcount
+
+LOG = "log.jsonl"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,17 +66,48 @@ class UnlearnConfig:
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
+    eps: float = 1e-8  # Adam ε (the official code: transformers' AdamW, 1e-6)
+    max_grad_norm: float | None = 1.0  # forget steps (and retain steps with "same")
+    retain_max_grad_norm: float | str | None = "same"
     epochs: int = 1
     forget_freq: int | None = None
+    forget_cap: bool = False  # each forget batch at most once per epoch (official)
     lr_schedule: str = "linear"  # "linear" decay to 0 or "constant"
+    schedule_unit: str = "step"  # the scheduler steps every "step" or every "epoch" (official)
+    mask_mode: str = "masked_step"  # or "zero_grad" (official: grad *= mask, plain step)
     clip_order: str = "clip_then_mask"
     unmasked: str = "freeze"
     seed: int = 0
+    grad_accum: int = 1  # batches per optimizer step
+    max_steps: int | None = None  # stop after this many steps (smoke tests)
     checkpoint_every: int = 0  # steps; 0 = only at the end (when output_dir is given)
+    log_every: int = 1  # steps between reading the loss back (a host sync) and logging it
+    eval_every: int = 0  # steps between monitor() calls (0: never)
+    workers: int = 0  # DataLoader worker processes
+    report_to: str | None = None  # "tensorboard"
     grad_checkpointing: bool = False
     progress: bool = True
     backend: str = "auto"
+
+    def __post_init__(self):
+        checks = (
+            ("lr_schedule", self.lr_schedule, ("linear", "constant")),
+            ("schedule_unit", self.schedule_unit, ("step", "epoch")),
+            ("mask_mode", self.mask_mode, ("masked_step", "zero_grad")),
+        )
+        for name, v, ok in checks:
+            if v not in ok:
+                raise ValueError(f"{name} must be one of {ok}, got {v!r}")
+        if self.report_to not in (None, "none", "tensorboard"):
+            raise ValueError(f"report_to must be 'tensorboard' or None, got {self.report_to!r}")
+        for name in ("epochs", "grad_accum", "log_every"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
+
+    @property
+    def retain_clip(self) -> float | None:
+        r = self.retain_max_grad_norm
+        return self.max_grad_norm if r == "same" else r
 
 
 def build_schedule(
@@ -65,8 +117,10 @@ def build_schedule(
     epochs: int = 1,
     forget_freq: int | None = None,
     seed: int = 0,
+    forget_cap: bool = False,
 ) -> list[tuple[str, int]]:
-    """The list of (kind, batch index) steps, kind "forget" or "retain"."""
+    """The list of (kind, step index) steps, kind "forget" or "retain" (see the module
+    docstring; ``forget_cap``: a forget step only while the epoch's forget batches last)."""
     if n_forget < 1:
         raise ValueError("unlearning needs at least one forget batch")
     rng = random.Random(seed)
@@ -84,7 +138,7 @@ def build_schedule(
         freq = forget_freq or max(1, n_retain // n_forget)
         fi = 0
         for step, ri in enumerate(r_order):
-            if step % freq == 0:
+            if step % freq == 0 and not (forget_cap and fi >= n_forget):
                 steps.append(("forget", f_order[fi % n_forget]))
                 fi += 1
             steps.append(("retain", ri))
@@ -101,6 +155,103 @@ def _global_value(loss: torch.Tensor) -> float:
     return all_reduce_sum_(t).item() / w
 
 
+def _epoch_ends(plan, method: Method, n_forget: int, n_retain: int) -> set[int]:
+    """Indices of the last step of every epoch of ``plan``."""
+    kind, per = ("retain", n_retain) if method.has_retain else ("forget", n_forget)
+    ends, seen = set(), 0
+    for i, (k, _) in enumerate(plan):
+        if k == kind:
+            seen += 1
+            if seen % per == 0:
+                ends.add(i)
+    return ends
+
+
+def _stream(source, indices: list[int], workers: int, pin: bool):
+    """Batches ``source[i]`` for ``i`` in ``indices``, in order, through a DataLoader."""
+    if not indices:
+        return iter(())
+    loader = torch.utils.data.DataLoader(
+        source,
+        batch_size=None,
+        sampler=indices,
+        num_workers=workers,
+        pin_memory=pin,
+        collate_fn=lambda b: b,
+    )
+    return iter(loader)
+
+
+class _Log:
+    """The run's JSON-lines log (``output_dir/log.jsonl``, rank 0, appended: a resumed run
+    continues it) and, with ``report_to="tensorboard"``, TensorBoard scalars."""
+
+    def __init__(self, output_dir: str | None, report_to: str | None):
+        self.path = os.path.join(output_dir, LOG) if (output_dir and is_rank0()) else None
+        self.tb = None
+        if report_to == "tensorboard" and is_rank0():
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError(
+                    "report_to='tensorboard' needs the tensorboard package "
+                    "(pip install tensorboard)"
+                ) from e
+            self.tb = SummaryWriter(os.path.join(output_dir or ".", "tensorboard"))
+
+    def write(self, row: dict) -> None:
+        if self.path is not None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
+                    tag = f"{row.get('phase', 'eval')}/{k}" if k != "lr" else "lr"
+                    self.tb.add_scalar(tag, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _grad_norm(params) -> float:
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    sq = grad_sq_norm([g.detach() for g in grads]).reshape(1)
+    if world_size() > 1:
+        all_reduce_sum_(sq)
+    return float(sq.sqrt().item())
+
+
+def _mask_fraction(opt) -> float | None:
+    """Selected elements over all elements of the masked parameters, over all ranks (None
+    without masks)."""
+    t = torch.zeros(2, dtype=torch.float64)
+    for g in opt.param_groups:
+        for p in g["params"]:
+            m = opt.state.get(p, {}).get("mask")
+            if m is not None:
+                t += torch.tensor([popcount(m), local(p).numel()], dtype=torch.float64)
+    if world_size() > 1:
+        dev = next(local(p).device for g in opt.param_groups for p in g["params"])
+        t = all_reduce_sum_(t.to(dev)).cpu()
+    return float(t[0] / t[1]) if t[1] else None
+
+
+def _zero_grad_mask_step(opt, params, max_grad_norm) -> None:
+    """The official forget step: clip the unmasked gradient, multiply by the masks (parameters
+    without a mask keep their whole gradient), then a plain AdamW step over everything."""
+    if max_grad_norm is not None:
+        grads = [p for p in params if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(grads, max_grad_norm)
+    for p in params:
+        if p.grad is not None and opt.get_mask(p) is not None:
+            local(p.grad).mul_(opt.get_mask(p, dense=True).to(local(p.grad).dtype))
+    opt.step(masked=False, max_grad_norm=None)
+
+
 def unlearn(
     model,
     method: Method | str,
@@ -113,17 +264,24 @@ def unlearn(
     output_dir: str | None = None,
     resume: bool = False,
     callback=None,
+    monitor: Callable | None = None,
+    on_best: Callable | None = None,
 ) -> dict:
     """Unlearn ``forget`` from ``model`` in place with ``method``.
 
-    ``forget`` / ``retain``: sequences of model-ready batches (dicts with ``labels``).
-    ``masks``: ``{param: bool or packed mask}`` for MMUnlearner (required for it).
-    ``ref_model``: the frozen reference for KL_Min / NPO (default: a frozen copy of ``model``
-    taken before the first step). ``output_dir``: where checkpoints go; ``resume=True`` continues
-    from ``output_dir/checkpoint`` when present. ``callback(step, kind, loss)`` runs after
-    every applied step.
-    Returns ``{"history": [{"step", "kind", "loss"}...], "steps": n, "resumed_from": k}``.
-    Raises :class:`NonFiniteLossError` on a NaN/inf loss (the step is not applied).
+    ``forget`` / ``retain``: sized, indexable sources of model-ready batches (dicts with
+    ``labels``): lists, or :class:`~mmunlearn.data.batching.BatchSource`; batches are moved
+    to the model's device as they are used. ``masks``: ``{param: bool or packed mask}`` for
+    MMUnlearner (required for it). ``ref_model``: the frozen reference for KL_Min / NPO
+    (default: a frozen copy of ``model`` taken before the first step). ``output_dir``: where
+    checkpoints and ``log.jsonl`` go; ``resume=True`` continues from
+    ``output_dir/checkpoint`` when present. ``callback(step, kind, loss)`` runs after every
+    applied step whose loss is read back (every ``log_every`` steps). ``monitor(model, step)``
+    (every ``eval_every`` steps and at the end) returns a metrics dict with a ``"score"``
+    (higher is better); ``on_best(model, step, metrics)`` runs when the score improves.
+    Returns ``{"history": [{"step", "kind", "loss"}...], "steps": n, "resumed_from": k,
+    "evals": [...], "best": {...} | None}``. Raises :class:`NonFiniteLossError` on a NaN/inf
+    loss (that step is not applied; with ``log_every > 1`` the step after which it is read).
     """
     cfg = config or UnlearnConfig()
     method = Method(method) if isinstance(method, str) else method
@@ -133,7 +291,7 @@ def unlearn(
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sharded = is_sharded(model)
     require_reduced_grads(model, "unlearn")
     if method.needs_reference and ref_model is None:
@@ -152,6 +310,7 @@ def unlearn(
         params,
         lr=cfg.lr,
         betas=cfg.betas,
+        eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         unmasked=cfg.unmasked,
         clip_order=cfg.clip_order,
@@ -159,14 +318,21 @@ def unlearn(
     )
     if masks:
         opt.set_masks(masks)
-    plan = build_schedule(method, len(forget), len(retain), cfg.epochs, cfg.forget_freq, cfg.seed)
+    ga = int(cfg.grad_accum)
+    n_f, n_r = len(forget) // ga, len(retain) // ga
+    if len(forget) and not n_f:
+        raise ValueError(f"{len(forget)} forget batches for grad_accum {ga}")
+    plan = build_schedule(
+        method, n_f, n_r, cfg.epochs, cfg.forget_freq, cfg.seed, forget_cap=cfg.forget_cap
+    )
+    if cfg.max_steps is not None:
+        plan = plan[: int(cfg.max_steps)]
     total = len(plan)
+    epoch_ends = _epoch_ends(plan, method, n_f, n_r)
     if cfg.lr_schedule == "linear":
         lam = lambda s: max(0.0, 1.0 - s / max(1, total))  # noqa: E731
-    elif cfg.lr_schedule == "constant":
-        lam = lambda s: 1.0  # noqa: E731
     else:
-        raise ValueError(f"lr_schedule must be 'linear' or 'constant', got {cfg.lr_schedule!r}")
+        lam = lambda s: 1.0  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
 
     start, history = 0, []
@@ -178,6 +344,37 @@ def unlearn(
     if sharded and cfg.progress and not is_rank0():
         cfg = replace(cfg, progress=False)  # one progress bar per run, rank 0's
 
+    dev = next((local(p).device for p in params), torch.device("cpu"))
+    pin = dev.type == "cuda"
+    micro = {
+        k: [m * ga + j for kind, m in plan[start:] if kind == k for j in range(ga)]
+        for k in ("forget", "retain")
+    }
+    streams = {
+        "forget": _stream(forget, micro["forget"], cfg.workers, pin),
+        "retain": _stream(retain, micro["retain"], cfg.workers, pin),
+    }
+    # a device-side non-finite flag instead of a host sync, when the loss is not read anyway
+    takes_flag = cfg.log_every > 1 and "found_inf" in inspect.signature(opt.step).parameters
+    log = _Log(output_dir, cfg.report_to)
+    fraction = _mask_fraction(opt) if method.uses_mask else None
+    evals: list[dict] = []
+    best: dict | None = None
+
+    def run_monitor(step: int) -> None:
+        nonlocal best
+        model.eval()
+        with torch.no_grad():
+            metrics = dict(monitor(model, step))
+        model.train()
+        row = {"step": step, "phase": "eval", **metrics}
+        evals.append(row)
+        log.write(row)
+        if best is None or metrics["score"] > best["score"]:
+            best = row
+            if on_best is not None:
+                on_best(model, step, metrics)
+
     bar = tqdm(
         total=total,
         initial=start,
@@ -187,36 +384,74 @@ def unlearn(
     )
     try:
         for step in range(start, total):
+            t0 = time.perf_counter()
             kind, idx = plan[step]
-            # under torchrun every rank computes its slice of the same global batch
-            if kind == "forget":
-                loss = method.forget_loss(model, local_batch(model, forget[idx]), ref_model)
+            loss_sum = None
+            for _ in range(ga):
+                # under torchrun every rank computes its slice of the same global batch
+                batch = local_batch(model, to_device(next(streams[kind]), dev))
+                if kind == "forget":
+                    loss = method.forget_loss(model, batch, ref_model)
+                else:
+                    loss = method.retain_loss(model, batch, ref_model)
+                (loss / ga).backward()
+                d = loss.detach() / ga
+                loss_sum = d if loss_sum is None else loss_sum + d
+            logged = (step + 1) % cfg.log_every == 0 or step + 1 == total
+            value = None
+            if logged or not takes_flag:
+                # the global loss (all ranks agree, so a NaN stops every rank at the same step)
+                value = _global_value(loss_sum)
+                if not np.isfinite(value):
+                    opt.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(
+                        f"non-finite {kind} loss ({value}) at step {step} of {total} "
+                        f"(method {method.name}, {kind} batch {idx}); the step was not "
+                        "applied; last good checkpoint: "
+                        f"{ckpt if ckpt and os.path.isdir(ckpt) else 'none'}"
+                    )
+            gnorm = _grad_norm(params) if logged else None
+            clip = cfg.max_grad_norm if kind == "forget" else cfg.retain_clip
+            masked = kind == "forget" and method.uses_mask
+            if masked and cfg.mask_mode == "zero_grad":
+                _zero_grad_mask_step(opt, params, clip)
+            elif takes_flag:
+                flag = ~torch.isfinite(loss_sum.reshape(1))
+                opt.step(masked=masked, max_grad_norm=clip, found_inf=flag)
             else:
-                loss = method.retain_loss(model, local_batch(model, retain[idx]), ref_model)
-            # the global loss (all ranks agree, so a NaN stops every rank at the same step)
-            value = _global_value(loss)
-            if not np.isfinite(value):
-                raise NonFiniteLossError(
-                    f"non-finite {kind} loss ({value}) at step {step} of {total} "
-                    f"(method {method.name}, {kind} batch {idx}); the step was not applied; "
-                    f"last good checkpoint: {ckpt if ckpt and os.path.isdir(ckpt) else 'none'}"
-                )
-            loss.backward()
-            opt.step(
-                masked=(kind == "forget" and method.uses_mask), max_grad_norm=cfg.max_grad_norm
-            )
+                opt.step(masked=masked, max_grad_norm=clip)
             opt.zero_grad(set_to_none=True)
-            sched.step()
-            history.append({"step": step, "kind": kind, "loss": value})
+            lr = opt.param_groups[0]["lr"]
+            if cfg.schedule_unit == "step" or step in epoch_ends:
+                sched.step()
+            if value is not None:
+                history.append({"step": step, "kind": kind, "loss": value})
+                bar.set_postfix({kind: f"{value:.3f}"}, refresh=False)
             bar.update(1)
-            bar.set_postfix({kind: f"{value:.3f}"}, refresh=False)
+            if logged:
+                row = {"step": step, "epoch": sum(1 for e in epoch_ends if e < step)}
+                row.update(phase=kind, loss=value, lr=lr, grad_norm=gnorm)
+                row.update(masked_fraction=fraction if masked else None)
+                row["seconds"] = round(time.perf_counter() - t0, 4)
+                log.write(row)
+            if monitor is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                run_monitor(step)
             if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
                 save_checkpoint(output_dir, model, opt, sched, step + 1, history, cfg)
-            if callback is not None:
+            if logged and callback is not None:
                 callback(step, kind, value)
+        if monitor is not None and (not evals or evals[-1]["step"] != total - 1) and total:
+            run_monitor(total - 1)
     finally:
         bar.close()
+        log.close()
     if ckpt:
         save_checkpoint(output_dir, model, opt, sched, total, history, cfg)
     model.eval()
-    return {"history": history, "steps": total, "resumed_from": resumed_from}
+    return {
+        "history": history,
+        "steps": total,
+        "resumed_from": resumed_from,
+        "evals": evals,
+        "best": best,
+    }

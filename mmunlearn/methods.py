@@ -16,6 +16,12 @@ MMUnlearner    −α·CE(θ; forget), masked step                CE(θ; retain),
 CE is the mean token cross-entropy over label tokens (answer-only with ``ans_only``); log π is a
 sample's summed label-token log-probability; KL is averaged over label tokens. The reference
 model (KL_Min, NPO) is a frozen copy of the vanilla model unless given.
+
+The official code's forms (``--recipe official``, docs/reference/official_recipe.md §7):
+``kl="all_batchmean"`` is ``kl_div(log_softmax(θ), softmax(ref), reduction="batchmean")`` over
+every position and the vocabulary (prompt, image and pad positions included; ≈ T× the
+per-token KL); ``npo="batch_mean"`` is ``−(2/β)·log σ(β·(CE_θ − CE_ref))`` with the batch-mean
+CEs of the two models (one sigmoid per batch, not per sample).
 """
 
 from __future__ import annotations
@@ -29,6 +35,19 @@ from mmunlearn.distributed import global_mean
 from mmunlearn.losses import kl_ref_to_model, mean_ce, sequence_logprob
 
 METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")
+KL_FORMS = ("answer_mean", "all_batchmean")
+NPO_FORMS = ("sequence", "batch_mean")
+
+
+def kl_all_batchmean(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """The official KL_Min term: ``Σ_{b,t,v} p_ref (log p_ref − log p_θ) / B`` over every
+    position of the global batch (under torchrun: this rank's sum over the global row count)."""
+    kl = F.kl_div(
+        torch.log_softmax(logits.float(), -1),
+        torch.softmax(ref_logits.float(), -1),
+        reduction="sum",
+    )
+    return global_mean(kl, logits.shape[0])
 
 
 @dataclass
@@ -40,11 +59,17 @@ class Method:
     alpha: float = 1.0  # ascent weight (MMUnlearner's α)
     beta: float = 0.4  # NPO's β
     npo_retain: bool = False
+    kl: str = "answer_mean"  # KL_Min's KL term, KL_FORMS
+    npo: str = "sequence"  # NPO's log-ratio, NPO_FORMS
 
     def __post_init__(self):
         self.name = self.name.lower()
         if self.name not in METHODS:
             raise ValueError(f"unknown method {self.name!r}; choose one of {', '.join(METHODS)}")
+        if self.kl not in KL_FORMS:
+            raise ValueError(f"kl must be one of {KL_FORMS}, got {self.kl!r}")
+        if self.npo not in NPO_FORMS:
+            raise ValueError(f"npo must be one of {NPO_FORMS}, got {self.npo!r}")
 
     @property
     def needs_reference(self) -> bool:
@@ -65,6 +90,9 @@ class Method:
             out = model(**batch)
             with torch.no_grad():
                 ref = ref_model(**batch)
+            if self.npo == "batch_mean":
+                diff = mean_ce(out, batch) - mean_ce(ref, batch)
+                return -(2.0 / self.beta) * F.logsigmoid(self.beta * diff)
             logr = sequence_logprob(out.logits, batch["labels"]) - sequence_logprob(
                 ref.logits, batch["labels"]
             )
@@ -79,5 +107,7 @@ class Method:
         if self.name == "kl_min":
             with torch.no_grad():
                 ref = ref_model(**batch)
+            if self.kl == "all_batchmean":
+                return mean_ce(out, batch) + kl_all_batchmean(out.logits, ref.logits)
             return mean_ce(out, batch) + kl_ref_to_model(out.logits, ref.logits, batch["labels"])
         return mean_ce(out, batch)

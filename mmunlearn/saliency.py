@@ -63,12 +63,16 @@ def topk_threshold(
 
 
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+_CHUNK = 1 << 24  # bytes per step: bounds the int64 temporary at 128 MiB
 
 
-def _popcount(packed: torch.Tensor) -> int:
-    if packed.numel() == 0:
-        return 0
-    return int(_POPCOUNT.to(packed.device)[packed.long()].sum())
+def popcount(packed: torch.Tensor) -> int:
+    """Set bits of a packed mask (uint8), on its device, in bounded memory."""
+    flat = packed.reshape(-1)
+    table = _POPCOUNT.to(flat.device)
+    return sum(
+        int(table[flat[i : i + _CHUNK].long()].sum()) for i in range(0, flat.numel(), _CHUNK)
+    )
 
 
 def _as_fp32_lists(f_forget: Mapping, f_preserve: Mapping):
@@ -310,16 +314,14 @@ class SaliencyMask:
     __or__ = union
 
     def official_filter(self) -> SaliencyMask:
-        """The reference code's quirk, for parity runs: keep only entries whose name contains
-        ``proj``, ``fc``, ``linear``, ``mlp`` or ``qkv`` (a substring test, as there) and ends
-        in ``.weight`` — the Linear weights. Everything else (norms, embeddings, ``lm_head``,
-        biases) drops out of the mask; the official code then lets those move freely, while
-        mmunlearn's optimizer freezes unmasked parameters by default. Returns a new mask."""
-        keep = [
-            n
-            for n in self._bits
-            if n.endswith(".weight") and any(k in n for k in OFFICIAL_KEYWORDS)
-        ]
+        """The reference code's quirk, for parity runs: keep only the entries whose name
+        contains ``proj``, ``fc``, ``linear``, ``mlp`` or ``qkv`` (a substring test, as there:
+        weights *and* their biases, and e.g. Qwen's ``patch_embed.proj``). Everything else
+        (norms, embeddings, ``lm_head``, LLaVA's patch / position embeddings) drops out of the
+        mask; the official loop then gives those the full, unmasked ascent
+        (``mask_mode="zero_grad"``), while mmunlearn's masked step freezes parameters without
+        a mask. Returns a new mask."""
+        keep = [n for n in self._bits if any(k in n for k in OFFICIAL_KEYWORDS)]
         meta = dict(self.meta, official_filter=True)
         return SaliencyMask(
             {n: self._bits[n] for n in keep}, {n: self._shapes[n] for n in keep}, meta, self.groups
@@ -336,7 +338,7 @@ class SaliencyMask:
 
         per = {}
         for n, b in self._bits.items():
-            per[n] = entry(_popcount(b), self._shapes[n].numel())
+            per[n] = entry(popcount(b), self._shapes[n].numel())
         groups = {}
         for g, ns in self.groups.items():
             groups[g] = entry(sum(per[n]["selected"] for n in ns), sum(per[n]["total"] for n in ns))
@@ -437,4 +439,11 @@ def mask_from_dense(
     return SaliencyMask(bits, shapes, meta or {"rule": "custom"}, groups)
 
 
-__all__ = ["MASK_FORMAT", "OFFICIAL_KEYWORDS", "SaliencyMask", "mask_from_dense", "topk_threshold"]
+__all__ = [
+    "MASK_FORMAT",
+    "OFFICIAL_KEYWORDS",
+    "SaliencyMask",
+    "mask_from_dense",
+    "popcount",
+    "topk_threshold",
+]

@@ -56,7 +56,7 @@ def test_saliency_then_unlearn_with_config_file(tmp_path):
     model, _ = load_model(str(out / "model"))
     SaliencyMask.load(str(out / "mask.safetensors"), model=model)
     state = json.loads((out / "run" / "checkpoint" / "state.json").read_text())
-    assert state["step"] == 4 and state["config"]["lr"] == 0.5  # 2 forget + 2 retain steps
+    assert state["step"] == 2 and state["config"]["lr"] == 0.5  # --steps bounds the run
 
 
 @pytest.mark.parametrize(
@@ -76,3 +76,23 @@ def test_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, messag
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bad.yaml" in err and message in err, err
     assert "Traceback" not in err
+
+
+def test_shipped_configs_are_valid_for_saliency_and_unlearn():
+    """Every configs/**/*.yaml reads cleanly (each key an option, each value of its type) for
+    both commands that take it."""
+    from pathlib import Path
+
+    from mmunlearn.cli import _build
+    from mmunlearn.cli.common import load_config
+
+    _, commands = _build()
+    files = sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        for cmd in ("saliency", "unlearn"):
+            others = tuple(p for n, p in commands.items() if n != cmd)
+            values = load_config(str(f), commands[cmd], others)
+            assert values["recipe"] == "official" and values["split"] == 5, f
+            assert ("mllmu" in values) != ("clear" in values), f
+        assert load_config(str(f), commands["unlearn"])["lr"] == 1e-5

@@ -42,7 +42,8 @@ def _run(argv) -> int:
     if getattr(args, "config", None):
         # file values become defaults of that subcommand; explicit flags still win
         sub = commands[args.cmd]
-        sub.set_defaults(**common.load_config(args.config, sub))
+        siblings = tuple(p for name, p in commands.items() if name != args.cmd)
+        sub.set_defaults(**common.load_config(args.config, sub, siblings))
         args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -103,6 +103,8 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
     def bad(why: str):
         return UsageError(f"--config {path}: {key}: {value!r} {why} (as {flag})")
 
+    if value is None:  # `key: null` (or an empty value) leaves the option at its default
+        return action.default
     if action.nargs == 0:  # store_true / store_false / store_const
         if not isinstance(value, bool):
             raise bad("is not true or false")
@@ -127,10 +129,12 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
     return out if many else out[0]
 
 
-def load_config(path: str, parser: Parser) -> dict:
+def load_config(path: str, parser: Parser, siblings: tuple = ()) -> dict:
     """Option values from a YAML or JSON mapping (``key: value``, dashes or underscores), each
     converted and checked as the command-line option would be. An unknown key (a typo) or a
-    bad value is a :class:`UsageError` naming the file, the key and what is accepted."""
+    bad value is a :class:`UsageError` naming the file, the key and what is accepted. Keys of
+    ``siblings`` (commands sharing config files, e.g. ``unlearn``'s ``method`` read by
+    ``saliency``) that this command lacks are skipped."""
     import difflib
 
     import yaml
@@ -146,6 +150,8 @@ def load_config(path: str, parser: Parser) -> dict:
     out = {}
     for k, v in data.items():
         key = str(k).replace("-", "_")
+        if key not in known and any(key in p.options for p in siblings):
+            continue
         if key not in known:
             near = difflib.get_close_matches(key, list(known), n=1)
             hint = f"; did you mean {near[0].replace('_', '-')!r}?" if near else ""

@@ -17,13 +17,27 @@ def register(sub):
         description="Estimate the peak bytes per rank of each phase from a model config, "
         "broken down into weights, grads, moments, Fisher, mask, reference model, activations.",
     )
-    e.add_argument("--model", required=True, help="model directory or config.json")
+    e.add_argument(
+        "--config",
+        help="the run's YAML/JSON config (configs/*): model, batch size, dtype, method, "
+        "gradient checkpointing are read from it",
+    )
+    e.add_argument("--model", help="checkpoint folder, config.json, or a cached Hub id")
     e.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks (default 1)")
-    e.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    e.add_argument("--batch", type=int, default=4, help="per-rank batch size (default 4)")
+    e.add_argument("--dtype", default="bf16", choices=["auto", "bf16", "fp16", "fp32"])
+    e.add_argument(
+        "--batch-size", "--batch", type=int, default=4, help="per-rank batch size (default 4)"
+    )
     e.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
     e.add_argument("--method", default="mmunlearner", choices=list(METHODS))
-    e.add_argument("--grad-checkpointing", action="store_true")
+    e.add_argument("--gradient-checkpointing", "--grad-checkpointing", action="store_true")
+    e.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="say whether each phase fits in this much memory per GPU (e.g. 80 for an H100)",
+    )
     e.add_argument(
         "--attn",
         default=None,
@@ -44,21 +58,35 @@ def register(sub):
 
 def run_estimate(args) -> int:
     from mmunlearn import estimate as est
+    from mmunlearn.cli.common import UsageError
 
+    if not args.model:
+        raise UsageError("give --model (a checkpoint folder, config.json or cached Hub id)")
     cfg = est.load_config(args.model)
+    dtype = "bf16" if args.dtype == "auto" else args.dtype
     ests = est.estimate(
         cfg,
         args.world_size,
-        args.dtype,
-        args.batch,
+        dtype,
+        args.batch_size,
         args.seq,
         args.method,
-        args.grad_checkpointing,
+        args.gradient_checkpointing,
         attn=args.attn,
         images_per_sample=args.images,
     )
     params, _ = est.count_parameters(cfg)
     print(est.format_report(ests, params, args.world_size))
+    if args.gpu_memory is not None:
+        gib = 1024**3
+        for e in ests:
+            ok = e.total <= args.gpu_memory * gib
+            verdict = "fits" if ok else "does NOT fit"
+            print(
+                f"{e.phase}: {e.total / gib:.1f} GiB per rank {verdict} in {args.gpu_memory:g} GiB"
+                + ("" if ok else " (try --gradient-checkpointing, a smaller --batch-size, or more "
+                   "ranks under torchrun)")
+            )  # fmt: skip
     return 0
 
 

@@ -2,7 +2,9 @@
 
 ``make_batches`` is how every in-memory path (the demo, the tiny-model CLI runs, tests) turns a
 list of :class:`~mmunlearn.data.schema.Sample` into model-ready batches with a model adapter's
-``collate``; ``to_device`` moves one batch (a dict) or a list of them.
+``collate``; :class:`BatchSource` is the same batches built on demand (a ``Dataset`` a
+``DataLoader`` streams, with workers, so a 7B run never holds every batch); ``to_device`` moves
+one batch (a dict) or a list of them.
 """
 
 from __future__ import annotations
@@ -26,6 +28,41 @@ def make_batches(adapter, samples, bs: int, rng, n: int | None = None) -> list[d
     return out
 
 
+class BatchSource(torch.utils.data.Dataset):
+    """``source[i]`` = the collated batch ``i`` of ``samples`` shuffled once by ``seed``
+    (``batch_size`` items; the last batch short unless ``drop_last``). ``collate`` is called
+    with ``collate_kw`` (e.g. ``loss_tokens="all_with_image"``) in the process that asks, so a
+    DataLoader's workers collate in parallel."""
+
+    def __init__(
+        self, samples, collate, batch_size: int, seed: int = 0, drop_last=False, **collate_kw
+    ):
+        import random
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        self.samples = list(samples)
+        if not self.samples:
+            raise ValueError("BatchSource needs at least one sample")
+        random.Random(seed).shuffle(self.samples)
+        self.collate = collate
+        self.batch_size = int(batch_size)
+        self.collate_kw = collate_kw
+        n = len(self.samples)
+        self.n = n // self.batch_size if drop_last else -(-n // self.batch_size)
+        if self.n == 0:
+            raise ValueError(f"{n} samples make no full batch of {batch_size}")
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        chunk = self.samples[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.collate(chunk, **self.collate_kw)
+
+
 def to_device(batch, device):
     """A batch (dict) with every tensor on ``device`` (``non_blocking``); a list of batches
     gives a list. Non-tensor values pass through."""
@@ -37,4 +74,4 @@ def to_device(batch, device):
     return [to_device(b, device) for b in batch]
 
 
-__all__ = ["make_batches", "to_device"]
+__all__ = ["BatchSource", "make_batches", "to_device"]

@@ -1,5 +1,5 @@
 """The four data sets of an MMUnlearner run (method.md §2–3), built in one place for every
-benchmark:
+benchmark (the synthetic one, MLLMU-Bench, CLEAR):
 
 - ``forget``: multimodal VQA of the forget entities (ascended; the mask's forget Fisher);
 - ``retain``: the retain training set (descended between forget steps);
@@ -11,6 +11,7 @@ benchmark:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from mmunlearn.data.schema import Sample
 
@@ -43,4 +44,101 @@ def synthetic_sets(bench) -> UnlearningSets:
     )
 
 
-__all__ = ["UnlearningSets", "synthetic_sets"]
+LANGUAGE_PRESERVE = ("forget_text", "all_text")
+
+
+def _split_dir(root: Path, name: str, what: str) -> Path:
+    d = root / name
+    if not d.is_dir():
+        raise FileNotFoundError(f"{what} {root}: no split folder {d}")
+    return d
+
+
+def mllmu_sets(root, split: int = 5, *, language_preserve: str = "forget_text") -> UnlearningSets:
+    """The four sets from an MLLMU-Bench root (method.md §5, docs/reference/official_recipe.md
+    §4.1): forget = the training QA of ``forget_{split}`` with the profile image, retain = the
+    same of ``retain_{100-split}``, vision preserve = retain. Language preserve = the pure-text
+    MCQs as (question, correct option) pairs, plus retain: of the forget profiles
+    (``"forget_text"``, ours: the forget entities' textual knowledge to keep) or of every
+    profile of ``Full_Set`` (``"all_text"``, the official driver). Every file is read and every
+    image decoded here, so bad data fails before a model is loaded (DataFormatError naming
+    file, row and column)."""
+    from mmunlearn.data.mllmu import read_mllmu_split, text_preserve_set
+
+    if split not in (5, 10, 15):
+        raise ValueError(f"MLLMU-Bench split must be 5, 10 or 15 (forget %), got {split}")
+    if language_preserve not in LANGUAGE_PRESERVE:
+        raise ValueError(f"language_preserve must be one of {LANGUAGE_PRESERVE}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"MLLMU-Bench root {root}: no such folder")
+    forget_dir = _split_dir(root, f"forget_{split}", "MLLMU-Bench root")
+    retain_dir = _split_dir(root, f"retain_{100 - split}", "MLLMU-Bench root")
+    text_dir = (
+        _split_dir(root, "Full_Set", "MLLMU-Bench root")
+        if language_preserve == "all_text"
+        else forget_dir
+    )
+    forget = read_mllmu_split(forget_dir)
+    retain = read_mllmu_split(retain_dir)
+    text = text_preserve_set(text_dir)
+    for name, items, d in (("forget", forget, forget_dir), ("retain", retain, retain_dir)):
+        if not items:
+            raise ValueError(f"{d}: the {name} split has no training QA pairs")
+    if not text:
+        raise ValueError(f"{text_dir}: no Pure_Text_Questions for the language-preserve set")
+    return UnlearningSets(forget, retain, list(retain), text + retain)
+
+
+def clear_sets(root, split: int = 5, *, language_preserve: str = "forget_text") -> UnlearningSets:
+    """The four sets from a CLEAR root (docs/reference/official_recipe.md §4.2): forget = the
+    caption items of ``forget{split:02d}`` (a seeded caption prompt → ``caption``), retain = the
+    same of ``retain{100-split}``, vision preserve = retain. Language preserve = the TOFU text
+    rows of ``full+tofu`` (``"all_text"``: every person, the official driver; ``"forget_text"``:
+    the forget persons' rows when the rows name their person, else every row) plus retain."""
+    from mmunlearn.data.clear import read_clear
+
+    if split not in (1, 5, 10):
+        raise ValueError(f"CLEAR split must be 1, 5 or 10 (forget %), got {split}")
+    if language_preserve not in LANGUAGE_PRESERVE:
+        raise ValueError(f"language_preserve must be one of {LANGUAGE_PRESERVE}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"CLEAR root {root}: no such folder")
+    forget_dir = _split_dir(root, f"forget{split:02d}", "CLEAR root")
+    retain_dir = _split_dir(root, f"retain{100 - split:02d}", "CLEAR root")
+    text_dir = _split_dir(root, "full+tofu", "CLEAR root")
+    forget = read_clear(forget_dir, "caption", include_text=False)
+    retain = read_clear(retain_dir, "caption", include_text=False)
+    text = read_clear(text_dir, "text")
+    if language_preserve == "forget_text":
+        names = {s.entity for s in forget if s.entity}
+        mine = [s for s in text if s.entity in names]
+        text = mine or text
+    for name, items, d in (("forget", forget, forget_dir), ("retain", retain, retain_dir)):
+        if not items:
+            raise ValueError(f"{d}: the {name} config has no image rows")
+    if not text:
+        raise ValueError(f"{text_dir}: no text (TOFU) rows for the language-preserve set")
+    return UnlearningSets(forget, retain, list(retain), text + retain)
+
+
+def benchmark_sets(
+    *, mllmu=None, clear=None, split: int = 5, language_preserve: str = "forget_text"
+) -> UnlearningSets:
+    """One entry point for the files on disk: ``mllmu=ROOT`` or ``clear=ROOT``."""
+    if (mllmu is None) == (clear is None):
+        raise ValueError("give exactly one of mllmu=ROOT or clear=ROOT")
+    if mllmu is not None:
+        return mllmu_sets(mllmu, split, language_preserve=language_preserve)
+    return clear_sets(clear, split, language_preserve=language_preserve)
+
+
+__all__ = [
+    "LANGUAGE_PRESERVE",
+    "UnlearningSets",
+    "benchmark_sets",
+    "clear_sets",
+    "mllmu_sets",
+    "synthetic_sets",
+]

@@ -21,11 +21,9 @@ import torch
 from PIL import Image
 
 from mmunlearn.data.schema import Sample
+from mmunlearn.models.processing import LOSS_TOKENS, RAW_PROMPT, ChatCollator
 from mmunlearn.models.tokenizer import IGNORE_INDEX, token_id
 from mmunlearn.params import module_groups, vision_components
-
-# Sample.meta key of a verbatim prompt (a benchmark protocol's own), see ModelAdapter.prompt
-RAW_PROMPT = "raw_prompt"
 
 # OpenAI CLIP normalisation (used by the LLaVA-1.5 and the Qwen2-VL image processors).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -62,9 +60,15 @@ class ModelAdapter:
 
     family = "base"
 
-    def __init__(self, model, tokenizer=None, image_size: int | None = None):
+    def __init__(self, model, tokenizer=None, image_size: int | None = None, processor=None):
         self.model = model
         self.config = _unwrap_config(model)
+        self.collator = None
+        if processor is not None:
+            # a real checkpoint: its processor and chat template build every batch
+            chat_template, proc = processor
+            self.collator = ChatCollator(proc, chat_template, self.image_token_id, self.family)
+            tokenizer = self.collator.tokenizer
         self.tokenizer = tokenizer
         self.image_size = int(image_size or self.default_image_size())
 
@@ -140,11 +144,18 @@ class ModelAdapter:
         """The image placeholder token as a string (e.g. ``<image>``)."""
         return self._tok().convert_ids_to_tokens(self.image_token_id)
 
+    @property
+    def processor(self):
+        """The checkpoint's processor (None for the built-in tiny models)."""
+        return None if self.collator is None else self.collator.processor
+
     def prompt(self, sample: Sample) -> str:
         """The prompt string of a sample, image placeholders expanded: the family's template
         (:meth:`prompt_text`), or ``sample.meta["raw_prompt"]`` verbatim when given (a benchmark
         protocol's own prompt, e.g. few-shot; it holds :attr:`image_token` once per image, which
         is expanded here to the model's count)."""
+        if self.collator is not None:
+            return self.collator.prompt(sample)
         raw = (sample.meta or {}).get(RAW_PROMPT)
         if raw is None:
             return self.prompt_text(sample)
@@ -167,6 +178,8 @@ class ModelAdapter:
         """The prompt template, for the protocol record: ``{"family", "vqa", "qa"}``
         (``{question}`` / ``{answer}`` placeholders; the image placeholder run shown once with
         its count, e.g. ``<image>×17``)."""
+        if self.collator is not None:
+            return self.collator.template()
         img_tok = self._tok().convert_ids_to_tokens(self.image_token_id)
         n = self.num_image_tokens()
         with_img = self.format(Sample("{question}", "{answer}", image=Image.new("RGB", (1, 1))))
@@ -205,7 +218,11 @@ class ModelAdapter:
 
     # --- batch -------------------------------------------------------------------------------
     def collate(
-        self, samples: list[Sample], ans_only: bool = True, with_answer: bool = True
+        self,
+        samples: list[Sample],
+        ans_only: bool = True,
+        with_answer: bool = True,
+        loss_tokens: str | None = None,
     ) -> dict[str, torch.Tensor]:
         """Padded batch for ``model(**batch)`` / ``model.generate(**batch)``.
 
@@ -215,9 +232,17 @@ class ModelAdapter:
         Image inputs are present only if some sample has an image; they hold the images of those
         samples only, in batch order (the model maps placeholders to images in order).
         Returns a dict of tensors: ``input_ids``, ``attention_mask`` (long), [``labels``],
-        and the family's image inputs."""
+        and the family's image inputs. ``loss_tokens`` (``"answer"``, ``"all"``,
+        ``"all_with_image"``) overrides ``ans_only``; a real checkpoint's batches come from its
+        processor and chat template (:class:`~mmunlearn.models.processing.ChatCollator`)."""
+        if self.collator is not None:
+            return self.collator.collate(samples, ans_only, with_answer, loss_tokens)
         if not samples:
             raise ValueError("collate needs at least one sample")
+        if loss_tokens is not None:
+            if loss_tokens not in LOSS_TOKENS:
+                raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {loss_tokens!r}")
+            ans_only = loss_tokens == "answer"
         tok = self._tok()
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         enc = [self.encode(s, with_answer=with_answer, ans_only=ans_only) for s in samples]
@@ -233,6 +258,8 @@ class ModelAdapter:
             attention[i, sl] = 1
             if with_answer:
                 labels[i, sl] = torch.tensor(lab, dtype=torch.long)
+        if with_answer and loss_tokens == "all_with_image":
+            labels = torch.where(attention.bool(), input_ids, labels)
         batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention}
         if with_answer:
             batch["labels"] = labels
@@ -312,11 +339,11 @@ class Qwen2VLAdapter(ModelAdapter):
 
     family = "qwen2vl"
 
-    def __init__(self, model, tokenizer=None, image_size: int | None = None):
-        super().__init__(model, tokenizer, image_size)
+    def __init__(self, model, tokenizer=None, image_size: int | None = None, processor=None):
+        super().__init__(model, tokenizer, image_size, processor)
         vc = self.config.vision_config
         unit = vc.patch_size * vc.spatial_merge_size
-        if self.image_size % unit:
+        if self.collator is None and self.image_size % unit:
             raise ValueError(
                 f"image_size {self.image_size} must be a multiple of patch_size × "
                 f"spatial_merge_size = {unit}"
@@ -420,14 +447,18 @@ SUPPORTED = (
 )
 
 
-def adapter_for(model, tokenizer=None, image_size: int | None = None) -> ModelAdapter:
+def adapter_for(
+    model, tokenizer=None, image_size: int | None = None, processor=None
+) -> ModelAdapter:
     """The adapter for ``model``, chosen by its class (subclasses too, e.g. FSDP2-wrapped).
+    ``processor``: ``(chat_template, processor)`` of a real checkpoint (then they build the
+    batches); without it the built-in hand-written template and image preprocessing are used.
 
     Returns a :class:`LlavaAdapter` or :class:`Qwen2VLAdapter`; raises ``TypeError`` naming the
     class for anything else."""
     for cls, adapter in _adapter_classes():
         if isinstance(model, cls):
-            return adapter(model, tokenizer, image_size)
+            return adapter(model, tokenizer, image_size, processor)
     raise TypeError(
         f"no model adapter for {type(model).__module__}.{type(model).__name__}; "
         f"supported: {', '.join(SUPPORTED)}"

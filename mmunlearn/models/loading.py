@@ -1,7 +1,17 @@
-"""Model directories: atomic ``save_pretrained`` and local loading (never the hub)."""
+"""Model directories: atomic ``save_pretrained``, and loading real checkpoints with their own
+processor and chat template (local folders, or Hub ids already in the local cache: nothing is
+ever downloaded).
+
+:func:`load_checkpoint` checks everything it can before the weights are read (the folder, the
+model family, a tokenizer, an image processor, a chat template) and says in one line what is
+missing and what to pass (``processor=`` / ``--processor``). A model saved by
+:func:`save_model` records in ``mmunlearn.json`` whether it uses the built-in hand-written
+collation (the tiny models) or a processor.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -10,10 +20,18 @@ import torch
 
 from mmunlearn.io import replace_dir, temp_dir_for
 
+MARKER = "mmunlearn.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+FAMILIES = {"llava": "llava", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl"}
+SUPPORTED_TEXT = "LLaVA-1.5 (llava-hf), Qwen2-VL, Qwen2.5-VL"
+
 
 def save_model(model, tokenizer, directory, state_dict: dict | None = None) -> Path:
     """``save_pretrained`` of model (safetensors) and tokenizer into ``directory``, atomically:
     written to a temporary sibling, then renamed into place (an existing directory is replaced).
+    ``tokenizer``: the tokenizer of a built-in tiny model or the processor of a real checkpoint
+    (saved beside the weights, so the directory loads with :func:`load_checkpoint`).
     ``state_dict``: full tensors to write instead of the model's own (an FSDP2-sharded model:
     :func:`mmunlearn.fsdp.full_state_dict`); ``config.architectures`` names the real class,
     not FSDP2's ``FSDP<Class>`` wrapper, so the directory loads like any other.
@@ -34,6 +52,9 @@ def save_model(model, tokenizer, directory, state_dict: dict | None = None) -> P
             model.__class__ = cls
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            builtin = getattr(tokenizer, "image_processor", None) is None
+            collation = "builtin" if builtin else "processor"
+            (tmp / MARKER).write_text(json.dumps({"collation": collation}) + "\n")
         replace_dir(tmp, final)
     finally:
         if tmp.exists():
@@ -41,12 +62,15 @@ def save_model(model, tokenizer, directory, state_dict: dict | None = None) -> P
     return final
 
 
-def load_model(path_or_dir, dtype: torch.dtype | str | None = None, device: Any = None):
+def load_model(
+    path_or_dir, dtype: torch.dtype | str | None = None, device: Any = None, tokenizer: bool = True
+):
     """Load a model and its tokenizer from a local directory (never the hub).
 
     The model through ``AutoModelForImageTextToText``, falling back to the exact class named in
     ``config.architectures``; ``dtype`` (e.g. ``torch.bfloat16``) is passed on if given.
-    Returns ``(model, tokenizer)``, the model in eval mode (on ``device`` if given)."""
+    Returns ``(model, tokenizer)`` (tokenizer None with ``tokenizer=False``), the model in eval
+    mode (on ``device`` if given)."""
     import transformers
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
@@ -65,27 +89,168 @@ def load_model(path_or_dir, dtype: torch.dtype | str | None = None, device: Any 
         if cls is None:
             raise
         model = cls.from_pretrained(path, **kw)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (ValueError, OSError):
-        from transformers import PreTrainedTokenizerFast
+    tok = None
+    if tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (ValueError, OSError):
+            from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
     if device is not None:
         model = model.to(device)
     model.eval()
-    return model, tokenizer
+    return model, tok
+
+
+def resolve(path_or_id, what: str = "model") -> Path:
+    """A local folder for ``path_or_id``: the folder itself, or a Hub id's snapshot in the
+    local Hugging Face cache (never downloaded). Raises FileNotFoundError saying which."""
+    p = Path(path_or_id)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise FileNotFoundError(f"{what} {path_or_id}: a file, not a checkpoint folder")
+    text = str(path_or_id)
+    if text.count("/") == 1 and not text.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, local_files_only=True))
+        except Exception as e:  # LocalEntryNotFoundError, offline errors, bad ids
+            raise FileNotFoundError(
+                f"{what} {text}: no such folder, and not in the local Hugging Face cache "
+                f"(nothing is downloaded here: fetch it first, e.g. `hf download {text}`)"
+            ) from e
+    raise FileNotFoundError(f"{what} {text}: no such folder")
+
+
+def family_of(folder: Path) -> str:
+    """``"llava"`` or ``"qwen2vl"`` from a checkpoint's ``config.json``; ValueError naming the
+    folder and its model type for anything else."""
+    cfg_file = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{folder}: no readable config.json ({type(e).__name__}: {e})") from e
+    mtype = cfg.get("model_type")
+    if mtype not in FAMILIES:
+        archs = ", ".join(cfg.get("architectures") or []) or "?"
+        raise ValueError(
+            f"{folder}: unsupported model family {mtype!r} ({archs}); supported: {SUPPORTED_TEXT}"
+        )
+    return FAMILIES[mtype]
+
+
+def _chat_template(folder: Path, *objs) -> str | None:
+    for o in objs:
+        t = getattr(o, "chat_template", None)
+        if isinstance(t, str) and t.strip():
+            return t
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    js = folder / "chat_template.json"
+    if js.is_file():
+        try:
+            return json.loads(js.read_text()).get("chat_template")
+        except ValueError:
+            return None
+    return None
+
+
+def load_processor(folder: Path, family: str, model_config=None, flag: str = "--processor"):
+    """``(chat_template, processor)`` of a checkpoint folder: ``AutoProcessor`` when it can
+    build the family's processor, else the folder's image processor, tokenizer and chat
+    template composed (:class:`~mmunlearn.models.processing.ComposedProcessor`). Raises
+    ValueError naming the folder and ``flag`` when a part is missing."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{folder} ships no tokenizer ({', '.join(TOKENIZER_FILES)}): pass {flag} DIR "
+            "with the base model's processor, e.g. llava-hf/llava-1.5-7b-hf or "
+            "Qwen/Qwen2-VL-7B-Instruct"
+        )
+    if not any((folder / f).is_file() for f in IMAGE_PROCESSOR_FILES):
+        raise ValueError(
+            f"{folder} has a tokenizer but no image processor ({', '.join(IMAGE_PROCESSOR_FILES)})"
+            f": pass {flag} DIR with the base model's processor"
+        )
+    proc = None
+    try:
+        p = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        if getattr(p, "image_processor", None) is not None and getattr(p, "tokenizer", None):
+            proc = p
+    except Exception:  # e.g. Qwen2-VL's processor needs torchvision (its video processor)
+        proc = None
+    try:
+        if proc is None:
+            from mmunlearn.models.processing import ComposedProcessor
+
+            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            ip = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+            if family != "qwen2vl":
+                raise ValueError(f"AutoProcessor could not build the {family} processor")
+            template = _chat_template(folder, tok)
+            proc = ComposedProcessor(ip, tok, template or "", "<|image_pad|>")
+    except (ValueError, OSError, ImportError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "sentencepiece" in msg.lower() or "tiktoken" in msg.lower():
+            msg = (
+                "its tokenizer needs sentencepiece (pip install sentencepiece), or pass "
+                f"{flag} DIR with a tokenizer.json"
+            )
+        raise ValueError(f"{folder}: cannot load the processor ({msg})") from e
+    template = _chat_template(folder, proc, getattr(proc, "tokenizer", None))
+    if not template:
+        raise ValueError(
+            f"{folder}: no chat template (chat_template.jinja, chat_template.json or "
+            f"tokenizer_config.json): pass {flag} DIR with the base model's processor"
+        )
+    return template, proc
 
 
 def load_checkpoint(path, *, processor=None, dtype=None, device=None):
-    """A checkpoint directory as ``(model, adapter)``: the model (eval mode, on ``device``) and
-    the adapter that collates its batches (``adapter.tokenizer``; the checkpoint's own
-    processor and chat template drive collation for real checkpoints). ``processor``: a
-    directory to take the processor / tokenizer from when the checkpoint ships none."""
+    """A checkpoint as ``(model, adapter)``: the model (eval mode, on ``device``, ``dtype`` if
+    given) and the adapter that builds its batches. A real checkpoint's own processor and chat
+    template drive collation (``processor``: a folder or cached Hub id to take them from when
+    the checkpoint ships none); a built-in tiny model (``mmunlearn.json`` says so, or a
+    tokenizer without an image processor) uses the hand-written template. ``path`` may be a
+    Hub id already in the local cache. Everything but the weights is checked first; errors are
+    ValueError / FileNotFoundError naming the folder and what to pass."""
     from mmunlearn.models.adapters import adapter_for
 
-    model, tok = load_model(path, dtype=dtype, device=device)
-    return model, adapter_for(model, tok)
+    folder = resolve(path, "model")
+    family = family_of(folder)
+    marker = {}
+    if (folder / MARKER).is_file():
+        try:
+            marker = json.loads((folder / MARKER).read_text())
+        except ValueError:
+            marker = {}
+    src = resolve(processor, "--processor") if processor else folder
+    has_tok = any((src / f).is_file() for f in TOKENIZER_FILES)
+    has_ip = any((src / f).is_file() for f in IMAGE_PROCESSOR_FILES)
+    builtin = processor is None and (
+        marker.get("collation") == "builtin" or (has_tok and not has_ip and not marker)
+    )
+    if builtin:
+        model, tok = load_model(folder, dtype=dtype, device=device)
+        return model, adapter_for(model, tok)
+    flag = "--processor" if processor is None else f"--processor {processor}: it"
+    chat_proc = load_processor(src, family, flag=flag)
+    model = _load_weights(folder, dtype, device)
+    return model, adapter_for(model, processor=chat_proc)
 
 
-__all__ = ["load_checkpoint", "load_model", "save_model"]
+def _load_weights(folder: Path, dtype, device):
+    try:
+        model, _ = load_model(folder, dtype=dtype, device=device, tokenizer=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise ValueError(f"{folder}: cannot load the weights ({type(e).__name__}: {msg})") from e
+    return model
+
+
+__all__ = ["load_checkpoint", "load_model", "load_processor", "resolve", "save_model"]

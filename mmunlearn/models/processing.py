@@ -1,0 +1,235 @@
+"""Batches through a real checkpoint's own processor and chat template.
+
+For LLaVA-1.5 (llava-hf), Qwen2-VL and Qwen2.5-VL checkpoints the checkpoint decides how a
+sample becomes tokens and pixels: its chat template renders the conversation (user turn =
+image + question, assistant turn = answer), its image processor resizes and normalises
+(llava-hf: shortest edge then centre crop; Qwen2-VL: dynamic resolution between
+``min_pixels`` and ``max_pixels``), and its processor expands each image placeholder into the
+model's number of image tokens. :class:`ChatCollator` does exactly that and adds the labels:
+
+- the answer-only boundary is where the prompt (rendered with ``add_generation_prompt=True``)
+  ends in the full conversation's tokens; image placeholders are matched across their
+  expansion (:func:`answer_start`), so the boundary is exact whatever the image's token count;
+- ``loss_tokens``: ``"answer"`` (assistant turn only), ``"all"`` (every non-pad token but the
+  image tokens) or ``"all_with_image"`` (every non-pad token: the official MLLMU MMUnlearner
+  driver, labels = input_ids with pads ignored);
+- with ``with_answer=False`` the prompts are left-padded for ``generate``.
+
+When ``AutoProcessor`` cannot build the family's processor (transformers 5.x builds Qwen2-VL's
+only with torchvision installed, for its video processor) :class:`ComposedProcessor` does the
+same job from the folder's image processor, tokenizer and chat template.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from mmunlearn.data.schema import Sample
+
+IGNORE_INDEX = -100
+LOSS_TOKENS = ("answer", "all", "all_with_image")
+RAW_PROMPT = "raw_prompt"  # Sample.meta key of a verbatim prompt (see ChatCollator.prompt)
+
+
+def messages(sample: Sample, with_answer: bool) -> list[dict]:
+    """The conversation of a sample in the multimodal chat format processors render."""
+    user = [{"type": "text", "text": sample.question}]
+    if sample.image is not None:
+        user = [{"type": "image"}, *user]
+    msgs = [{"role": "user", "content": user}]
+    if with_answer:
+        msgs.append({"role": "assistant", "content": [{"type": "text", "text": sample.answer}]})
+    return msgs
+
+
+def answer_start(row: Sequence[int], prompt: Sequence[int], image_id: int | None) -> int:
+    """Index in ``row`` (the full conversation's ids, image placeholders expanded) where the
+    tokens of ``prompt`` (the prompt's ids, placeholders not necessarily expanded) end.
+
+    Both are walked together, skipping image tokens on either side, so a placeholder expanded
+    into N tokens matches; where they first differ (a tokenizer merging across the
+    prompt/answer boundary) the boundary is put there, so no answer token is ever hidden."""
+    i = j = 0
+    while j < len(prompt) and i < len(row):
+        if prompt[j] == image_id:
+            j += 1
+        elif row[i] == image_id:
+            i += 1
+        elif row[i] == prompt[j]:
+            i += 1
+            j += 1
+        else:
+            break
+    while i < len(row) and row[i] == image_id:
+        i += 1
+    return i
+
+
+class ComposedProcessor:
+    """A Qwen2-VL / Qwen2.5-VL processor from its parts (``image_processor``, ``tokenizer``,
+    ``chat_template``), for when ``AutoProcessor`` cannot build one. Calling it does what
+    ``Qwen2VLProcessor`` does for images: every ``<|image_pad|>`` is expanded into
+    ``prod(image_grid_thw) / merge_size²`` copies, in order; plus ``mm_token_type_ids``."""
+
+    def __init__(self, image_processor, tokenizer, chat_template: str, image_token: str):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.image_token = image_token
+
+    def __call__(self, text, images=None, padding=True, return_tensors="pt", **kw):
+        texts = list(text)
+        extra: dict = {}
+        if images:
+            extra = dict(self.image_processor(images=images, return_tensors="pt"))
+            merge = int(getattr(self.image_processor, "merge_size", 2))
+            counts = (extra["image_grid_thw"].prod(-1) // (merge * merge)).tolist()
+            k, out = 0, []
+            for t in texts:
+                parts = t.split(self.image_token)
+                s = parts[0]
+                for p in parts[1:]:
+                    if k >= len(counts):
+                        raise ValueError("more image placeholders in the text than images")
+                    s += self.image_token * int(counts[k]) + p
+                    k += 1
+                out.append(s)
+            if k != len(counts):
+                raise ValueError(f"{len(counts)} images for {k} image placeholders in the text")
+            texts = out
+        enc = self.tokenizer(texts, padding=padding, return_tensors=return_tensors)
+        enc = dict(enc)
+        enc.update(extra)
+        return enc
+
+    def save_pretrained(self, directory) -> None:
+        from pathlib import Path
+
+        self.image_processor.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        (Path(directory) / "chat_template.jinja").write_text(self.chat_template)
+
+
+class ChatCollator:
+    """``collate(samples, ans_only, with_answer, loss_tokens)`` → a padded model batch, built
+    by ``processor`` (an HF processor or :class:`ComposedProcessor`) and its chat template."""
+
+    def __init__(self, processor, chat_template: str, image_token_id: int, family: str):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.chat_template = chat_template
+        self.image_token_id = int(image_token_id)
+        self.family = family
+        self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+
+    # --- text ----------------------------------------------------------------------------------
+    def render(self, msgs: list[dict], add_generation_prompt: bool) -> str:
+        """The chat template applied to ``msgs`` (a string; tokenisation comes later)."""
+        return self.tokenizer.apply_chat_template(
+            msgs,
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+        )
+
+    def prompt(self, sample: Sample) -> str:
+        """The prompt text: ``sample.meta["raw_prompt"]`` verbatim when given (a benchmark
+        protocol's own prompt, holding :attr:`image_token` once per image), else the chat
+        template's user turn with the generation prompt."""
+        raw = (sample.meta or {}).get(RAW_PROMPT)
+        if raw is not None:
+            n_img = 0 if sample.image is None else 1
+            if raw.count(self.image_token) != n_img:
+                raise ValueError(
+                    f"raw_prompt must hold the image token {self.image_token!r} {n_img} "
+                    f"time(s), found {raw.count(self.image_token)}: {raw[:80]!r}"
+                )
+            return raw
+        return self.render(messages(sample, False), True)
+
+    def full(self, sample: Sample) -> str:
+        """Prompt and answer: the whole conversation rendered (and stripped, as the official
+        drivers do), or a raw prompt followed by a space and the answer."""
+        if (sample.meta or {}).get(RAW_PROMPT) is not None:
+            p = self.prompt(sample)
+            return p + ("" if p.endswith((" ", "\n")) else " ") + sample.answer
+        return self.render(messages(sample, True), False).strip()
+
+    # --- batch ---------------------------------------------------------------------------------
+    def _encode(self, texts: list[str], images: list, side: str) -> dict:
+        tok = self.tokenizer
+        before = tok.padding_side
+        tok.padding_side = side
+        try:
+            enc = self.processor(
+                text=texts, images=images or None, padding=True, return_tensors="pt"
+            )
+        finally:
+            tok.padding_side = before
+        batch = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
+        if self.family == "qwen2vl" and images and "mm_token_type_ids" not in batch:
+            # transformers 5.x Qwen2-VL forwards need it (1 on image tokens) for M-RoPE
+            batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).to(torch.int32)
+        return batch
+
+    def collate(
+        self,
+        samples: list[Sample],
+        ans_only: bool = True,
+        with_answer: bool = True,
+        loss_tokens: str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """A padded batch: ``input_ids``, ``attention_mask``, the processor's image inputs
+        (``pixel_values``; Qwen: ``image_grid_thw``, ``mm_token_type_ids``) and, with
+        ``with_answer``, ``labels`` (``-100`` where no loss is taken). ``loss_tokens``
+        (:data:`LOSS_TOKENS`) overrides ``ans_only`` (``True`` = ``"answer"``,
+        ``False`` = ``"all"``). Without the answer the prompts are left-padded for
+        ``generate`` and there are no labels."""
+        if not samples:
+            raise ValueError("collate needs at least one sample")
+        mode = loss_tokens or ("answer" if ans_only else "all")
+        if mode not in LOSS_TOKENS:
+            raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {mode!r}")
+        images = [s.image for s in samples if s.image is not None]
+        if not with_answer:
+            return self._encode([self.prompt(s) for s in samples], images, "left")
+        batch = self._encode([self.full(s) for s in samples], images, "right")
+        ids, att = batch["input_ids"], batch["attention_mask"]
+        labels = ids.clone()
+        labels[att == 0] = IGNORE_INDEX
+        if mode != "all_with_image":
+            labels[ids == self.image_token_id] = IGNORE_INDEX
+        if mode == "answer":
+            for i, s in enumerate(samples):
+                p_ids = self.tokenizer(self.prompt(s))["input_ids"]
+                row = ids[i][att[i].bool()].tolist()
+                start = answer_start(row, p_ids, self.image_token_id)
+                first = int(att[i].nonzero()[0]) if att[i].any() else 0
+                labels[i, : first + start] = IGNORE_INDEX
+        batch["labels"] = labels
+        return batch
+
+    def template(self) -> dict:
+        """The prompt template for the protocol record: ``{"family", "vqa", "qa"}`` with
+        ``{question}`` / ``{answer}`` placeholders."""
+        from PIL import Image
+
+        img = Image.new("RGB", (1, 1))
+        return {
+            "family": self.family,
+            "vqa": self.full(Sample("{question}", "{answer}", image=img)),
+            "qa": self.full(Sample("{question}", "{answer}", image=None)),
+        }
+
+
+__all__ = [
+    "ChatCollator",
+    "ComposedProcessor",
+    "IGNORE_INDEX",
+    "LOSS_TOKENS",
+    "RAW_PROMPT",
+    "answer_start",
+    "messages",
+]
