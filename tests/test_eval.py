@@ -137,3 +137,26 @@ def test_protocol_record():
         "max_new_tokens": 16,
         "decoding": "greedy",
     }
+
+
+def test_keep_items_changes_no_number_and_keeps_every_score(setup):
+    """``keep_items`` adds per-item scores whose means are the reported numbers (corpus BLEU:
+    the statistics it is computed from); every reported number is unchanged."""
+    from mmunlearn.eval import metrics
+
+    model, adapter, tok = setup
+    cfg = EvalConfig(batch_size=3, max_new_tokens=4, progress=False, seed=11)
+    plain = evaluate(model, adapter.collate, tok, _sets(), cfg)
+    cfg.keep_items = True
+    kept = evaluate(model, adapter.collate, tok, _sets(), cfg)
+    assert kept["_protocol"] == plain["_protocol"]
+    for name in ("forget", "retain"):
+        k = dict(kept[name])
+        items, bleu = k.pop("_items"), k.pop("_bleu_stats", {})
+        assert k == plain[name]
+        assert set(items) | set(bleu) == {key for key in k if not key.startswith("n_")}
+        for key, vals in items.items():
+            assert np.mean(vals) == pytest.approx(k[key]), key
+        for key, stats in bleu.items():
+            assert metrics.corpus_bleu_from_stats(stats) == k[key]
+    assert len(kept["forget"]["_items"]["vqa_mcq_acc"]) == kept["forget"]["n_vqa_mcq"]

@@ -36,6 +36,8 @@ __all__ = [
     "rouge_scores",
     "bleu",
     "corpus_bleu",
+    "bleu_stats",
+    "corpus_bleu_from_stats",
     "cloze_match",
     "mcq_from_loglik",
     "mcq_letter_from_text",
@@ -223,6 +225,31 @@ def corpus_bleu(
         l_tot = [a + b for a, b in zip(l_tot, t)]
         c_tot, r_tot = c_tot + c, r_tot + rl
     return _bleu_from_stats(m_tot, l_tot, c_tot, r_tot, smooth=smooth)
+
+
+def bleu_stats(pred: str, ref: str, max_n: int = 4) -> list[int]:
+    """One pair's corpus-BLEU statistics as a flat list ``[m_1..m_max_n, l_1..l_max_n, c, r]``
+    (clipped matches, prediction n-grams, both lengths; see :func:`bleu`): what
+    :func:`corpus_bleu` sums. Kept per item so that a bootstrap can resample items and
+    recompute the corpus score (:func:`corpus_bleu_from_stats`)."""
+    m, t, c, r = _bleu_stats(pred, ref, max_n)
+    return [*m, *t, c, r]
+
+
+def corpus_bleu_from_stats(stats: Sequence[Sequence[int]], smooth: bool = False) -> float:
+    """:func:`corpus_bleu` of the pairs whose :func:`bleu_stats` are ``stats`` (equal to
+    ``corpus_bleu(preds, refs)`` on the same pairs). Empty → 0."""
+    if len(stats) == 0:
+        return 0.0
+    tot = np.asarray(stats, dtype=np.int64).sum(axis=0)
+    max_n = (len(tot) - 2) // 2
+    return _bleu_from_stats(
+        [int(x) for x in tot[:max_n]],
+        [int(x) for x in tot[max_n : 2 * max_n]],
+        int(tot[-2]),
+        int(tot[-1]),
+        smooth=smooth,
+    )
 
 
 def cloze_match(generated: str, ground_truth: str, whole_words: bool = False) -> bool:

@@ -40,6 +40,10 @@ class EvalConfig:
     letter_mcq: bool = True  # also ask for the letter and parse the generation
     generation: bool = True
     progress: bool = True
+    # keep every item's score under ``metrics["_items"]`` (and corpus-BLEU statistics under
+    # ``metrics["_bleu_stats"]``) for bootstrap intervals and the gap to a reference; changes no
+    # number and is not part of the protocol record
+    keep_items: bool = False
 
 
 def _batches(items: Sequence, n: int):
@@ -82,8 +86,16 @@ def _letter_prompt(s: Sample) -> Sample:
 
 
 @torch.no_grad()
-def generate(model, collate: Callable, tokenizer, samples: Sequence[Sample], cfg: EvalConfig):
-    """Greedy, batched generations for the samples' prompts (decoded, stripped)."""
+def generate(
+    model,
+    collate: Callable,
+    tokenizer,
+    samples: Sequence[Sample],
+    cfg: EvalConfig,
+    strip: bool = True,
+):
+    """Greedy, batched generations for the samples' prompts: the new tokens decoded with special
+    tokens skipped (stripped of surrounding white space unless ``strip=False``)."""
     out: list[str] = []
     dev = _model_device(model)
     for chunk in _batches(list(samples), cfg.batch_size):
@@ -97,7 +109,8 @@ def generate(model, collate: Callable, tokenizer, samples: Sequence[Sample], cfg
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        out += [t.strip() for t in tokenizer.batch_decode(gen[:, n_in:], skip_special_tokens=True)]
+        texts = tokenizer.batch_decode(gen[:, n_in:], skip_special_tokens=True)
+        out += [t.strip() for t in texts] if strip else list(texts)
     return out
 
 
@@ -116,17 +129,39 @@ def shuffle_options(mcq: Sequence[Sample], rng: random.Random) -> list[Sample]:
     return out
 
 
+def _hits(preds, golds) -> list[float]:
+    return [float(p is not None and p == g) for p, g in zip(preds, golds)]
+
+
+def _keep(res: dict, cfg: EvalConfig, key: str, values) -> None:
+    """Record the per-item scores of ``key`` (``cfg.keep_items``)."""
+    if cfg.keep_items:
+        res.setdefault("_items", {})[key] = [float(v) for v in values]
+
+
 def _mcq_metrics(model, collate, tokenizer, items, cfg: EvalConfig, prefix: str) -> dict:
     """``{prefix}_mcq_acc`` (option likelihood) and, with ``cfg.letter_mcq``,
     ``{prefix}_mcq_letter_acc`` (generated letter) of already shuffled MCQ samples."""
     golds = [s.meta["correct"] for s in items]
     sc = option_scores(model, collate, items, cfg)
-    res = {f"{prefix}_mcq_acc": metrics.accuracy([metrics.mcq_from_loglik(d) for d in sc], golds)}
+    preds = [metrics.mcq_from_loglik(d) for d in sc]
+    res = {f"{prefix}_mcq_acc": metrics.accuracy(preds, golds)}
+    _keep(res, cfg, f"{prefix}_mcq_acc", _hits(preds, golds))
     if cfg.letter_mcq:
         texts = generate(model, collate, tokenizer, [_letter_prompt(s) for s in items], cfg)
         letters = [metrics.mcq_letter_from_text(t, s.meta["options"]) for t, s in zip(texts, items)]
         res[f"{prefix}_mcq_letter_acc"] = metrics.accuracy(letters, golds)
+        _keep(res, cfg, f"{prefix}_mcq_letter_acc", _hits(letters, golds))
     return res
+
+
+def _update(res: dict, part: dict) -> None:
+    """``res.update(part)`` merging the ``_items`` / ``_bleu_stats`` sub-dicts."""
+    for k, v in part.items():
+        if k.startswith("_") and isinstance(v, dict):
+            res.setdefault(k, {}).update(v)
+        else:
+            res[k] = v
 
 
 def evaluate_set(
@@ -155,7 +190,7 @@ def evaluate_set(
     for kind, items in split(shuffled).items():
         if not items:
             continue
-        res.update(_mcq_metrics(model, collate, tokenizer, items, cfg, kind))
+        _update(res, _mcq_metrics(model, collate, tokenizer, items, cfg, kind))
         res[f"n_{kind}_mcq"] = len(items)
     for kind, items in split(list(cloze)).items():
         if not items:
@@ -166,6 +201,7 @@ def evaluate_set(
             for t, s in zip(texts, items)
         ]
         res[f"{kind}_cloze_acc"] = sum(hits) / len(hits)
+        _keep(res, cfg, f"{kind}_cloze_acc", hits)
         res[f"n_{kind}_cloze"] = len(items)
     if cfg.generation:
         for kind, items in split(list(gen)).items():
@@ -175,7 +211,11 @@ def evaluate_set(
             rs = [metrics.rouge_scores(t, s.answer) for t, s in zip(texts, items)]
             for key in ("rouge1", "rouge2", "rougeL"):
                 res[f"{kind}_{key}"] = sum(r[key] for r in rs) / len(rs)
+                _keep(res, cfg, f"{kind}_{key}", [r[key] for r in rs])
             res[f"{kind}_bleu"] = metrics.corpus_bleu(texts, [s.answer for s in items])
+            if cfg.keep_items:
+                stats = [metrics.bleu_stats(t, s.answer) for t, s in zip(texts, items)]
+                res.setdefault("_bleu_stats", {})[f"{kind}_bleu"] = stats
             res[f"n_{kind}_gen"] = len(items)
     return res
 
@@ -241,11 +281,16 @@ def evaluate_clear_set(
     rng = random.Random(cfg.seed)
     res: dict = {}
     faces, mcq = shuffle_options(faces, rng), shuffle_options(mcq, rng)
+
+    def renamed(r: dict, p: str) -> None:  # {p}_mcq_acc → {p}_acc, {p}_mcq_letter_acc → ...
+        for k in ("acc", "letter_acc"):
+            if f"{p}_mcq_{k}" in r:
+                res[f"{p}_{k}"] = r[f"{p}_mcq_{k}"]
+                if cfg.keep_items:
+                    res.setdefault("_items", {})[f"{p}_{k}"] = r["_items"][f"{p}_mcq_{k}"]
+
     if faces:
-        r = _mcq_metrics(model, collate, tokenizer, faces, cfg, "face")
-        res["face_acc"] = r["face_mcq_acc"]
-        if "face_mcq_letter_acc" in r:
-            res["face_letter_acc"] = r["face_mcq_letter_acc"]
+        renamed(_mcq_metrics(model, collate, tokenizer, faces, cfg, "face"), "face")
         res["n_face"] = len(faces)
     if captions and cfg.generation:
         texts = generate(model, collate, tokenizer, list(captions), cfg)
@@ -253,15 +298,17 @@ def evaluate_clear_set(
         rs = [metrics.rouge_scores(t, r) for t, r in zip(texts, refs)]
         for key in ("rouge1", "rouge2", "rougeL"):
             res[f"caption_{key}"] = sum(r[key] for r in rs) / len(rs)
+            _keep(res, cfg, f"caption_{key}", [r[key] for r in rs])
         rec = [metrics.rouge_l(t, r)["recall"] for t, r in zip(texts, refs)]
         res["caption_rougeL_recall"] = sum(rec) / len(rec)
+        _keep(res, cfg, "caption_rougeL_recall", rec)
         res["caption_bleu"] = metrics.corpus_bleu(texts, refs)
+        if cfg.keep_items:
+            stats = [metrics.bleu_stats(t, r) for t, r in zip(texts, refs)]
+            res.setdefault("_bleu_stats", {})["caption_bleu"] = stats
         res["n_caption"] = len(captions)
     if mcq:
-        r = _mcq_metrics(model, collate, tokenizer, mcq, cfg, "mcq")
-        res["mcq_acc"] = r["mcq_mcq_acc"]
-        if "mcq_mcq_letter_acc" in r:
-            res["mcq_letter_acc"] = r["mcq_mcq_letter_acc"]
+        renamed(_mcq_metrics(model, collate, tokenizer, mcq, cfg, "mcq"), "mcq")
         res["n_mcq"] = len(mcq)
     return res
 
