@@ -192,6 +192,9 @@ def test_help_reads_well():
     text = _build()[1]["eval"].format_help()
     for flag in ("--model", "--tiny", "--synthetic", "--mllmu", "--clear", "--out", "--seed"):
         assert flag in text
+    for flag in ("--protocol", "--reference", "--processor", "--shots", "--n-boot"):
+        assert flag in text
+    assert "mmunlearn eval --protocol mllmu" in text and "mmunlearn[eval]" in text
     assert "examples:" in text
 
 
@@ -225,3 +228,63 @@ def test_eval_mllmu_files(model_dirs, tmp_path):
     for key in ("vqa_mcq_acc", "qa_cloze_acc", "vqa_rougeL", "qa_bleu"):
         assert 0.0 <= sets["forget"][key] <= 1.0
     assert res["_protocol"]["benchmark"] == "MLLMU-Bench" and res["_protocol"]["split"] == 5
+
+
+def test_protocol_options_and_their_errors(model_dirs, tmp_path, capsys, monkeypatch):
+    _fails(_argv(model_dirs[0], tmp_path / "x", "--protocol", "mllmu"), capsys, "--mllmu")
+    _fails(_argv(model_dirs[0], tmp_path / "x", "--protocol", "clear"), capsys, "--clear")
+    _fails(_argv(model_dirs[0], tmp_path / "x", "--n-boot", "0"), capsys, "--n-boot")
+    argv = _argv(
+        model_dirs[0], tmp_path / "x", "--reference", model_dirs[1], "--label", "reference"
+    )
+    _fails(argv, capsys, "--label reference")
+    _fails(
+        _argv(model_dirs[0], tmp_path / "x", "--reference", str(tmp_path / "nope")), capsys, "nope"
+    )
+    (tmp_path / "mllmu" / "forget_5").mkdir(parents=True)
+    argv = ["eval", "--model", model_dirs[0], "--mllmu", str(tmp_path / "mllmu")]
+    _fails(argv + ["--protocol", "mllmu", "--shots", "two"], capsys, "--shots")
+    # --processor reaches load_checkpoint
+    import mmunlearn.models as models
+
+    seen = []
+    real = models.load_checkpoint
+
+    def spy(path, *, processor=None, dtype=None, device=None):
+        seen.append(processor)  # (a tiny tokenizer-only folder is no processor: load without)
+        return real(path, dtype=dtype, device=device)
+
+    monkeypatch.setattr(models, "load_checkpoint", spy)
+    argv = _argv(model_dirs[0], tmp_path / "p", "--processor", model_dirs[0], "--limit", "1")
+    argv += ["--no-generation", "--no-letter-mcq", "--no-unlearning-metrics", "--n-boot", "10"]
+    assert _run(argv) == 0
+    assert seen == [model_dirs[0]]
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert "unlearning" not in res and res["_protocol"]["name"] == "mmunlearn"
+
+
+def test_eval_with_reference_reports_the_gap(model_dirs, tmp_path):
+    out = tmp_path / "g"
+    argv = _argv(model_dirs[0], out, "--reference", model_dirs[1], "--no-generation")
+    assert _run(argv + ["--no-letter-mcq", "--n-boot", "100"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["vanilla", "reference"]
+    assert res["models"]["reference"] == model_dirs[1]
+    gap = res["gap"]
+    assert gap["closest"] == "vanilla" and gap["reference"] == "reference"
+    assert "forget/vqa_mcq_acc" in gap["keys"] and gap["n_boot"] == 100
+    unl = res["unlearning"]["vanilla"]
+    for key in (
+        "forget_truth_ratio",
+        "forget_quality",
+        "model_utility",
+        "mia_loss_auc",
+        "privleak",
+    ):
+        d = unl[key]
+        assert {"estimate", "lo", "hi", "n"} <= set(d), key
+    iv = res["intervals"]["vanilla"]["forget"]["vqa_mcq_acc"]
+    assert iv["estimate"] == res["methods"]["vanilla"]["forget"]["vqa_mcq_acc"] and iv["n"] == 4
+    md = (out / "report.md").read_text()
+    assert "(n=4)" in md and "Closest to the reference: **vanilla**" in md
+    assert "Model utility = harmonic mean of" in md

@@ -1,23 +1,49 @@
-"""``mmunlearn eval``: evaluate saved models (or the demo's tiny model) on a benchmark.
+"""``mmunlearn eval``: evaluate saved models (or the demo's tiny model) on a benchmark, under our
+protocol or the benchmark's own, with the unlearning metrics and intervals.
 
-Models: ``--model DIR`` (repeatable; a ``save_pretrained`` directory with its tokenizer, as
-written by ``mmunlearn unlearn`` / ``demo``), labelled by the directory name or ``--label``; or
-``--tiny``, the demo's tiny LLaVA freshly built (optionally fine-tuned ``--vanilla-steps`` on the
-synthetic benchmark first). Data: ``--synthetic``, ``--mllmu DIR`` or ``--clear DIR``; the sets
-evaluated are those of :mod:`mmunlearn.data.eval_sets`.
+Models: ``--model DIR`` (repeatable; a checkpoint directory as written by ``mmunlearn unlearn``
+/ ``demo``, loaded with :func:`mmunlearn.models.load_checkpoint`, its processor from
+``--processor DIR`` when it ships none), labelled by the directory name or ``--label``; or
+``--tiny``, the demo's tiny LLaVA freshly built. ``--reference DIR``: the model trained without
+the forget set, evaluated as the row ``reference`` and used for forget quality, PrivLeak and
+the average gap. Data: ``--synthetic``, ``--mllmu DIR`` or ``--clear DIR``.
 
-Writes ``results.json`` (``{"methods": {label: {set: metrics}}, "_protocol": {seed, shots,
-template, ...}, "models", "config"}``), ``report.md`` and, for several models,
-``tradeoff.png`` under ``--out``.
+Protocols (:mod:`mmunlearn.eval.suite`): ``mmunlearn`` (ours: zero-shot, MCQ by option
+likelihood and by generated letter, 16 new tokens, hand-written metrics;
+:mod:`mmunlearn.eval.tasks`), ``mllmu`` (MLLMU-Bench's ``eval.py``;
+:mod:`mmunlearn.eval.mllmu_protocol`), ``clear`` (CLEAR's ``mm/eval.py`` +
+``calculate_metrics.py``; :mod:`mmunlearn.eval.clear_protocol`). docs/eval_protocols.md maps
+every printed number to the benchmark's code.
+
+Writes under ``--out``: ``results.json`` (``{"methods": {label: {set: metrics, with per-item
+"_items"}}, "intervals", "unlearning", "gap", "official", "_protocol", "models", "config"}``),
+``outputs.json`` (every generation), ``report.md`` and, for several models, ``tradeoff.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 from mmunlearn.cli.common import UsageError
+
+EPILOG = """examples:
+  # ours, several models and the reference trained without the forget set
+  mmunlearn eval --model runs/demo/ga --model runs/demo/mmunlearner \\
+      --reference runs/demo/reference --synthetic
+  # MLLMU-Bench's own eval.py (few-shot, generated letter, 50 tokens, rouge_score, nltk)
+  mmunlearn eval --protocol mllmu --model runs/u/model --processor llava-1.5-7b-hf \\
+      --mllmu data/MLLMU-Bench --split 5 --reference runs/retain95
+  # CLEAR's own evaluation (Prob., ROUGE-L recall, truth ratio, model utility, forget quality)
+  mmunlearn eval --protocol clear --model runs/u/model --clear data/CLEAR --split 10 \\
+      --reference runs/retain90
+  # zero-shot MLLMU prompts (a model whose adapter takes one image per prompt)
+  mmunlearn eval --protocol mllmu --shots 0 --model runs/u/model --mllmu data/MLLMU-Bench
+
+--protocol mllmu and clear, and the unlearning metrics, need the extra:
+  pip install mmunlearn[eval]      (rouge_score, nltk, scipy)"""
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -25,18 +51,16 @@ def register(subparsers) -> argparse.ArgumentParser:
     e = subparsers.add_parser(
         "eval",
         help="evaluate saved models on the synthetic benchmark, MLLMU-Bench or CLEAR",
-        description="Evaluate one or more saved model directories (or --tiny) on one benchmark: "
-        "MCQ accuracy by option likelihood and by generated letter, fill-in-the-blank, "
-        "ROUGE/BLEU of generations (MLLMU-style keys), or CLEAR face recognition and caption "
-        "ROUGE. Writes results.json (with the protocol: template, shots, seed), report.md and, "
-        "with several models, tradeoff.png under --out.",
-        epilog="examples:\n"
-        "  mmunlearn eval --model runs/demo/vanilla --model runs/demo/mmunlearner --synthetic\n"
-        "  mmunlearn eval --model runs/u/model --mllmu data/MLLMU-Bench --split 5 --limit 200\n"
-        "  mmunlearn eval --model runs/u/model --clear data/CLEAR --split 5 --no-letter-mcq",
+        description="Evaluate one or more saved model directories (or --tiny) on one benchmark, "
+        "under our protocol (default) or the benchmark's own (--protocol mllmu|clear), with the "
+        "unlearning metrics (truth ratio, forget quality, model utility, loss/zlib/min-k MIA "
+        "AUC, PrivLeak, average gap to --reference) and a seeded bootstrap 95 % interval and "
+        "n for every number. Writes results.json, outputs.json, report.md and, with several "
+        "models, tradeoff.png under --out.",
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m = e.add_argument_group("model (one of)")
+    m = e.add_argument_group("models")
     m.add_argument(
         "--model",
         action="append",
@@ -54,6 +78,18 @@ def register(subparsers) -> argparse.ArgumentParser:
         action="append",
         default=[],
         help="row label per --model, in order (default: the directory name)",
+    )
+    m.add_argument(
+        "--reference",
+        metavar="DIR",
+        help="the model trained without the forget set: row 'reference'; forget quality, "
+        "PrivLeak and the average gap are measured against it",
+    )
+    m.add_argument(
+        "--processor",
+        metavar="DIR",
+        help="take the processor / tokenizer (and chat template) from DIR when a checkpoint "
+        "ships none",
     )
     m.add_argument(
         "--vanilla-steps",
@@ -82,23 +118,38 @@ def register(subparsers) -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         default=None,
-        help="at most N items per task and set (first N)",
+        help="at most N items per task and set (first N; --protocol clear: 300, its ds_size)",
     )
     p = e.add_argument_group("protocol")
+    p.add_argument(
+        "--protocol",
+        choices=["mmunlearn", "mllmu", "clear"],
+        default="mmunlearn",
+        help="mmunlearn (ours, default), mllmu (MLLMU-Bench's eval.py, needs --mllmu), clear "
+        "(CLEAR's own, needs --clear); docs/eval_protocols.md",
+    )
+    p.add_argument(
+        "--shots",
+        default="official",
+        metavar="N|official",
+        help="--protocol mllmu: few-shot profiles per question (official: 1 for classification, "
+        "2 for cloze; 0 = zero-shot); drawn with --seed",
+    )
     p.add_argument("--batch-size", type=int, metavar="N", default=16, help="default 16")
     p.add_argument(
         "--seed",
         type=int,
         metavar="N",
         default=0,
-        help="option order, image picks, data (default 0)",
+        help="option order, image picks, shots, data, bootstrap (default 0)",
     )
     p.add_argument(
         "--max-new-tokens",
         type=int,
         metavar="N",
-        default=16,
-        help="greedy generation length (default 16)",
+        default=None,
+        help="greedy generation length (default: the protocol's, mmunlearn 16, mllmu 50, "
+        "clear 300)",
     )
     p.add_argument(
         "--no-generation",
@@ -107,6 +158,18 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--no-letter-mcq", action="store_true", help="MCQ by option likelihood only (no letter)"
+    )
+    p.add_argument(
+        "--no-unlearning-metrics",
+        action="store_true",
+        help="skip the likelihood pass of truth ratio / forget quality / utility / MIA",
+    )
+    p.add_argument(
+        "--n-boot",
+        type=int,
+        metavar="N",
+        default=1000,
+        help="bootstrap draws of every interval (default 1000)",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     e.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
@@ -125,67 +188,99 @@ def _labels(args) -> list[str]:
     for lab in labels:  # distinct labels for equal directory names
         seen[lab] = seen.get(lab, 0) + 1
         out.append(lab if seen[lab] == 1 else f"{lab}#{seen[lab]}")
+    if args.reference and "reference" in out:
+        raise UsageError("--label reference: that row is --reference's; choose another label")
     return out
 
 
-def _load(path: str, dev):
-    from mmunlearn.models import adapter_for, load_model
+def _load(path: str, flag: str, processor, dev):
+    """``(model, tokenizer, adapter)`` of a checkpoint directory, or a UsageError naming it."""
+    from mmunlearn.models import load_checkpoint
 
     if not Path(path).is_dir():
-        raise UsageError(f"--model {path}: no such directory")
+        raise UsageError(f"{flag} {path}: no such directory")
     try:
-        model, tok = load_model(path, device=dev)
-        adapter = adapter_for(model, tok)
+        model, adapter = load_checkpoint(path, processor=processor, device=dev)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--model {path}: cannot load it ({type(e).__name__}: {e})") from e
-    return model, tok, adapter
+        raise UsageError(f"{flag} {path}: cannot load it ({type(e).__name__}: {e})") from e
+    return model, adapter.tokenizer, adapter
+
+
+def _shots(value: str) -> dict | None:
+    if value == "official":
+        return None
+    try:
+        k = int(value)
+    except ValueError:
+        raise UsageError(f"--shots {value}: give a number of profiles or 'official'") from None
+    if k < 0:
+        raise UsageError(f"--shots {value}: must be >= 0")
+    return {"classification": k, "cloze": k}
+
+
+def _plan(args, cfg):
+    from mmunlearn.data.parquet import DataFormatError
+    from mmunlearn.eval.suite import make_plan
+
+    bench = None
+    if args.synthetic or args.tiny:
+        from mmunlearn.data.synthetic import make_benchmark
+
+        bench = make_benchmark(n_people=args.people, seed=args.seed)
+    benchmark = "synthetic" if args.synthetic else "MLLMU-Bench" if args.mllmu else "CLEAR"
+    if args.protocol == "mllmu" and not args.mllmu:
+        raise UsageError("--protocol mllmu evaluates MLLMU-Bench files: give --mllmu DIR")
+    if args.protocol == "clear" and not args.clear:
+        raise UsageError("--protocol clear evaluates CLEAR files: give --clear DIR")
+    try:
+        plan = make_plan(
+            args.protocol,
+            benchmark,
+            cfg,
+            data=args.mllmu or args.clear,
+            bench=bench,
+            split=args.split,
+            limit=args.limit,
+            shots=_shots(args.shots),
+        )
+    except (DataFormatError, FileNotFoundError) as e:
+        raise UsageError(f"cannot read the data: {e}") from e
+    return plan, bench, benchmark
 
 
 def run(args) -> int:
     """Run ``mmunlearn eval`` from parsed arguments; returns the exit status (raises
-    :class:`UsageError` naming the bad path for unusable models or data)."""
+    :class:`UsageError` naming the bad input for unusable models, data or options)."""
     import torch
 
-    from mmunlearn.data.eval_sets import clear_sets, mllmu_sets, synthetic_eval_sets
-    from mmunlearn.data.parquet import DataFormatError
-    from mmunlearn.eval import EvalConfig, evaluate, evaluate_clear
-    from mmunlearn.eval.report import CLEAR_COLUMNS, EVAL_COLUMNS, markdown_table, write_report
+    from mmunlearn.eval import EvalConfig
+    from mmunlearn.eval.mllmu_protocol import MultiImageUnsupported
+    from mmunlearn.eval.report import markdown_table, unlearning_table, write_report
+    from mmunlearn.eval.suite import MAX_NEW_TOKENS, assemble, evaluate_model, protocol_record
 
     if bool(args.tiny) == bool(args.model):
         raise UsageError("give --model DIR (one or more) or --tiny")
+    if args.n_boot < 1:
+        raise UsageError(f"--n-boot {args.n_boot}: must be >= 1")
     labels = _labels(args)
     dev = torch.device(args.device)
     cfg = EvalConfig(
         batch_size=args.batch_size,
         seed=args.seed,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS[args.protocol],
         letter_mcq=not args.no_letter_mcq,
         generation=not args.no_generation,
         progress=False,
     )
-    bench = None
-    try:
-        if args.synthetic or args.tiny:
-            from mmunlearn.data.synthetic import make_benchmark
-
-            bench = make_benchmark(n_people=args.people, seed=args.seed)
-        if args.synthetic:
-            benchmark, data = "synthetic", None
-            sets = synthetic_eval_sets(bench, args.limit)
-        elif args.mllmu:
-            benchmark, data = "MLLMU-Bench", args.mllmu
-            sets = mllmu_sets(args.mllmu, args.split, args.seed, args.limit)
-        else:
-            benchmark, data = "CLEAR", args.clear
-            sets = clear_sets(args.clear, args.split, args.seed, args.limit)
-    except (DataFormatError, FileNotFoundError) as e:
-        raise UsageError(f"cannot read the data: {e}") from e
-    run = evaluate_clear if benchmark == "CLEAR" else evaluate
+    plan, bench, benchmark = _plan(args, cfg)
+    runs = [(lab, "--model", args.model[i] if args.model else None) for i, lab in enumerate(labels)]
+    if args.reference:
+        runs.append(("reference", "--reference", args.reference))
 
     results: dict = {"methods": {}, "models": {}}
-    templates = {}
-    for i, label in enumerate(labels):
-        if args.tiny:
+    stats, templates, adapter, proto = {}, {}, None, {}
+    for label, flag, path in runs:
+        if path is None:  # --tiny
             from mmunlearn.demo import DemoConfig, build_tiny
             from mmunlearn.train import finetune
 
@@ -193,35 +288,65 @@ def run(args) -> int:
             model, tok, adapter = build_tiny(bench, DemoConfig(seed=args.seed), dev)
             if args.vanilla_steps:
                 finetune(model, adapter, bench.train, args.vanilla_steps, 1e-3, 16, args.seed, dev)
-            results["models"][label] = "tiny"
         else:
-            model, tok, adapter = _load(args.model[i], dev)
-            results["models"][label] = str(args.model[i])
-        res = run(model, adapter.collate, tok, sets, cfg)
-        protocol = res.pop("_protocol")
-        results["methods"][label] = res
+            model, tok, adapter = _load(path, flag, args.processor, dev)
+        results["models"][label] = path or "tiny"
+        try:
+            res, st, proto = evaluate_model(
+                model, adapter, tok, plan, unlearning=not args.no_unlearning_metrics
+            )
+        except MultiImageUnsupported as e:
+            raise UsageError(f"--shots {args.shots}: {e}; use --shots 0") from e
+        except ImportError as e:
+            raise UsageError(f"--protocol {args.protocol}: {e}") from e
+        results["methods"][label], stats[label] = res, st
         templates[label] = adapter.template()
         print(f"eval: {label} done")
         del model
+    try:
+        assemble(
+            results, stats, plan, "reference" if args.reference else None, args.n_boot, args.seed
+        )
+    except ImportError as e:
+        raise UsageError(f"the unlearning metrics: {e} (or --no-unlearning-metrics)") from e
     results["_protocol"] = {
-        **protocol,
+        **protocol_record(plan, adapter),
+        **{k: v for k, v in proto.items() if k not in ("benchmark",)},
+        "name": args.protocol,
         "benchmark": benchmark,
-        "data": data,
+        "data": args.mllmu or args.clear,
         "split": None if args.synthetic else args.split,
         "limit": args.limit,
         "template": templates,
     }
     results["config"] = {k: v for k, v in vars(args).items() if k != "fn"}
     os.makedirs(args.out, exist_ok=True)
-    columns = CLEAR_COLUMNS if benchmark == "CLEAR" else EVAL_COLUMNS
+    outputs = results.pop("outputs", None)
+    if outputs:
+        from mmunlearn.io import atomic_write_text
+
+        path = os.path.join(args.out, "outputs.json")
+        atomic_write_text(path, json.dumps(outputs, indent=1, ensure_ascii=False, default=str))
+    extra = [(t or "Table", c) for t, c in plan.extra_tables]
     paths = write_report(
         results,
         args.out,
-        title=f"mmunlearn eval: {benchmark}",
-        columns=columns,
-        plot=len(labels) > 1,
+        title=f"mmunlearn eval: {benchmark} ({args.protocol} protocol)",
+        columns=plan.columns,
+        plot=len(results["methods"]) > 1,
         details=True,
+        extra_tables=extra,
     )
-    print(markdown_table(results, columns))
-    print("wrote " + ", ".join(paths.values()))
+    print(markdown_table(results, plan.columns))
+    unl = unlearning_table(results)
+    if unl:
+        print("\n" + unl)
+    gap = results.get("gap")
+    if gap:
+        best = gap["methods"][gap["closest"]]["avg_gap"]
+        print(
+            f"\nclosest to the reference: {gap['closest']} (avg gap {best['estimate']:.3f}, "
+            f"{100 * gap['level']:.0f} % CI [{best['lo']:.3f}, {best['hi']:.3f}])"
+        )
+    print("wrote " + ", ".join(paths.values()) + (", outputs.json" if outputs else ""))
     return 0

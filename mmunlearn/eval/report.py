@@ -5,12 +5,20 @@ come from :func:`mmunlearn.eval.evaluate_set` (``vqa_mcq_acc``, ``qa_mcq_acc``, 
 The table has the paper's shape: Forget VQA ↓, Forget text QA ↑, Retain VQA ↑, Retain QA ↑
 (:data:`COLUMNS`, the demo's); :data:`EVAL_COLUMNS` adds the letter / cloze / ROUGE-L and
 celebrity columns of ``mmunlearn eval`` and :data:`CLEAR_COLUMNS` holds the CLEAR keys of
-:func:`mmunlearn.eval.evaluate_clear`. A column appears only when some method has its value.
+:func:`mmunlearn.eval.evaluate_clear`; :data:`MLLMU_VQA_COLUMNS` / :data:`MLLMU_QA_COLUMNS` and
+:data:`CLEAR_PROTOCOL_COLUMNS` are the layouts of the benchmarks' own protocols
+(``--protocol mllmu|clear``). A column appears only when some method has its value.
+
+With ``results["intervals"]`` (:func:`mmunlearn.eval.compare.task_intervals`) every cell shows its
+bootstrap interval and every header its ``n``; ``results["unlearning"]`` and ``results["gap"]``
+add the unlearning-metrics table (:data:`UNLEARNING_COLUMNS`) and the average gap to the
+reference; the plot draws the intervals as error bars and marks the reference.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from mmunlearn.io import atomic_write, atomic_write_text
@@ -67,12 +75,77 @@ CLEAR_COLUMNS = [
     ("Real world ↑", "real_world", "mcq_acc", "high"),
 ]
 
+
+# ``--protocol mllmu``: the MMUnlearner paper's main-table layout, one table per question kind:
+# Forget / Test (forget people, other pictures) / Retain / Real celebrity × classification
+# (generated letter), generation ROUGE-L, cloze
+def _mllmu_columns(kind: str, forget_better: str) -> list:
+    cols = []
+    for title, sn, better in (
+        ("Forget", "forget", forget_better),
+        ("Test", "forget_test", forget_better),
+        ("Retain", "retain", "high"),
+        ("Celebrity", "retain_celebrity", "high"),
+    ):
+        arrow = "↓" if better == "low" else "↑"
+        cols += [
+            (f"{title} cls {arrow}", sn, f"{kind}_mcq_letter_acc", better),
+            (f"{title} ROUGE-L {arrow}", sn, f"{kind}_rougeL", better),
+            (f"{title} cloze {arrow}", sn, f"{kind}_cloze_acc", better),
+        ]
+    return cols
+
+
+MLLMU_VQA_COLUMNS = _mllmu_columns("vqa", "low")
+# text QA of the forget people: MMUnlearner keeps it (↑); the MLLMU paper reports it ↓
+MLLMU_QA_COLUMNS = _mllmu_columns("qa", "high")
+
+# ``--protocol clear``: CLEAR's own table (calculate_metrics.py names), per task
+CLEAR_PROTOCOL_COLUMNS = [
+    ("Forget ROUGE ↓", "forget", "rougeL_recall", "low"),
+    ("Forget Prob. ↓", "forget", "prob", "low"),
+    ("Forget TR ↑", "forget", "truth_ratio", "high"),
+    ("Forget FaceRec Prob. ↓", "forget_facerec", "prob", "low"),
+    ("Retain ROUGE ↑", "retain", "rougeL_recall", "high"),
+    ("Retain Prob. ↑", "retain", "prob", "high"),
+    ("Retain TR ↑", "retain", "truth_ratio", "high"),
+    ("Retain FaceRec Prob. ↑", "retain_facerec", "prob", "high"),
+    ("Real Faces Prob. ↑", "real_faces", "prob", "high"),
+    ("Real World Prob. ↑", "real_world", "prob", "high"),
+]
+
+# the unlearning metrics (mmunlearn.eval.compare.unlearning_metrics): (header, key)
+UNLEARNING_COLUMNS = [
+    ("Forget TR ↑", "forget_truth_ratio"),
+    ("Forget quality ↑", "forget_quality"),
+    ("Model utility ↑", "model_utility"),
+    ("Retain TR ↑", "retain_truth_ratio"),
+    ("MIA loss AUC", "mia_loss_auc"),
+    ("MIA zlib AUC", "mia_zlib_auc"),
+    ("MIA min-k AUC", "mia_min_k_auc"),
+    ("PrivLeak % (→0)", "privleak"),
+]
+
 # trade-off plot axes: x = (set, metric, label), panels = [(set, metric, label), ...]
 DEFAULT_AXES = {
     "x": ("forget", "vqa_mcq_acc", "forget VQA acc ↓ (visual concept forgotten →  left)"),
     "panels": [
         ("forget", "qa_mcq_acc", "forget text-QA acc ↑"),
         ("retain", "vqa_mcq_acc", "retain VQA acc ↑"),
+    ],
+}
+MLLMU_AXES = {
+    "x": ("forget", "vqa_mcq_letter_acc", "forget VQA accuracy (generated letter) ↓"),
+    "panels": [
+        ("forget", "qa_mcq_letter_acc", "forget text-QA accuracy ↑"),
+        ("retain", "vqa_mcq_letter_acc", "retain VQA accuracy ↑"),
+    ],
+}
+CLEAR_PROTOCOL_AXES = {
+    "x": ("forget_facerec", "prob", "forget face recognition Prob. ↓"),
+    "panels": [
+        ("retain_facerec", "prob", "retain face recognition Prob. ↑"),
+        ("real_faces", "prob", "real faces Prob. ↑"),
     ],
 }
 CLEAR_AXES = {
@@ -84,22 +157,103 @@ CLEAR_AXES = {
 }
 
 
-def _cell(v) -> str:
-    return "—" if v is None else f"{v:.3f}"
+def _num(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    if v != 0 and abs(v) < 1e-3:
+        return f"{v:.1e}"
+    return f"{v:.3f}"
+
+
+def _cell(v, ci: dict | None = None) -> str:
+    """``0.512`` or, with an interval, ``0.512 [0.431, 0.602]``."""
+    if v is None:
+        return "—"
+    if not ci:
+        return _num(v)
+    return f"{_num(v)} [{_num(ci['lo'])}, {_num(ci['hi'])}]"
+
+
+def _n_text(n) -> str:
+    if isinstance(n, (list, tuple)):
+        return "/".join(str(x) for x in n)
+    if isinstance(n, dict):
+        return f"{len(n)} inputs"
+    return str(n)
+
+
+def _with_n(header: str, cis: list) -> str:
+    """``header (n=25)`` when every method's interval has the same ``n``."""
+    ns = {_n_text(c["n"]) for c in cis if c}
+    return f"{header} (n={ns.pop()})" if len(ns) == 1 else header
 
 
 def markdown_table(results: dict, columns=COLUMNS) -> str:
-    """The comparison table (one row per method, in insertion order)."""
+    """The comparison table (one row per method, in insertion order); with
+    ``results["intervals"]`` each cell carries its interval and each header its ``n``."""
     cols = [
         c
         for c in columns
         if any(c[1] in m and c[2] in m[c[1]] for m in results["methods"].values())
     ]
-    lines = ["| method | " + " | ".join(c[0] for c in cols) + " |", "|---|" + "---:|" * len(cols)]
+    iv = results.get("intervals") or {}
+
+    def ci(name, c):
+        return iv.get(name, {}).get(c[1], {}).get(c[2])
+
+    heads = [_with_n(c[0], [ci(n, c) for n in results["methods"]]) if iv else c[0] for c in cols]
+    lines = ["| method | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(cols)]
     for name, sets in results["methods"].items():
-        vals = [sets.get(c[1], {}).get(c[2]) for c in cols]
-        lines.append(f"| {name} | " + " | ".join(_cell(v) for v in vals) + " |")
+        cells = [_cell(sets.get(c[1], {}).get(c[2]), ci(name, c)) for c in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def unlearning_table(results: dict) -> str:
+    """The unlearning metrics of every model (``results["unlearning"]``), each with its
+    interval, and the average gap to the reference (``results["gap"]``) as the last column;
+    ``""`` when there are none."""
+    unl = results.get("unlearning") or {}
+    gap = (results.get("gap") or {}).get("methods", {})
+    names = list(results.get("methods") or unl)
+    cols = [c for c in UNLEARNING_COLUMNS if any(c[1] in unl.get(n, {}) for n in names)]
+    if not cols and not gap:
+        return ""
+    heads = [_with_n(h, [unl.get(n, {}).get(k) for n in names]) for h, k in cols]
+    if gap:
+        heads.append("Avg. gap to reference ↓")
+    lines = ["| method | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+    for n in names:
+        cells = []
+        for _, k in cols:
+            d = unl.get(n, {}).get(k)
+            cells.append(_cell(d["estimate"], d) if d else "—")
+        if gap:
+            d = gap.get(n, {}).get("avg_gap")
+            cells.append(_cell(d["estimate"], d) if d else "—")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def gap_lines(gap: dict) -> list[str]:
+    """Markdown lines naming the gap's metrics, reference, interval level and the closest
+    method (with the share of bootstrap draws in which it is closest)."""
+    if not gap:
+        return []
+    best = gap["closest"]
+    share = gap.get("closest_share", {}).get(best)
+    d = gap["methods"][best]["avg_gap"]
+    keys = ", ".join(f"{k} (n={gap['n'][k]})" for k in gap["keys"])
+    return [
+        f"Avg. gap = mean |method − {gap['reference']}| over {keys}; "
+        f"{100 * gap['level']:.0f} % bootstrap intervals, {gap['n_boot']} draws, seed "
+        f"{gap['seed']}.",
+        "",
+        f"Closest to the reference: **{best}** ({_cell(d['estimate'], d)}"
+        + (f"; closest in {100 * share:.0f} % of the draws" if share is not None else "")
+        + ").",
+        "",
+    ]
 
 
 def metrics_tables(results: dict) -> str:
@@ -113,6 +267,7 @@ def metrics_tables(results: dict) -> str:
         keys: list[str] = []
         for sets in results["methods"].values():
             keys += [k for k in sets.get(sn, {}) if k not in keys]
+        keys = [k for k in keys if not k.startswith("_")]
         keys = [k for k in keys if not k.startswith("n_")] + [k for k in keys if k.startswith("n_")]
         if not keys:
             continue
@@ -120,7 +275,10 @@ def metrics_tables(results: dict) -> str:
         out.append("|---|" + "---:|" * len(keys))
         for name, sets in results["methods"].items():
             vals = [sets.get(sn, {}).get(k) for k in keys]
-            cells = [str(v) if isinstance(v, int) else _cell(v) for v in vals]
+            cells = [
+                str(v) if isinstance(v, int) else _cell(v) if not isinstance(v, dict) else "…"
+                for v in vals
+            ]
             out.append(f"| {name} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -141,17 +299,38 @@ def tradeoff_plot(results: dict, path: str, axes: dict | None = None) -> bool:
     xset, xkey, xlabel = axes["x"]
     panels = axes["panels"]
     fig, axs = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    iv = results.get("intervals") or {}
+
+    def err(name, sn, key, v):
+        d = iv.get(name, {}).get(sn, {}).get(key)
+        return None if not d else [[max(0.0, v - d["lo"])], [max(0.0, d["hi"] - v)]]
+
     for ax, (yset, ykey, ylabel) in zip(axs[0], panels):
         for name, sets in results["methods"].items():
             x = sets.get(xset, {}).get(xkey)
             y = sets.get(yset, {}).get(ykey)
             if x is None or y is None:
                 continue
-            ax.scatter([x], [y], s=60)
+            is_ref = name == "reference"
+            ax.errorbar(
+                [x],
+                [y],
+                xerr=err(name, xset, xkey, x),
+                yerr=err(name, yset, ykey, y),
+                fmt="*" if is_ref else "o",
+                ms=14 if is_ref else 7,
+                color="black" if is_ref else None,
+                elinewidth=1,
+                capsize=3,
+            )
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
-        ref = results["methods"].get("reference", {}).get(xset, {}).get(xkey)
+        refs = results["methods"].get("reference", {})
+        ref = refs.get(xset, {}).get(xkey)
         if ref is not None:
             ax.axvline(ref, ls="--", lw=1, color="grey")
+        ref_y = refs.get(yset, {}).get(ykey)
+        if ref_y is not None:
+            ax.axhline(ref_y, ls=":", lw=1, color="grey")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_xlim(-0.05, 1.05)
@@ -159,7 +338,10 @@ def tradeoff_plot(results: dict, path: str, axes: dict | None = None) -> bool:
         ax.grid(alpha=0.3)
     if "reference" in results["methods"]:
         fig.suptitle(
-            "Unlearning trade-off: best is at the top, on the dashed line (the reference: "
+            "Unlearning trade-off: best is at the top, on the dashed line\n(the reference ★: "
+            "trained without the forgotten pictures; bars: bootstrap 95 % intervals)"
+            if iv
+            else "Unlearning trade-off: best is at the top, on the dashed line (the reference: "
             "trained without the forgotten pictures)",
             fontsize=10,
         )
@@ -201,6 +383,25 @@ def write_report(
     md = [f"# {title}", "", markdown_table(results, columns), ""]
     for title_x, cols_x in extra_tables or ():
         md += [f"## {title_x}", "", markdown_table(results, cols_x), ""]
+    unl = unlearning_table(results)
+    if unl:
+        md += ["## Unlearning metrics", "", unl, ""]
+        mu = next(
+            (u["model_utility"] for u in results["unlearning"].values() if "model_utility" in u),
+            None,
+        )
+        if mu and isinstance(mu.get("n"), dict):
+            parts = ", ".join(f"{k} (n={v})" for k, v in mu["n"].items())
+            md += [f"Model utility = harmonic mean of {parts}.", ""]
+    md += gap_lines(results.get("gap") or {})
+    if results.get("intervals") or unl:
+        boot = results.get("bootstrap") or {}
+        md += [
+            "Intervals: percentile bootstrap over items"
+            + (f" ({boot.get('n_boot')} draws, seed {boot.get('seed')})" if boot else "")
+            + "; n = items per column (MIA: forget/holdout).",
+            "",
+        ]
     md += [line + "\n" for line in results.get("notes", [])]
     proto = results.get("_protocol")
     if proto:
@@ -212,8 +413,12 @@ def write_report(
     env = results.get("environment")
     if env:
         md += ["Environment:", "", "```json", json.dumps(env, indent=1, default=str), "```", ""]
-    if axes is None and columns is CLEAR_COLUMNS:
-        axes = CLEAR_AXES
+    if axes is None:
+        axes = {
+            id(CLEAR_COLUMNS): CLEAR_AXES,
+            id(MLLMU_VQA_COLUMNS): MLLMU_AXES,
+            id(CLEAR_PROTOCOL_COLUMNS): CLEAR_PROTOCOL_AXES,
+        }.get(id(columns))
     if plot and tradeoff_plot(results, paths["png"], axes):
         md += ["![trade-off](tradeoff.png)", ""]
     else:
