@@ -316,3 +316,24 @@ def test_mean_ci_bootstrap():
     assert all(math.isnan(v) for v in M.mean_ci([]))
     with pytest.raises(ValueError):
         M.mean_ci(vals, confidence=1.0)
+
+
+def test_rouge_agrees_with_rouge_score_without_stemming_on_ascii():
+    """The documented difference (docs/eval_protocols.md §4): on ASCII text without stemming,
+    our hand-written ROUGE equals rouge_score's F-measures; stemming is where they part."""
+    rs = pytest.importorskip("rouge_score.rouge_scorer")
+    scorer = rs.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+    pairs = [
+        (PRED, REF),
+        ("The cat sat on the mat.", "the cat is on the mat"),
+        ("Born in 1970, in Oslo", "She was born in Oslo in 1970."),
+    ]
+    for pred, ref in pairs:
+        got = M.rouge_scores(pred, ref)
+        want = scorer.score(ref, pred)
+        for key in ("rouge1", "rouge2", "rougeL"):
+            assert got[key] == pytest.approx(want[key].fmeasure), (pred, key)
+    stemmed = rs.RougeScorer(["rouge1"], use_stemmer=True).score("he runs", "he running")
+    assert (
+        stemmed["rouge1"].fmeasure == 1.0 and M.rouge_scores("he running", "he runs")["rouge1"] < 1
+    )

@@ -51,12 +51,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     e = subparsers.add_parser(
         "eval",
         help="evaluate saved models on the synthetic benchmark, MLLMU-Bench or CLEAR",
-        description="Evaluate one or more saved model directories (or --tiny) on one benchmark, "
-        "under our protocol (default) or the benchmark's own (--protocol mllmu|clear), with the "
-        "unlearning metrics (truth ratio, forget quality, model utility, loss/zlib/min-k MIA "
-        "AUC, PrivLeak, average gap to --reference) and a seeded bootstrap 95 % interval and "
-        "n for every number. Writes results.json, outputs.json, report.md and, with several "
-        "models, tradeoff.png under --out.",
+        description="Evaluate one or more saved model directories (or --tiny) on one benchmark,\n"
+        "under our protocol (default) or the benchmark's own (--protocol mllmu|clear), with\n"
+        "the unlearning metrics (truth ratio, forget quality, model utility, loss / zlib /\n"
+        "min-k MIA AUC, PrivLeak, average gap to --reference) and a seeded bootstrap 95 %\n"
+        "interval and n for every number. Writes results.json, outputs.json, report.md and,\n"
+        "with several models, tradeoff.png under --out.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -188,7 +188,7 @@ def unique_ids(rows: list[dict]) -> list:
 # CLEAR's own evaluation tasks (somvy/multimodal_unlearning config/mm/eval.yaml)
 # ---------------------------------------------------------------------------------------------
 
-FACES_QUESTION = "The name of the person on the image is "  # mm/dataset.py:119, trailing space
+FACES_QUESTION = "The name of the person on the image is "  # mm/dataset.py:120, trailing space
 CLEAR_DS_SIZE = 300  # eval.yaml ds_size: the first 300 rows of every task
 
 

@@ -10,11 +10,11 @@ generation of up to 300 new tokens from the decoded *text* of the prompt -- CLEA
 the question without its image (``mm/eval.py:120-133``), which we reproduce. Per task:
 
 - ``prob``: captions (``eval_log*``) mean ``exp(−avg_gt_loss)``; the other tasks mean
-  ``p_true / (p_true + Σ p_perturbed)`` (``calculate_metrics.py:98-106``);
+  ``p_true / (p_true + Σ p_perturbed)`` (``calculate_metrics.py:94-104``);
 - ``rougeL_recall``: mean ROUGE-L recall (rouge_score, stemmed) of the generation against the
-  answer (``:108-111``);
+  answer (``:106-111``);
 - ``truth_ratio``: ``R_i = exp(mean_all(perturbed loss) − paraphrased loss_i)`` with **one
-  scalar** perturbed mean over all items (``:113-116``); forget tasks ``mean(min(R, 1/R))``,
+  scalar** perturbed mean over all items (``:113-121``); forget tasks ``mean(min(R, 1/R))``,
   the others ``mean(max(0, 1 − 1/R))``;
 
 and per model ``model_utility`` = harmonic mean of every non-forget task's three numbers

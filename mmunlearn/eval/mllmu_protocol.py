@@ -160,7 +160,7 @@ def _shot_ids(rng: random.Random, id_list: list, k: int) -> list:
 
 
 def _query_image(row: dict, mode: str, rng: random.Random):
-    """The row's ``image``, or in test mode one of ``images`` (eval.py:322-325)."""
+    """The row's ``image``, or in test mode one of ``images`` (eval.py:323-326)."""
     if mode == "test" and row.get("images"):
         return rng.choice(row["images"])
     return row["image"]
@@ -457,7 +457,7 @@ def protocol_record(
         "F-measure (eval.py:680,782-797)",
         "bleu": "nltk sentence_bleu, whitespace tokens, SmoothingFunction().method1 "
         "(eval.py:57-78)",
-        "test_images": "one of Test_Set's images per row and task, seeded (eval.py:322-325)",
+        "test_images": "one of Test_Set's images per row and task, seeded (eval.py:323-326)",
         "accuracy_units": "fractions in our keys; percent in the 'official' block",
     }
 
