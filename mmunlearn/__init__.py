@@ -41,6 +41,7 @@ _API = {
     "finetune": "mmunlearn.train",
     # models and data
     "adapter_for": "mmunlearn.models",
+    "load_checkpoint": "mmunlearn.models",
     "load_model": "mmunlearn.models",
     "save_model": "mmunlearn.models",
     "tiny_llava": "mmunlearn.models",
@@ -50,6 +51,9 @@ _API = {
     "make_benchmark": "mmunlearn.data.synthetic",
     "make_batches": "mmunlearn.data.batching",
     "UnlearningSets": "mmunlearn.data.recipe",
+    "mllmu_sets": "mmunlearn.data.recipe",
+    "clear_sets": "mmunlearn.data.recipe",
+    "Recipe": "mmunlearn.presets",
     # evaluation
     "EvalConfig": "mmunlearn.eval",
     "evaluate": "mmunlearn.eval",

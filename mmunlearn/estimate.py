@@ -275,13 +275,15 @@ def estimate(
     grad_checkpointing: bool = False,
     attn: str | None = None,
     images_per_sample: int = 1,
+    fisher_offload: bool = False,
 ) -> list[Estimate]:
     """Per-rank byte estimates for the saliency and unlearning phases.
 
     ``attn``: ``"eager"`` or a fused kernel (``"sdpa"``, flash); default: the config's
     attention implementation when one was set explicitly, else ``"sdpa"``.
     ``images_per_sample``: images per sequence for multimodal configs (their tokens are part of
-    ``seq``).
+    ``seq``). ``fisher_offload``: finished Fishers move to the CPU (``build_masks(offload=True)``),
+    so one set of fp32 accumulators is on the device at a time.
     """
     b = _DTYPE_BYTES[dtype]
     P, block = count_parameters(cfg)
@@ -295,7 +297,11 @@ def estimate(
         "grads (sharded)": P * b / N,
         **acts,
     }
-    sal = Estimate("saliency", {**common, "fisher accumulators (2 × fp32)": 8 * P / N})
+    if fisher_offload and N == 1:  # (FSDP2 shards the Fisher instead)
+        fisher = {"fisher accumulators (1 × fp32; the finished one on the CPU)": 4 * P / N}
+    else:
+        fisher = {"fisher accumulators (2 × fp32)": 8 * P / N}
+    sal = Estimate("saliency", {**common, **fisher})
     unl_terms = {**common, "AdamW moments (fp32)": 8 * P / N, "mask (1 bit)": P / 8 / N}
     if method in ("kl_min", "npo"):
         unl_terms["reference model (frozen)"] = P * b / N

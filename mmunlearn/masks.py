@@ -109,6 +109,7 @@ def build_masks(
     official_parity: bool = False,
     backend: str = "auto",
     fisher_dir: str | os.PathLike | None = None,
+    offload: bool = False,
 ) -> dict[str, SaliencyMask]:
     """MMUnlearner's masks (method.md §2).
 
@@ -119,7 +120,10 @@ def build_masks(
     entities with the multimodal retain batches). Masks by threshold ``gamma`` or, with
     ``fraction``, exact top-k within each group (``scope``). ``fisher_dir``: also save the
     three Fishers there (``forget`` / ``vision_preserve`` / ``language_preserve.safetensors``)
-    so that :func:`masks_from_fishers` can redo the masks at other thresholds. Coverage is logged
+    so that :func:`masks_from_fishers` can redo the masks at other thresholds. ``offload``
+    (unsharded models): each finished Fisher moves to the CPU (pinned) and the masks are
+    computed there, so only one set of fp32 accumulators is ever on the GPU (a 7B model:
+    26 GiB instead of 53). Coverage is logged
     (``logging``, this module's logger). Returns ``{"vision", "language", "both"}`` masks
     (both = vision | language).
     """
@@ -134,11 +138,21 @@ def build_masks(
         official_parity=official_parity,
         backend=backend,
     )
-    f_forget = collect_fisher(model, forget_batches, vision + language, **kw)
-    f_vp = collect_fisher(model, vision_preserve_batches, vision, **kw) if vision else {}
-    f_lp = collect_fisher(model, language_preserve_batches, language, **kw) if language else {}
-    cls = model_class(model)
     sharded = is_sharded(model)
+    if offload and sharded:
+        raise ValueError("build_masks: offload is for unsharded models (FSDP2 shards the Fisher)")
+
+    def fisher(batches, names):
+        f = collect_fisher(model, batches, names, **kw)
+        if offload:
+            pin = torch.cuda.is_available()
+            f = {k: (v.cpu().pin_memory() if pin and v.is_cuda else v.cpu()) for k, v in f.items()}
+        return f
+
+    f_forget = fisher(forget_batches, vision + language)
+    f_vp = fisher(vision_preserve_batches, vision) if vision else {}
+    f_lp = fisher(language_preserve_batches, language) if language else {}
+    cls = model_class(model)
     if fisher_dir is not None:
         meta = {"model_class": cls, "mode": mode, "official_parity": official_parity}
         for fname, f in (

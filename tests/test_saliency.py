@@ -614,3 +614,13 @@ def test_build_masks_llava(llava, tmp_path, caplog):
         assert c["selected"] >= -(-c["total"] // 20)
     bound = both.for_model(llava)
     assert len(bound) == len(both.names)
+
+
+def test_build_masks_offload_gives_the_same_masks(llava):
+    """Offloading finished Fishers to the CPU changes where the masks are computed, not them."""
+    forget, v_pres = [llava_batch(), llava_batch()], [llava_batch()]
+    l_pres = [llava_batch(image=False), llava_batch()]
+    a = build_masks(llava, forget, v_pres, l_pres, progress=False)
+    b = build_masks(llava, forget, v_pres, l_pres, progress=False, offload=True)
+    for k in ("vision", "language", "both"):
+        assert a[k] == b[k], k

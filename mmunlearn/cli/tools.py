@@ -32,6 +32,11 @@ def register(sub):
     e.add_argument("--method", default="mmunlearner", choices=list(METHODS))
     e.add_argument("--gradient-checkpointing", "--grad-checkpointing", action="store_true")
     e.add_argument(
+        "--fisher-offload",
+        action="store_true",
+        help="the saliency pass keeps finished Fishers on the CPU (saliency --fisher-offload)",
+    )
+    e.add_argument(
         "--gpu-memory",
         type=float,
         default=None,
@@ -74,19 +79,23 @@ def run_estimate(args) -> int:
         args.gradient_checkpointing,
         attn=args.attn,
         images_per_sample=args.images,
+        fisher_offload=args.fisher_offload,
     )
     params, _ = est.count_parameters(cfg)
     print(est.format_report(ests, params, args.world_size))
     if args.gpu_memory is not None:
         gib = 1024**3
+        hints = [] if args.gradient_checkpointing else ["--gradient-checkpointing"]
+        if not args.fisher_offload and args.world_size == 1:
+            hints.append("--fisher-offload (saliency)")
+        hints += ["a smaller --batch-size", "more ranks under torchrun (--world-size)"]
         for e in ests:
             ok = e.total <= args.gpu_memory * gib
-            verdict = "fits" if ok else "does NOT fit"
-            print(
-                f"{e.phase}: {e.total / gib:.1f} GiB per rank {verdict} in {args.gpu_memory:g} GiB"
-                + ("" if ok else " (try --gradient-checkpointing, a smaller --batch-size, or more "
-                   "ranks under torchrun)")
+            line = f"{e.phase}: {e.total / gib:.1f} GiB per rank "
+            line += f"fits in {args.gpu_memory:g} GiB" if ok else (
+                f"does NOT fit in {args.gpu_memory:g} GiB; try " + ", ".join(hints)
             )  # fmt: skip
+            print(line)
     return 0
 
 

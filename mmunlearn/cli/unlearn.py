@@ -93,6 +93,14 @@ def register(sub):
         add_mask_rule(r)
         r.add_argument("--fisher-batch-size", type=int, default=None, help="recipe's if unset")
         r.add_argument(
+            "--fisher-offload",
+            action="store_true",
+            help="keep finished Fishers on the CPU (one fp32 set on the GPU; one process only)",
+        )
+        r.add_argument(
+            "--save-fisher", action="store_true", help="also write the Fishers to --out/fisher"
+        )
+        r.add_argument(
             "--loss-tokens",
             choices=["answer", "all", "all_with_image"],
             default=None,
@@ -266,7 +274,7 @@ def _prepare(args, distributed: bool = False):
 
 def _masks(args, recipe, model, adapter, data):
     from mmunlearn.data.batching import BatchSource
-    from mmunlearn.distributed import is_rank0
+    from mmunlearn.distributed import is_rank0, is_sharded
     from mmunlearn.masks import build_masks
 
     kw = {"loss_tokens": recipe.fisher_loss_tokens}
@@ -286,6 +294,7 @@ def _masks(args, recipe, model, adapter, data):
         progress=is_rank0(),
         official_parity=recipe.fisher_parity,
         fisher_dir=fisher_dir,
+        offload=args.fisher_offload and not is_sharded(model),
     )
 
 
