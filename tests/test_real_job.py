@@ -153,3 +153,59 @@ def test_estimate_takes_the_run_config_and_says_whether_it_fits(files, tmp_path,
     assert "saliency:" in out and "fits in 80 GiB" in out
     assert main(["estimate", "--config", str(cfg), "--gpu-memory", "0.0001"]) == 0
     assert "does NOT fit in 0.0001 GiB" in capsys.readouterr().out
+
+
+def test_hub_id_from_the_local_cache_offline(files, tmp_path, monkeypatch):
+    """A Hub id resolves to its snapshot in the local cache, offline; an uncached id is a clear
+    error that says nothing is downloaded."""
+    import shutil
+
+    from mmunlearn.models import load_checkpoint
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-llava"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(files["llava"], snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))  # read when a lookup runs
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    model, adapter = load_checkpoint("acme/tiny-llava")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and adapter.processor
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        load_checkpoint("acme/not-there")
+
+
+def test_run_log_grad_accum_workers_eval_every_and_resume(files, tmp_path):
+    data = ["--mllmu", str(files["mllmu"]), "--model", str(files["llava"])]
+    out = tmp_path / "u"
+    argv = ["unlearn", *data, "--method", "ga_diff", "--lr", "1e-3", "--batch-size", "1"]
+    argv += ["--grad-accum", "2", "--workers", "1", "--eval-every", "1", "--eval-items", "2"]
+    argv += ["--checkpoint-every", "1", "--out", str(out)]
+    assert main(argv) == 0
+    log = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()]
+    train = [r for r in log if r["phase"] != "eval"]
+    evals = [r for r in log if r["phase"] == "eval"]
+    assert train and len(evals) == len(train)  # --eval-every 1
+    assert all({"forget_ce", "retain_ce", "score"} <= set(r) for r in evals)
+    summary = json.loads((out / "unlearn.json").read_text())
+    best = summary["best"]
+    assert best["score"] == max(r["score"] for r in evals)
+    assert (out / "best" / "model.safetensors").is_file()  # the best checkpoint, loadable
+    from mmunlearn.models import load_checkpoint
+
+    load_checkpoint(out / "best")
+    # resuming the finished run changes nothing
+    before = (out / "model" / "model.safetensors").read_bytes()
+    assert main([*argv, "--resume"]) == 0
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_tensorboard_report(files, tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "tb"
+    argv = ["unlearn", "--mllmu", str(files["mllmu"]), "--model", str(files["llava"])]
+    assert main([*argv, "--method", "ga", "--report-to", "tensorboard", "--out", str(out)]) == 0
+    assert list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
