@@ -39,7 +39,7 @@ CPU_BLOCK = 1 << 15
 # Below this many elements one thread does the work (a thread start costs ~20 µs; 2 threads
 # only pay off past ~64 K elements on the 2-core CI machine, 2026-11-30).
 PARALLEL_MIN = 1 << 16
-ABI = 1
+ABI = 2
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -50,7 +50,7 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-int64_t mmu_abi(void) { return 1; }
+int64_t mmu_abi(void) { return 2; }
 
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -63,6 +63,17 @@ static inline uint16_t st_bf16(float x) {  /* round to nearest even, NaN -> 0x7F
     uint16_t r = (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
     return x != x ? (uint16_t)0x7FC0 : r;
 }
+/* bit-0 elements store back the bits they read: a branch-free blend (written as a ?: the compiler
+   may turn it into a conditional store and give up vectorising) */
+static inline uint32_t blend32(int on, uint32_t a, uint32_t b) {
+    uint32_t m = 0u - (uint32_t)on; return (a & m) | (b & ~m);
+}
+static inline uint16_t blend16(int on, uint16_t a, uint16_t b) {
+    uint16_t m = (uint16_t)(0u - (uint32_t)on); return (uint16_t)((a & m) | (b & ~m));
+}
+#define BLEND_f32 blend32
+#define BLEND_bf16 blend16
+#define BLEND_f16 blend16
 static inline float ld_f16(uint16_t x) { _Float16 h; memcpy(&h, &x, 2); return (float)h; }
 static inline uint16_t st_f16(float x) {
     _Float16 h = (_Float16)x; uint16_t u; memcpy(&u, &h, 2); return u;
@@ -134,9 +145,9 @@ static inline void adamw_elem_##PN##_##GN(const step_ctx *ctx, PS *restrict p,  
     float den = sqrtf(vn) / ctx->bc2s + ctx->eps;                                             \
     float pn = pp + (ctx->nss * mn) / den;                                                    \
     PS pold = p[j]; uint32_t mold = m[j], vold = v[j];                                        \
-    p[j] = on ? st_##PN(pn) : pold;                                                           \
-    m[j] = on ? f2u(mn) : mold;                                                               \
-    v[j] = on ? f2u(vn) : vold;                                                               \
+    p[j] = BLEND_##PN(on, st_##PN(pn), pold);                                                 \
+    m[j] = blend32(on, f2u(mn), mold);                                                        \
+    v[j] = blend32(on, f2u(vn), vold);                                                        \
 }                                                                                             \
 static void adamw_##PN##_##GN(const void *vctx, int64_t c0, int64_t c1, int th) {             \
     const step_ctx *ctx = (const step_ctx *)vctx; (void)th;                                   \
@@ -172,7 +183,7 @@ static inline void sgd_elem_##PN##_##GN(const step_ctx *ctx, PS *restrict p,    
     float gg = ld_##GN(g[j]) * ctx->gmul;                                                     \
     float pn = ld_##PN(p[j]) * ctx->decay - ctx->lr * gg;                                     \
     PS pold = p[j];                                                                           \
-    p[j] = on ? st_##PN(pn) : pold;                                                           \
+    p[j] = BLEND_##PN(on, st_##PN(pn), pold);                                                 \
 }                                                                                             \
 static void sgd_##PN##_##GN(const void *vctx, int64_t c0, int64_t c1, int th) {               \
     const step_ctx *ctx = (const step_ctx *)vctx; (void)th;                                   \

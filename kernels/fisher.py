@@ -187,8 +187,8 @@ class FisherBuckets:
     ``launches`` counts the accumulate calls made (one launch each on the triton/cpu backends).
     The 25 MiB default is DDP's bucket size: every launch but a backward's last covers at
     least that much gradient (≥ 13 M bf16 elements), so launch and table costs stay negligible
-    however many small parameters a model has, and the bucket's pointer tables are few enough
-    (one per bucket) to stay in the 64-entry table cache across batches.
+    however many small parameters a model has; a backward refills the same buckets batch after
+    batch, so their tables come from the table cache (kernels/_common.py) from the second batch.
     """
 
     def __init__(
