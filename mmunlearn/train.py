@@ -2,8 +2,11 @@
 (and how the reference model learns it without the forget set).
 
 Plain AdamW (:class:`~mmunlearn.optim.MaskedAdamW` with no mask), global-norm clipping at 1.0,
-batches drawn by :func:`~mmunlearn.data.batching.make_batches` in seeded epochs, the loss of
-each global batch from :func:`~mmunlearn.losses.batch_loss` (this rank's rows under FSDP2).
+the loss of each global batch from :func:`~mmunlearn.losses.batch_loss` (this rank's rows under
+FSDP2). :func:`finetune` draws batches with :func:`~mmunlearn.data.batching.make_batches` in
+seeded epochs; :func:`finetune_stages` runs a curriculum (the linked world's text → identity →
+grounding stages), each stage drawing its batches from weighted pools with its own optimizer
+and its own seeded stream, so a stage's result depends only on the model it starts from.
 """
 
 from __future__ import annotations
@@ -42,4 +45,68 @@ def finetune(model, adapter, samples, steps, lr, bs, seed, dev, progress=True):
     return model
 
 
-__all__ = ["finetune"]
+def finetune_stages(model, adapter, stages, steps, lr, bs, seed, dev, progress=True, callback=None):
+    """Fine-tune ``model`` in place through a curriculum.
+
+    ``stages``: ``[(name, [(samples, weight), ...]), ...]`` (e.g.
+    :meth:`mmunlearn.data.linked.LinkedWorld.stages`); ``steps``: ``{name: n}``. Every step of
+    a stage draws a pool with probability ∝ its weight, then ``bs`` distinct items of it (all
+    of them if fewer), collated when drawn. Each stage has a fresh AdamW (lr ``lr``, no weight
+    decay, clip 1.0) and a ``random.Random(f"{seed}:{name}")`` stream, so two runs that reach
+    a stage with the same weights continue identically (the reference model reuses the
+    vanilla model's first stage). ``callback(name, model)`` runs after each stage. Returns the
+    model, in eval mode."""
+    for name, pools in stages:
+        pools = [(list(items), w) for items, w in pools if items and w > 0]
+        n = int(steps.get(name, 0))
+        if n <= 0:
+            continue
+        if not pools:
+            raise ValueError(f"stage {name!r} has no non-empty pool")
+        rng = random.Random(f"{seed}:{name}")
+        opt = MaskedAdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        model.train()
+        weights = [w for _, w in pools]
+        bar = tqdm(range(n), desc=f"stage {name}", disable=not (progress and is_rank0()))
+        for _ in bar:
+            items = rng.choices(pools, weights)[0][0]
+            batch = adapter.collate(rng.sample(items, min(bs, len(items))))
+            loss = batch_loss(model, batch, dev)
+            loss.backward()
+            opt.step(max_grad_norm=1.0)
+            opt.zero_grad()
+        model.eval()
+        if callback is not None:
+            callback(name, model)
+    model.eval()
+    return model
+
+
+def finetune_twins(
+    model, twin, adapter, stages, twin_stages, steps, lr, bs, seed, dev, progress=True
+):
+    """Two curricula from the same initial weights (``twin`` is overwritten with ``model``'s):
+    ``model`` through ``stages``, ``twin`` through ``twin_stages``. Their common leading
+    stages (same name, same pools, same weights) are trained once and copied, which gives
+    exactly what training both would (:func:`finetune_stages` seeds each stage by name).
+    Used for the vanilla and reference models of the linked world, which share the text stage.
+    Returns ``(model, twin)`` in eval mode."""
+    n = 0
+    while n < min(len(stages), len(twin_stages)) and _same_stage(stages[n], twin_stages[n]):
+        n += 1
+    args = (steps, lr, bs, seed, dev, progress)
+    finetune_stages(model, adapter, stages[:n], *args)
+    twin.load_state_dict(model.state_dict())
+    finetune_stages(model, adapter, stages[n:], *args)
+    finetune_stages(twin, adapter, twin_stages[n:], *args)
+    return model.eval(), twin.eval()
+
+
+def _same_stage(a, b) -> bool:
+    (na, pa), (nb, pb) = a, b
+    return na == nb and [(list(map(id, i)), w) for i, w in pa] == [
+        (list(map(id, i)), w) for i, w in pb
+    ]
+
+
+__all__ = ["finetune", "finetune_stages", "finetune_twins"]
