@@ -69,3 +69,63 @@ def test_fast_demo_writes_everything(tmp_path, monkeypatch):
     model, tok = load_model(str(tmp_path / "mmunlearner"))
     mask = SaliencyMask.load(str(tmp_path / "mask_both.safetensors"), model=model)
     assert mask.coverage()["total"]["selected"] > 0
+
+
+def test_fast_linked_demo(tmp_path, monkeypatch):
+    """The linked world's demo in the smoke configuration: every method run towards matched
+    forgetting, the reference trained without the forget pictures, every file and key; with
+    the gates enforced a failing vanilla model stops the run as "not testable"."""
+    import mmunlearn.train as train_mod
+    from mmunlearn.cli.demo import FAST
+    from mmunlearn.demo import run_linked_demo
+
+    seen = []  # (stage, pools) of every stage trained
+    real = train_mod.finetune_stages
+    monkeypatch.setattr(
+        train_mod,
+        "finetune_stages",
+        lambda m, a, stages, *r, **k: seen.append(stages) or real(m, a, stages, *r, **k),
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run_linked_demo(str(tmp_path), DemoConfig(**FAST, progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    # text once (shared), identity + grounding for the vanilla model, the same for the reference
+    names = [[n for n, _ in stages] for stages in seen]
+    assert names == [["text"], ["identity", "grounding"], ["identity", "grounding"]]
+    ref_items = [s for _, pools in seen[2] for items, _ in pools for s in items]
+    assert ref_items and not any(
+        s.image is not None and s.meta["split"] == "forget" for s in ref_items
+    )
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["world"] == "linked" and data["testable"] is True
+    assert not data["gates"]["passed"]  # a smoke run: reported, not enforced
+    assert data["methods"].keys() == {"vanilla", *METHODS, "reference"} == res["methods"].keys()
+    assert data["matched"].keys() == set(METHODS)
+    for name, run in data["matched"].items():
+        assert 1 <= run["forget_steps"] <= FAST["max_unlearn_steps"] and "within" in run, name
+    for name, acc in data["methods"].items():
+        for split in ("forget", "retain"):
+            assert {"name_pic", "facts_pic", "link_pic", "facts_name", "swap"} <= acc[split].keys()
+        g = data["gap"][name]
+        assert g["lo"] <= g["avg_gap"] <= g["hi"] or g["lo"] == g["hi"]
+    assert data["gap"]["reference"]["avg_gap"] == 0.0
+    report = (tmp_path / "report.md").read_text()
+    assert (
+        "Gates (vanilla model" in report
+        and "not enforced" in report
+        and "| mmunlearner |" in report
+    )
+    assert (tmp_path / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "mask_both.safetensors").exists() and (
+        tmp_path / "reference" / "config.json"
+    ).exists()
+    # enforced: the same smoke model fails the gates, nothing is unlearned
+    cfg = DemoConfig(
+        **{**FAST, "enforce_gates": True}, progress=False, save_models=False, threads=1
+    )
+    res = run_linked_demo(str(tmp_path / "gated"), cfg)
+    assert res["testable"] is False and res["methods"].keys() == {"vanilla", "reference"}
+    assert "not testable" in (tmp_path / "gated" / "report.md").read_text()
