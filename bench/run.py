@@ -42,7 +42,9 @@ def parse_size(s: str) -> int:
 
 
 def time_fns(fns: dict, device, reps: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each function, and the individual times.
+    """Median seconds per call of each function, the individual times, and the median process
+    CPU time per call (all threads; on a CPU shared with other jobs it counts the work done,
+    not the waiting: a contention-robust companion to the wall time).
 
     The calls are interleaved (rep 1 of every implementation, then rep 2, ...), so a machine
     shared with other jobs loads every implementation alike and the ratios stay fair. A
@@ -57,13 +59,15 @@ def time_fns(fns: dict, device, reps: int, warmup: int = 2) -> dict:
         except Exception as e:  # a baseline that cannot run is reported, not fatal
             print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
     times: dict = {name: [] for name in live}
+    cpu: dict = {name: [] for name in live}
     for _ in range(reps):
         for name, fn in live.items():
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
-    return {name: (statistics.median(t), t) for name, t in times.items()}
+            cpu[name].append(time.process_time() - c0)
+    return {n: (statistics.median(t), t, statistics.median(cpu[n])) for n, t in times.items()}
 
 
 def cpu_name() -> str:
@@ -112,7 +116,7 @@ def main(argv=None) -> int:
                 if args.impls:
                     impls = {k: v for k, v in impls.items() if k in args.impls or k == case.ours}
                 times = time_fns(impls, device, reps)
-                for impl, (t, all_t) in times.items():
+                for impl, (t, all_t, cpu_t) in times.items():
                     gbs = case.bytes_moved / t / 1e9
                     rows.append(
                         dict(
@@ -122,6 +126,7 @@ def main(argv=None) -> int:
                             dtype=dtype,
                             elements=case.numel,
                             ms=t * 1e3,
+                            cpu_ms=cpu_t * 1e3,
                             gbps=gbs,
                             bytes=case.bytes_moved,
                             pct_copy_bw=100 * gbs * 1e9 / bw,
@@ -143,19 +148,20 @@ def main(argv=None) -> int:
     lines = [
         header,
         "",
-        "| op | dtype | elements | impl | median ms | GB/s | % copy BW | ours × faster |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| op | dtype | elements | impl | median ms | CPU ms | GB/s | % copy BW | ours × faster |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['dtype']} | {r['elements']:,} | {r['impl']} | {r['ms']:.3f} | "
-            f"{r['gbps']:.1f} | {r['pct_copy_bw']:.0f} | {r['speedup_of_ours']:.2f} |"
+            f"{r['cpu_ms']:.3f} | {r['gbps']:.1f} | {r['pct_copy_bw']:.0f} | "
+            f"{r['speedup_of_ours']:.2f} |"
         )
     by = {(r["op"], r["dtype"], r["elements"], r["impl"]): r for r in rows}
     summary = [
         "",
-        "| goal: ours / baseline speed | dtype | elements | ratio |",
-        "|---|---|---:|---:|",
+        "| goal: ours / baseline speed | dtype | elements | wall-time ratio | CPU-time ratio |",
+        "|---|---|---:|---:|---:|",
     ]
     for op, base in GOALS:
         for (o, d, n, impl), r in by.items():
@@ -163,8 +169,10 @@ def main(argv=None) -> int:
                 ours = [x for x in rows if (x["op"], x["dtype"], x["elements"]) == (o, d, n)
                         and x["ours"]]  # fmt: skip
                 if ours:
+                    o = ours[0]
                     summary.append(
-                        f"| {op} vs {base} | {d} | {n:,} | {r['ms'] / ours[0]['ms']:.2f}× |"
+                        f"| {op} vs {base} | {d} | {n:,} | {r['ms'] / o['ms']:.2f}× | "
+                        f"{r['cpu_ms'] / max(o['cpu_ms'], 1e-9):.2f}× |"
                     )
     table = "\n".join(lines + summary)
     print(table)

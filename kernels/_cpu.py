@@ -5,8 +5,8 @@ LLaVA-7B-shaped model), most of them small. A compiled per-tensor function pays 
 (guards + wrappers, tens of µs) once per tensor, which alone exceeds the whole step at 4 M
 elements; one compiled function over the whole list recompiles per model and takes minutes on
 2 cores. These kernels read the same pointer/chunk tables the Triton kernels read, so one call
-covers every tensor in one pass, split over ``torch.get_num_threads()`` POSIX threads by
-element count. Build: ``cc -O3 -march=native``, ≈1 s once per machine, then a cached shared
+covers every tensor in one pass, its chunks taken by ``torch.get_num_threads()`` POSIX threads
+from a shared counter. Build: ``cc -O3 -march=native``, ≈1 s once per machine, then a cached shared
 object (``$MMUNLEARN_CACHE_DIR``, default ``~/.cache/mmunlearn``) that loads in milliseconds.
 Numbers and the alternatives measured: bench/NOTES.md.
 
@@ -39,7 +39,7 @@ CPU_BLOCK = 1 << 15
 # Below this many elements one thread does the work (a thread start costs ~20 µs; 2 threads
 # only pay off past ~64 K elements on the 2-core CI machine, 2026-11-30).
 PARALLEL_MIN = 1 << 16
-ABI = 2
+ABI = 3
 
 DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -50,7 +50,7 @@ _SOURCE = r"""
 #include <stdlib.h>
 #include <string.h>
 
-int64_t mmu_abi(void) { return 2; }
+int64_t mmu_abi(void) { return 3; }
 
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -81,44 +81,39 @@ static inline uint16_t st_f16(float x) {
 
 /* ---------------------------------------------------------------- parallel driver */
 typedef void (*range_fn)(const void *ctx, int64_t c0, int64_t c1, int th);
-typedef struct { range_fn fn; const void *ctx; int64_t c0, c1; int th; } task_t;
+/* Threads take chunks from a shared counter (dynamic scheduling): on a CPU shared with other
+   jobs a descheduled thread does not hold the others up. Results never depend on which thread
+   ran a chunk (per-chunk partials, per-thread integer histograms). */
+typedef struct { range_fn fn; const void *ctx; int64_t C, grain; int64_t *next; int th; } task_t;
 static void *run_task(void *a) {
-    task_t *t = (task_t *)a; t->fn(t->ctx, t->c0, t->c1, t->th); return NULL;
+    task_t *t = (task_t *)a;
+    for (;;) {
+        int64_t c0 = __atomic_fetch_add(t->next, t->grain, __ATOMIC_RELAXED);
+        if (c0 >= t->C) break;
+        int64_t c1 = c0 + t->grain < t->C ? c0 + t->grain : t->C;
+        t->fn(t->ctx, c0, c1, t->th);
+    }
+    return NULL;
 }
 
-/* chunk c of the table covers elements [start[c], min(start[c] + block, numel[tid[c]])) */
-static inline int64_t chunk_len(const int64_t *numel, const int64_t *tid, const int64_t *start,
-                                int64_t c, int64_t block) {
-    int64_t e = start[c] + block, n = numel[tid[c]];
-    return (e < n ? e : n) - start[c];
-}
-
-/* Split chunks [0, C) into nt contiguous ranges of about equal element counts; run them. */
-static int parallel_chunks(range_fn fn, const void *ctx, const int64_t *numel, const int64_t *tid,
-                           const int64_t *start, int64_t C, int64_t block, int nt) {
+/* Run fn over chunks [0, C) on nt threads (this one included); returns the thread count. */
+static int parallel_chunks(range_fn fn, const void *ctx, int64_t C, int nt) {
     if (nt > 64) nt = 64;
     if (nt > C) nt = (int)C;
     if (nt <= 1) { fn(ctx, 0, C, 0); return 1; }
-    int64_t total = 0;
-    for (int64_t c = 0; c < C; c++) total += chunk_len(numel, tid, start, c, block);
+    int64_t next = 0;
     task_t tasks[64];
     pthread_t th[64];
     int started[64];
-    int64_t acc = 0, c = 0;
     for (int k = 0; k < nt; k++) {
-        tasks[k].fn = fn; tasks[k].ctx = ctx; tasks[k].th = k; tasks[k].c0 = c;
-        int64_t goal = total / nt * (k + 1) + (k + 1 == nt ? total % nt : 0);
-        while (c < C && (acc < goal || k + 1 == nt)) {
-            acc += chunk_len(numel, tid, start, c, block); c++;
-        }
-        tasks[k].c1 = c;
+        tasks[k].fn = fn; tasks[k].ctx = ctx; tasks[k].C = C; tasks[k].grain = 1;
+        tasks[k].next = &next; tasks[k].th = k;
     }
     for (int k = 1; k < nt; k++)
         started[k] = pthread_create(&th[k], NULL, run_task, &tasks[k]) == 0;
     run_task(&tasks[0]);
-    for (int k = 1; k < nt; k++) {
-        if (started[k]) pthread_join(th[k], NULL); else run_task(&tasks[k]);
-    }
+    for (int k = 1; k < nt; k++)
+        if (started[k]) pthread_join(th[k], NULL);
     return nt;
 }
 
@@ -226,8 +221,7 @@ int mmu_adamw(int pcode, int gcode, const int64_t *ptrs, int64_t T, const int64_
               float beta2, float w1, float omb2, float eps, float nss, float bc2s) {
     step_ctx ctx = {ptrs, chunks, chunks + C, T, block, has_mask, gmul, decay, beta2, w1, omb2,
                     eps, nss, bc2s, 0.0f};
-    return parallel_chunks(ADAMW[pcode * 3 + gcode], &ctx, ptrs + 6 * T, chunks, chunks + C, C,
-                           block, nt);
+    return parallel_chunks(ADAMW[pcode * 3 + gcode], &ctx, C, nt);
 }
 
 /* table rows: p, g, mask (or p), numel */
@@ -235,8 +229,7 @@ int mmu_sgd(int pcode, int gcode, const int64_t *ptrs, int64_t T, const int64_t 
             int64_t C, int64_t block, int nt, int has_mask, float gmul, float lr, float decay) {
     step_ctx ctx = {ptrs, chunks, chunks + C, T, block, has_mask, gmul, decay,
                     0, 0, 0, 0, 0, 0, lr};
-    return parallel_chunks(SGD[pcode * 3 + gcode], &ctx, ptrs + 3 * T, chunks, chunks + C, C,
-                           block, nt);
+    return parallel_chunks(SGD[pcode * 3 + gcode], &ctx, C, nt);
 }
 
 /* ---------------------------------------------------------------- Fisher, grad norm */
@@ -292,7 +285,7 @@ static const range_fn SQNORM[3] = {sqnorm_f32, sqnorm_bf16, sqnorm_f16};
 int mmu_fisher(int gcode, const int64_t *ptrs, int64_t T, const int64_t *chunks, int64_t C,
                int64_t block, int nt, float scale, int abs_mode) {
     red_ctx ctx = {ptrs, chunks, chunks + C, T, block, scale, abs_mode, NULL};
-    return parallel_chunks(FISHER[gcode], &ctx, ptrs + 2 * T, chunks, chunks + C, C, block, nt);
+    return parallel_chunks(FISHER[gcode], &ctx, C, nt);
 }
 
 /* table rows: g, numel; returns the sum over chunks (chunk order) */
@@ -301,7 +294,7 @@ double mmu_sqnorm(int gcode, const int64_t *ptrs, int64_t T, const int64_t *chun
     double *partial = (double *)malloc((size_t)(C > 0 ? C : 1) * sizeof(double));
     if (!partial) return NAN;
     red_ctx ctx = {ptrs, chunks, chunks + C, T, block, 0.0f, 0, partial};
-    parallel_chunks(SQNORM[gcode], &ctx, ptrs + 1 * T, chunks, chunks + C, C, block, nt);
+    parallel_chunks(SQNORM[gcode], &ctx, C, nt);
     double total = 0.0;
     for (int64_t c = 0; c < C; c++) total += partial[c];
     free(partial);
@@ -350,7 +343,7 @@ int mmu_mask(const int64_t *ptrs, int64_t T, const int64_t *chunks, int64_t C, i
     int64_t *per = (int64_t *)calloc((size_t)(C > 0 ? C : 1), sizeof(int64_t));
     if (!per) return -1;
     sal_ctx ctx = {ptrs, chunks, chunks + C, T, block, gamma, eps, per, NULL, 0, 0, 0, 0};
-    int used = parallel_chunks(mask_range, &ctx, ptrs + 3 * T, chunks, chunks + C, C, block, nt);
+    int used = parallel_chunks(mask_range, &ctx, C, nt);
     for (int64_t c = 0; c < C; c++) counts[chunks[c]] += per[c];
     free(per);
     return used;
@@ -386,7 +379,7 @@ int mmu_hist(const int64_t *ptrs, int64_t T, const int64_t *chunks, int64_t C, i
     if (!local) return -1;
     sal_ctx ctx = {ptrs, chunks, chunks + C, T, block, 0.0f, eps, NULL, local, shift, nbits,
                    level0, prefix};
-    int used = parallel_chunks(hist_range, &ctx, ptrs + 2 * T, chunks, chunks + C, C, block, n);
+    int used = parallel_chunks(hist_range, &ctx, C, n);
     for (int t = 0; t < used; t++)
         for (int64_t b = 0; b < bins; b++) hist[b] += local[t * bins + b];
     free(local);
