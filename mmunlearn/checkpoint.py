@@ -1,102 +1,212 @@
-"""Checkpoints of an unlearning run: atomic save, resume, and the RNG state they carry.
+"""Checkpoints of an unlearning run: atomic save, checked resume, no pickle anywhere.
 
-A checkpoint is a directory ``output_dir/checkpoint``: the model weights (safetensors), the
-optimizer's state (masks included), the LR schedule and the RNG states, plus ``state.json``
-(step, history, config) written last. It is built in a temporary sibling and renamed into
-place (:func:`mmunlearn.io.replace_dir`), so a run killed at any moment leaves the previous
-complete checkpoint. An FSDP2-sharded model gets a DCP checkpoint instead
-(:func:`mmunlearn.fsdp.save_sharded_checkpoint`).
+A checkpoint is a directory ``output_dir/checkpoint``:
+
+- ``model.safetensors``: the weights;
+- ``trainer.safetensors``: the optimizer's tensors (moments, step counts, masks) and the RNG
+  tensors, with JSON metadata for everything else (param groups, scheduler, Python / NumPy RNG);
+- ``state.json`` (written last): step, history, config and the run's *identity*.
+
+It is built in a temporary sibling and renamed into place (:func:`mmunlearn.io.replace_dir`), so
+a run killed at any moment leaves the previous complete checkpoint. Nothing is unpickled on
+load: a checkpoint from someone else can hold wrong numbers, not code. An FSDP2-sharded model
+gets a DCP checkpoint instead (:func:`mmunlearn.fsdp.save_sharded_checkpoint`), whose only
+pickle (DCP's ``.metadata``) is checked against an allow-list before DCP reads it.
+
+Resume refuses, naming the difference, when anything that defines the run differs from the
+checkpoint's identity (method, loss forms, hyper-parameters, the mask's content hash, the data's
+fingerprint, the step plan); world-size-independent settings only.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
-from dataclasses import asdict
 
-import numpy as np
 import torch
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from mmunlearn import fsdp
-from mmunlearn.distributed import all_reduce_sum_, is_rank0, is_sharded, local, world_size
-from mmunlearn.io import atomic_write_json, find_complete_dir, replace_dir, temp_dir_for
-from mmunlearn.saliency import popcount
+from mmunlearn.distributed import is_rank0, is_sharded, local
+from mmunlearn.io import (
+    atomic_write_json,
+    find_complete_dir,
+    read_safetensors,
+    replace_dir,
+    save_safetensors,
+    temp_dir_for,
+)
+from mmunlearn.rng import rng_state, set_rng_state
 
 CKPT = "checkpoint"
+TRAINER_FORMAT = "mmunlearn.trainer_state"
 
 
-def rng_state() -> dict:
-    st = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+class ResumeMismatchError(ValueError):
+    """The checkpoint belongs to a different run (its identity differs)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# optimizer + scheduler as tensors + JSON
+# ------------------------------------------------------------------------------------------------
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (list, dict)):
+        return json.loads(json.dumps(v))
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    raise TypeError(f"cannot store {type(v).__name__} in a checkpoint's JSON")
+
+
+def _trainer(opt, sched) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v
+            else:
+                scalars[f"{pid}.{k}"] = _jsonable(v)
+    groups = [{k: _jsonable(v) for k, v in g.items()} for g in sd["param_groups"]]
+    sched_sd = {k: _jsonable(v) for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    rng_t, rng_meta = rng_state()
+    tensors.update({f"rng.{k}": v for k, v in rng_t.items()})
+    meta = {"param_groups": groups, "scalars": scalars, "scheduler": sched_sd, "rng": rng_meta}
+    return tensors, meta
+
+
+def _restore_trainer(path, opt, sched) -> None:
+    tensors, meta = read_safetensors(os.path.join(path, "trainer.safetensors"), TRAINER_FORMAT)
+    state: dict = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for key, v in meta["scalars"].items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    groups = meta["param_groups"]
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+    sched_sd = dict(meta["scheduler"])
+    sched_sd["lr_lambdas"] = [None] * len(opt.param_groups)
+    sched.load_state_dict(sched_sd)
+    rng_t = {k[4:]: v for k, v in tensors.items() if k.startswith("rng.")}
+    set_rng_state(rng_t, meta["rng"])
+
+
+# ------------------------------------------------------------------------------------------------
+# save / find / load
+# ------------------------------------------------------------------------------------------------
+
+
+# UnlearnConfig fields that define a run (a resume must match them); the others (logging,
+# workers, checkpoint cadence, backend) may change between a run and its resume
+_IDENTITY_FIELDS = (
+    "lr", "weight_decay", "betas", "eps", "max_grad_norm", "retain_max_grad_norm", "epochs",
+    "forget_freq", "forget_cap", "lr_schedule", "schedule_unit", "mask_mode", "clip_order",
+    "unmasked", "seed", "grad_accum", "max_steps",
+)  # fmt: skip
+
+
+def fingerprint(source) -> str:
+    """A content hash of a batch source: its own ``fingerprint()`` (a
+    :class:`~mmunlearn.data.batching.BatchSource`: the samples), else the tensors of every
+    batch (a list of batches)."""
+    import hashlib
+
+    if hasattr(source, "fingerprint"):
+        return source.fingerprint()
+    h = hashlib.sha256()
+    for b in source:
+        for k in sorted(b):
+            v = b[k]
+            if isinstance(v, torch.Tensor):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def mask_hash(model, masks) -> str | None:
+    """A content hash of the masks given to :func:`unlearn` (in model parameter order)."""
+    import hashlib
+
+    from mmunlearn.kernels import pack_bits
+
+    if not masks:
+        return None
+    h = hashlib.sha256()
+    for i, p in enumerate(model.parameters()):
+        m = masks.get(p)
+        if m is None:
+            continue
+        bits = m if m.dtype == torch.uint8 else pack_bits(m.reshape(-1).bool(), backend="torch")
+        h.update(str(i).encode())
+        h.update(local(bits).detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_identity(method, cfg, forget, retain, model, masks) -> dict:
+    """The settings that define a run, JSON-able: a resume must match them."""
+    from dataclasses import asdict
+
+    return {
+        "method": asdict(method),
+        "config": {k: getattr(cfg, k) for k in _IDENTITY_FIELDS},
+        "forget": fingerprint(forget),
+        "retain": fingerprint(retain) if len(retain) else None,
+        "mask": mask_hash(model, masks),
     }
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
 
 
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def save_checkpoint(output_dir: str, model, opt, sched, step: int, history: list, config) -> str:
-    """Atomically write ``output_dir/checkpoint``: model weights (safetensors), optimizer state
-    (masks included), LR schedule, RNG states, step and history. Returns the path.
+def save_checkpoint(
+    output_dir: str, model, opt, sched, step: int, history: list, config, identity=None
+) -> str:
+    """Atomically write ``output_dir/checkpoint`` (see the module docstring); ``identity``: the
+    run's defining settings, checked on resume. Returns the path.
 
     An FSDP2-sharded model gets a sharded DCP checkpoint instead
     (:func:`mmunlearn.fsdp.save_sharded_checkpoint`: every rank writes its shards, rank 0
     renames; masks are not stored there — they come from the mask file given again on resume,
-    checked by their selected-element count)."""
+    checked by the identity's mask hash)."""
+    from dataclasses import asdict
+
+    state = {"step": step, "history": history, "config": asdict(config), "identity": identity}
     if is_sharded(model):
+        sd = sched.state_dict()
         extra = {
-            "step": step,
-            "history": history,
-            "config": asdict(config),
-            "scheduler": sched.state_dict(),
+            **state,
+            "scheduler": {k: _jsonable(v) for k, v in sd.items() if k != "lr_lambdas"},
             "lr": [g["lr"] for g in opt.param_groups],  # the scheduler does not restore it
-            "mask_selected": _mask_selected(opt),
         }
         if is_rank0():
             os.makedirs(output_dir, exist_ok=True)
-        return fsdp.save_sharded_checkpoint(
-            os.path.join(output_dir, CKPT), model, opt, extra, rng_state()
-        )
+        return fsdp.save_sharded_checkpoint(os.path.join(output_dir, CKPT), model, opt, extra)
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, CKPT)
     tmp = temp_dir_for(final)
-    st_save_model(model, os.path.join(tmp, "model.safetensors"))
-    torch.save(
-        {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()},
-        os.path.join(tmp, "trainer.pt"),
-    )
-    state = {"step": step, "history": history, "config": asdict(config)}
-    atomic_write_json(os.path.join(tmp, "state.json"), state, indent=None)
-    # between replace_dir's two renames only the .old copy exists; find_checkpoint finds it
-    return str(replace_dir(tmp, final))
+    try:
+        st_save_model(model, os.path.join(tmp, "model.safetensors"))
+        tensors, meta = _trainer(opt, sched)
+        save_safetensors(os.path.join(tmp, "trainer.safetensors"), tensors, TRAINER_FORMAT, meta)
+        atomic_write_json(os.path.join(tmp, "state.json"), state, indent=None)
+        # between replace_dir's two renames only the .old copy exists; find_checkpoint finds it
+        return str(replace_dir(tmp, final))
+    except BaseException as e:
+        import shutil
 
-
-def _mask_selected(opt) -> int:
-    """Selected elements over every mask set on ``opt``, summed over ranks."""
-    n = 0
-    for group in opt.param_groups:
-        for p in group["params"]:
-            m = opt.state.get(p, {}).get("mask")
-            if m is not None:
-                n += popcount(m)
-    t = torch.tensor([n], dtype=torch.int64)
-    if world_size() > 1:
-        dev = next(iter(opt.param_groups[0]["params"]))
-        dev = local(dev).device
-        t = all_reduce_sum_(t.to(dev)).cpu()
-    return int(t.item())
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, Exception) and not isinstance(e, OSError):
+            raise OSError(f"cannot write the checkpoint {final}: {type(e).__name__}: {e}") from e
+        if isinstance(e, OSError) and str(final) not in str(e):
+            raise OSError(e.errno, f"cannot write the checkpoint {final}: {e}") from e
+        raise
 
 
 def find_checkpoint(output_dir: str) -> str | None:
@@ -106,37 +216,74 @@ def find_checkpoint(output_dir: str) -> str | None:
     return None if found is None else str(found)
 
 
-def load_checkpoint(path: str, model, opt, sched) -> tuple[int, list]:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns (step, history)."""
+def read_state(path: str) -> dict:
+    """``state.json`` of a checkpoint (ValueError naming the path when unreadable)."""
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        int(state["step"])
+        list(state["history"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"cannot resume from {path}: state.json: {type(e).__name__}: {e}") from e
+    return state
+
+
+def check_identity(path: str, saved: dict | None, current: dict | None) -> None:
+    """Raise :class:`ResumeMismatchError` naming every setting in which ``current`` differs
+    from the checkpoint's ``saved`` identity (both dicts of JSON values)."""
+    if saved is None or current is None:
+        return
+    cur = json.loads(json.dumps(current))
+    diffs = [
+        f"{k} (checkpoint {saved.get(k)!r}, now {cur.get(k)!r})"
+        for k in sorted(set(saved) | set(cur))
+        if saved.get(k) != cur.get(k)
+    ]
+    if diffs:
+        raise ResumeMismatchError(
+            f"cannot resume from {path}: it is a different run; differs in "
+            + "; ".join(diffs)
+            + " (start a new output directory, or resume with the same settings)"
+        )
+
+
+def load_checkpoint(path: str, model, opt, sched, identity=None) -> tuple[int, list]:
+    """Restore a checkpoint written by :func:`save_checkpoint` after checking that it is the
+    same run (``identity``); returns (step, history)."""
+    state = read_state(path)
+    check_identity(path, state.get("identity"), identity)
     if is_sharded(model):
         if not fsdp.is_sharded_checkpoint(path):
             raise ValueError(f"cannot resume from {path}: not a sharded (DCP) checkpoint")
         meta, rng = fsdp.load_sharded_checkpoint(path, model, opt)
-        selected = _mask_selected(opt)
-        if meta.get("mask_selected") != selected:
-            raise ValueError(
-                f"cannot resume from {path}: the masks now set select {selected} elements, "
-                f"the checkpointed run's {meta.get('mask_selected')} (give the same --mask)"
-            )
-        sched.load_state_dict(meta["scheduler"])
+        sd = dict(meta["scheduler"])
+        sd["lr_lambdas"] = [None] * len(opt.param_groups)
+        sched.load_state_dict(sd)
         for g, lr in zip(opt.param_groups, meta["lr"]):
             g["lr"] = lr
         if rng is not None:
-            set_rng_state(rng)
+            set_rng_state(*rng)
         return int(meta["step"]), list(meta["history"])
     if fsdp.is_sharded_checkpoint(path):
         raise ValueError(f"{path} is a sharded (DCP) checkpoint: resume it under torchrun")
     try:
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
         st_load_model(model, os.path.join(path, "model.safetensors"))
-        blob = torch.load(os.path.join(path, "trainer.pt"), weights_only=False)
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
-    opt.load_state_dict(blob["optimizer"])
-    sched.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
+        _restore_trainer(path, opt, sched)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {msg}") from e
     return int(state["step"]), list(state["history"])
 
 
-__all__ = ["CKPT", "find_checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CKPT",
+    "fingerprint",
+    "mask_hash",
+    "run_identity",
+    "ResumeMismatchError",
+    "check_identity",
+    "find_checkpoint",
+    "load_checkpoint",
+    "read_state",
+    "save_checkpoint",
+]

@@ -30,8 +30,9 @@ import torch.distributed as dist
 
 from mmunlearn import distributed as mdist
 from mmunlearn.distributed import full_tensor, laid_out_like, local
-from mmunlearn.io import atomic_write_json, replace_dir
+from mmunlearn.io import atomic_write_json, check_pickle, replace_dir
 from mmunlearn.params import canonical_parameters
+from mmunlearn.rng import load_rng, save_rng
 
 
 def shard_model(
@@ -115,12 +116,11 @@ def _init_optimizer_state(model, opt, saved_keys) -> None:
             opt._init_state(p)
 
 
-def save_sharded_checkpoint(
-    path: str, model, opt, extra: Mapping | None = None, rng: Mapping | None = None
-) -> str:
+def save_sharded_checkpoint(path: str, model, opt, extra: Mapping | None = None) -> str:
     """Write ``path`` (a directory) atomically from every rank: DCP shards of the model's state
-    dict and the optimizer's moments under ``path/dcp``, each rank's RNG state, and
-    ``state.json`` (``extra``, JSON-able, plus the world size). All ranks call it together.
+    dict and the optimizer's moments under ``path/dcp``, each rank's RNG state
+    (``rng-rank{r}.safetensors``, no pickle), and ``state.json`` (``extra``, JSON-able, plus
+    the world size). All ranks call it together.
     Written to ``path``'s temporary sibling first; rank 0 renames it after a barrier (an
     existing checkpoint is first moved to ``path.old``, removed once the new one is in place).
     Returns ``path``."""
@@ -134,8 +134,7 @@ def save_sharded_checkpoint(
     mdist.barrier()
     state = {"model": model.state_dict(), "optim": _optimizer_dtensors(model, opt)}
     dcp.save(state, checkpoint_id=os.path.join(tmp, "dcp"))
-    if rng is not None:
-        torch.save(dict(rng), os.path.join(tmp, f"rng-rank{r}.pt"))
+    save_rng(os.path.join(tmp, f"rng-rank{r}.safetensors"))
     mdist.barrier()
     if r == 0:
         meta = dict(extra or {})
@@ -154,13 +153,16 @@ def is_sharded_checkpoint(path: str) -> bool:
 def load_sharded_checkpoint(path: str, model, opt) -> tuple[dict, dict | None]:
     """Load a checkpoint written by :func:`save_sharded_checkpoint` into ``model`` and ``opt``
     in place (any world size: DCP reshards). The optimizer's state is created first (zeros),
-    then filled. Returns (``state.json`` contents, this rank's RNG state or None when the world
-    size changed). Raises ValueError naming ``path`` when it cannot be read."""
+    then filled. Returns (``state.json`` contents, this rank's RNG state — ``(tensors, meta)``
+    of :func:`mmunlearn.rng.load_rng` — or None when the world size changed). DCP's
+    ``.metadata`` (a pickle) is checked against :data:`DCP_ALLOWED` before DCP unpickles it.
+    Raises ValueError naming ``path`` when it cannot be read."""
     import torch.distributed.checkpoint as dcp
 
     try:
         with open(os.path.join(path, "state.json")) as f:
             meta = json.load(f)
+        check_pickle(os.path.join(path, "dcp", ".metadata"), _dcp_allowed)
         reader = dcp.FileSystemReader(os.path.join(path, "dcp"))
         _init_optimizer_state(model, opt, set(reader.read_metadata().state_dict_metadata))
         state = {"model": model.state_dict(), "optim": _optimizer_dtensors(model, opt)}
@@ -169,10 +171,39 @@ def load_sharded_checkpoint(path: str, model, opt) -> tuple[dict, dict | None]:
         raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
     _refill_optimizer(model, opt, state["optim"])
     rng = None
-    rng_file = os.path.join(path, f"rng-rank{mdist.rank()}.pt")
+    rng_file = os.path.join(path, f"rng-rank{mdist.rank()}.safetensors")
     if meta.get("world_size") == mdist.world_size() and os.path.exists(rng_file):
-        rng = torch.load(rng_file, weights_only=False)
+        rng = load_rng(rng_file)
     return meta, rng
+
+
+# The classes DCP pickles into its .metadata file (torch 2.4–2.13); anything else is refused.
+DCP_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"WriteItemType", "LoadItemType"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice", "complex"},
+}
+
+
+def _dcp_allowed(module: str, name: str) -> bool:
+    if name in DCP_ALLOWED.get(module, ()):
+        return True
+    # dtypes and layouts: torch.float32, torch.bfloat16, torch.strided, ...
+    return module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))
 
 
 def _refill_optimizer(model, opt, optim_state: Mapping[str, torch.Tensor]) -> None:

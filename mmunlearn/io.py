@@ -52,9 +52,14 @@ def atomic_write(path, write: Callable[[str], Any]) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        try:
+            write(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
+        except Exception as e:  # writers' own errors (safetensors' SafetensorError, ...)
+            raise OSError(f"cannot write {path}: {type(e).__name__}: {e}") from e
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -168,8 +173,31 @@ def read_safetensors(path, expected_format: str, device="cpu") -> tuple[dict, di
     return tensors, meta
 
 
+def check_pickle(path, allowed) -> None:
+    """Refuse a pickle file that would import anything ``allowed(module, name)`` rejects,
+    without running it: every global it references is checked by a restricted unpickler
+    (objects of allowed classes are built and thrown away). For the one pickle we cannot avoid
+    reading: DCP's ``.metadata``. Raises ValueError naming the file and the global."""
+    import pickle
+
+    class Checked(pickle.Unpickler):
+        def find_class(self, module, name):
+            if not allowed(module, name):
+                raise ValueError(f"{path}: refers to {module}.{name}, not allowed in this file")
+            return super().find_class(module, name)
+
+    try:
+        with open(path, "rb") as f:
+            Checked(f).load()
+    except ValueError:
+        raise
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable metadata file ({type(e).__name__}: {e})") from e
+
+
 __all__ = [
     "atomic_write",
+    "check_pickle",
     "atomic_write_json",
     "atomic_write_text",
     "find_complete_dir",

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 import random
 import time
@@ -36,7 +35,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmunlearn.checkpoint import CKPT, find_checkpoint, load_checkpoint, save_checkpoint
+from mmunlearn.checkpoint import (
+    CKPT,
+    find_checkpoint,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from mmunlearn.data.batching import to_device
 from mmunlearn.distributed import (
     all_reduce_sum_,
@@ -46,13 +51,10 @@ from mmunlearn.distributed import (
     require_reduced_grads,
     world_size,
 )
-from mmunlearn.kernels import grad_sq_norm
 from mmunlearn.losses import local_batch
 from mmunlearn.methods import Method
 from mmunlearn.optim import MaskedAdamW
-from mmunlearn.saliency import popcount
-
-LOG = "log.jsonl"
+from mmunlearn.runlog import RunLog, grad_norm, mask_fraction
 
 
 class NonFiniteLossError(RuntimeError):
@@ -182,64 +184,6 @@ def _stream(source, indices: list[int], workers: int, pin: bool):
     return iter(loader)
 
 
-class _Log:
-    """The run's JSON-lines log (``output_dir/log.jsonl``, rank 0, appended: a resumed run
-    continues it) and, with ``report_to="tensorboard"``, TensorBoard scalars."""
-
-    def __init__(self, output_dir: str | None, report_to: str | None):
-        self.path = os.path.join(output_dir, LOG) if (output_dir and is_rank0()) else None
-        self.tb = None
-        if report_to == "tensorboard" and is_rank0():
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ValueError(
-                    "report_to='tensorboard' needs the tensorboard package "
-                    "(pip install tensorboard)"
-                ) from e
-            self.tb = SummaryWriter(os.path.join(output_dir or ".", "tensorboard"))
-
-    def write(self, row: dict) -> None:
-        if self.path is not None:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    tag = f"{row.get('phase', 'eval')}/{k}" if k != "lr" else "lr"
-                    self.tb.add_scalar(tag, v, row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _grad_norm(params) -> float:
-    grads = [local(p.grad) for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    sq = grad_sq_norm([g.detach() for g in grads]).reshape(1)
-    if world_size() > 1:
-        all_reduce_sum_(sq)
-    return float(sq.sqrt().item())
-
-
-def _mask_fraction(opt) -> float | None:
-    """Selected elements over all elements of the masked parameters, over all ranks (None
-    without masks)."""
-    t = torch.zeros(2, dtype=torch.float64)
-    for g in opt.param_groups:
-        for p in g["params"]:
-            m = opt.state.get(p, {}).get("mask")
-            if m is not None:
-                t += torch.tensor([popcount(m), local(p).numel()], dtype=torch.float64)
-    if world_size() > 1:
-        dev = next(local(p).device for g in opt.param_groups for p in g["params"])
-        t = all_reduce_sum_(t.to(dev)).cpu()
-    return float(t[0] / t[1]) if t[1] else None
-
-
 def _zero_grad_mask_step(opt, params, max_grad_norm) -> None:
     """The official forget step: clip the unmasked gradient, multiply by the masks (parameters
     without a mask keep their whole gradient), then a plain AdamW step over everything."""
@@ -280,8 +224,11 @@ def unlearn(
     (every ``eval_every`` steps and at the end) returns a metrics dict with a ``"score"``
     (higher is better); ``on_best(model, step, metrics)`` runs when the score improves.
     Returns ``{"history": [{"step", "kind", "loss"}...], "steps": n, "resumed_from": k,
-    "evals": [...], "best": {...} | None}``. Raises :class:`NonFiniteLossError` on a NaN/inf
-    loss (that step is not applied; with ``log_every > 1`` the step after which it is read).
+    "evals": [...], "best": {...} | None, "finished": bool}`` (``finished``: ``resume`` found
+    the run already complete and did nothing). A resume whose settings, data or masks differ
+    from the checkpoint's raises :class:`~mmunlearn.checkpoint.ResumeMismatchError`. Raises
+    :class:`NonFiniteLossError` on a NaN/inf loss (that step is not applied; with
+    ``log_every > 1`` the step after which it is read).
     """
     cfg = config or UnlearnConfig()
     method = Method(method) if isinstance(method, str) else method
@@ -337,10 +284,21 @@ def unlearn(
 
     start, history = 0, []
     ckpt = os.path.join(output_dir, CKPT) if output_dir else None
+    identity = run_identity(method, cfg, forget, retain, model, masks) if output_dir else None
     found = find_checkpoint(output_dir) if (resume and output_dir) else None
     if found:
-        start, history = load_checkpoint(found, model, opt, sched)
+        start, history = load_checkpoint(found, model, opt, sched, identity)
     resumed_from = start
+    if found and start >= total:
+        model.eval()
+        return {
+            "history": history,
+            "steps": total,
+            "resumed_from": start,
+            "evals": [],
+            "best": None,
+            "finished": True,
+        }
     if sharded and cfg.progress and not is_rank0():
         cfg = replace(cfg, progress=False)  # one progress bar per run, rank 0's
 
@@ -356,8 +314,8 @@ def unlearn(
     }
     # a device-side non-finite flag instead of a host sync, when the loss is not read anyway
     takes_flag = cfg.log_every > 1 and "found_inf" in inspect.signature(opt.step).parameters
-    log = _Log(output_dir, cfg.report_to)
-    fraction = _mask_fraction(opt) if method.uses_mask else None
+    log = RunLog(output_dir, cfg.report_to)
+    fraction = mask_fraction(opt) if method.uses_mask else None
     evals: list[dict] = []
     best: dict | None = None
 
@@ -410,7 +368,7 @@ def unlearn(
                         "applied; last good checkpoint: "
                         f"{ckpt if ckpt and os.path.isdir(ckpt) else 'none'}"
                     )
-            gnorm = _grad_norm(params) if logged else None
+            gnorm = grad_norm(params) if logged else None
             clip = cfg.max_grad_norm if kind == "forget" else cfg.retain_clip
             masked = kind == "forget" and method.uses_mask
             if masked and cfg.mask_mode == "zero_grad":
@@ -437,7 +395,7 @@ def unlearn(
             if monitor is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                 run_monitor(step)
             if ckpt and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-                save_checkpoint(output_dir, model, opt, sched, step + 1, history, cfg)
+                save_checkpoint(output_dir, model, opt, sched, step + 1, history, cfg, identity)
             if logged and callback is not None:
                 callback(step, kind, value)
         if monitor is not None and (not evals or evals[-1]["step"] != total - 1) and total:
@@ -446,7 +404,7 @@ def unlearn(
         bar.close()
         log.close()
     if ckpt:
-        save_checkpoint(output_dir, model, opt, sched, total, history, cfg)
+        save_checkpoint(output_dir, model, opt, sched, total, history, cfg, identity)
     model.eval()
     return {
         "history": history,
@@ -454,4 +412,5 @@ def unlearn(
         "resumed_from": resumed_from,
         "evals": evals,
         "best": best,
+        "finished": False,
     }

@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "mmunlearn._version",
             "mmunlearn.io",
+            "mmunlearn.rng",
             "mmunlearn.distributed",
             "mmunlearn.data",
             "mmunlearn.data.schema",
@@ -50,7 +51,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("methods", ["mmunlearn.methods"]),
     ("fsdp", ["mmunlearn.fsdp"]),
     ("checkpoint", ["mmunlearn.checkpoint"]),
-    ("loop", ["mmunlearn.loop", "mmunlearn.train", "mmunlearn.presets"]),
+    ("loop", ["mmunlearn.loop", "mmunlearn.train", "mmunlearn.presets", "mmunlearn.runlog"]),
     ("eval", ["mmunlearn.eval", "mmunlearn.eval.*"]),
     ("applications", ["mmunlearn.demo", "mmunlearn.estimate"]),
     ("cli", ["mmunlearn.cli", "mmunlearn.cli.*"]),

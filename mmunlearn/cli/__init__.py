@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     prefix = f"mmunlearn {cmd}".rstrip()
     try:
         rc = _run(raw)
+    except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2), already printed
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except UsageError as e:
         if debug:
             raise

@@ -95,6 +95,30 @@ class Parser(argparse.ArgumentParser):
         group.add_argument = self._remember(group.add_argument)
         return group
 
+    def error(self, message):
+        """One line on stderr naming the bad input (argparse prints the usage block too)."""
+
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def check_out(path: str, flag: str = "--out") -> None:
+    """``path`` can hold the command's outputs: not an existing file, and writable (its
+    first existing ancestor is checked, nothing is created). UsageError otherwise."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{flag} {path}: an existing file, not a directory")
+    q = p
+    while not q.exists():
+        if q.parent == q:
+            break
+        q = q.parent
+    if q.exists() and not q.is_dir():
+        raise UsageError(f"{flag} {path}: {q} is a file, so the directory cannot be created")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: {q} is not writable")
+
 
 def _config_value(path: str, key: str, action: argparse.Action, value):
     """``value`` of config key ``key`` converted and checked like the command-line option."""
@@ -187,9 +211,14 @@ def device(args, distributed: bool):
     if distributed and str(args.device).startswith("cuda"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     try:
-        return torch.device(args.device)
+        dev = torch.device(args.device)
     except RuntimeError as e:
         raise UsageError(f"--device {args.device!r}: {e}") from e
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise UsageError(f"--device {args.device}: this machine has {n} CUDA device(s)")
+    return dev
 
 
 def mixed_precision(args, dev, distributed: bool) -> str:

@@ -16,6 +16,7 @@ from mmunlearn.cli.common import (
     add_mask_rule,
     add_seed,
     add_torchrun,
+    check_out,
     device,
     mixed_precision,
     say,
@@ -165,8 +166,21 @@ def _benchmark(args) -> str:
         raise UsageError("--tiny knows only the --synthetic benchmark's words; use --model")
     if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
         raise UsageError(f"--fraction {args.fraction}: must be in (0, 1]")
-    if not args.gamma > 0 or args.gamma != args.gamma:
-        raise UsageError(f"--gamma {args.gamma}: must be a positive number")
+    if not args.gamma > 0 or args.gamma != args.gamma or args.gamma == float("inf"):
+        raise UsageError(f"--gamma {args.gamma}: must be a positive finite number")
+    splits = {"mllmu": (5, 10, 15), "clear": (1, 5, 10)}.get(given[0])
+    if splits and args.split not in splits:
+        ok = "|".join(map(str, splits))
+        raise UsageError(f"--split {args.split}: --{given[0]} has forget splits {ok} (percent)")
+    if args.synthetic and args.people < 2:
+        raise UsageError(f"--people {args.people}: the synthetic benchmark needs at least 2")
+    for flag, v in (("--workers", args.workers), ("--fisher-batch-size", args.fisher_batch_size)):
+        if v is not None and v < (1 if flag != "--workers" else 0):
+            raise UsageError(f"{flag} {v}: must be {'≥ 0' if flag == '--workers' else '≥ 1'}")
+    for flag in ("checkpoint_every", "eval_every"):
+        if getattr(args, flag, 0) < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be ≥ 0")
+    check_out(args.out)
     return given[0]
 
 
@@ -350,12 +364,11 @@ def run_unlearn(args) -> int:
     from mmunlearn.models import save_model
     from mmunlearn.saliency import SaliencyMask
 
-    if args.eval_every < 0 or args.checkpoint_every < 0:
-        raise UsageError("--eval-every and --checkpoint-every must be ≥ 0")
     distributed = start_distributed(args)
     recipe, data, model, adapter, dev, ref = _prepare(args, distributed)
     proc = adapter.processor if adapter.processor is not None else adapter.tokenizer
     kw = {"ref_model": ref} if ref is not None else {}
+    mask = None
     if args.method == "mmunlearner":
         if args.mask:
             try:
@@ -366,9 +379,6 @@ def run_unlearn(args) -> int:
             mask = _masks(args, recipe, model, adapter, data)[args.mask_group]
         if recipe.mask_filter == "official":
             mask = mask.official_filter()
-        if is_rank0():
-            os.makedirs(args.out, exist_ok=True)
-            mask.save(os.path.join(args.out, "mask.safetensors"))
         kw["masks"] = mask.for_model(model)
     forget, retain = list(data.forget), list(data.retain)
     if args.eval_every:
@@ -420,9 +430,15 @@ def run_unlearn(args) -> int:
         resume=args.resume,
         **kw,
     )
+    if result["finished"]:
+        say(f"{args.out}/run: this run is already finished (step {result['steps']} of "
+            f"{result['steps']}); nothing to resume, {args.out}/model left as it is")  # fmt: skip
+        return 0
     # a world-size-independent model directory: full tensors gathered one at a time to rank 0
     state = fsdp.full_state_dict(model) if distributed else None
     if is_rank0():
+        if args.method == "mmunlearner":  # written with the model: never before the run works
+            mask.save(os.path.join(args.out, "mask.safetensors"))
         path = save_model(model, proc, os.path.join(args.out, "model"), state_dict=state)
         summary = {
             "recipe": recipe.to_dict(),

@@ -56,6 +56,19 @@ class BatchSource(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
+    def fingerprint(self) -> str:
+        """A content hash of the samples in batch order (texts, entities, image sizes and a
+        16×16 thumbnail of each image): a resumed run must see the same data."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.batch_size}|{self.collate_kw}".encode())
+        for s in self.samples:
+            h.update(f"{s.question}\x00{s.answer}\x00{s.entity}\x00{s.kind}".encode())
+            if s.image is not None:
+                h.update(str(s.image.size).encode())
+                h.update(s.image.convert("RGB").resize((16, 16)).tobytes())
+        return h.hexdigest()[:16]
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
             raise IndexError(i)

@@ -29,14 +29,13 @@ import random
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from mmunlearn.data.parquet import (
     DataFormatError,
     decode_image,
     iter_rows,
     parquet_files,
     parse_json,
+    schema_names,
 )
 from mmunlearn.data.schema import Sample
 
@@ -93,7 +92,7 @@ def _row_image(rec: dict, file, row: int, rng: random.Random, image_choice: str)
 def _image_columns(path) -> list[str]:
     """Which image column(s) the split's first file has: ``["image"]`` or ``["images"]``."""
     f = parquet_files(path)[0]
-    names = set(pq.ParquetFile(f).schema_arrow.names)
+    names = schema_names(f)
     if "image" in names:
         return ["image"]
     if "images" in names:
@@ -128,7 +127,7 @@ def read_mllmu_split(
     rng = random.Random(seed)
     out: list[Sample] = []
     for f in parquet_files(path):
-        names = set(pq.ParquetFile(f).schema_arrow.names)
+        names = schema_names(f)
         if "metadata" in names:
             qa_cols = ["metadata"]
         elif {"question", "answer"} <= names:
@@ -302,7 +301,7 @@ def read_mllmu_eval(
     column the split lacks gives an empty list)."""
     names: set[str] = set()
     for f in parquet_files(path):
-        names |= set(pq.ParquetFile(f).schema_arrow.names)
+        names |= schema_names(f)
     kw = {"image_choice": image_choice, "seed": seed}
     return {
         "mcq": read_mllmu_classification(path, **kw) if "Classification_Task" in names else [],

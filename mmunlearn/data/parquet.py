@@ -42,6 +42,20 @@ def parquet_files(path: str | Path) -> list[Path]:
     return files
 
 
+def open_parquet(f: str | Path) -> pq.ParquetFile:
+    """``pyarrow.parquet.ParquetFile`` of ``f``; a truncated or foreign file raises
+    :class:`DataFormatError` naming it."""
+    try:
+        return pq.ParquetFile(f)
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid / ArrowIOError
+        raise DataFormatError(f, None, "*", f"not a readable parquet file ({e})") from e
+
+
+def schema_names(f: str | Path) -> set[str]:
+    """The column names of a parquet file (DataFormatError naming it when unreadable)."""
+    return set(open_parquet(f).schema_arrow.names)
+
+
 def iter_rows(
     path: str | Path, required: Sequence[str], optional: Sequence[str] = ()
 ) -> Iterator[tuple[Path, int, dict]]:
@@ -49,14 +63,21 @@ def iter_rows(
     only the ``required`` and (those present of the) ``optional`` columns. Raises
     :class:`DataFormatError` naming the file and column when a required column is absent."""
     for f in parquet_files(path):
-        pf = pq.ParquetFile(f)
+        pf = open_parquet(f)
         names = set(pf.schema_arrow.names)
         for col in required:
             if col not in names:
                 raise DataFormatError(f, None, col, f"missing; the file has {sorted(names)}")
         cols = list(dict.fromkeys([*required, *(c for c in optional if c in names)]))
         row = 0
-        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=cols):
+        batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=cols)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except (OSError, ValueError) as e:  # a corrupt data page
+                raise DataFormatError(f, row, "*", f"cannot read the rows from here ({e})") from e
             for rec in batch.to_pylist():
                 yield f, row, rec
                 row += 1
@@ -103,4 +124,12 @@ def parse_json(value: Any, file: str | Path, row: int, column: str, expect: type
     return value
 
 
-__all__ = ["DataFormatError", "decode_image", "iter_rows", "parquet_files", "parse_json"]
+__all__ = [
+    "DataFormatError",
+    "decode_image",
+    "iter_rows",
+    "open_parquet",
+    "parquet_files",
+    "parse_json",
+    "schema_names",
+]

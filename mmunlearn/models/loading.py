@@ -56,6 +56,10 @@ def save_model(model, tokenizer, directory, state_dict: dict | None = None) -> P
             collation = "builtin" if builtin else "processor"
             (tmp / MARKER).write_text(json.dumps({"collation": collation}) + "\n")
         replace_dir(tmp, final)
+    except Exception as e:
+        if isinstance(e, OSError) and str(final) in str(e):
+            raise
+        raise OSError(f"cannot write the model {final}: {type(e).__name__}: {e}") from e
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -247,7 +251,9 @@ def load_checkpoint(path, *, processor=None, dtype=None, device=None):
 def _load_weights(folder: Path, dtype, device):
     try:
         model, _ = load_model(folder, dtype=dtype, device=device, tokenizer=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # safetensors' SafetensorError, torch / transformers errors
+        if isinstance(e, (KeyboardInterrupt, MemoryError)):
+            raise
         msg = " ".join(str(e).split())[:300]
         raise ValueError(f"{folder}: cannot load the weights ({type(e).__name__}: {msg})") from e
     return model
