@@ -68,6 +68,11 @@ def test_saliency_unlearn_eval(files, tmp_path, family, bench, capsys):
     res = json.loads((ev / "results.json").read_text())
     assert len(res["methods"]) == 2
     assert set(next(iter(res["methods"].values()))) >= {"forget", "retain"}
+    # evaluated through the checkpoint's own chat template, not the built-in one
+    for tpl in res["_protocol"]["template"].values():
+        assert "×" not in tpl["vqa"]  # (the built-in template shows its image-token count)
+        marker = "You are a helpful assistant." if family == "qwen2vl" else "USER: <image>\n"
+        assert marker in tpl["vqa"], tpl
 
 
 def test_checkpoint_without_tokenizer_needs_processor(files, tmp_path, capsys):
