@@ -214,3 +214,27 @@ def test_tensorboard_report(files, tmp_path):
     argv = ["unlearn", "--mllmu", str(files["mllmu"]), "--model", str(files["llava"])]
     assert main([*argv, "--method", "ga", "--report-to", "tensorboard", "--out", str(out)]) == 0
     assert list((out / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_several_images_in_one_prompt(files, family):
+    """A few-shot prompt with its exemplars' pictures: ``Sample.image`` a list, the raw prompt
+    holding the image token once per picture, every picture expanded and in order."""
+    from PIL import Image
+
+    from mmunlearn.data.schema import Sample
+    from mmunlearn.models import load_checkpoint
+
+    model, ad = load_checkpoint(files[family])
+    imgs = [Image.new("RGB", (40, 30), c) for c in ((255, 0, 0), (0, 255, 0))]
+    t = ad.image_token
+    raw = f"USER: {t}\nWho? ASSISTANT: Ann\nUSER: {t}\nWho? ASSISTANT:"
+    s = Sample("Who?", "Bo", image=imgs, meta={"raw_prompt": raw})
+    one = Sample("Who?", "Bo", image=imgs[1])
+    b = ad.collate([s, one])
+    n_tok = (b["input_ids"] == ad.image_token_id).sum(1)
+    assert int(n_tok[0]) == 2 * int(n_tok[1]) > 0
+    with torch.no_grad():
+        assert torch.isfinite(model(**b).loss)
+    with pytest.raises(ValueError, match="2 time"):
+        ad.collate([Sample("Who?", "Bo", image=imgs, meta={"raw_prompt": f"{t} Who?"})])

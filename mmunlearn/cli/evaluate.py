@@ -39,7 +39,7 @@ EPILOG = """examples:
   # CLEAR's own evaluation (Prob., ROUGE-L recall, truth ratio, model utility, forget quality)
   mmunlearn eval --protocol clear --model runs/u/model --clear data/CLEAR --split 10 \\
       --reference runs/retain90
-  # zero-shot MLLMU prompts (a model whose adapter takes one image per prompt)
+  # zero-shot MLLMU prompts (MMUnlearner's own evaluator's setting)
   mmunlearn eval --protocol mllmu --shots 0 --model runs/u/model --mllmu data/MLLMU-Bench
 
 --protocol mllmu and clear, and the unlearning metrics, need the extra:

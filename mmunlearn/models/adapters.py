@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from mmunlearn.data.schema import Sample
-from mmunlearn.models.processing import LOSS_TOKENS, RAW_PROMPT, ChatCollator
+from mmunlearn.models.processing import LOSS_TOKENS, RAW_PROMPT, ChatCollator, images_of
 from mmunlearn.models.tokenizer import IGNORE_INDEX, token_id
 from mmunlearn.params import module_groups, vision_components
 
@@ -159,7 +159,7 @@ class ModelAdapter:
         raw = (sample.meta or {}).get(RAW_PROMPT)
         if raw is None:
             return self.prompt_text(sample)
-        n_img = 0 if sample.image is None else 1
+        n_img = len(images_of(sample))
         if raw.count(self.image_token) != n_img:
             raise ValueError(
                 f"raw_prompt must hold the image token {self.image_token!r} {n_img} time(s), "
@@ -263,7 +263,7 @@ class ModelAdapter:
         batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention}
         if with_answer:
             batch["labels"] = labels
-        images = [s.image for s in samples if s.image is not None]
+        images = [im for s in samples for im in images_of(s)]
         if images:
             batch.update(self.image_inputs(images))
             batch.update(self.extra_inputs(input_ids))
@@ -307,11 +307,8 @@ class LlavaAdapter(ModelAdapter):
         return (type(enc), type(_first_layer(_language_model(self.model))))
 
     def prompt_text(self, sample: Sample) -> str:
-        tok = self._tok()
-        image = ""
-        if sample.image is not None:
-            image = tok.convert_ids_to_tokens(self.image_token_id) * self.num_image_tokens()
-            image += "\n"
+        run = self.image_token * self.num_image_tokens() + "\n"
+        image = run * len(images_of(sample))
         return f"USER: {image}{sample.question} ASSISTANT:"
 
     def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
@@ -370,16 +367,13 @@ class Qwen2VLAdapter(ModelAdapter):
         return "<|im_end|>" if self.chat else self._tok().eos_token
 
     def prompt_text(self, sample: Sample) -> str:
-        tok = self._tok()
-        image = ""
-        if sample.image is not None:
-            image = tok.convert_ids_to_tokens(self.image_token_id) * self.num_image_tokens()
+        n = len(images_of(sample))
+        run = self.image_token * self.num_image_tokens()
         if self.chat:
-            if image:
-                image = f"<|vision_start|>{image}<|vision_end|>"
+            image = f"<|vision_start|>{run}<|vision_end|>" * n
             return f"<|im_start|>user\n{image}{sample.question}<|im_end|>\n<|im_start|>assistant\n"
-        if image:
-            return f"USER: {image}\n{sample.question} ASSISTANT:"
+        if n:
+            return f"USER: {run * n}\n{sample.question} ASSISTANT:"
         return f"USER: {sample.question} ASSISTANT:"
 
     def image_inputs(self, images: list) -> dict[str, torch.Tensor]:

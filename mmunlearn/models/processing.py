@@ -33,11 +33,18 @@ LOSS_TOKENS = ("answer", "all", "all_with_image")
 RAW_PROMPT = "raw_prompt"  # Sample.meta key of a verbatim prompt (see ChatCollator.prompt)
 
 
+def images_of(sample: Sample) -> list:
+    """A sample's images in prompt order: ``[]``, ``[image]``, or the list it holds (a
+    few-shot prompt's exemplar pictures, then its own)."""
+    if sample.image is None:
+        return []
+    return list(sample.image) if isinstance(sample.image, (list, tuple)) else [sample.image]
+
+
 def messages(sample: Sample, with_answer: bool) -> list[dict]:
     """The conversation of a sample in the multimodal chat format processors render."""
     user = [{"type": "text", "text": sample.question}]
-    if sample.image is not None:
-        user = [{"type": "image"}, *user]
+    user = [{"type": "image"} for _ in images_of(sample)] + user
     msgs = [{"role": "user", "content": user}]
     if with_answer:
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": sample.answer}]})
@@ -140,7 +147,7 @@ class ChatCollator:
         template's user turn with the generation prompt."""
         raw = (sample.meta or {}).get(RAW_PROMPT)
         if raw is not None:
-            n_img = 0 if sample.image is None else 1
+            n_img = len(images_of(sample))
             if raw.count(self.image_token) != n_img:
                 raise ValueError(
                     f"raw_prompt must hold the image token {self.image_token!r} {n_img} "
@@ -192,7 +199,7 @@ class ChatCollator:
         mode = loss_tokens or ("answer" if ans_only else "all")
         if mode not in LOSS_TOKENS:
             raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {mode!r}")
-        images = [s.image for s in samples if s.image is not None]
+        images = [im for s in samples for im in images_of(s)]
         if not with_answer:
             return self._encode([self.prompt(s) for s in samples], images, "left")
         batch = self._encode([self.full(s) for s in samples], images, "right")
@@ -216,7 +223,7 @@ class ChatCollator:
         ``{question}`` / ``{answer}`` placeholders."""
         from PIL import Image
 
-        img = Image.new("RGB", (1, 1))
+        img = Image.new("RGB", (1, 1))  # (one image: the template's shape)
         return {
             "family": self.family,
             "vqa": self.full(Sample("{question}", "{answer}", image=img)),
@@ -231,5 +238,6 @@ __all__ = [
     "LOSS_TOKENS",
     "RAW_PROMPT",
     "answer_start",
+    "images_of",
     "messages",
 ]
