@@ -238,3 +238,34 @@ def test_several_images_in_one_prompt(files, family):
         assert torch.isfinite(model(**b).loss)
     with pytest.raises(ValueError, match="2 time"):
         ad.collate([Sample("Who?", "Bo", image=imgs, meta={"raw_prompt": f"{t} Who?"})])
+
+
+def test_real_checkpoint_under_torchrun_matches_one_process(files, tmp_path):
+    """Qwen2-VL-layout checkpoint, CLEAR layout, its processor's dynamic-resolution batches
+    dealt across 2 FSDP2 ranks: the same weights as one process, within reduction order."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from test_cli_torchrun import _port
+
+    def run(out, nproc):
+        env = dict(os.environ, OMP_NUM_THREADS="1", TQDM_DISABLE="1")
+        env.pop("WORLD_SIZE", None)
+        cli = ["-m", "mmunlearn.cli", "unlearn", "--model", str(files["qwen2vl"])]
+        cli += ["--clear", str(files["clear"]), "--method", "ga_diff", "--lr", "1e-3"]
+        cli += ["--out", str(out)]
+        cmd = [sys.executable, *cli]
+        if nproc > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+            cmd += ["--master-port", str(_port()), *cli, "--fsdp"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return load_file(out / "model" / "model.safetensors")
+
+    one, two = run(tmp_path / "one", 1), run(tmp_path / "two", 2)
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5, msg=k)
