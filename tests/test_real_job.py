@@ -248,7 +248,6 @@ def test_real_checkpoint_under_torchrun_matches_one_process(files, tmp_path):
     import sys
 
     from safetensors.torch import load_file
-
     from test_cli_torchrun import _port
 
     def run(out, nproc):
