@@ -168,7 +168,9 @@ def _benchmark(args) -> str:
         raise UsageError(f"--fraction {args.fraction}: must be in (0, 1]")
     if not args.gamma > 0 or args.gamma != args.gamma or args.gamma == float("inf"):
         raise UsageError(f"--gamma {args.gamma}: must be a positive finite number")
-    splits = {"mllmu": (5, 10, 15), "clear": (1, 5, 10)}.get(given[0])
+    from mmunlearn.data.recipe import SPLITS
+
+    splits = SPLITS.get(given[0])
     if splits and args.split not in splits:
         ok = "|".join(map(str, splits))
         raise UsageError(f"--split {args.split}: --{given[0]} has forget splits {ok} (percent)")

@@ -45,6 +45,31 @@ def synthetic_sets(bench) -> UnlearningSets:
 
 
 LANGUAGE_PRESERVE = ("forget_text", "all_text")
+SPLITS = {"mllmu": (5, 10, 15), "clear": (1, 5, 10)}  # forget percentages each benchmark ships
+_NAMES = {"mllmu": "MLLMU-Bench", "clear": "CLEAR"}
+
+
+def _root(root, benchmark: str, split: int, language_preserve: str) -> Path:
+    """The checked dataset root (split offered, language-preserve choice known, folder there)."""
+    name = _NAMES[benchmark]
+    if split not in SPLITS[benchmark]:
+        ok = ", ".join(map(str, SPLITS[benchmark]))
+        raise ValueError(f"{name} split must be one of {ok} (forget %), got {split}")
+    if language_preserve not in LANGUAGE_PRESERVE:
+        raise ValueError(f"language_preserve must be one of {LANGUAGE_PRESERVE}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name} root {root}: no such folder")
+    return root
+
+
+def _checked(forget, retain, text, forget_dir, retain_dir, text_dir, what) -> UnlearningSets:
+    for name, items, d in (("forget", forget, forget_dir), ("retain", retain, retain_dir)):
+        if not items:
+            raise ValueError(f"{d}: the {name} split has no {what}")
+    if not text:
+        raise ValueError(f"{text_dir}: no text items for the language-preserve set")
+    return UnlearningSets(forget, retain, list(retain), text + retain)
 
 
 def _split_dir(root: Path, name: str, what: str) -> Path:
@@ -65,13 +90,7 @@ def mllmu_sets(root, split: int = 5, *, language_preserve: str = "forget_text") 
     file, row and column)."""
     from mmunlearn.data.mllmu import read_mllmu_split, text_preserve_set
 
-    if split not in (5, 10, 15):
-        raise ValueError(f"MLLMU-Bench split must be 5, 10 or 15 (forget %), got {split}")
-    if language_preserve not in LANGUAGE_PRESERVE:
-        raise ValueError(f"language_preserve must be one of {LANGUAGE_PRESERVE}")
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"MLLMU-Bench root {root}: no such folder")
+    root = _root(root, "mllmu", split, language_preserve)
     forget_dir = _split_dir(root, f"forget_{split}", "MLLMU-Bench root")
     retain_dir = _split_dir(root, f"retain_{100 - split}", "MLLMU-Bench root")
     text_dir = (
@@ -82,12 +101,7 @@ def mllmu_sets(root, split: int = 5, *, language_preserve: str = "forget_text") 
     forget = read_mllmu_split(forget_dir)
     retain = read_mllmu_split(retain_dir)
     text = text_preserve_set(text_dir)
-    for name, items, d in (("forget", forget, forget_dir), ("retain", retain, retain_dir)):
-        if not items:
-            raise ValueError(f"{d}: the {name} split has no training QA pairs")
-    if not text:
-        raise ValueError(f"{text_dir}: no Pure_Text_Questions for the language-preserve set")
-    return UnlearningSets(forget, retain, list(retain), text + retain)
+    return _checked(forget, retain, text, forget_dir, retain_dir, text_dir, "training QA pairs")
 
 
 def clear_sets(root, split: int = 5, *, language_preserve: str = "forget_text") -> UnlearningSets:
@@ -98,13 +112,7 @@ def clear_sets(root, split: int = 5, *, language_preserve: str = "forget_text") 
     the forget persons' rows when the rows name their person, else every row) plus retain."""
     from mmunlearn.data.clear import read_clear
 
-    if split not in (1, 5, 10):
-        raise ValueError(f"CLEAR split must be 1, 5 or 10 (forget %), got {split}")
-    if language_preserve not in LANGUAGE_PRESERVE:
-        raise ValueError(f"language_preserve must be one of {LANGUAGE_PRESERVE}")
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"CLEAR root {root}: no such folder")
+    root = _root(root, "clear", split, language_preserve)
     forget_dir = _split_dir(root, f"forget{split:02d}", "CLEAR root")
     retain_dir = _split_dir(root, f"retain{100 - split:02d}", "CLEAR root")
     text_dir = _split_dir(root, "full+tofu", "CLEAR root")
@@ -115,12 +123,7 @@ def clear_sets(root, split: int = 5, *, language_preserve: str = "forget_text") 
         names = {s.entity for s in forget if s.entity}
         mine = [s for s in text if s.entity in names]
         text = mine or text
-    for name, items, d in (("forget", forget, forget_dir), ("retain", retain, retain_dir)):
-        if not items:
-            raise ValueError(f"{d}: the {name} config has no image rows")
-    if not text:
-        raise ValueError(f"{text_dir}: no text (TOFU) rows for the language-preserve set")
-    return UnlearningSets(forget, retain, list(retain), text + retain)
+    return _checked(forget, retain, text, forget_dir, retain_dir, text_dir, "image rows")
 
 
 def benchmark_sets(
@@ -136,6 +139,7 @@ def benchmark_sets(
 
 __all__ = [
     "LANGUAGE_PRESERVE",
+    "SPLITS",
     "UnlearningSets",
     "benchmark_sets",
     "clear_sets",
