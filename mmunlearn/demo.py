@@ -82,9 +82,9 @@ class DemoConfig:
     # 2 threads, 18 % at 1, seed 0) and the whole table depend on it (docs/demo_grid.md)
     threads: int | None = 2
     mixed_precision: str = "none"  # under torchrun (FSDP2): "none" or "bf16"
-    # the linked world (run_linked_demo): AdamW steps per stage (measured: the gates pass on
-    # seeds 0-4 with these), the cap on forget steps while seeking matched forgetting, and
-    # whether failed gates stop the run (off only for smoke configurations)
+    # the linked world (run_linked_demo): AdamW steps per stage, lr decaying to 0 in each
+    # (the gates pass on seeds 0-4 with these), the cap on forget steps while seeking matched
+    # forgetting, and whether failed gates stop the run (off only for smoke configurations)
     stage_steps: dict = field(
         default_factory=lambda: {"text": 500, "identity": 800, "grounding": 800}
     )
@@ -422,7 +422,7 @@ def train_linked(world, cfg: DemoConfig, dev, progress: bool = False):
     adapter = adapter_for(model, tok)
     stages = (world.stages(), world.stages(without_forget_pictures=True))
     args = (cfg.stage_steps, cfg.vanilla_lr, cfg.batch_size, cfg.seed, dev, progress)
-    finetune_twins(model, ref, adapter, *stages, *args)
+    finetune_twins(model, ref, adapter, *stages, *args, decay=True)  # lr → 0 in each stage
     return model, ref, tok, adapter
 
 

@@ -45,7 +45,9 @@ def finetune(model, adapter, samples, steps, lr, bs, seed, dev, progress=True):
     return model
 
 
-def finetune_stages(model, adapter, stages, steps, lr, bs, seed, dev, progress=True, callback=None):
+def finetune_stages(
+    model, adapter, stages, steps, lr, bs, seed, dev, progress=True, callback=None, decay=False
+):
     """Fine-tune ``model`` in place through a curriculum.
 
     ``stages``: ``[(name, [(samples, weight), ...]), ...]`` (e.g.
@@ -54,8 +56,8 @@ def finetune_stages(model, adapter, stages, steps, lr, bs, seed, dev, progress=T
     of them if fewer), collated when drawn. Each stage has a fresh AdamW (lr ``lr``, no weight
     decay, clip 1.0) and a ``random.Random(f"{seed}:{name}")`` stream, so two runs that reach
     a stage with the same weights continue identically (the reference model reuses the
-    vanilla model's first stage). ``callback(name, model)`` runs after each stage. Returns the
-    model, in eval mode."""
+    vanilla model's first stage). ``decay``: the lr falls linearly to 0 over every stage.
+    ``callback(name, model)`` runs after each stage. Returns the model, in eval mode."""
     for name, pools in stages:
         pools = [(list(items), w) for items, w in pools if items and w > 0]
         n = int(steps.get(name, 0))
@@ -68,7 +70,10 @@ def finetune_stages(model, adapter, stages, steps, lr, bs, seed, dev, progress=T
         model.train()
         weights = [w for _, w in pools]
         bar = tqdm(range(n), desc=f"stage {name}", disable=not (progress and is_rank0()))
-        for _ in bar:
+        for i in bar:
+            if decay:
+                for g in opt.param_groups:
+                    g["lr"] = lr * (1.0 - i / n)
             items = rng.choices(pools, weights)[0][0]
             batch = adapter.collate(rng.sample(items, min(bs, len(items))))
             loss = batch_loss(model, batch, dev)
@@ -83,22 +88,23 @@ def finetune_stages(model, adapter, stages, steps, lr, bs, seed, dev, progress=T
 
 
 def finetune_twins(
-    model, twin, adapter, stages, twin_stages, steps, lr, bs, seed, dev, progress=True
+    model, twin, adapter, stages, twin_stages, steps, lr, bs, seed, dev, progress=True, decay=False
 ):
     """Two curricula from the same initial weights (``twin`` is overwritten with ``model``'s):
     ``model`` through ``stages``, ``twin`` through ``twin_stages``. Their common leading
     stages (same name, same pools, same weights) are trained once and copied, which gives
     exactly what training both would (:func:`finetune_stages` seeds each stage by name).
     Used for the vanilla and reference models of the linked world, which share the text stage.
+    ``decay``: as :func:`finetune_stages`.
     Returns ``(model, twin)`` in eval mode."""
     n = 0
     while n < min(len(stages), len(twin_stages)) and _same_stage(stages[n], twin_stages[n]):
         n += 1
     args = (steps, lr, bs, seed, dev, progress)
-    finetune_stages(model, adapter, stages[:n], *args)
+    finetune_stages(model, adapter, stages[:n], *args, decay=decay)
     twin.load_state_dict(model.state_dict())
-    finetune_stages(model, adapter, stages[n:], *args)
-    finetune_stages(twin, adapter, twin_stages[n:], *args)
+    finetune_stages(model, adapter, stages[n:], *args, decay=decay)
+    finetune_stages(twin, adapter, twin_stages[n:], *args, decay=decay)
     return model.eval(), twin.eval()
 
 
