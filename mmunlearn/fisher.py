@@ -2,8 +2,10 @@
 
 ``F[i] = mean_batches (∂L_b/∂θ_i)²`` (method.md §2) of every selected parameter. One
 ``register_post_accumulate_grad_hook`` per parameter squares its gradient into an fp32
-accumulator (:func:`mmunlearn.kernels.fisher_accumulate_`) as soon as the gradient is final and
-drops ``param.grad`` at once, so full gradients never pile up in memory. Fishers are saved as
+accumulator as soon as the gradient is final (queued into ~25 MiB buckets, one
+:func:`mmunlearn.kernels.fisher_accumulate_` launch per bucket:
+:class:`mmunlearn.kernels.FisherBuckets`) and drops ``param.grad`` at once, so full gradients
+never pile up in memory. Fishers are saved as
 mmunlearn safetensors files (:func:`save_fisher` / :func:`load_fisher`) so masks can be redone
 at other thresholds without a forward pass; under FSDP2 the accumulators are local shards and
 :func:`full_fishers` gathers them one tensor at a time.
@@ -19,7 +21,7 @@ import torch
 
 from mmunlearn.distributed import full_tensor, local, rank, require_reduced_grads
 from mmunlearn.io import read_safetensors, save_safetensors
-from mmunlearn.kernels import fisher_accumulate_
+from mmunlearn.kernels import FisherBuckets
 from mmunlearn.losses import batch_loss
 from mmunlearn.params import canonical_name, canonical_parameters
 
@@ -71,7 +73,8 @@ def collect_fisher(
     or ``loss_fn(model, batch)``. ``params``: ``{name: param}`` or a list of names (raw or
     canonical); default: every trainable parameter. ``mode="abs"`` accumulates ``|g|`` instead.
     A post-accumulate-grad hook squares each parameter's final gradient of the batch into an fp32
-    accumulator on the parameter's device (:func:`fisher_accumulate_`, ``backend``) and sets
+    accumulator on the parameter's device (bucketed :func:`fisher_accumulate_`, ``backend``)
+    and sets
     ``param.grad = None`` at once; gradients of trainable parameters that are not selected are
     dropped the same way. Tied parameters are seen once, with their total gradient. The model's
     train/eval mode is left as it is. Every hook is removed afterwards, even on error, and every
@@ -110,6 +113,9 @@ def collect_fisher(
         break
 
     seen: set[int] = set()
+    # one accumulate launch per ~25 MiB bucket of gradients, not one per parameter (#16);
+    # each gradient is released as soon as its bucket is squared
+    buckets = FisherBuckets(mode=mode, backend=backend)
 
     def make_hook(name: str):
         acc = accs[name]
@@ -132,7 +138,7 @@ def collect_fisher(
                 gc = g.to("cpu", p.dtype)
                 acc.add_(gc * gc if mode == "sq" else gc.abs())
             else:
-                fisher_accumulate_([acc], [g], mode=mode, backend=backend)
+                buckets.add(acc, g)
 
         return hook
 
@@ -162,8 +168,10 @@ def collect_fisher(
                 except ValueError as e:
                     raise ValueError(f"collect_fisher: {e}") from e
             loss.backward()
+            buckets.flush()
             n_batches += 1
     finally:
+        buckets.clear()
         for h in handles:
             h.remove()
         for p in trainable.values():

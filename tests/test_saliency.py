@@ -624,3 +624,24 @@ def test_build_masks_offload_gives_the_same_masks(llava):
     b = build_masks(llava, forget, v_pres, l_pres, progress=False, offload=True)
     for k in ("vision", "language", "both"):
         assert a[k] == b[k], k
+
+
+def test_fisher_is_one_accumulate_launch_per_bucket_not_per_parameter(monkeypatch):
+    """#16: 120 parameters, 3 batches: 3 accumulate calls (one bucket per backward), and the
+    same Fisher as the plain per-batch loop."""
+    import mmunlearn.kernels.fisher as kf
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(60)])
+    batches = [{"x": torch.randn(4, 6)} for _ in range(3)]
+    loss_fn = lambda m, b: m(b["x"]).pow(2).mean()  # noqa: E731
+    calls = []
+    real = kf.fisher_accumulate_
+    monkeypatch.setattr(
+        kf, "fisher_accumulate_", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k)
+    )
+    got = collect_fisher(model, batches, loss_fn=loss_fn, progress=False)
+    assert calls == [120, 120, 120]
+    want = plain_fisher(model, batches, loss_fn)
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-12)
