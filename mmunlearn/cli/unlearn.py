@@ -54,8 +54,12 @@ def register(sub):
         c = sub.add_parser(
             name,
             help=helptext,
-            description=helptext + ". Values in --config (YAML or JSON, keys = option names) "
-            "are defaults; flags given on the command line win; an unknown key is an error.",
+            description=__import__("textwrap").fill(
+                helptext + ". Values in --config (YAML or JSON, keys = option names) are "
+                "defaults; flags given on the command line win; an unknown key is an error. "
+                "Every data file is read before the model is loaded.",
+                width=88,
+            ),
             epilog=EPILOG,
             formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
         )
@@ -68,8 +72,17 @@ def register(sub):
             help="folder / cached Hub id with the processor, tokenizer and chat template, for "
             "checkpoints that ship without them",
         )
-        m.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
-        m.add_argument("--gradient-checkpointing", action="store_true")
+        m.add_argument(
+            "--dtype",
+            default="auto",
+            choices=["auto", "bf16", "fp16", "fp32"],
+            help="weights' dtype (auto: bf16 on CUDA, fp32 on the CPU)",
+        )
+        m.add_argument(
+            "--gradient-checkpointing",
+            action="store_true",
+            help="recompute activations in backward (less memory, ≈30 %% more time)",
+        )
         m.add_argument(
             "--vanilla-steps",
             type=int,
@@ -121,18 +134,22 @@ def register(sub):
 
 def _unlearn_options(c) -> None:
     u = c.add_argument_group("unlearning")
-    u.add_argument("--method", default="mmunlearner", choices=list(METHODS))
+    u.add_argument(
+        "--method", default="mmunlearner", choices=list(METHODS), help="default mmunlearner"
+    )
     u.add_argument("--mask", help="a mask file from `mmunlearn saliency` (else computed)")
     u.add_argument("--mask-group", default="both", choices=["vision", "language", "both"])
     u.add_argument("--reference-model", help="KL_Min / NPO reference (default: the start model)")
     u.add_argument("--lr", type=_positive(float), default=None, help="recipe's if unset (1e-5)")
     u.add_argument("--batch-size", type=_positive(int), default=None, help="recipe's (4)")
-    u.add_argument("--grad-accum", type=_positive(int), default=1)
-    u.add_argument("--epochs", type=_positive(int), default=None)
+    u.add_argument("--grad-accum", type=_positive(int), default=1, help="batches per step")
+    u.add_argument("--epochs", type=_positive(int), default=None, help="recipe's (1)")
     u.add_argument("--forget-freq", type=_positive(int), default=None, help="default retain/forget")
     u.add_argument("--alpha", type=_positive(float), default=None, help="ascent weight (1.0)")
-    u.add_argument("--weight-decay", type=float, default=None)
-    u.add_argument("--max-grad-norm", type=_positive(float), default=None)
+    u.add_argument("--weight-decay", type=float, default=None, help="recipe's (0)")
+    u.add_argument(
+        "--max-grad-norm", type=_positive(float), default=None, help="clip (recipe's: 1.0)"
+    )
     u.add_argument("--steps", type=_positive(int), default=None, help="stop after N steps")
     u.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: at the end)")
     u.add_argument("--resume", action="store_true", help="continue from --out/run")
