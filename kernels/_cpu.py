@@ -394,11 +394,24 @@ _STATE: dict = {}
 
 
 def cache_dir() -> str:
-    """Where the built library is kept: ``$MMUNLEARN_CACHE_DIR`` or ``~/.cache/mmunlearn``."""
+    """Where the built library is kept: ``$MMUNLEARN_CACHE_DIR``, else ``~/.cache/mmunlearn``
+    (``$XDG_CACHE_HOME`` respected), else — if that cannot be written — a private
+    ``mmunlearn-<uid>`` directory (mode 0700) in the temporary directory."""
     d = os.environ.get("MMUNLEARN_CACHE_DIR")
-    if not d:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        d = os.path.join(base, "mmunlearn")
+    if d:
+        return d
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    d = os.path.join(base, "mmunlearn")
+    try:
+        os.makedirs(d, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    d = os.path.join(tempfile.gettempdir(), f"mmunlearn-{os.getuid()}")
+    os.makedirs(d, mode=0o700, exist_ok=True)
+    if os.stat(d).st_uid != os.getuid():
+        raise RuntimeError(f"{d} belongs to another user; set MMUNLEARN_CACHE_DIR")
     return d
 
 
@@ -481,8 +494,8 @@ def load():
         key = hashlib.sha256(
             "\0".join([_SOURCE, " ".join(_FLAGS), _cpu_id(), str(ABI)]).encode()
         ).hexdigest()[:24]
-        path = os.path.join(cache_dir(), f"mmu_cpu_{key}.so")
         try:
+            path = os.path.join(cache_dir(), f"mmu_cpu_{key}.so")
             if not os.path.exists(path):
                 _STATE["build"] = _build(path)
             lib = ctypes.CDLL(path)

@@ -272,3 +272,15 @@ def test_build_is_cached_and_keyed(tmp_path, monkeypatch):
     finally:
         _cpu._STATE.clear()
         _cpu._STATE.update(saved)
+
+
+def test_cache_dir_falls_back_to_a_private_temp_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("MMUNLEARN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro"))
+    monkeypatch.setattr(_cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(_cpu.os, "access", lambda path, mode: False)  # as if not writable
+    d = _cpu.cache_dir()
+    assert d == str(tmp_path / "tmp" / f"mmunlearn-{_cpu.os.getuid()}")
+    assert (_cpu.os.stat(d).st_mode & 0o777) == 0o700
+    monkeypatch.setenv("MMUNLEARN_CACHE_DIR", str(tmp_path / "explicit"))
+    assert _cpu.cache_dir() == str(tmp_path / "explicit")
