@@ -371,7 +371,8 @@ def report(targets=(80, 90), only: str | None = None) -> list[dict]:
             continue
         for arch in targets:
             row = dict(kernel=spec.name, config=spec.label, target=f"sm_{arch}",
-                       launches=spec.launches, streaming=spec.streaming)  # fmt: skip
+                       launches=spec.launches, streaming=spec.streaming,
+                       num_warps=spec.num_warps)  # fmt: skip
             try:
                 kernel = compile_spec(spec, arch)
             except Exception as e:  # a kernel that stops compiling is a row, and a failed test
@@ -385,21 +386,22 @@ def report(targets=(80, 90), only: str | None = None) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| kernel | config | target | compiles | regs | spill B | smem B | widest LDG / STG "
-        "bits | global atomics | launches |",
-        "|---|---|---|---|---:|---:|---:|---|---:|---|",
+        "| kernel | config | target | compiles | warps | regs | spill B | smem B "
+        "| widest LDG / STG bits | global atomics | launches |",
+        "|---|---|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         if not r["compiles"]:
             lines.append(
                 f"| {r['kernel']} | {r['config']} | {r['target']} | **no**: {r['error']} "
-                "| | | | | | |"
+                "| | | | | | | |"
             )
             continue
         at = r["global_atomics"]
         at_s = f"{at} (predicated)" if at and r["atomics_predicated"] else str(at)
         lines.append(
-            f"| {r['kernel']} | {r['config']} | {r['target']} | yes | {r['registers']} | "
+            f"| {r['kernel']} | {r['config']} | {r['target']} | yes | {r['num_warps']} | "
+            f"{r['registers']} | "
             f"{r['spill_bytes']} | {r['shared']} | {r['max_load_bits']} / "
             f"{r['max_store_bits']} | {at_s} | {r['launches']} |"
         )
@@ -423,7 +425,7 @@ def main(argv=None) -> int:
     rows = report(args.targets, args.only)
     print(
         f"triton {triton.__version__}, torch {torch.__version__}, date {dt.date.today()}; "
-        f"BLOCK {BLOCK}, num_warps {NUM_WARPS}\n"
+        f"BLOCK {BLOCK} elements per program\n"
     )
     print(markdown(rows))
     if args.json:

@@ -30,9 +30,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TAG = "RESULT-JSON "
 
 
-def _child(impl: str, size: int, dtype: str, reps: int) -> dict:
+def _child(impl: str, size: int, dtype: str, reps: int, threads: int | None) -> dict:
     t_start = time.perf_counter()
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     sys.path.insert(0, HERE)
     from cases import Case
@@ -97,9 +100,9 @@ def _child(impl: str, size: int, dtype: str, reps: int) -> dict:
     )
 
 
-def _run(impl, size, dtype, reps, env) -> dict:
+def _run(impl, size, dtype, reps, env, threads) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, "--size", str(size)]
-    cmd += ["--dtype", dtype, "--reps", str(reps)]
+    cmd += ["--dtype", dtype, "--reps", str(reps), "--threads", str(threads or 0)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
     for line in proc.stdout.splitlines():
         if line.startswith(TAG):
@@ -116,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--impls", nargs="+", default=["cpu", "compile", "twins", "fused"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch / cpu-backend threads")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     sys.path.insert(0, HERE)
@@ -123,7 +127,8 @@ def main(argv=None) -> int:
 
     size = parse_size(args.size) if isinstance(args.size, str) else args.size
     if args.child:
-        print(TAG + json.dumps(_child(args.child, size, args.dtype, args.reps)), flush=True)
+        res = _child(args.child, size, args.dtype, args.reps, args.threads)
+        print(TAG + json.dumps(res), flush=True)
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as cache:
@@ -132,14 +137,14 @@ def main(argv=None) -> int:
         env.pop("TRITON_INTERPRET", None)
         for impl in args.impls:
             for phase in ("cold", "warm") if impl in ("cpu", "compile") else ("-",):
-                r = _run(impl, size, args.dtype, args.reps, env)
+                r = _run(impl, size, args.dtype, args.reps, env, args.threads)
                 r["phase"] = phase
                 rows.append(r)
                 print(r if "error" in r else {k: v for k, v in r.items() if k != "all_ms"},
                       file=sys.stderr)  # fmt: skip
     lines = [
         f"masked AdamW step, {args.dtype} params/grads, fp32 moments, ~{args.size} model-shaped "
-        f"elements, median of {args.reps}",
+        f"elements, median of {args.reps}, threads {rows[0].get('threads', '?')}",
         "",
         "| impl | caches | first call s | process start → first result s | step ms |",
         "|---|---|---:|---:|---:|",

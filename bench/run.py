@@ -93,7 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="timed calls per row (median)")
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--json", default=None, help="also write every row to this JSON file")
+    ap.add_argument("--threads", type=int, default=None, help="torch (and cpu backend) threads")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     sizes = [
