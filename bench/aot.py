@@ -205,8 +205,16 @@ def specs() -> list[Spec]:
                     "eps": "fp32",
                     "prefix": "i32",
                 },
-                dict(SHIFT=shift, NBITS=nbits, LEVEL0=level == 0, ALIGNED=True, BLOCK=BLOCK),
+                dict(
+                    SHIFT=shift,
+                    NBITS=nbits,
+                    LEVEL0=level == 0,
+                    ALIGNED=True,
+                    HIST_MASK=saliency.HIST_MASK,
+                    BLOCK=saliency.HIST_BLOCK,
+                ),  # fmt: skip
                 "3 per exact top-k (once per run)",
+                num_warps=saliency.HIST_WARPS,
             )
         )
     out.append(

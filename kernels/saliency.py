@@ -14,6 +14,7 @@ memory beyond the inputs is O(BLOCK) per program (torch twin: O(chunk) per tenso
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 
@@ -39,6 +40,13 @@ from .bits import packed_size, tl_packed_size, torch_pack_bits
 RADIX_LEVELS = ((21, 11), (10, 11), (0, 10))
 # torch twin: scores are computed this many elements at a time (bounds its scratch memory).
 _TORCH_CHUNK = 1 << 22
+# Histogram pass: tl.histogram(mask=) where this triton has it (the GPU image's 3.6 and 3.9 do):
+# 2048 bins instead of 4096 with a dropped overflow half. Registers per thread, level 0, sm_90
+# (bench/aot.py, 2026-11-30): overflow half, 8 warps — triton 3.6: 255 and 1.6 KB spilled,
+# 3.9: 64; mask=, 16 warps — 3.6: 128, no spill; 3.9: 62 (8 warps: 189 / 80).
+HIST_MASK = HAS_TRITON and "mask" in inspect.signature(tl.histogram).parameters
+HIST_BLOCK = BLOCK
+HIST_WARPS = 16
 
 
 def _check_fishers(f_forget, f_preserve):
@@ -281,6 +289,7 @@ if HAS_TRITON:
         NBITS: tl.constexpr,
         LEVEL0: tl.constexpr,
         ALIGNED: tl.constexpr,
+        HIST_MASK: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         # table rows: 0 F_forget, 1 F_preserve, 2 numel
@@ -310,15 +319,17 @@ if HAS_TRITON:
             take = m
         else:
             take = m & ((key >> (SHIFT + NBITS)) == prefix.to(tl.uint32))
-        # elements that do not take part go to an overflow half of the histogram (dropped);
-        # this avoids relying on tl.histogram's `mask=` (absent in older triton).
-        digit = tl.where(take, digit, digit + (1 << NBITS))
-        h = tl.histogram(digit, 2 << NBITS)
-        bins = tl.arange(0, 2 << NBITS)
+        if HIST_MASK:
+            h = tl.histogram(digit, 1 << NBITS, mask=take)
+            bins = tl.arange(0, 1 << NBITS)
+            live = h > 0
+        else:  # triton without histogram(mask=): non-members go to a dropped overflow half
+            h = tl.histogram(tl.where(take, digit, digit + (1 << NBITS)), 2 << NBITS)
+            bins = tl.arange(0, 2 << NBITS)
+            live = (bins < (1 << NBITS)) & (h > 0)
         # one atomic per non-empty bin: a chunk of Fisher ratios fills a few dozen of the 2048
         # level-0 bins, and at levels 1-2 most elements fall outside the prefix
-        tl.atomic_add(hist_ptr + bins, h.to(tl.int64), mask=(bins < (1 << NBITS)) & (h > 0),
-                      sem="relaxed")  # fmt: skip
+        tl.atomic_add(hist_ptr + bins, h.to(tl.int64), mask=live, sem="relaxed")
 
 
 def triton_saliency_histogram(f_forget, f_preserve, level: int, prefix: int, eps: float = 1e-15):
@@ -327,7 +338,7 @@ def triton_saliency_histogram(f_forget, f_preserve, level: int, prefix: int, eps
     dev = f_forget[0].device
     hist = torch.zeros(1 << nbits, dtype=torch.int64, device=dev)
     ptrs, chunks, n_chunks, aligned = chunk_tables(
-        [f_forget, f_preserve], [t.numel() for t in f_forget], BLOCK
+        [f_forget, f_preserve], [t.numel() for t in f_forget], HIST_BLOCK
     )
     if n_chunks:
         with device_guard(f_forget[0]):
@@ -342,8 +353,9 @@ def triton_saliency_histogram(f_forget, f_preserve, level: int, prefix: int, eps
                 NBITS=nbits,
                 LEVEL0=(level == 0),
                 ALIGNED=aligned,
-                BLOCK=BLOCK,
-                num_warps=NUM_WARPS,
+                HIST_MASK=HIST_MASK,
+                BLOCK=HIST_BLOCK,
+                num_warps=HIST_WARPS,
             )
     return hist
 

@@ -625,3 +625,17 @@ def test_fisher_buckets_from_backward_hooks():
     assert fb.launches == 3  # one bucket per backward: 4 parameters, one launch
     for p in model.parameters():
         assert_close_verbose(accs[p], want[p], rtol=1e-6, atol=0)
+
+
+def test_histogram_on_triton_without_histogram_mask(monkeypatch):
+    """Tritons without tl.histogram(mask=) take the overflow-half variant: same histograms."""
+    from mmunlearn.kernels import saliency
+
+    shapes = _shapes(MIXED[1])
+    ff, fp = _fishers(shapes), _fishers(shapes)
+    want = [K.saliency_histogram(ff, fp, 0, backend="triton")]
+    d0 = int(torch.nonzero(want[0]).max())
+    want.append(K.saliency_histogram(ff, fp, 1, d0, backend="triton"))
+    monkeypatch.setattr(saliency, "HIST_MASK", False)
+    assert torch.equal(K.saliency_histogram(ff, fp, 0, backend="triton"), want[0])
+    assert torch.equal(K.saliency_histogram(ff, fp, 1, d0, backend="triton"), want[1])
