@@ -124,6 +124,13 @@ def register(sub):
         add_device(c)
         add_torchrun(c)
         c.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
+        c.add_argument(
+            "--backend",
+            default="auto",
+            choices=["auto", "torch", "triton", "cpu"],
+            help="kernel backend (auto: Triton on CUDA, the C kernels on the CPU; torch: the "
+            "PyTorch twins, e.g. to reproduce a table made before the CPU kernels)",
+        )
         c.add_argument("--out", default=f"runs/{name}", help=f"output dir (default runs/{name})")
         if name == "unlearn":
             _unlearn_options(c)
@@ -326,6 +333,7 @@ def _masks(args, recipe, model, adapter, data):
         fraction=args.fraction,
         progress=is_rank0(),
         official_parity=recipe.fisher_parity,
+        backend=args.backend,
         fisher_dir=fisher_dir,
         offload=args.fisher_offload and not is_sharded(model),
     )
@@ -437,6 +445,7 @@ def run_unlearn(args) -> int:
         workers=args.workers,
         report_to=None if args.report_to == "none" else args.report_to,
         progress=is_rank0(),
+        backend=args.backend,
     )
     method = Method(args.method, alpha=recipe.alpha, beta=recipe.beta, kl=recipe.kl, npo=recipe.npo)
     result = unlearn(
