@@ -108,5 +108,7 @@ def run(args) -> int:
     world = args.world or ("basic" if distributed else "linked")
     if world == "linked" and distributed:
         raise UsageError("--world linked runs in one process; use --world basic under torchrun")
+    if world == "linked" and args.no_reference:
+        raise UsageError("--no-reference: the linked world's matched forgetting needs it")
     (run_linked_demo if world == "linked" else run_demo)(args.out, DemoConfig(**kw))
     return 0
