@@ -129,3 +129,22 @@ def test_fast_linked_demo(tmp_path, monkeypatch):
     res = run_linked_demo(str(tmp_path / "gated"), cfg)
     assert res["testable"] is False and res["methods"].keys() == {"vanilla", "reference"}
     assert "not testable" in (tmp_path / "gated" / "report.md").read_text()
+
+
+def test_demo_cli_world_choice(tmp_path):
+    """`mmunlearn demo --fast --world linked` runs the linked world (--fast alone: the basic
+    one, whose plumbing fits in seconds); the linked world refuses --no-reference."""
+    from mmunlearn.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert (
+            main(["demo", "--fast", "--world", "linked", "--threads", "1", "--out", str(tmp_path)])
+            == 0
+        )
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["world"] == "linked" and "mmunlearner" in data["matched"]
+    rc = main(["demo", "--world", "linked", "--no-reference", "--out", str(tmp_path / "x")])
+    assert rc == 2 and not (tmp_path / "x").exists()
