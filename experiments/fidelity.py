@@ -1,7 +1,8 @@
 """Issue #15: does the paper's claim hold in the linked world? (research, not the product)
 
 Run from a source checkout: ``python experiments/fidelity.py --out runs/fidelity`` (seeds 0-4,
-two worker processes of one torch thread each; ≈ 20 min on 2 idle cores). Resumable: every
+two worker processes of one torch thread each; 1,069 s measured on 2 cores shared with other
+jobs). Resumable: every
 finished piece is a file under ``--out``; a rerun skips it. The criteria and how to read the
 output are in docs/fidelity.md (fixed before the study was run).
 
