@@ -7,13 +7,15 @@ finished piece is a file under ``--out``; a rerun skips it. The criteria and how
 output are in docs/fidelity.md (fixed before the study was run).
 
 Phase A, per seed: the linked world (:mod:`mmunlearn.data.linked`), the vanilla and reference
-models (:func:`mmunlearn.demo.train_linked`, the demo's recipe), the gates on the vanilla model
+models (:func:`mmunlearn.demo_linked.train_linked`, the demo's recipe), the gates on the
+vanilla model
 (:func:`mmunlearn.data.linked_probes.gates`). If any seed fails its gates the study prints
 "not testable" and stops (exit status 2). Then the Fishers and every mask from them.
 
 Phase B, per (seed, run): a copy of the vanilla model unlearned with the demo's settings (AdamW
 lr 1e-3, no weight decay, clip 1.0, constant lr, batch 16, one forget step then one retain
-step) until it has forgotten as much as the reference (:func:`mmunlearn.demo.unlearn_to_match`:
+step) until it has forgotten as much as the reference
+(:func:`mmunlearn.demo_linked.unlearn_to_match`:
 forget name and facts from held-out pictures ≤ the reference's + 0.05, checked after every step
 pair; at most 200 forget steps), then scored on every probe. Runs (:data:`RUNS`): GA, GA_Diff,
 KL_Min, NPO, MMUnlearner (γ = 1 masks, ``both``) and its controls — random masks with the
@@ -91,7 +93,7 @@ def phase_a(out: str, seed: int, fast: bool = False) -> dict:
     import torch
 
     from mmunlearn.data import linked_probes as lp
-    from mmunlearn.demo import train_linked
+    from mmunlearn.demo_linked import train_linked
 
     d = os.path.join(out, f"seed{seed}")
     rec_path = os.path.join(d, "seed.json")
@@ -189,7 +191,8 @@ def phase_b(out: str, seed: int, label: str, fast: bool = False) -> dict:
 
     from mmunlearn.data import linked_probes as lp
     from mmunlearn.data.batching import make_batches
-    from mmunlearn.demo import tiny_model, unlearn_to_match
+    from mmunlearn.demo import tiny_model
+    from mmunlearn.demo_linked import unlearn_to_match
     from mmunlearn.loop import UnlearnConfig
     from mmunlearn.models import adapter_for, build_tokenizer
     from mmunlearn.saliency import SaliencyMask

@@ -1,6 +1,6 @@
 """``mmunlearn demo``: the paper's comparison in miniature, offline, on CPU in minutes.
 
-:func:`run_linked_demo` (the default of ``mmunlearn demo``): the linked world
+:func:`mmunlearn.demo_linked.run_linked_demo` (the default of ``mmunlearn demo``): the linked world
 (:mod:`mmunlearn.data.linked`; a picture names the person, some facts are taught by name only),
 staged training, the gates (:mod:`mmunlearn.data.linked_probes`; failing them, the run says
 "not testable" and stops), the reference (the recipe without the forget pictures), the masks,
@@ -25,19 +25,15 @@ The torch thread count is pinned (``DemoConfig.threads``, 2): the table depends 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 
 from mmunlearn import fsdp
-from mmunlearn.data import linked_probes as lp
 from mmunlearn.data.batching import make_batches, to_device
-from mmunlearn.data.linked import make_linked_world
 from mmunlearn.data.recipe import synthetic_sets
 from mmunlearn.data.synthetic import make_benchmark
 from mmunlearn.distributed import is_rank0, world_size
@@ -46,16 +42,13 @@ from mmunlearn.eval.report import (
     TEXT_COLUMNS,
     TEXT_TITLE,
     markdown_table,
-    tradeoff_plot,
     write_report,
 )
-from mmunlearn.eval.unlearning import avg_gap, bootstrap_ci
-from mmunlearn.io import atomic_write_text
 from mmunlearn.loop import UnlearnConfig, unlearn
 from mmunlearn.masks import build_masks
 from mmunlearn.methods import METHODS, Method
 from mmunlearn.models import adapter_for, build_tokenizer, save_model, tiny_llava
-from mmunlearn.train import finetune, finetune_twins
+from mmunlearn.train import finetune
 
 
 @dataclass
@@ -347,174 +340,3 @@ def demo_eval_sets(bench, cloze_gen: bool = False) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 # the trade-off plot: forgetting (x; matched: near the reference's line) against what is kept
-LINKED_AXES = {
-    "x": ("forget", "facts_pic", "forget facts from held-out pictures ↓ (matched: near ---)"),
-    "panels": [
-        ("forget", "facts_name", "forget people's facts by name ↑"),
-        ("retain", "mean", "retain people, mean of the four probes ↑"),
-    ],
-}
-
-
-class _Reached(Exception):
-    """Raised by the matched-forgetting check to end an unlearning run."""
-
-
-def unlearn_to_match(model, method, forget, retain, check, config: UnlearnConfig, **kw) -> dict:
-    """Run :func:`mmunlearn.loop.unlearn` until ``check(model)`` (called, in eval mode and
-    without gradients, after every forget step of a method without retain steps and after
-    every retain step of the others) returns True, or the batches run out. ``kw``: ``masks``,
-    ``ref_model``. Returns ``{"reached": bool, "forget_steps": n}``; the model is left in
-    eval mode where it stopped."""
-    m = Method(method) if isinstance(method, str) else method
-    state = {"reached": False, "forget_steps": 0}
-
-    def callback(step, kind, loss):
-        state["forget_steps"] += kind == "forget"
-        if kind == "forget" and m.has_retain:
-            return
-        model.eval()
-        with torch.no_grad():
-            hit = check(model)
-        model.train()
-        if hit:
-            state["reached"] = True
-            raise _Reached
-
-    try:
-        unlearn(
-            model, m, forget, retain, config=replace(config, log_every=1), callback=callback, **kw
-        )
-    except _Reached:
-        pass
-    model.eval()
-    return state
-
-
-def gap_to_reference(scores: dict, ref_scores: dict, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Average absolute gap to the reference over the forget and retain probes (8 columns,
-    :func:`~mmunlearn.eval.unlearning.avg_gap`) with a percentile bootstrap interval
-    (:func:`~mmunlearn.eval.unlearning.bootstrap_ci`): items are resampled jointly over the
-    columns, each keeping its pairing with the reference's answer to the same question."""
-    cols = [(s, k) for s in lp.SPLITS for k in lp.KINDS]
-    keys = [f"{s}/{k}" for s, k in cols]
-    a = {f"{s}/{k}": float(np.mean(scores[s][k])) for s, k in cols}
-    r = {f"{s}/{k}": float(np.mean(ref_scores[s][k])) for s, k in cols}
-    diff = np.concatenate(
-        [np.subtract(scores[s][k], ref_scores[s][k], dtype=float) for s, k in cols]
-    )
-    col = np.concatenate([np.full(len(scores[s][k]), i) for i, (s, k) in enumerate(cols)])
-
-    def stat(idx):
-        idx = idx.astype(int)
-        d, c = diff[idx], col[idx]
-        return float(np.mean([abs(d[c == i].mean()) for i in range(len(cols)) if (c == i).any()]))
-
-    ci = bootstrap_ci(np.arange(len(diff), dtype=float), stat, n_boot=n_boot, seed=seed)
-    return {"avg_gap": avg_gap(a, r, keys)["avg_gap"], "lo": ci.lo, "hi": ci.hi, "n": len(diff)}
-
-
-def train_linked(world, cfg: DemoConfig, dev, progress: bool = False):
-    """The vanilla and reference models of a linked world (one tokenizer, one init; the shared
-    text stage trained once): ``(vanilla, reference, tokenizer, adapter)``, in eval mode."""
-    tok = build_tokenizer(world.vocabulary_text(), vocab_size=4096)
-    model, ref = tiny_model(tok, cfg, dev), tiny_model(tok, cfg, dev)
-    adapter = adapter_for(model, tok)
-    stages = (world.stages(), world.stages(without_forget_pictures=True))
-    args = (cfg.stage_steps, cfg.vanilla_lr, cfg.batch_size, cfg.seed, dev, progress)
-    finetune_twins(model, ref, adapter, *stages, *args, decay=True)  # lr → 0 in each stage
-    return model, ref, tok, adapter
-
-
-def run_linked_demo(out: str = "runs/demo", cfg: DemoConfig | None = None) -> dict:
-    """The linked world's comparison (module docstring) in one process; writes
-    ``results.json``, ``report.md``, ``tradeoff.png`` and the mask under ``out``. Returns the
-    results; ``results["testable"]`` is False (and nothing is unlearned) when the vanilla
-    model fails the gates and ``cfg.enforce_gates``. Threads pinned as :func:`run_demo`."""
-    if world_size() > 1:
-        raise ValueError("the linked demo runs in one process (the basic demo runs sharded)")
-    return _pinned(_run_linked, out, cfg or DemoConfig())
-
-
-def _run_linked(out: str, cfg: DemoConfig) -> dict:
-    t0 = time.time()
-    dev = torch.device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    world = make_linked_world(n_people=cfg.n_people, forget_ratio=cfg.forget_ratio, seed=cfg.seed)
-    vanilla, ref, tok, adapter = train_linked(world, cfg, dev, cfg.progress)
-
-    def score(m, **kw):
-        return lp.score(m, adapter.collate, tok, world, **kw)
-
-    results = {"world": "linked", "config": asdict(cfg), "environment": environment(dev, 1)}
-    results.update(methods={}, matched={}, gap={}, intervals={})
-    van_scores = score(vanilla)
-    results["gates"] = gates = lp.gates(van_scores)
-    results["testable"] = gates["passed"] or not cfg.enforce_gates
-    ref_scores = score(ref)
-    ref_acc = lp.accuracies(ref_scores)["forget"]
-    all_scores, models = {"vanilla": van_scores}, {"vanilla": vanilla}
-    if results["testable"]:
-        rng = random.Random(cfg.seed)
-        bs, n = cfg.batch_size, cfg.max_unlearn_steps
-        data = world.unlearning_sets()
-        forget = make_batches(adapter, data.forget, bs, rng, n)
-        retain = make_batches(adapter, data.retain, bs, rng, n)
-        masks = build_masks(
-            vanilla,
-            make_batches(adapter, data.forget, bs, rng),
-            make_batches(adapter, data.vision_preserve, bs, rng),
-            make_batches(adapter, data.language_preserve, bs, rng),
-            gamma=cfg.gamma,
-            fraction=cfg.fraction,
-            progress=False,
-        )
-        results["mask_coverage"] = {k: m.coverage()["total"]["fraction"] for k, m in masks.items()}
-        if cfg.save_models:
-            os.makedirs(out, exist_ok=True)
-            masks["both"].save(os.path.join(out, "mask_both.safetensors"))
-        ucfg = UnlearnConfig(
-            lr=cfg.unlearn_lr, forget_freq=1, lr_schedule="constant", seed=cfg.seed, progress=False
-        )
-
-        def check(m):
-            acc = lp.accuracies(score(m, splits=("forget",), kinds=lp.MATCH_KINDS))["forget"]
-            return lp.forgetting_matched(acc, ref_acc)["reached"]
-
-        for name in cfg.methods:
-            m = copy.deepcopy(vanilla)
-            kw = {"masks": masks["both"].for_model(m)} if name == "mmunlearner" else {}
-            run = unlearn_to_match(m, name, forget, retain, check, ucfg, **kw)
-            all_scores[name] = score(m)
-            acc = lp.accuracies(all_scores[name])["forget"]
-            results["matched"][name] = {**lp.forgetting_matched(acc, ref_acc), **run}
-            models[name] = m
-    else:
-        print("not testable: the vanilla model fails the gates; nothing was unlearned")
-    all_scores["reference"] = ref_scores
-    for name, sc in all_scores.items():
-        results["methods"][name] = lp.accuracies(sc, retain_mean=True)
-        results["gap"][name] = gap_to_reference(sc, ref_scores, seed=cfg.seed)
-        ci = {
-            s: {k: bootstrap_ci(np.array(v, float), seed=cfg.seed) for k, v in d.items()}
-            for s, d in sc.items()
-        }
-        results["intervals"][name] = {
-            s: {k: c._asdict() for k, c in d.items()} for s, d in ci.items()
-        }
-    for name, m in {**models, "reference": ref}.items() if cfg.save_models else ():
-        save_model(m, tok, os.path.join(out, name))
-    results["seconds"] = round(time.time() - t0, 1)
-    write_linked_report(results, out)
-    if cfg.progress:
-        print(lp.report(results))
-    return results
-
-
-def write_linked_report(results: dict, out: str) -> None:
-    """``results.json``, ``report.md`` (:func:`~mmunlearn.data.linked_probes.report`) and
-    ``tradeoff.png`` of a linked run."""
-    os.makedirs(out, exist_ok=True)
-    atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=str))
-    atomic_write_text(os.path.join(out, "report.md"), lp.report(results))
-    tradeoff_plot(results, os.path.join(out, "tradeoff.png"), LINKED_AXES)

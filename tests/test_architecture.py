@@ -53,7 +53,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("checkpoint", ["mmunlearn.checkpoint"]),
     ("loop", ["mmunlearn.loop", "mmunlearn.train", "mmunlearn.presets", "mmunlearn.runlog"]),
     ("eval", ["mmunlearn.eval", "mmunlearn.eval.*"]),
-    ("applications", ["mmunlearn.demo", "mmunlearn.estimate"]),
+    ("applications", ["mmunlearn.demo", "mmunlearn.demo_linked", "mmunlearn.estimate"]),
     ("cli", ["mmunlearn.cli", "mmunlearn.cli.*"]),
     ("api", ["mmunlearn"]),
 ]

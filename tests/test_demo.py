@@ -77,7 +77,7 @@ def test_fast_linked_demo(tmp_path, monkeypatch):
     the gates enforced a failing vanilla model stops the run as "not testable"."""
     import mmunlearn.train as train_mod
     from mmunlearn.cli.demo import FAST
-    from mmunlearn.demo import run_linked_demo
+    from mmunlearn.demo_linked import run_linked_demo
 
     seen = []  # (stage, pools) of every stage trained
     real = train_mod.finetune_stages

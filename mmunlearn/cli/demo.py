@@ -89,7 +89,8 @@ def register(sub):
 
 
 def run(args) -> int:
-    from mmunlearn.demo import DemoConfig, run_demo, run_linked_demo
+    from mmunlearn.demo import DemoConfig, run_demo
+    from mmunlearn.demo_linked import run_linked_demo
 
     if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
         raise UsageError(f"--fraction {args.fraction}: must be in (0, 1]")

@@ -294,6 +294,16 @@ def report(results: dict) -> str:
         "",
         table(results),
         "",
+        *(
+            [
+                f"Closest to the reference: {results['closest']} (closest in "
+                f"{100 * results['closest_share'].get(results['closest'], 0):.0f} % of the "
+                "bootstrap draws).",
+                "",
+            ]
+            if results.get("closest")
+            else []
+        ),
         "Matched forgetting: the forget people's name and facts from held-out pictures at most "
         f"{TOLERANCE} above the reference's; forget steps until then ((cap): never reached). "
         "Gap: mean |model − reference| over the eight probe columns, [95 % bootstrap interval "

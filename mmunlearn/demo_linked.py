@@ -1,0 +1,204 @@
+"""The linked world's demo (the default of ``mmunlearn demo``): staged training of the vanilla
+model and the reference, the gates, the masks, every method run to *matched forgetting*
+(:func:`unlearn_to_match`), the gap to the reference with a bootstrap interval (:func:`gaps`),
+and the report. One process; :mod:`mmunlearn.demo` holds the shared configuration and the
+basic world's demo."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import time
+from dataclasses import asdict, replace
+
+import numpy as np
+import torch
+
+from mmunlearn.data import linked_probes as lp
+from mmunlearn.data.batching import make_batches
+from mmunlearn.data.linked import make_linked_world
+from mmunlearn.demo import DemoConfig, _pinned, environment, tiny_model
+from mmunlearn.distributed import world_size
+from mmunlearn.eval.compare import gap_to_reference
+from mmunlearn.eval.report import tradeoff_plot
+from mmunlearn.eval.unlearning import bootstrap_ci
+from mmunlearn.io import atomic_write_text
+from mmunlearn.loop import UnlearnConfig, unlearn
+from mmunlearn.masks import build_masks
+from mmunlearn.methods import Method
+from mmunlearn.models import adapter_for, build_tokenizer, save_model
+from mmunlearn.train import finetune_twins
+
+LINKED_AXES = {
+    "x": ("forget", "facts_pic", "forget facts from held-out pictures ↓ (matched: near ---)"),
+    "panels": [
+        ("forget", "facts_name", "forget people's facts by name ↑"),
+        ("retain", "mean", "retain people, mean of the four probes ↑"),
+    ],
+}
+
+
+class _Reached(Exception):
+    """Raised by the matched-forgetting check to end an unlearning run."""
+
+
+def unlearn_to_match(model, method, forget, retain, check, config: UnlearnConfig, **kw) -> dict:
+    """Run :func:`mmunlearn.loop.unlearn` until ``check(model)`` (called, in eval mode and
+    without gradients, after every forget step of a method without retain steps and after
+    every retain step of the others) returns True, or the batches run out. ``kw``: ``masks``,
+    ``ref_model``. Returns ``{"reached": bool, "forget_steps": n}``; the model is left in
+    eval mode where it stopped."""
+    m = Method(method) if isinstance(method, str) else method
+    state = {"reached": False, "forget_steps": 0}
+
+    def callback(step, kind, loss):
+        state["forget_steps"] += kind == "forget"
+        if kind == "forget" and m.has_retain:
+            return
+        model.eval()
+        with torch.no_grad():
+            hit = check(model)
+        model.train()
+        if hit:
+            state["reached"] = True
+            raise _Reached
+
+    try:
+        unlearn(
+            model, m, forget, retain, config=replace(config, log_every=1), callback=callback, **kw
+        )
+    except _Reached:
+        pass
+    model.eval()
+    return state
+
+
+def gaps(all_scores: dict, seed: int = 0, n_boot: int = 1000) -> dict:
+    """Average absolute gap of every model to ``all_scores["reference"]`` over the forget and
+    retain probes (8 columns): :func:`mmunlearn.eval.gap_to_reference` (paired bootstrap over
+    each column's items). Returns ``{name: {"avg_gap", "lo", "hi", "n"}}`` (the reference: 0)
+    plus ``"closest"`` / ``"closest_share"``."""
+    keys = [f"{s}/{k}" for s in lp.SPLITS for k in lp.KINDS]
+    items = {
+        name: {s: {"_items": {k: list(map(float, v)) for k, v in d.items()}} for s, d in sc.items()}
+        for name, sc in all_scores.items()
+    }
+    g = gap_to_reference(items, "reference", keys, n_boot=n_boot, seed=seed)
+    out = {}
+    for name, r in g["methods"].items():
+        a = r["avg_gap"]
+        out[name] = {"avg_gap": a["estimate"], "lo": a["lo"], "hi": a["hi"], "n": a["n"]}
+    n = sum(g["n"].values())
+    out["reference"] = {"avg_gap": 0.0, "lo": 0.0, "hi": 0.0, "n": n}
+    return {"gap": out, "closest": g["closest"], "closest_share": g["closest_share"]}
+
+
+def train_linked(world, cfg: DemoConfig, dev, progress: bool = False):
+    """The vanilla and reference models of a linked world (one tokenizer, one init; the shared
+    text stage trained once): ``(vanilla, reference, tokenizer, adapter)``, in eval mode."""
+    tok = build_tokenizer(world.vocabulary_text(), vocab_size=4096)
+    model, ref = tiny_model(tok, cfg, dev), tiny_model(tok, cfg, dev)
+    adapter = adapter_for(model, tok)
+    stages = (world.stages(), world.stages(without_forget_pictures=True))
+    args = (cfg.stage_steps, cfg.vanilla_lr, cfg.batch_size, cfg.seed, dev, progress)
+    finetune_twins(model, ref, adapter, *stages, *args, decay=True)  # lr → 0 in each stage
+    return model, ref, tok, adapter
+
+
+def run_linked_demo(out: str = "runs/demo", cfg: DemoConfig | None = None) -> dict:
+    """The linked world's comparison (module docstring) in one process; writes
+    ``results.json``, ``report.md``, ``tradeoff.png`` and the mask under ``out``. Returns the
+    results; ``results["testable"]`` is False (and nothing is unlearned) when the vanilla
+    model fails the gates and ``cfg.enforce_gates``. Threads pinned as :func:`run_demo`."""
+    if world_size() > 1:
+        raise ValueError("the linked demo runs in one process (the basic demo runs sharded)")
+    return _pinned(_run_linked, out, cfg or DemoConfig())
+
+
+def _run_linked(out: str, cfg: DemoConfig) -> dict:
+    t0 = time.time()
+    dev = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    world = make_linked_world(n_people=cfg.n_people, forget_ratio=cfg.forget_ratio, seed=cfg.seed)
+    vanilla, ref, tok, adapter = train_linked(world, cfg, dev, cfg.progress)
+
+    def score(m, **kw):
+        return lp.score(m, adapter.collate, tok, world, **kw)
+
+    results = {"world": "linked", "config": asdict(cfg), "environment": environment(dev, 1)}
+    results.update(methods={}, matched={}, gap={}, intervals={})
+    van_scores = score(vanilla)
+    results["gates"] = gates = lp.gates(van_scores)
+    results["testable"] = gates["passed"] or not cfg.enforce_gates
+    ref_scores = score(ref)
+    ref_acc = lp.accuracies(ref_scores)["forget"]
+    all_scores, models = {"vanilla": van_scores}, {"vanilla": vanilla}
+    if results["testable"]:
+        rng = random.Random(cfg.seed)
+        bs, n = cfg.batch_size, cfg.max_unlearn_steps
+        data = world.unlearning_sets()
+        forget = make_batches(adapter, data.forget, bs, rng, n)
+        retain = make_batches(adapter, data.retain, bs, rng, n)
+        masks = build_masks(
+            vanilla,
+            make_batches(adapter, data.forget, bs, rng),
+            make_batches(adapter, data.vision_preserve, bs, rng),
+            make_batches(adapter, data.language_preserve, bs, rng),
+            gamma=cfg.gamma,
+            fraction=cfg.fraction,
+            progress=False,
+        )
+        results["mask_coverage"] = {k: m.coverage()["total"]["fraction"] for k, m in masks.items()}
+        if cfg.save_models:
+            os.makedirs(out, exist_ok=True)
+            masks["both"].save(os.path.join(out, "mask_both.safetensors"))
+        ucfg = UnlearnConfig(
+            lr=cfg.unlearn_lr, forget_freq=1, lr_schedule="constant", seed=cfg.seed, progress=False
+        )
+
+        def check(m):
+            acc = lp.accuracies(score(m, splits=("forget",), kinds=lp.MATCH_KINDS))["forget"]
+            return lp.forgetting_matched(acc, ref_acc)["reached"]
+
+        for name in cfg.methods:
+            m = copy.deepcopy(vanilla)
+            kw = {"masks": masks["both"].for_model(m)} if name == "mmunlearner" else {}
+            run = unlearn_to_match(m, name, forget, retain, check, ucfg, **kw)
+            all_scores[name] = score(m)
+            acc = lp.accuracies(all_scores[name])["forget"]
+            results["matched"][name] = {**lp.forgetting_matched(acc, ref_acc), **run}
+            models[name] = m
+    else:
+        print("not testable: the vanilla model fails the gates; nothing was unlearned")
+    all_scores["reference"] = ref_scores
+    if len(all_scores) > 1:
+        g = gaps(all_scores, seed=cfg.seed)
+        results["gap"] = g["gap"]
+        results["closest"], results["closest_share"] = g["closest"], g["closest_share"]
+    for name, sc in all_scores.items():
+        results["methods"][name] = lp.accuracies(sc, retain_mean=True)
+        ci = {
+            s: {k: bootstrap_ci(np.array(v, float), seed=cfg.seed) for k, v in d.items()}
+            for s, d in sc.items()
+        }
+        results["intervals"][name] = {
+            s: {k: c._asdict() for k, c in d.items()} for s, d in ci.items()
+        }
+    for name, m in {**models, "reference": ref}.items() if cfg.save_models else ():
+        save_model(m, tok, os.path.join(out, name))
+    results["seconds"] = round(time.time() - t0, 1)
+    write_linked_report(results, out)
+    if cfg.progress:
+        print(lp.report(results))
+    return results
+
+
+def write_linked_report(results: dict, out: str) -> None:
+    """``results.json``, ``report.md`` (:func:`~mmunlearn.data.linked_probes.report`) and
+    ``tradeoff.png`` of a linked run."""
+    os.makedirs(out, exist_ok=True)
+    atomic_write_text(os.path.join(out, "results.json"), json.dumps(results, indent=1, default=str))
+    atomic_write_text(os.path.join(out, "report.md"), lp.report(results))
+    tradeoff_plot(results, os.path.join(out, "tradeoff.png"), LINKED_AXES)
