@@ -306,8 +306,9 @@ def report(results: dict) -> str:
         ),
         "Matched forgetting: the forget people's name and facts from held-out pictures at most "
         f"{TOLERANCE} above the reference's; forget steps until then ((cap): never reached). "
-        "Gap: mean |model − reference| over the eight probe columns, [95 % bootstrap interval "
-        "over items]. The reference is the same recipe trained without the forget pictures.",
+        "Gap: mean |model − reference| over the eight probe columns, [95 % bootstrap interval: "
+        "each column's items resampled, the same draws for the model and the reference]. The "
+        "reference is the same recipe trained without the forget pictures.",
     ]
     if "mask_coverage" in results:
         cov = ", ".join(f"{k} {100 * v:.1f} %" for k, v in results["mask_coverage"].items())
