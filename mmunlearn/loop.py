@@ -184,16 +184,20 @@ def _stream(source, indices: list[int], workers: int, pin: bool):
     return iter(loader)
 
 
-def _zero_grad_mask_step(opt, params, max_grad_norm) -> None:
+def _zero_grad_mask_step(opt, params, max_grad_norm, found_inf=None) -> None:
     """The official forget step: clip the unmasked gradient, multiply by the masks (parameters
-    without a mask keep their whole gradient), then a plain AdamW step over everything."""
+    without a mask keep their whole gradient), then a plain AdamW step over everything
+    (skipped on the device where ``found_inf`` is set)."""
     if max_grad_norm is not None:
         grads = [p for p in params if p.grad is not None]
         torch.nn.utils.clip_grad_norm_(grads, max_grad_norm)
     for p in params:
         if p.grad is not None and opt.get_mask(p) is not None:
             local(p.grad).mul_(opt.get_mask(p, dense=True).to(local(p.grad).dtype))
-    opt.step(masked=False, max_grad_norm=None)
+    if found_inf is None:
+        opt.step(masked=False, max_grad_norm=None)
+    else:
+        opt.step(masked=False, max_grad_norm=None, found_inf=found_inf)
 
 
 def unlearn(
@@ -318,6 +322,7 @@ def unlearn(
     fraction = mask_fraction(opt) if method.uses_mask else None
     evals: list[dict] = []
     best: dict | None = None
+    pending: list = []  # (step, kind, batch, device flag) of steps whose loss is not read yet
 
     def run_monitor(step: int) -> None:
         nonlocal best
@@ -357,6 +362,24 @@ def unlearn(
                 loss_sum = d if loss_sum is None else loss_sum + d
             logged = (step + 1) % cfg.log_every == 0 or step + 1 == total
             value = None
+            flag = None
+            if takes_flag:  # this step's non-finite flag, on the device (every rank agrees)
+                flag = ~torch.isfinite(loss_sum.reshape(1))
+                if world_size() > 1:
+                    flag = all_reduce_sum_(flag.float()) > 0
+                pending.append((step, kind, idx, flag))
+            if logged and pending:  # one read for every flag since the last log
+                bad = torch.cat([f.reshape(1) for *_, f in pending]).cpu()
+                if bool(bad.any()):
+                    s0, k0, i0, _ = pending[int(bad.nonzero()[0])]
+                    opt.zero_grad(set_to_none=True)
+                    raise NonFiniteLossError(
+                        f"non-finite {k0} loss at step {s0} of {total} (method {method.name}, "
+                        f"{k0} batch {i0}); that step and every non-finite one up to step "
+                        f"{step} were not applied; last good checkpoint: "
+                        f"{ckpt if ckpt and os.path.isdir(ckpt) else 'none'}"
+                    )
+                pending.clear()
             if logged or not takes_flag:
                 # the global loss (all ranks agree, so a NaN stops every rank at the same step)
                 value = _global_value(loss_sum)
@@ -372,9 +395,8 @@ def unlearn(
             clip = cfg.max_grad_norm if kind == "forget" else cfg.retain_clip
             masked = kind == "forget" and method.uses_mask
             if masked and cfg.mask_mode == "zero_grad":
-                _zero_grad_mask_step(opt, params, clip)
+                _zero_grad_mask_step(opt, params, clip, flag)
             elif takes_flag:
-                flag = ~torch.isfinite(loss_sum.reshape(1))
                 opt.step(masked=masked, max_grad_norm=clip, found_inf=flag)
             else:
                 opt.step(masked=masked, max_grad_norm=clip)

@@ -206,3 +206,44 @@ def test_unsharded_model_under_torchrun_is_refused(monkeypatch):
         unlearn(model, "ga", [{"x": torch.zeros(1, 3)}], [], config=UnlearnConfig(progress=False))
     with pytest.raises(ValueError, match="reduced across ranks"):
         collect_fisher(model, [{"input_ids": torch.zeros(1, 3, dtype=torch.long)}], progress=False)
+
+
+def test_no_host_sync_between_logs_skips_a_nan_step_and_reports_it(monkeypatch):
+    """log_every > 1: the loss stays on the device; a non-finite step is skipped there
+    (found_inf) and reported at the next log point, naming its step; the steps before it
+    match a run that stops there, the skipped step changed nothing."""
+    real = Method.retain_loss
+
+    def poisoned(self, model, batch, ref=None):
+        loss = real(self, model, batch, ref)
+        return loss * float("nan") if poisoned.calls == 4 else loss  # step 5
+
+    poisoned.calls = 0
+
+    def counting(self, model, batch, ref=None):
+        poisoned.calls += 1
+        return poisoned(self, model, batch, ref)
+
+    cfg = UnlearnConfig(**CFG, log_every=4)
+    monkeypatch.setattr(Method, "retain_loss", counting)
+    model = _model()
+    with pytest.raises(
+        NonFiniteLossError, match=r"non-finite retain loss at step 5 .* up to step 7"
+    ):
+        unlearn(model, "ga_diff", FORGET, RETAIN, config=cfg)
+    # the oracle: the same run without the poisoned step applied
+    monkeypatch.setattr(Method, "retain_loss", real)
+    ref = _model()
+    plan = build_schedule(Method("ga_diff"), len(FORGET), len(RETAIN), forget_freq=None, seed=0)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, eps=1e-8, weight_decay=0.0)
+    m = Method("ga_diff")
+    for step, (kind, i) in enumerate(plan[:7]):  # the error stops the run before step 7
+        batch = (FORGET if kind == "forget" else RETAIN)[i]
+        loss = m.forget_loss(ref, batch) if kind == "forget" else m.retain_loss(ref, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1.0)
+        if step != 5:  # the skipped step
+            opt.step()
+        opt.zero_grad()
+    for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=n)
