@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from mmunlearn.distributed import local as local_shard
 from mmunlearn.kernels import (
     grad_sq_norm,
     masked_adamw_,
@@ -44,18 +45,13 @@ _UNMASKED = ("freeze", "update")
 _CLIP_ORDERS = ("clip_then_mask", "mask_then_clip")
 
 
-def _local(t):
-    """The local shard of a DTensor (FSDP2), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _shard_like(mask: torch.Tensor, p) -> torch.Tensor:
     """A full-shape mask → the local shard matching DTensor parameter ``p`` (FSDP2 layout)."""
     try:
         from torch.distributed.tensor import distribute_tensor
     except ImportError:  # torch < 2.5
         from torch.distributed._tensor import distribute_tensor
-    dev = _local(p).device
+    dev = local_shard(p).device
     return distribute_tensor(mask.to(dev), p.device_mesh, p.placements).to_local()
 
 
@@ -95,10 +91,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         for p, m in masks.items():
             if p not in names:
                 raise ValueError("set_masks: a tensor that is not a parameter of this optimizer")
-            local = _local(p)
+            local = local_shard(p)
             if hasattr(p, "to_local") and m.dtype == torch.bool and m.shape == p.shape:
                 m = _shard_like(m, p)  # a full-shape mask for a sharded parameter
-            m = _local(m).to(local.device)
+            m = local_shard(m).to(local.device)
             if m.dtype == torch.bool:
                 if m.shape != local.shape:
                     raise ValueError(
@@ -130,7 +126,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         m = self.state.get(p, {}).get("mask")
         if m is None or not dense:
             return m
-        return unpack_bits(m, _local(p).shape, backend=self.backend)
+        return unpack_bits(m, local_shard(p).shape, backend=self.backend)
 
     @property
     def has_masks(self) -> bool:
@@ -148,7 +144,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         id_map = dict(zip(saved_ids, current))
         for pid, st in saved.items():
             p = id_map[pid]
-            dev = _local(p).device
+            dev = local_shard(p).device
             for k, v in st.items():
                 if isinstance(v, torch.Tensor) and k != "step":
                     self.state[p][k] = v.to(device=dev)
@@ -166,7 +162,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                grad = _local(p.grad)
+                grad = local_shard(p.grad)
                 m = self.state.get(p, {}).get("mask") if masked else None
                 if masked and self.clip_order == "mask_then_clip":
                     if m is not None:
@@ -270,7 +266,7 @@ class MaskedAdamW(_MaskedOptimizer):
     def _init_state(self, p):
         st = self.state[p]
         if "exp_avg" not in st:
-            local = _local(p)
+            local = local_shard(p)
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
             st["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
             st["exp_avg_sq"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
@@ -333,7 +329,7 @@ class MaskedAdamW(_MaskedOptimizer):
                     continue
                 if flag is not None:  # device step counts, one launch per dtype pair
                     sts = [self._init_state(p) for p in plist]
-                    locs = [_local(p) for p in plist]
+                    locs = [local_shard(p) for p in plist]
                     steps = [self._device_step(st, x) for st, x in zip(sts, locs)]
                     dev = locs[0].device
                     if dev not in keep:
@@ -341,7 +337,7 @@ class MaskedAdamW(_MaskedOptimizer):
                     torch._foreach_add_(steps, [keep[dev]] * len(steps))
                     masked_adamw_(
                         locs,
-                        [_local(p.grad) for p in plist],
+                        [local_shard(p.grad) for p in plist],
                         [s["exp_avg"] for s in sts],
                         [s["exp_avg_sq"] for s in sts],
                         [s["mask"] for s in sts] if use_mask else None,
@@ -359,8 +355,8 @@ class MaskedAdamW(_MaskedOptimizer):
                 for step, ps in by_step.items():
                     sts = [self.state[p] for p in ps]
                     masked_adamw_(
-                        [_local(p) for p in ps],
-                        [_local(p.grad) for p in ps],
+                        [local_shard(p) for p in ps],
+                        [local_shard(p.grad) for p in ps],
                         [s["exp_avg"] for s in sts],
                         [s["exp_avg_sq"] for s in sts],
                         [s["mask"] for s in sts] if use_mask else None,
@@ -418,10 +414,10 @@ class MaskedSGD(_MaskedOptimizer):
             for plist, use_mask in ((with_mask, True), (without, False)):
                 if not plist:
                     continue
-                locs = [_local(p) for p in plist]
+                locs = [local_shard(p) for p in plist]
                 masked_sgd_(
                     locs,
-                    [_local(p.grad) for p in plist],
+                    [local_shard(p.grad) for p in plist],
                     [self.state[p]["mask"] for p in plist] if use_mask else None,
                     lr=float(group["lr"]),
                     weight_decay=group["weight_decay"],

@@ -21,15 +21,7 @@ import torch
 from mmunlearn.distributed import all_reduce_sum_, is_dtensor, local
 from mmunlearn.io import read_safetensors, save_safetensors
 from mmunlearn.kernels import pack_bits, saliency_mask, saliency_threshold_topk, unpack_bits
-
-try:
-    from mmunlearn.kernels.bits import packed_size
-except ImportError:  # pragma: no cover - TODO(lead): drop once kernels.bits has it
-
-    def packed_size(numel: int) -> int:
-        return (numel + 7) // 8
-
-
+from mmunlearn.kernels.bits import packed_size
 from mmunlearn.params import canonical_name, canonical_parameters, unwrap
 
 MASK_FORMAT = "mmunlearn.saliency_mask"
