@@ -115,18 +115,30 @@ def test_bad_option(F, capsys, name, extra, names):
 
 
 def test_tiny_needs_synthetic_and_people(F, capsys, tmp_path):
-    fails(["unlearn", "--tiny", "--mllmu", F["mllmu"]], 2, ["--tiny", "--synthetic"], capsys)
-    fails(["saliency", "--tiny", "--synthetic", "--people", "1"], 2, ["--people 1"], capsys)
+    fails(
+        ["unlearn", "--tiny", "--mllmu", F["mllmu"]],
+        2,
+        ["--tiny", "--synthetic"],
+        capsys,
+        out=F["run"],
+    )
+    fails(
+        ["saliency", "--tiny", "--synthetic", "--people", "1"],
+        2,
+        ["--people 1"],
+        capsys,
+        out=F["run"],
+    )
 
 
 def test_out_is_an_existing_file_or_unwritable(F, capsys, tmp_path):
     f = tmp_path / "taken"
     f.write_text("keep me")
     argv = ["saliency", "--model", F["llava"], "--mllmu", F["mllmu"], "--out", f]
-    fails(argv, 2, [str(f), "existing file"], capsys)
+    fails(argv, 2, [str(f), "existing file"], capsys, out=F["run"])
     assert f.read_text() == "keep me"
     argv[-1] = f / "sub"
-    fails(argv, 2, [str(f), "is a file"], capsys)
+    fails(argv, 2, [str(f), "is a file"], capsys, out=F["run"])
 
 
 CONFIG_CASES = [
@@ -151,7 +163,7 @@ def test_bad_config_file(F, capsys, tmp_path, name, text, names):
 
 def test_missing_config_file(F, capsys, tmp_path):
     argv = ["unlearn", "--tiny", "--synthetic", "--config", tmp_path / "nope.yaml"]
-    fails(argv, 2, ["nope.yaml", "cannot read it"], capsys)
+    fails(argv, 2, ["nope.yaml", "cannot read it"], capsys, out=F["run"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,14 +172,16 @@ def test_missing_config_file(F, capsys, tmp_path):
 
 
 def test_missing_benchmark_folders(F, capsys, tmp_path):
-    base = ["saliency", "--model", F["llava"], "--out", tmp_path / "o"]
-    fails([*base, "--mllmu", tmp_path / "none"], 2, ["none", "no such folder"], capsys)
+    base = ["saliency", "--model", F["llava"], "--out", F["run"]]
+    fails(
+        [*base, "--mllmu", tmp_path / "none"], 2, ["none", "no such folder"], capsys, out=F["run"]
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
-    fails([*base, "--mllmu", empty], 2, ["forget_5"], capsys)
+    fails([*base, "--mllmu", empty], 2, ["forget_5"], capsys, out=F["run"])
     c = copy_root(F, "clear", tmp_path)
     shutil.rmtree(c / "full+tofu")
-    fails([*base, "--clear", c], 2, ["full+tofu"], capsys)
+    fails([*base, "--clear", c], 2, ["full+tofu"], capsys, out=F["run"])
 
 
 def test_truncated_parquet(F, capsys, tmp_path):
@@ -184,8 +198,8 @@ def test_undecodable_image_names_row_and_column(F, capsys, tmp_path):
     rows = pq.read_table(shard).to_pylist()
     rows[2]["image"] = {"bytes": b"not an image", "path": None}
     write_rows(shard, rows)
-    argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", tmp_path / "o"]
-    fails(argv, 1, [str(shard), "row 2", "'image'", "cannot decode"], capsys)
+    argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", F["run"]]
+    fails(argv, 1, [str(shard), "row 2", "'image'", "cannot decode"], capsys, out=F["run"])
 
 
 def test_missing_column_and_bad_json(F, capsys, tmp_path):
@@ -193,11 +207,11 @@ def test_missing_column_and_bad_json(F, capsys, tmp_path):
     shard = root / "forget_5" / SHARD
     rows = pq.read_table(shard).to_pylist()
     write_rows(shard, [{k: v for k, v in r.items() if k != "metadata"} for r in rows])
-    argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", tmp_path / "o"]
-    fails(argv, 1, [str(shard), "'metadata'"], capsys)
+    argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", F["run"]]
+    fails(argv, 1, [str(shard), "'metadata'"], capsys, out=F["run"])
     rows[1]["metadata"] = "[{not json"
     write_rows(shard, rows)
-    fails(argv, 1, [str(shard), "row 1", "bad JSON"], capsys)
+    fails(argv, 1, [str(shard), "row 1", "bad JSON"], capsys, out=F["run"])
 
 
 def test_empty_forget_split(F, capsys, tmp_path):
@@ -205,8 +219,8 @@ def test_empty_forget_split(F, capsys, tmp_path):
     shard = root / "forget_5" / SHARD
     schema = pq.read_table(shard).schema
     pq.write_table(pa.Table.from_pylist([], schema=schema), shard)
-    argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", tmp_path / "o"]
-    fails(argv, 1, ["forget_5", "no training QA pairs"], capsys)
+    argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", F["run"]]
+    fails(argv, 1, ["forget_5", "no training QA pairs"], capsys, out=F["run"])
 
 
 def test_clear_null_caption(F, capsys, tmp_path):
@@ -215,8 +229,8 @@ def test_clear_null_caption(F, capsys, tmp_path):
     rows = pq.read_table(shard).to_pylist()
     rows[1]["caption"] = None
     write_rows(shard, rows)
-    argv = ["saliency", "--model", F["llava"], "--clear", root, "--out", tmp_path / "o"]
-    fails(argv, 1, [str(shard), "row 1", "'caption'"], capsys)
+    argv = ["saliency", "--model", F["llava"], "--clear", root, "--out", F["run"]]
+    fails(argv, 1, [str(shard), "row 1", "'caption'"], capsys, out=F["run"])
 
 
 def test_image_path_cell_that_does_not_exist(F, capsys, tmp_path):
@@ -225,8 +239,8 @@ def test_image_path_cell_that_does_not_exist(F, capsys, tmp_path):
     rows = pq.read_table(shard).to_pylist()
     rows[0]["image"] = {"bytes": None, "path": "pictures/missing.png"}
     write_rows(shard, rows)
-    argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", tmp_path / "o"]
-    fails(argv, 1, [str(shard), "row 0", "cannot read image path"], capsys)
+    argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", F["run"]]
+    fails(argv, 1, [str(shard), "row 0", "cannot read image path"], capsys, out=F["run"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -235,13 +249,13 @@ def test_image_path_cell_that_does_not_exist(F, capsys, tmp_path):
 
 
 def test_model_folder_problems(F, capsys, tmp_path):
-    base = ["saliency", "--mllmu", F["mllmu"], "--out", tmp_path / "o", "--model"]
-    fails([*base, tmp_path / "nope"], 2, ["nope", "no such folder"], capsys)
+    base = ["saliency", "--mllmu", F["mllmu"], "--out", F["run"], "--model"]
+    fails([*base, tmp_path / "nope"], 2, ["nope", "no such folder"], capsys, out=F["run"])
     (tmp_path / "noconfig").mkdir()
-    fails([*base, tmp_path / "noconfig"], 1, ["noconfig", "config.json"], capsys)
+    fails([*base, tmp_path / "noconfig"], 1, ["noconfig", "config.json"], capsys, out=F["run"])
     cfg = tmp_path / "cfg.json"
     cfg.write_text("{}")
-    fails([*base, cfg], 2, ["cfg.json", "a file, not a checkpoint folder"], capsys)
+    fails([*base, cfg], 2, ["cfg.json", "a file, not a checkpoint folder"], capsys, out=F["run"])
 
 
 def test_truncated_weights(F, capsys, tmp_path):
@@ -254,24 +268,26 @@ def test_truncated_weights(F, capsys, tmp_path):
 
 def test_processor_problems(F, capsys, tmp_path):
     bare = llava_checkpoint(tmp_path / "bare", with_processor=False)
-    base = ["saliency", "--model", bare, "--mllmu", F["mllmu"], "--out", tmp_path / "o"]
-    fails(base, 1, [str(bare), "no tokenizer", "--processor"], capsys)
-    fails([*base, "--processor", tmp_path / "nope"], 2, ["--processor", "nope"], capsys)
+    base = ["saliency", "--model", bare, "--mllmu", F["mllmu"], "--out", F["run"]]
+    fails(base, 1, [str(bare), "no tokenizer", "--processor"], capsys, out=F["run"])
+    fails(
+        [*base, "--processor", tmp_path / "nope"], 2, ["--processor", "nope"], capsys, out=F["run"]
+    )
     empty = tmp_path / "empty-proc"
     empty.mkdir()
-    fails([*base, "--processor", empty], 1, [str(empty), "no tokenizer"], capsys)
+    fails([*base, "--processor", empty], 1, [str(empty), "no tokenizer"], capsys, out=F["run"])
     broken = copy_root(F, "llava", tmp_path)
     (broken / "tokenizer.json").write_text("{ not json")
-    argv = ["saliency", "--model", broken, "--mllmu", F["mllmu"], "--out", tmp_path / "o"]
-    fails(argv, 1, [str(broken), "cannot load the processor"], capsys)
+    argv = ["saliency", "--model", broken, "--mllmu", F["mllmu"], "--out", F["run"]]
+    fails(argv, 1, [str(broken), "cannot load the processor"], capsys, out=F["run"])
     notemplate = copy_root(F, "llava", tmp_path / "nt")
     (notemplate / "chat_template.jinja").unlink()
     proc_cfg = notemplate / "processor_config.json"
     proc_cfg.write_text(
         json.dumps({k: v for k, v in json.loads(proc_cfg.read_text()).items() if "chat" not in k})
     )
-    argv = ["saliency", "--model", notemplate, "--mllmu", F["mllmu"], "--out", tmp_path / "o"]
-    fails(argv, 1, [str(notemplate), "no chat template"], capsys)
+    argv = ["saliency", "--model", notemplate, "--mllmu", F["mllmu"], "--out", F["run"]]
+    fails(argv, 1, [str(notemplate), "no chat template"], capsys, out=F["run"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -285,8 +301,10 @@ def test_mask_problems(F, capsys, tmp_path):
           capsys, out=F["run"])  # fmt: skip
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
-    fails([*base, "--mask", junk], 2, [str(junk), "not a readable safetensors"], capsys)
-    fails([*base, "--mask", F["fisher"]], 2, ["mmunlearn.fisher", "expected"], capsys)
+    fails(
+        [*base, "--mask", junk], 2, [str(junk), "not a readable safetensors"], capsys, out=F["run"]
+    )
+    fails([*base, "--mask", F["fisher"]], 2, ["mmunlearn.fisher", "expected"], capsys, out=F["run"])
     other = llava_checkpoint(tmp_path / "other")
     cfg = json.loads((other / "config.json").read_text())
     cfg["text_config"]["intermediate_size"] = 96  # same names, other shapes
