@@ -32,7 +32,14 @@ from dataclasses import dataclass, field
 from mmunlearn.data.portraits import appearance, draw_portrait, seeded_rng, variant
 from mmunlearn.data.recipe import UnlearningSets
 from mmunlearn.data.schema import Sample
-from mmunlearn.data.synthetic import ATTRIBUTES, NAME, RECOGNITION_QUESTION, SYLLABLES, Person
+from mmunlearn.data.synthetic import (
+    ATTRIBUTES,
+    NAME,
+    RECOGNITION_QUESTION,
+    SYLLABLES,
+    People,
+    Person,
+)
 
 IMAGE_ATTRIBUTES: tuple[str, ...] = ("birthplace", "occupation")
 LINK_ATTRIBUTES: tuple[str, ...] = ("hobby", "pet")
@@ -107,7 +114,7 @@ def grounded_answer(name: str, attribute: str, value: str) -> str:
 
 
 @dataclass
-class LinkedWorld:
+class LinkedWorld(People):
     """People, the three training pools (every person's items) and what the probes ask.
 
     ``identity`` / ``grounding`` hold the training pictures' items, ``text`` one item per
@@ -124,18 +131,6 @@ class LinkedWorld:
     identity: list[Sample]
     grounding: list[Sample]
     swap_partner: dict = field(repr=False, default_factory=dict)
-
-    @property
-    def names(self) -> list[str]:
-        return [p.name for p in self.people]
-
-    @property
-    def forget_people(self) -> list[str]:
-        return [p.name for p in self.people if p.split == "forget"]
-
-    @property
-    def retain_people(self) -> list[str]:
-        return [p.name for p in self.people if p.split == "retain"]
 
     def group(self, split: str) -> list[Person]:
         """The people of a split ("forget" or "retain"), in person order."""

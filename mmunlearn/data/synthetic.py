@@ -144,8 +144,29 @@ class Person:
     test_images: list = field(repr=False, default_factory=list)
 
 
+class People:
+    """Name lists of a world's people (a dataclass with ``people: list[Person]``)."""
+
+    people: list
+
+    @property
+    def names(self) -> list[str]:
+        """Every person's name, in person order."""
+        return [p.name for p in self.people]
+
+    @property
+    def forget_people(self) -> list[str]:
+        """Names of the forget people."""
+        return [p.name for p in self.people if p.split == "forget"]
+
+    @property
+    def retain_people(self) -> list[str]:
+        """Names of the retain people."""
+        return [p.name for p in self.people if p.split == "retain"]
+
+
 @dataclass
-class SyntheticBenchmark:
+class SyntheticBenchmark(People):
     """The benchmark: people, vocabulary, training lists and evaluation lists of ``Sample``.
 
     See the module docstring for what each list holds. ``config`` holds the arguments of
@@ -180,21 +201,6 @@ class SyntheticBenchmark:
     retain_link_mcq: list[Sample]
     forget_link_cloze: list[Sample]
     retain_link_cloze: list[Sample]
-
-    @property
-    def names(self) -> list[str]:
-        """Every person's name, in person order."""
-        return [p.name for p in self.people]
-
-    @property
-    def forget_people(self) -> list[str]:
-        """Names of the forget people."""
-        return [p.name for p in self.people if p.split == "forget"]
-
-    @property
-    def retain_people(self) -> list[str]:
-        """Names of the retain people."""
-        return [p.name for p in self.people if p.split == "retain"]
 
     def person(self, name: str) -> Person:
         """The :class:`Person` called ``name`` (``KeyError`` if there is none)."""
