@@ -256,7 +256,8 @@ def png_cell(colour, size=(40, 30)) -> dict:
     return {"bytes": buf.getvalue(), "path": None}
 
 
-def _write(path: Path, rows: list[dict]) -> Path:
+def write_parquet(path: Path, rows: list[dict]) -> Path:
+    """One parquet shard of ``rows`` (parents created)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), path)
     return path
@@ -318,16 +319,16 @@ def mllmu_root(root, n_forget: int = 2, n_people: int = 6) -> Path:
     other poses) and ``Retain_Set`` (two "celebrities"), one parquet shard each."""
     root = Path(root)
     people = [_profile(i) for i in range(n_people)]
-    _write(root / "forget_5" / SHARD, people[:n_forget])
-    _write(root / "retain_95" / SHARD, people[n_forget:])
-    _write(root / "Full_Set" / SHARD, people)
+    write_parquet(root / "forget_5" / SHARD, people[:n_forget])
+    write_parquet(root / "retain_95" / SHARD, people[n_forget:])
+    write_parquet(root / "Full_Set" / SHARD, people)
     test = []
     for p in people[:n_forget]:
         row = {k: v for k, v in p.items() if k != "image"}
         row["images"] = [png_cell(tuple(255 - c for c in PALETTE[int(p["ID"][1:])]))]
         test.append(row)
-    _write(root / "Test_Set" / SHARD, test)
-    _write(root / "Retain_Set" / SHARD, [_profile(i) for i in range(n_people - 2, n_people)])
+    write_parquet(root / "Test_Set" / SHARD, test)
+    write_parquet(root / "Retain_Set" / SHARD, [_profile(i) for i in range(n_people - 2, n_people)])
     return root
 
 
@@ -347,8 +348,8 @@ def clear_root(root, n_forget: int = 2, n_people: int = 6) -> Path:
             }
         )
     forget, retain = rows[:n_forget], rows[n_forget:]
-    _write(root / "forget05" / SHARD, forget)
-    _write(root / "retain95" / SHARD, retain)
+    write_parquet(root / "forget05" / SHARD, forget)
+    write_parquet(root / "retain95" / SHARD, retain)
     tofu = [
         {
             "image": None,
@@ -360,11 +361,11 @@ def clear_root(root, n_forget: int = 2, n_people: int = 6) -> Path:
         for i, r in enumerate(rows)
     ]
     full = [{**r, "question": None, "answer": None} for r in rows] + tofu
-    _write(root / "full+tofu" / SHARD, full)
+    write_parquet(root / "full+tofu" / SHARD, full)
     wrong = [[f"{FIRST[(i + k) % n_people]} Gray" for k in (1, 2, 3)] for i in range(n_people)]
     pert = [{**r, "perturbed_names": w} for r, w in zip(rows, wrong)]
-    _write(root / "forget05_perturbed" / SHARD, pert[:n_forget])
-    _write(root / "retain_perturbed" / SHARD, pert[n_forget:])
+    write_parquet(root / "forget05_perturbed" / SHARD, pert[:n_forget])
+    write_parquet(root / "retain_perturbed" / SHARD, pert[n_forget:])
     real = [
         {
             "image": png_cell(PALETTE[i]),
@@ -374,5 +375,5 @@ def clear_root(root, n_forget: int = 2, n_people: int = 6) -> Path:
         }
         for i in range(2)
     ]
-    _write(root / "real_faces" / SHARD, real)
+    write_parquet(root / "real_faces" / SHARD, real)
     return root

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from realformat import SHARD, clear_root, llava_checkpoint, mllmu_root
+from realformat import SHARD, clear_root, llava_checkpoint, mllmu_root, write_parquet
 
 from mmunlearn.cli import main
 
@@ -74,10 +74,6 @@ def copy_root(F, key, tmp_path) -> Path:
     dst = tmp_path / key
     shutil.copytree(F[key], dst)
     return dst
-
-
-def write_rows(path: Path, rows) -> None:
-    pq.write_table(pa.Table.from_pylist(rows), path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -197,7 +193,7 @@ def test_undecodable_image_names_row_and_column(F, capsys, tmp_path):
     shard = root / "retain_95" / SHARD
     rows = pq.read_table(shard).to_pylist()
     rows[2]["image"] = {"bytes": b"not an image", "path": None}
-    write_rows(shard, rows)
+    write_parquet(shard, rows)
     argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", F["run"]]
     fails(argv, 1, [str(shard), "row 2", "'image'", "cannot decode"], capsys, out=F["run"])
 
@@ -206,11 +202,11 @@ def test_missing_column_and_bad_json(F, capsys, tmp_path):
     root = copy_root(F, "mllmu", tmp_path)
     shard = root / "forget_5" / SHARD
     rows = pq.read_table(shard).to_pylist()
-    write_rows(shard, [{k: v for k, v in r.items() if k != "metadata"} for r in rows])
+    write_parquet(shard, [{k: v for k, v in r.items() if k != "metadata"} for r in rows])
     argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", F["run"]]
     fails(argv, 1, [str(shard), "'metadata'"], capsys, out=F["run"])
     rows[1]["metadata"] = "[{not json"
-    write_rows(shard, rows)
+    write_parquet(shard, rows)
     fails(argv, 1, [str(shard), "row 1", "bad JSON"], capsys, out=F["run"])
 
 
@@ -228,7 +224,7 @@ def test_clear_null_caption(F, capsys, tmp_path):
     shard = root / "forget05" / SHARD
     rows = pq.read_table(shard).to_pylist()
     rows[1]["caption"] = None
-    write_rows(shard, rows)
+    write_parquet(shard, rows)
     argv = ["saliency", "--model", F["llava"], "--clear", root, "--out", F["run"]]
     fails(argv, 1, [str(shard), "row 1", "'caption'"], capsys, out=F["run"])
 
@@ -238,7 +234,7 @@ def test_image_path_cell_that_does_not_exist(F, capsys, tmp_path):
     shard = root / "forget_5" / SHARD
     rows = pq.read_table(shard).to_pylist()
     rows[0]["image"] = {"bytes": None, "path": "pictures/missing.png"}
-    write_rows(shard, rows)
+    write_parquet(shard, rows)
     argv = ["saliency", "--model", F["llava"], "--mllmu", root, "--out", F["run"]]
     fails(argv, 1, [str(shard), "row 0", "cannot read image path"], capsys, out=F["run"])
 
@@ -380,7 +376,7 @@ def test_resume_with_another_mask_or_data_is_refused(F, capsys, tmp_path):
     shard = root / "retain_95" / SHARD
     rows = pq.read_table(shard).to_pylist()
     rows[0]["metadata"] = json.dumps([{"Question": "Who?", "Answer": "Someone else"}])
-    write_rows(shard, rows)
+    write_parquet(shard, rows)
     run2, argv = _resume(F, tmp_path / "b")
     argv[argv.index(str(F["mllmu"]))] = str(root)
     fails(argv, 1, ["different run", "retain"], capsys, out=run2)

@@ -6,16 +6,13 @@ end-to-end ``mmunlearn eval --protocol clear`` run on a tiny model."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
-from PIL import Image
+from realformat import png_cell, write_parquet
 
 from mmunlearn.data.clear import CAPTION_PROMPTS
 from mmunlearn.data.eval_sets import FACES_QUESTION, clear_protocol_sets
@@ -36,24 +33,13 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _cell(colour) -> dict:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), colour).save(buf, format="PNG")
-    return {"bytes": buf.getvalue(), "path": None}
-
-
-def _write(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-
-
 def write_clear_protocol_root(root):
     """forget10_perturbed (2 people), retain_perturbed (3), real_faces (2), real_world (2)."""
     people = []
     for i, n in enumerate(NAMES):
         people.append(
             {
-                "image": _cell((40 * i, 0, 0)),
+                "image": png_cell((40 * i, 0, 0), (8, 8)),
                 "caption": f"{n} stands in a red room",
                 "name": n,
                 "paraphrased_caption": f"In a red room stands {n}",
@@ -61,23 +47,23 @@ def write_clear_protocol_root(root):
                 "perturbed_names": ["Fay Gold", "Gus Hall", "Ida Ito"],
             }
         )
-    _write(root / "forget10_perturbed" / SHARD, people[:2])
-    _write(root / "retain_perturbed" / SHARD, people[2:])
+    write_parquet(root / "forget10_perturbed" / SHARD, people[:2])
+    write_parquet(root / "retain_perturbed" / SHARD, people[2:])
     real = [
         {
-            "image": _cell((0, 50 * i, 0)),
+            "image": png_cell((0, 50 * i, 0), (8, 8)),
             "question": "Who is this?",
             "answer": f"Star {i}",
             "options": ["Other A", "Other B", "Other C"],
         }
         for i in range(2)
     ]
-    _write(root / "real_faces" / SHARD, real)
+    write_parquet(root / "real_faces" / SHARD, real)
     world = [
         {**r, "question": f"Which city is number {i}?", "answer": f"City {i}"}
         for i, r in enumerate(real)
     ]
-    _write(root / "real_world" / SHARD, world)
+    write_parquet(root / "real_world" / SHARD, world)
     return root
 
 
