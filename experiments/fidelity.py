@@ -75,14 +75,14 @@ def _setup(seed: int, fast: bool = False):
     import torch
 
     from mmunlearn.data.linked import make_linked_world
-    from mmunlearn.demo import DemoConfig
+    from mmunlearn.tinyrun import TinyRunConfig
 
     torch.set_num_threads(1)
-    cfg = DemoConfig(seed=seed, threads=None, progress=False, save_models=False)
+    cfg = TinyRunConfig(seed=seed, threads=None, progress=False, save_models=False)
     if fast:  # the demo's smoke configuration: seconds, not a result
         from mmunlearn.cli.demo import FAST
 
-        cfg = DemoConfig(**{**asdict(cfg), **FAST})
+        cfg = TinyRunConfig(**{**asdict(cfg), **FAST})
     world = make_linked_world(n_people=cfg.n_people, forget_ratio=cfg.forget_ratio, seed=seed)
     return cfg, world, torch.device("cpu")
 
@@ -191,11 +191,10 @@ def phase_b(out: str, seed: int, label: str, fast: bool = False) -> dict:
 
     from mmunlearn.data import linked_probes as lp
     from mmunlearn.data.batching import make_batches
-    from mmunlearn.demo import tiny_model
     from mmunlearn.demo_linked import unlearn_to_match
-    from mmunlearn.loop import UnlearnConfig
     from mmunlearn.models import adapter_for, build_tokenizer
     from mmunlearn.saliency import SaliencyMask
+    from mmunlearn.tinyrun import tiny_model
 
     d = os.path.join(out, f"seed{seed}")
     path = os.path.join(d, "runs", f"{label}.json")
@@ -218,9 +217,7 @@ def phase_b(out: str, seed: int, label: str, fast: bool = False) -> dict:
     if mask is not None:
         m = SaliencyMask.load(os.path.join(d, "masks", f"{mask}.safetensors"), model=model)
         kw["masks"] = m.for_model(model)
-    ucfg = UnlearnConfig(
-        lr=LR, forget_freq=1, lr_schedule="constant", seed=seed, progress=False, **opts
-    )
+    ucfg = cfg.run_config(lr=LR, progress=False, **opts)
 
     def check(m):
         sc = lp.score(m, adapter.collate, tok, world, splits=("forget",), kinds=lp.MATCH_KINDS)

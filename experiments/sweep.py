@@ -10,7 +10,7 @@ masks, and the forget / retain batches; then every (lr, steps, method) cell star
 of that vanilla model. The batches are drawn as the demo draws them (``steps`` = the largest
 step count; a cell with fewer steps uses the first batches of those lists, which is what
 ``make_batches`` gives for a smaller count), so the cell (lr, steps) of a seed is the demo run
-with ``--seed``, ``unlearn_lr = lr``, ``unlearn_steps = steps``. Both pin torch to 2 CPU threads
+with ``--seed``, ``unlearn.lr = lr``, ``unlearn_steps = steps``. Both pin torch to 2 CPU threads
 by default: the vanilla model (and so every cell) depends on the thread count.
 
 Methods are :data:`mmunlearn.methods.METHODS` plus three MMUnlearner variants for the
@@ -46,11 +46,11 @@ from typing import TYPE_CHECKING
 from mmunlearn.io import atomic_write_text
 
 if TYPE_CHECKING:
-    from mmunlearn.demo import DemoConfig
+    from mmunlearn.tinyrun import TinyRunConfig
 
 # torch and the demo's pieces are imported inside the functions: --help stays instant.
 METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")  # = mmunlearn.methods.METHODS
-VANILLA_STEPS = 2500  # = DemoConfig.vanilla_steps (both checked by tests/test_sweep.py)
+VANILLA_STEPS = 2500  # = TinyRunConfig.vanilla_steps (both checked by tests/test_sweep.py)
 
 VARIANTS = ("mmunlearner:vision", "mmunlearner:language", "mmunlearner:random")
 
@@ -70,7 +70,7 @@ DIAGNOSTICS = ("forget_ce", "retain_ce", "delta_vision", "delta_language")
 class SweepConfig:
     """The grid (``seeds`` × ``lrs`` × ``steps`` × ``methods``) and the demo settings it runs
     with (``demo``: benchmark size, vanilla fine-tune, model size, batch size, γ; its
-    ``seed``, ``unlearn_lr``, ``unlearn_steps`` and ``methods`` are replaced by the grid's).
+    ``seed``, ``unlearn.lr``, ``unlearn_steps`` and ``methods`` are replaced by the grid's).
     ``fraction``: exact top-k mask fraction instead of γ. ``threads``: torch CPU threads
     (``None`` leaves torch's default)."""
 
@@ -78,18 +78,18 @@ class SweepConfig:
     lrs: list = field(default_factory=lambda: [5e-4, 1e-3, 2e-3])
     steps: list = field(default_factory=lambda: [25, 50])
     methods: list = field(default_factory=lambda: list(METHODS))
-    demo: DemoConfig = field(default_factory=lambda: _demo_config(save_models=False))
+    demo: TinyRunConfig = field(default_factory=lambda: _demo_config(save_models=False))
     fraction: float | None = None
-    threads: int | None = 2  # as the demo (DemoConfig.threads): results depend on it
+    threads: int | None = 2  # as the demo (TinyRunConfig.threads): results depend on it
     probe_batches: int = 4  # forget / retain batches the CE diagnostics are measured on
     probe: bool = True  # per seed: mask_probe + ascent_only (see their docstrings)
     progress: bool = True
 
 
-def _demo_config(**kw) -> DemoConfig:
-    from mmunlearn.demo import DemoConfig
+def _demo_config(**kw) -> TinyRunConfig:
+    from mmunlearn.tinyrun import TinyRunConfig
 
-    return DemoConfig(**kw)
+    return TinyRunConfig(**kw)
 
 
 def _check(cfg: SweepConfig) -> None:
@@ -255,17 +255,12 @@ def run_sweep(out: str = "runs/sweep", cfg: SweepConfig | None = None) -> dict:
     "mask_coverage": {seed: {group: fraction}}, "rows": [{"seed", "lr", "steps", "method",
     <metrics>, <diagnostics>, "seconds"}...], "summary": [...], "seconds"}``. The torch
     thread count is set to ``cfg.threads`` for the run and restored afterwards."""
-    import torch
 
     cfg = cfg or SweepConfig()
     _check(cfg)
-    threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
-        return _run_sweep(out, cfg)
-    finally:
-        torch.set_num_threads(threads)
+    from mmunlearn.tinyrun import pinned_threads
+
+    return pinned_threads(_run_sweep, out, cfg, threads=cfg.threads)
 
 
 def _run_sweep(out: str, cfg: SweepConfig) -> dict:
@@ -274,10 +269,10 @@ def _run_sweep(out: str, cfg: SweepConfig) -> dict:
     from mmunlearn.data.batching import make_batches, to_device
     from mmunlearn.data.recipe import synthetic_sets
     from mmunlearn.data.synthetic import make_benchmark
-    from mmunlearn.demo import build_tiny, demo_eval_sets, public
     from mmunlearn.eval import EvalConfig, evaluate
-    from mmunlearn.loop import UnlearnConfig, unlearn
+    from mmunlearn.loop import unlearn
     from mmunlearn.masks import build_masks
+    from mmunlearn.tinyrun import build_tiny, demo_eval_sets, public
     from mmunlearn.train import finetune
 
     os.makedirs(out, exist_ok=True)
@@ -351,15 +346,7 @@ def _run_sweep(out: str, cfg: SweepConfig) -> dict:
                 print(f"seed {seed}: probe done", flush=True)
         for lr in cfg.lrs:
             for steps in cfg.steps:
-                ucfg = UnlearnConfig(
-                    lr=lr,
-                    weight_decay=0.0,
-                    max_grad_norm=1.0,
-                    forget_freq=1,
-                    lr_schedule="constant",
-                    seed=seed,
-                    progress=False,
-                )
+                ucfg = d.run_config(lr=lr, progress=False)  # the demo's run at this lr
                 for method in cfg.methods:
                     t1 = time.time()
                     m = copy.deepcopy(model)
@@ -647,11 +634,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run the sweep from command-line arguments; returns the exit status."""
     from mmunlearn.cli.demo import FAST
-    from mmunlearn.demo import DemoConfig
+    from mmunlearn.tinyrun import TinyRunConfig
 
     args = build_parser().parse_args(argv)
 
-    demo = DemoConfig(
+    demo = TinyRunConfig(
         device=args.device,
         n_people=args.people,
         vanilla_steps=args.vanilla_steps,

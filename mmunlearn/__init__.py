@@ -5,10 +5,8 @@ stays cheap)::
 
     from mmunlearn import MaskedAdamW, SaliencyMask, build_masks, unlearn, evaluate
 
-Layers, lowest first (``docs/architecture.md``): ``kernels`` → ``io``, ``distributed`` →
-``params`` → ``losses`` → ``fisher`` → ``saliency`` → ``masks`` → ``optim`` → ``methods`` →
-``fsdp`` → ``checkpoint`` / ``loop`` / ``train``; ``data`` and ``models`` beside them;
-``eval``; ``demo`` / ``estimate``; ``cli``.
+How the package is layered: ``docs/architecture.md`` (its layer table is checked against the
+import-graph test's list, the one place the order is written).
 """
 
 from __future__ import annotations
@@ -35,7 +33,8 @@ _API = {
     # unlearning
     "METHODS": "mmunlearn.methods",
     "Method": "mmunlearn.methods",
-    "UnlearnConfig": "mmunlearn.loop",
+    "RunConfig": "mmunlearn.config",
+    "resolve_recipe": "mmunlearn.presets",
     "unlearn": "mmunlearn.loop",
     "NonFiniteLossError": "mmunlearn.loop",
     "finetune": "mmunlearn.train",
@@ -53,12 +52,14 @@ _API = {
     "UnlearningSets": "mmunlearn.data.recipe",
     "mllmu_sets": "mmunlearn.data.recipe",
     "clear_sets": "mmunlearn.data.recipe",
-    "Recipe": "mmunlearn.presets",
     # evaluation
     "EvalConfig": "mmunlearn.eval",
     "evaluate": "mmunlearn.eval",
     "evaluate_clear": "mmunlearn.eval",
 }
+
+# public names that differ from the defining module's
+_ALIASES = {"resolve_recipe": "resolve"}
 
 __all__ = ["__version__", *_API]
 
@@ -67,7 +68,7 @@ def __getattr__(name: str):
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'mmunlearn' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), _ALIASES.get(name, name))
     globals()[name] = value
     return value
 

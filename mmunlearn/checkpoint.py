@@ -106,15 +106,6 @@ def _restore_trainer(path, opt, sched) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-# UnlearnConfig fields that define a run (a resume must match them); the others (logging,
-# workers, checkpoint cadence, backend) may change between a run and its resume
-_IDENTITY_FIELDS = (
-    "lr", "weight_decay", "betas", "eps", "max_grad_norm", "retain_max_grad_norm", "epochs",
-    "forget_freq", "forget_cap", "lr_schedule", "schedule_unit", "mask_mode", "clip_order",
-    "unmasked", "seed", "grad_accum", "max_steps",
-)  # fmt: skip
-
-
 def fingerprint(source) -> str:
     """A content hash of a batch source: its own ``fingerprint()`` (a
     :class:`~mmunlearn.data.batching.BatchSource`: the samples), else the tensors of every
@@ -153,67 +144,17 @@ def mask_hash(model, masks) -> str | None:
 
 
 def run_identity(method, cfg, forget, retain, model, masks) -> dict:
-    """The settings that define a run, JSON-able: a resume must match them."""
+    """The settings that define a run, JSON-able: a resume must match them (the config's
+    :meth:`~mmunlearn.config.RunConfig.identity`, the method, the data, the masks)."""
     from dataclasses import asdict
 
     return {
         "method": asdict(method),
-        "config": {k: getattr(cfg, k) for k in _IDENTITY_FIELDS},
+        "config": cfg.identity(),
         "forget": fingerprint(forget),
         "retain": fingerprint(retain) if len(retain) else None,
         "mask": mask_hash(model, masks),
     }
-
-
-def save_checkpoint(
-    output_dir: str, model, opt, sched, step: int, history: list, config, identity=None
-) -> str:
-    """Atomically write ``output_dir/checkpoint`` (see the module docstring); ``identity``: the
-    run's defining settings, checked on resume. Returns the path.
-
-    An FSDP2-sharded model gets a sharded DCP checkpoint instead
-    (:func:`mmunlearn.fsdp.save_sharded_checkpoint`: every rank writes its shards, rank 0
-    renames; masks are not stored there — they come from the mask file given again on resume,
-    checked by the identity's mask hash)."""
-    from dataclasses import asdict
-
-    state = {"step": step, "history": history, "config": asdict(config), "identity": identity}
-    if is_sharded(model):
-        sd = sched.state_dict()
-        extra = {
-            **state,
-            "scheduler": {k: _jsonable(v) for k, v in sd.items() if k != "lr_lambdas"},
-            "lr": [g["lr"] for g in opt.param_groups],  # the scheduler does not restore it
-        }
-        if is_rank0():
-            os.makedirs(output_dir, exist_ok=True)
-        return fsdp.save_sharded_checkpoint(os.path.join(output_dir, CKPT), model, opt, extra)
-    os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, CKPT)
-    tmp = temp_dir_for(final)
-    try:
-        st_save_model(model, os.path.join(tmp, "model.safetensors"))
-        tensors, meta = _trainer(opt, sched)
-        save_safetensors(os.path.join(tmp, "trainer.safetensors"), tensors, TRAINER_FORMAT, meta)
-        atomic_write_json(os.path.join(tmp, "state.json"), state, indent=None)
-        # between replace_dir's two renames only the .old copy exists; find_checkpoint finds it
-        return str(replace_dir(tmp, final))
-    except BaseException as e:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, Exception) and not isinstance(e, OSError):
-            raise OSError(f"cannot write the checkpoint {final}: {type(e).__name__}: {e}") from e
-        if isinstance(e, OSError) and str(final) not in str(e):
-            raise OSError(e.errno, f"cannot write the checkpoint {final}: {e}") from e
-        raise
-
-
-def find_checkpoint(output_dir: str) -> str | None:
-    """The checkpoint to resume from in ``output_dir`` (or its .old twin after a crash
-    between the two renames of :func:`save_checkpoint`), or None."""
-    found = find_complete_dir(os.path.join(output_dir, CKPT), "state.json")
-    return None if found is None else str(found)
 
 
 def read_state(path: str) -> dict:
@@ -247,15 +188,103 @@ def check_identity(path: str, saved: dict | None, current: dict | None) -> None:
         )
 
 
-def load_checkpoint(path: str, model, opt, sched, identity=None) -> tuple[int, list]:
-    """Restore a checkpoint written by :func:`save_checkpoint` after checking that it is the
-    same run (``identity``); returns (step, history)."""
-    state = read_state(path)
-    check_identity(path, state.get("identity"), identity)
-    if is_sharded(model):
+class Checkpoints:
+    """The checkpoints of one run, in ``output_dir/checkpoint``: plain files (see the module
+    docstring) or, for an FSDP2-sharded model, a DCP checkpoint
+    (:func:`mmunlearn.fsdp.save_sharded_checkpoint`: every rank writes its shards, rank 0
+    renames; masks are not stored there — they come from the mask file given again on resume,
+    checked by the identity's mask hash). Which of the two is decided once, here, from the
+    model; the loop only calls :meth:`save`, :meth:`latest` and :meth:`restore`.
+
+    ``identity``: the run's defining settings (:func:`run_identity`), stored with every save
+    and checked by :meth:`restore`."""
+
+    def __init__(self, output_dir: str, model, identity: dict | None = None):
+        self.output_dir = str(output_dir)
+        self.path = os.path.join(self.output_dir, CKPT)
+        self.model = model
+        self.identity = identity
+        self.sharded = is_sharded(model)
+
+    def save(self, opt, sched, step: int, history: list, config) -> str:
+        """Atomically write the checkpoint of ``step``; returns its path. ``config``: the
+        run's :class:`~mmunlearn.config.RunConfig` (stored as JSON)."""
+        state = {
+            "step": step,
+            "history": history,
+            "config": config.to_dict(),
+            "identity": self.identity,
+        }
+        if self.sharded:
+            return self._save_sharded(opt, sched, state)
+        return self._save_plain(opt, sched, state)
+
+    def _save_sharded(self, opt, sched, state: dict) -> str:
+        sd = sched.state_dict()
+        extra = {
+            **state,
+            "scheduler": {k: _jsonable(v) for k, v in sd.items() if k != "lr_lambdas"},
+            "lr": [g["lr"] for g in opt.param_groups],  # the scheduler does not restore it
+        }
+        if is_rank0():
+            os.makedirs(self.output_dir, exist_ok=True)
+        return fsdp.save_sharded_checkpoint(self.path, self.model, opt, extra)
+
+    def _save_plain(self, opt, sched, state: dict) -> str:
+        os.makedirs(self.output_dir, exist_ok=True)
+        final = self.path
+        tmp = temp_dir_for(final)
+        try:
+            st_save_model(self.model, os.path.join(tmp, "model.safetensors"))
+            tensors, meta = _trainer(opt, sched)
+            save_safetensors(
+                os.path.join(tmp, "trainer.safetensors"), tensors, TRAINER_FORMAT, meta
+            )
+            atomic_write_json(os.path.join(tmp, "state.json"), state, indent=None)
+            # between replace_dir's two renames only the .old copy exists; latest() finds it
+            return str(replace_dir(tmp, final))
+        except BaseException as e:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, Exception) and not isinstance(e, OSError):
+                why = f"{type(e).__name__}: {e}"
+                raise OSError(f"cannot write the checkpoint {final}: {why}") from e
+            if isinstance(e, OSError) and str(final) not in str(e):
+                raise OSError(e.errno, f"cannot write the checkpoint {final}: {e}") from e
+            raise
+
+    def latest(self) -> str | None:
+        """The checkpoint to resume from (or its .old twin after a crash between the two
+        renames of a save), or None."""
+        found = find_complete_dir(self.path, "state.json")
+        return None if found is None else str(found)
+
+    def last_good(self) -> str:
+        """The path of the last complete checkpoint, or "none" (for error messages)."""
+        return self.path if os.path.isdir(self.path) else "none"
+
+    def restore(self, path: str, opt, sched) -> tuple[int, list]:
+        """Load the checkpoint at ``path`` into the model, ``opt`` and ``sched`` after checking
+        that it is the same run (:func:`check_identity`); returns (step, history)."""
+        state = read_state(path)
+        check_identity(path, state.get("identity"), self.identity)
+        if self.sharded:
+            return self._restore_sharded(path, opt, sched)
+        if fsdp.is_sharded_checkpoint(path):
+            raise ValueError(f"{path} is a sharded (DCP) checkpoint: resume it under torchrun")
+        try:
+            st_load_model(self.model, os.path.join(path, "model.safetensors"))
+            _restore_trainer(path, opt, sched)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+            msg = " ".join(str(e).split())[:300]
+            raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {msg}") from e
+        return int(state["step"]), list(state["history"])
+
+    def _restore_sharded(self, path: str, opt, sched) -> tuple[int, list]:
         if not fsdp.is_sharded_checkpoint(path):
             raise ValueError(f"cannot resume from {path}: not a sharded (DCP) checkpoint")
-        meta, rng = fsdp.load_sharded_checkpoint(path, model, opt)
+        meta, rng = fsdp.load_sharded_checkpoint(path, self.model, opt)
         sd = dict(meta["scheduler"])
         sd["lr_lambdas"] = [None] * len(opt.param_groups)
         sched.load_state_dict(sd)
@@ -264,26 +293,15 @@ def load_checkpoint(path: str, model, opt, sched, identity=None) -> tuple[int, l
         if rng is not None:
             set_rng_state(*rng)
         return int(meta["step"]), list(meta["history"])
-    if fsdp.is_sharded_checkpoint(path):
-        raise ValueError(f"{path} is a sharded (DCP) checkpoint: resume it under torchrun")
-    try:
-        st_load_model(model, os.path.join(path, "model.safetensors"))
-        _restore_trainer(path, opt, sched)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        msg = " ".join(str(e).split())[:300]
-        raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {msg}") from e
-    return int(state["step"]), list(state["history"])
 
 
 __all__ = [
     "CKPT",
-    "fingerprint",
-    "mask_hash",
-    "run_identity",
+    "Checkpoints",
     "ResumeMismatchError",
     "check_identity",
-    "find_checkpoint",
-    "load_checkpoint",
+    "fingerprint",
+    "mask_hash",
     "read_state",
-    "save_checkpoint",
+    "run_identity",
 ]

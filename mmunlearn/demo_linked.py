@@ -1,8 +1,8 @@
 """The linked world's demo (the default of ``mmunlearn demo``): staged training of the vanilla
 model and the reference, the gates, the masks, every method run to *matched forgetting*
 (:func:`unlearn_to_match`), the gap to the reference with a bootstrap interval (:func:`gaps`),
-and the report. One process; :mod:`mmunlearn.demo` holds the shared configuration and the
-basic world's demo."""
+and the report. One process; :mod:`mmunlearn.tinyrun` holds the shared configuration and
+:mod:`mmunlearn.demo` the basic world's demo."""
 
 from __future__ import annotations
 
@@ -16,19 +16,20 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
+from mmunlearn.config import RunConfig
 from mmunlearn.data import linked_probes as lp
 from mmunlearn.data.batching import make_batches
 from mmunlearn.data.linked import make_linked_world
-from mmunlearn.demo import DemoConfig, _pinned, environment, tiny_model
 from mmunlearn.distributed import world_size
 from mmunlearn.eval.compare import gap_to_reference
 from mmunlearn.eval.report import tradeoff_plot
 from mmunlearn.eval.unlearning import bootstrap_ci
 from mmunlearn.io import atomic_write_text
-from mmunlearn.loop import UnlearnConfig, unlearn
+from mmunlearn.loop import unlearn
 from mmunlearn.masks import build_masks
 from mmunlearn.methods import Method
 from mmunlearn.models import adapter_for, build_tokenizer, save_model
+from mmunlearn.tinyrun import TinyRunConfig, environment, pinned_threads, tiny_model
 from mmunlearn.train import finetune_twins
 
 LINKED_AXES = {
@@ -44,7 +45,7 @@ class _Reached(Exception):
     """Raised by the matched-forgetting check to end an unlearning run."""
 
 
-def unlearn_to_match(model, method, forget, retain, check, config: UnlearnConfig, **kw) -> dict:
+def unlearn_to_match(model, method, forget, retain, check, config: RunConfig, **kw) -> dict:
     """Run :func:`mmunlearn.loop.unlearn` until ``check(model)`` (called, in eval mode and
     without gradients, after every forget step of a method without retain steps and after
     every retain step of the others) returns True, or the batches run out. ``kw``: ``masks``,
@@ -95,7 +96,7 @@ def gaps(all_scores: dict, seed: int = 0, n_boot: int = 1000) -> dict:
     return {"gap": out, "closest": g["closest"], "closest_share": g["closest_share"]}
 
 
-def train_linked(world, cfg: DemoConfig, dev, progress: bool = False):
+def train_linked(world, cfg: TinyRunConfig, dev, progress: bool = False):
     """The vanilla and reference models of a linked world (one tokenizer, one init; the shared
     text stage trained once): ``(vanilla, reference, tokenizer, adapter)``, in eval mode."""
     tok = build_tokenizer(world.vocabulary_text(), vocab_size=4096)
@@ -107,17 +108,18 @@ def train_linked(world, cfg: DemoConfig, dev, progress: bool = False):
     return model, ref, tok, adapter
 
 
-def run_linked_demo(out: str = "runs/demo", cfg: DemoConfig | None = None) -> dict:
+def run_linked_demo(out: str = "runs/demo", cfg: TinyRunConfig | None = None) -> dict:
     """The linked world's comparison (module docstring) in one process; writes
     ``results.json``, ``report.md``, ``tradeoff.png`` and the mask under ``out``. Returns the
     results; ``results["testable"]`` is False (and nothing is unlearned) when the vanilla
     model fails the gates and ``cfg.enforce_gates``. Threads pinned as :func:`run_demo`."""
     if world_size() > 1:
         raise ValueError("the linked demo runs in one process (the basic demo runs sharded)")
-    return _pinned(_run_linked, out, cfg or DemoConfig())
+    cfg = cfg or TinyRunConfig()
+    return pinned_threads(_run_linked, out, cfg, threads=cfg.threads)
 
 
-def _run_linked(out: str, cfg: DemoConfig) -> dict:
+def _run_linked(out: str, cfg: TinyRunConfig) -> dict:
     t0 = time.time()
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -154,9 +156,7 @@ def _run_linked(out: str, cfg: DemoConfig) -> dict:
         if cfg.save_models:
             os.makedirs(out, exist_ok=True)
             masks["both"].save(os.path.join(out, "mask_both.safetensors"))
-        ucfg = UnlearnConfig(
-            lr=cfg.unlearn_lr, forget_freq=1, lr_schedule="constant", seed=cfg.seed, progress=False
-        )
+        ucfg = cfg.run_config(progress=False)
 
         def check(m):
             acc = lp.accuracies(score(m, splits=("forget",), kinds=lp.MATCH_KINDS))["forget"]

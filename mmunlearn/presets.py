@@ -2,11 +2,10 @@
 
 ``mmunlearn`` is ours (the default); ``official`` reproduces the public MMUnlearner code's
 semantics for each method and benchmark (docs/reference/official_recipe.md, with sources;
-docs/recipes.md lists every difference and why ours differs). A :class:`Recipe` is resolved
-for one (recipe, method, benchmark) and then turned into the loop's
-:class:`~mmunlearn.loop.UnlearnConfig`, the :class:`~mmunlearn.methods.Method`, the Fisher
-pass's settings and the mask's treatment; a command-line flag or config key overrides any
-single value.
+docs/recipes.md lists every difference and why ours differs). A recipe is a function
+of (method, benchmark) returning a :class:`~mmunlearn.config.RunConfig`, the one object every
+run reads (the loop, the Fisher pass's settings, the mask's treatment); a command-line flag,
+config key or ``dataclasses.replace`` overrides any single value.
 
 What ``official`` means, per method (MLLMU-Bench; CLEAR differs where noted):
 
@@ -32,47 +31,61 @@ recipes here train all weights (docs/recipes.md).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 
-RECIPES = ("mmunlearn", "official")
+from mmunlearn.config import RECIPES, RunConfig
+
 BENCHMARKS = ("synthetic", "mllmu", "clear")
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """The resolved settings of one run (see the module docstring)."""
-
-    name: str = "mmunlearn"
-    lr: float = 1e-5
-    batch_size: int = 4
-    epochs: int = 1
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    loss_tokens: str = "answer"  # "answer" | "all" | "all_with_image"
-    max_grad_norm: float | None = 1.0  # forget steps
-    retain_max_grad_norm: float | None = 1.0
-    lr_schedule: str = "linear"  # "linear" | "constant"
-    schedule_unit: str = "step"  # "step" | "epoch"
-    forget_cap: bool = False
-    mask_filter: str = "all"  # "all" | "official" (keyword names only)
-    mask_mode: str = "masked_step"  # "masked_step" | "zero_grad"
-    fisher_batch_size: int = 16
-    fisher_loss_tokens: str = "answer"
-    fisher_parity: bool = False  # square gradients on the CPU in the parameter dtype
-    language_preserve: str = "forget_text"  # "forget_text" | "all_text"
-    kl: str = "answer_mean"
-    npo: str = "sequence"
-    alpha: float = 1.0
-    beta: float = 0.4
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def mmunlearn(method: str, benchmark: str = "mllmu") -> RunConfig:
+    """Ours: the :class:`RunConfig` defaults, for every method and benchmark."""
+    return RunConfig(recipe="mmunlearn")
 
 
-def resolve(name: str, method: str, benchmark: str = "mllmu", **overrides) -> Recipe:
-    """The :class:`Recipe` of ``name`` (:data:`RECIPES`) for ``method`` on ``benchmark``
-    (:data:`BENCHMARKS`; the synthetic one follows MLLMU-Bench), with ``overrides`` (fields
-    given as None are ignored). Raises ValueError naming an unknown value."""
+def official(method: str, benchmark: str = "mllmu") -> RunConfig:
+    """The public MMUnlearner code's semantics for ``method`` on ``benchmark`` (table above)."""
+    clear = benchmark == "clear"
+    r = RunConfig(
+        recipe="official",
+        eps=1e-6,
+        forget_cap=True,
+        fisher_batch_size=2 if clear else 4,
+        fisher_loss_tokens="all_with_image",
+        fisher_parity=True,
+        language_preserve="all_text",
+        max_grad_norm=None,
+        retain_max_grad_norm=None,
+    )
+    if method == "mmunlearner":
+        return replace(
+            r,
+            loss_tokens="answer" if clear else "all_with_image",
+            max_grad_norm=1.0,
+            retain_max_grad_norm=None if clear else 1.0,
+            schedule_unit="epoch",
+            mask_filter="official",
+            mask_mode="zero_grad",
+        )
+    if method == "ga_diff":
+        return replace(r, lr_schedule="constant")
+    if method == "kl_min":
+        return replace(r, schedule_unit="epoch", kl="all_batchmean")
+    if method == "npo":
+        return replace(r, npo="batch_mean")
+    return r
+
+
+_RECIPE_FNS = {"mmunlearn": mmunlearn, "official": official}
+
+
+def resolve(name: str, method: str, benchmark: str = "mllmu", **overrides) -> RunConfig:
+    """The :class:`RunConfig` of recipe ``name`` (:data:`RECIPES`) for ``method`` on
+    ``benchmark`` (:data:`BENCHMARKS`; the synthetic one follows MLLMU-Bench), with
+    ``overrides`` (settings given as None are ignored). Raises ValueError naming an unknown
+    recipe, method, benchmark or setting, or a bad value."""
+    from dataclasses import fields
+
     from mmunlearn.methods import METHODS
 
     if name not in RECIPES:
@@ -81,48 +94,18 @@ def resolve(name: str, method: str, benchmark: str = "mllmu", **overrides) -> Re
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
-    r = Recipe(name=name)
-    if name == "official":
-        clear = benchmark == "clear"
-        r = replace(
-            r,
-            eps=1e-6,
-            forget_cap=True,
-            fisher_batch_size=2 if clear else 4,
-            fisher_loss_tokens="all_with_image",
-            fisher_parity=True,
-            language_preserve="all_text",
-            max_grad_norm=None,
-            retain_max_grad_norm=None,
-        )
-        if method == "mmunlearner":
-            r = replace(
-                r,
-                loss_tokens="answer" if clear else "all_with_image",
-                max_grad_norm=1.0,
-                retain_max_grad_norm=None if clear else 1.0,
-                schedule_unit="epoch",
-                mask_filter="official",
-                mask_mode="zero_grad",
-            )
-        elif method == "ga_diff":
-            r = replace(r, lr_schedule="constant")
-        elif method == "kl_min":
-            r = replace(r, schedule_unit="epoch", kl="all_batchmean")
-        elif method == "npo":
-            r = replace(r, npo="batch_mean")
-    fields = {k: v for k, v in overrides.items() if v is not None}
-    unknown = sorted(set(fields) - set(asdict(r)))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - {f.name for f in fields(RunConfig)})
     if unknown:
         raise ValueError(f"unknown recipe setting {unknown[0]!r}")
-    return replace(r, **fields)
+    return replace(_RECIPE_FNS[name](method, benchmark), **given)
 
 
 def differences(method: str, benchmark: str = "mllmu") -> dict[str, tuple]:
-    """``{setting: (ours, official)}`` where the two presets differ for a method."""
+    """``{setting: (ours, official)}`` where the two recipes differ for a method."""
     a = resolve("mmunlearn", method, benchmark).to_dict()
     b = resolve("official", method, benchmark).to_dict()
-    return {k: (a[k], b[k]) for k in a if k != "name" and a[k] != b[k]}
+    return {k: (a[k], b[k]) for k in a if k != "recipe" and a[k] != b[k]}
 
 
-__all__ = ["BENCHMARKS", "RECIPES", "Recipe", "differences", "resolve"]
+__all__ = ["BENCHMARKS", "RECIPES", "differences", "mmunlearn", "official", "resolve"]

@@ -49,11 +49,24 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("masks", ["mmunlearn.masks"]),
     ("optimizer", ["mmunlearn.optim"]),
     ("methods", ["mmunlearn.methods"]),
+    ("run config", ["mmunlearn.config"]),
     ("fsdp", ["mmunlearn.fsdp"]),
     ("checkpoint", ["mmunlearn.checkpoint"]),
-    ("loop", ["mmunlearn.loop", "mmunlearn.train", "mmunlearn.presets", "mmunlearn.runlog"]),
+    (
+        "loop",
+        [
+            "mmunlearn.runlog",
+            "mmunlearn.stepper",
+            "mmunlearn.loop",
+            "mmunlearn.train",
+            "mmunlearn.presets",
+        ],
+    ),
     ("eval", ["mmunlearn.eval", "mmunlearn.eval.*"]),
-    ("applications", ["mmunlearn.demo", "mmunlearn.demo_linked", "mmunlearn.estimate"]),
+    (
+        "applications",
+        ["mmunlearn.tinyrun", "mmunlearn.demo", "mmunlearn.demo_linked", "mmunlearn.estimate"],
+    ),
     ("cli", ["mmunlearn.cli", "mmunlearn.cli.*"]),
     ("api", ["mmunlearn"]),
 ]
@@ -185,3 +198,77 @@ def test_the_checker_catches_an_upward_import(tmp_path):
     deps = imports("mmunlearn.io", f, set(modules()))
     assert deps == {"mmunlearn.loop"}
     assert layer_of("mmunlearn.loop") > layer_of("mmunlearn.io")
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """``"path:line name (n lines)"`` of every function (methods and nested ones included) of
+    ``path`` longer than ``limit`` lines, decorators excluded."""
+    out = []
+    for n in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = n.end_lineno - n.lineno + 1
+            if length > limit:
+                out.append(f"{path}:{n.lineno} {n.name} ({length} lines)")
+    return out
+
+
+def test_every_function_reads_in_one_screen():
+    """No function of ``mmunlearn/`` over 80 lines (the kernel files, one op each with its
+    Triton kernel written out in full, are exempt as from the module-size rule)."""
+    long = [
+        x
+        for name, path in modules().items()
+        if not name.startswith("mmunlearn.kernels")
+        for x in long_functions(path)
+    ]
+    assert not long, "functions over 80 lines:\n" + "\n".join(long)
+
+
+def test_the_length_check_can_fail(tmp_path):
+    f = tmp_path / "m.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(80))
+    f.write_text(f"def short():\n    pass\n\n\ndef long():\n{body}")
+    assert long_functions(f) == [f"{f}:5 long (81 lines)"]
+    assert long_functions(f, limit=81) == []
+
+
+def test_the_package_never_imports_bench():
+    """``bench/`` (and ``tests/``, ``experiments/``, ``examples/``) sit beside the package and
+    are never imported by it, nor put on ``sys.path``."""
+    bad = []
+    for name, path in modules().items():
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            mods = []
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                mods = [node.module or ""]
+            for m in mods:
+                if m.split(".")[0] in ("bench", "run", "tests", "experiments", "examples"):
+                    bad.append(f"{name} imports {m}")
+        if "sys.path" in text:
+            bad.append(f"{name} touches sys.path")
+    assert not bad, bad
+
+
+def documented_layers() -> list[str]:
+    """The layer names of docs/architecture.md's layer table, top (highest) first."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    block = text.split("```")[1]
+    names = []
+    for line in block.splitlines():
+        if line.startswith(" ") and not line.startswith("  ") and "─" not in line:
+            cell = line[1:20].rstrip()
+            if cell and cell != "layer":
+                names.append(cell)
+    return names
+
+
+def test_the_documented_layer_order_is_the_checked_one():
+    """docs/architecture.md's table lists exactly :data:`LAYERS`, highest first: the order is
+    written once (here) and the docs are checked against it."""
+    assert documented_layers() == [name for name, _ in reversed(LAYERS)]

@@ -35,7 +35,7 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("demo", "saliency", "unlearn", "eval", "estimate", "bench"):
+    for cmd in ("demo", "saliency", "unlearn", "eval", "estimate"):
         assert cmd in out
 
 

@@ -6,14 +6,15 @@ import json
 
 import torch
 
-from mmunlearn.demo import DemoConfig, run_demo
+from mmunlearn.demo import run_demo
 from mmunlearn.methods import METHODS
 from mmunlearn.models import load_model
 from mmunlearn.saliency import SaliencyMask
+from mmunlearn.tinyrun import TinyRunConfig
 
 
 def test_fast_demo_writes_everything(tmp_path, monkeypatch):
-    cfg = DemoConfig(
+    cfg = TinyRunConfig(
         n_people=6,
         forget_ratio=0.34,
         vanilla_steps=20,
@@ -89,7 +90,7 @@ def test_fast_linked_demo(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        res = run_linked_demo(str(tmp_path), DemoConfig(**FAST, progress=False))
+        res = run_linked_demo(str(tmp_path), TinyRunConfig(**FAST, progress=False))
     finally:
         torch.set_num_threads(threads)
     # text once (shared), identity + grounding for the vanilla model, the same for the reference
@@ -123,7 +124,7 @@ def test_fast_linked_demo(tmp_path, monkeypatch):
         tmp_path / "reference" / "config.json"
     ).exists()
     # enforced: the same smoke model fails the gates, nothing is unlearned
-    cfg = DemoConfig(
+    cfg = TinyRunConfig(
         **{**FAST, "enforce_gates": True}, progress=False, save_models=False, threads=1
     )
     res = run_linked_demo(str(tmp_path / "gated"), cfg)

@@ -94,19 +94,19 @@ def _trainer(seed: int):
 
 
 def test_kill_at_every_point_of_a_checkpoint_write(tmp_path):
-    from mmunlearn.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-    from mmunlearn.loop import UnlearnConfig
+    from mmunlearn.checkpoint import Checkpoints
+    from mmunlearn.config import RunConfig
 
-    cfg = UnlearnConfig(progress=False)
+    cfg = RunConfig(progress=False)
     out = tmp_path / "run"
     old_model, old_opt, old_sched = _trainer(0)
-    save_checkpoint(str(out), old_model, old_opt, old_sched, 1, [], cfg)
+    Checkpoints(str(out), old_model).save(old_opt, old_sched, 1, [], cfg)
     pristine = tmp_path / "pristine"
     shutil.copytree(out, pristine)
     new_model, new_opt, new_sched = _trainer(1)
 
     def save():
-        save_checkpoint(str(out), new_model, new_opt, new_sched, 2, [], cfg)
+        Checkpoints(str(out), new_model).save(new_opt, new_sched, 2, [], cfg)
 
     kind, n = _forked(save, None)
     assert kind == "ok", n
@@ -120,10 +120,11 @@ def test_kill_at_every_point_of_a_checkpoint_write(tmp_path):
             shutil.rmtree(leftover, ignore_errors=True)
         kind, msg = _forked(save, k)
         assert kind == "killed", (k, kind, msg)
-        found = find_checkpoint(str(out))
-        assert found is not None, f"no complete checkpoint after a kill at line {k}"
         model, opt, sched = _trainer(2)
-        step, _ = load_checkpoint(found, model, opt, sched)
+        ckpts = Checkpoints(str(out), model)
+        found = ckpts.latest()
+        assert found is not None, f"no complete checkpoint after a kill at line {k}"
+        step, _ = ckpts.restore(found, opt, sched)
         want = old_model if step == 1 else new_model
         for a, b in zip(model.parameters(), want.parameters()):
             assert torch.equal(a, b), (k, step)
@@ -177,24 +178,25 @@ def _full_disk(limit: int, fn) -> tuple[str, str]:
 
 
 def test_full_disk_fails_the_write_clearly_and_keeps_the_previous_checkpoint(tmp_path):
-    from mmunlearn.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-    from mmunlearn.loop import UnlearnConfig
+    from mmunlearn.checkpoint import Checkpoints
+    from mmunlearn.config import RunConfig
 
-    cfg = UnlearnConfig(progress=False)
+    cfg = RunConfig(progress=False)
     out = tmp_path / "run"
     model, opt, sched = _trainer(0)
-    save_checkpoint(str(out), model, opt, sched, 1, [], cfg)
+    Checkpoints(str(out), model).save(opt, sched, 1, [], cfg)
     before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
     new_model, new_opt, new_sched = _trainer(1)
     kind, msg = _full_disk(
-        1000, lambda: save_checkpoint(str(out), new_model, new_opt, new_sched, 2, [], cfg)
+        1000, lambda: Checkpoints(str(out), new_model).save(new_opt, new_sched, 2, [], cfg)
     )
     assert kind == "error" and msg.startswith("OSError"), msg
     assert "File too large" in msg and "checkpoint" in msg, msg
     assert {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()} == before
     assert not [p for p in out.iterdir() if p.name.startswith(".checkpoint")]  # no leftovers
     m, o, s = _trainer(2)
-    assert load_checkpoint(find_checkpoint(str(out)), m, o, s)[0] == 1
+    ckpts = Checkpoints(str(out), m)
+    assert ckpts.restore(ckpts.latest(), o, s)[0] == 1
 
 
 def test_full_disk_through_the_cli_is_one_line_and_keeps_outputs(tmp_path):

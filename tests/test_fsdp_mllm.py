@@ -65,9 +65,9 @@ def _masks(model, data, fisher_dir=None, fraction=None):
 
 
 def _cfg(**kw):
-    from mmunlearn.loop import UnlearnConfig
+    from mmunlearn.config import RunConfig
 
-    return UnlearnConfig(lr=1e-3, forget_freq=1, progress=False, backend="torch", **kw)
+    return RunConfig(lr=1e-3, forget_freq=1, progress=False, backend="torch", **kw)
 
 
 def _local_masks(opt, model):

@@ -174,12 +174,12 @@ def test_swap_scores_need_both_pictures_right():
 def test_score_chains_through_the_models_own_name(monkeypatch):
     """Pass 2 of a picture probe reads the value after the name the model gave in pass 1, not
     the true name; by-name probes use the true name."""
-    from mmunlearn.demo import DemoConfig, tiny_model
     from mmunlearn.models import adapter_for, build_tokenizer
+    from mmunlearn.tinyrun import TinyRunConfig, tiny_model
 
     world = make_linked_world(n_people=4, n_train_images=1, n_test_images=1, seed=1)
     tok = build_tokenizer(world.vocabulary_text())
-    model = tiny_model(tok, DemoConfig(hidden=32, vision_hidden=16), torch.device("cpu"))
+    model = tiny_model(tok, TinyRunConfig(hidden=32, vision_hidden=16), torch.device("cpu"))
     calls = []
     real = lp.choose
 
@@ -215,13 +215,13 @@ def test_token_ids_refuse_a_word_of_two_tokens():
 def test_twins_share_the_text_stage_exactly():
     """The reference built from the vanilla model's text stage equals a reference trained
     from scratch through its own curriculum."""
-    from mmunlearn.demo import DemoConfig, tiny_model
     from mmunlearn.models import adapter_for, build_tokenizer
+    from mmunlearn.tinyrun import TinyRunConfig, tiny_model
     from mmunlearn.train import finetune_stages, finetune_twins
 
     world = make_linked_world(n_people=4, n_train_images=2, n_test_images=1, seed=2)
     tok = build_tokenizer(world.vocabulary_text())
-    cfg = DemoConfig(hidden=32, vision_hidden=16)
+    cfg = TinyRunConfig(hidden=32, vision_hidden=16)
     dev = torch.device("cpu")
     steps = {"text": 3, "identity": 2, "grounding": 2}
     model, twin, alone = (tiny_model(tok, cfg, dev) for _ in range(3))

@@ -7,8 +7,9 @@ import os
 import pytest
 import torch
 
+from mmunlearn.config import RunConfig
 from mmunlearn.kernels import pack_bits
-from mmunlearn.loop import NonFiniteLossError, UnlearnConfig, build_schedule, unlearn
+from mmunlearn.loop import NonFiniteLossError, build_schedule, unlearn
 from mmunlearn.losses import per_sample_ce, sequence_logprob
 from mmunlearn.methods import METHODS, Method
 
@@ -62,7 +63,7 @@ def test_every_method_runs_and_ascends_on_forget(name):
     masks = None
     if name == "mmunlearner":
         masks = {p: torch.rand(p.shape) < 0.5 for p in model.parameters()}
-    res = unlearn(model, name, FORGET * 2, RETAIN, masks=masks, config=UnlearnConfig(**CFG))
+    res = unlearn(model, name, FORGET * 2, RETAIN, masks=masks, config=RunConfig(**CFG))
     assert res["steps"] == len(res["history"]) > 0
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res["history"])
     after = model(**FORGET[0]).loss.item()
@@ -90,7 +91,7 @@ def test_mmunlearner_forget_steps_leave_masked_out_weights_bit_identical():
         FORGET,
         RETAIN,
         masks={p: pack_bits(d) for p, d in dense.items()},
-        config=UnlearnConfig(**CFG),
+        config=RunConfig(**CFG),
         callback=cb,
     )
     assert len(checked) == 2
@@ -110,7 +111,7 @@ def test_kill_and_resume_gives_the_same_weights(tmp_path, name):
         if name == "mmunlearner"
         else None
     )
-    cfg = UnlearnConfig(**{**CFG, "lr_schedule": "linear"}, checkpoint_every=2)
+    cfg = RunConfig(**{**CFG, "lr_schedule": "linear"}, checkpoint_every=2)
     forget = FORGET * 3  # NPO walks forget batches only: 6 steps
     ref = _model()
     unlearn(
@@ -157,7 +158,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
             with torch.no_grad():
                 model.model.embed_tokens.weight.fill_(float("nan"))
 
-    cfg = UnlearnConfig(**CFG, checkpoint_every=2)
+    cfg = RunConfig(**CFG, checkpoint_every=2)
     with pytest.raises(NonFiniteLossError, match=r"non-finite .* loss \(nan\) at step 2"):
         unlearn(
             model, "ga_diff", FORGET, RETAIN, config=cfg, output_dir=str(tmp_path), callback=poison
@@ -173,7 +174,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
 
 def test_mmunlearner_without_masks_is_refused():
     with pytest.raises(ValueError, match="needs saliency masks"):
-        unlearn(_model(), "mmunlearner", FORGET, RETAIN, config=UnlearnConfig(**CFG))
+        unlearn(_model(), "mmunlearner", FORGET, RETAIN, config=RunConfig(**CFG))
     with pytest.raises(ValueError, match="unknown method"):
         Method("gd")
 
@@ -187,7 +188,7 @@ def test_corrupt_checkpoint_is_reported(tmp_path):
             _model(),
             "ga",
             FORGET,
-            config=UnlearnConfig(**CFG),
+            config=RunConfig(**CFG),
             output_dir=str(tmp_path),
             resume=True,
         )
@@ -203,7 +204,7 @@ def test_unsharded_model_under_torchrun_is_refused(monkeypatch):
     monkeypatch.setattr(mdist, "world_size", lambda: 2)
     model = torch.nn.Linear(3, 2)
     with pytest.raises(ValueError, match="reduced across ranks"):
-        unlearn(model, "ga", [{"x": torch.zeros(1, 3)}], [], config=UnlearnConfig(progress=False))
+        unlearn(model, "ga", [{"x": torch.zeros(1, 3)}], [], config=RunConfig(progress=False))
     with pytest.raises(ValueError, match="reduced across ranks"):
         collect_fisher(model, [{"input_ids": torch.zeros(1, 3, dtype=torch.long)}], progress=False)
 
@@ -224,7 +225,7 @@ def test_no_host_sync_between_logs_skips_a_nan_step_and_reports_it(monkeypatch):
         poisoned.calls += 1
         return poisoned(self, model, batch, ref)
 
-    cfg = UnlearnConfig(**CFG, log_every=4)
+    cfg = RunConfig(**CFG, log_every=4)
     monkeypatch.setattr(Method, "retain_loss", counting)
     model = _model()
     with pytest.raises(

@@ -11,7 +11,8 @@ import pytest
 import torch
 from realformat import clear_root, llava_checkpoint, mllmu_root
 
-from mmunlearn.loop import UnlearnConfig, build_schedule, unlearn
+from mmunlearn.config import RunConfig
+from mmunlearn.loop import build_schedule, unlearn
 from mmunlearn.methods import Method, kl_all_batchmean
 from mmunlearn.presets import differences, resolve
 from mmunlearn.saliency import OFFICIAL_KEYWORDS, mask_from_dense
@@ -87,7 +88,7 @@ def test_official_forget_step_moves_what_the_official_code_moves(real):
     assert [k for k, _ in plan] == ["forget", "retain", "forget", "retain"]
     run = copy.deepcopy(start)
     snaps = []
-    cfg = UnlearnConfig(lr=1e-3, eps=1e-6, mask_mode="zero_grad", lr_schedule="constant",
+    cfg = RunConfig(lr=1e-3, eps=1e-6, mask_mode="zero_grad", lr_schedule="constant",
                         progress=False, max_grad_norm=1.0, retain_max_grad_norm=1.0)  # fmt: skip
     unlearn(
         run,

@@ -9,9 +9,10 @@ import random
 import pytest
 import torch
 
+from mmunlearn.config import RunConfig
 from mmunlearn.data.batching import make_batches
 from mmunlearn.data.synthetic import make_benchmark
-from mmunlearn.loop import UnlearnConfig, unlearn
+from mmunlearn.loop import unlearn
 from mmunlearn.masks import build_masks
 from mmunlearn.methods import METHODS
 from mmunlearn.models import adapter_for, build_tokenizer, tiny_llava, tiny_qwen2vl
@@ -40,7 +41,7 @@ def test_saliency_and_every_method(family):
         + masks["language"].coverage()["total"]["selected"]
     )
     forget, retain = b(bench.forget_vqa, 2), b(bench.retain_vqa + bench.retain_text, 2)
-    cfg = UnlearnConfig(lr=1e-3, forget_freq=1, progress=False)
+    cfg = RunConfig(lr=1e-3, forget_freq=1, progress=False)
     for name in METHODS:
         m = copy.deepcopy(model)
         start = {n: p.detach().clone() for n, p in m.named_parameters()}
@@ -95,7 +96,7 @@ def test_bf16_llava_mmunlearner_keeps_masked_out_weights():
         b(bench.retain_vqa, 2),
         masks=masks["both"].for_model(model),
         callback=check,
-        config=UnlearnConfig(lr=1e-2, forget_freq=1, progress=False),
+        config=RunConfig(lr=1e-2, forget_freq=1, progress=False),
     )
     assert seen.count("forget") == 2
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res["history"])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from experiments.sweep import METRICS, SweepConfig, main, run_sweep
-from mmunlearn.demo import DemoConfig, run_demo
+from mmunlearn.demo import run_demo
+from mmunlearn.tinyrun import TinyRunConfig
 
 TINY = dict(
     n_people=4,
@@ -39,7 +40,7 @@ def test_tiny_sweep_files_keys_and_demo_parity(tmp_path):
         lrs=[1e-3],
         steps=[1, 2],
         methods=["ga", "mmunlearner", "mmunlearner:random"],
-        demo=DemoConfig(**TINY),
+        demo=TinyRunConfig(**TINY),
         threads=None,
         progress=False,
     )
@@ -67,7 +68,7 @@ def test_tiny_sweep_files_keys_and_demo_parity(tmp_path):
     # the cell (seed 0, lr 1e-3, 2 steps) is the demo run with those settings
     demo = run_demo(
         str(tmp_path / "demo"),
-        DemoConfig(**TINY, unlearn_steps=2, unlearn_lr=1e-3, methods=["ga", "mmunlearner"]),
+        TinyRunConfig(**TINY, unlearn_steps=2, methods=["ga", "mmunlearner"]),
     )
     for method in ("ga", "mmunlearner"):
         row = next(
@@ -93,4 +94,4 @@ def test_cheap_constants_match_their_sources():
     from mmunlearn.methods import METHODS
 
     assert sweep.METHODS == METHODS
-    assert sweep.VANILLA_STEPS == DemoConfig.vanilla_steps
+    assert sweep.VANILLA_STEPS == TinyRunConfig.vanilla_steps

@@ -141,7 +141,7 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
     for v in values:
         if isinstance(v, (dict, list)) or v is None:
             raise bad("is not a single value")
-        if isinstance(v, bool) and action.type not in (None, str):
+        if isinstance(v, bool) and action.type not in (None, str, boolean):
             raise bad("is a boolean")
         try:
             v = action.type(str(v)) if action.type is not None else str(v)
@@ -182,6 +182,91 @@ def load_config(path: str, parser: Parser, siblings: tuple = ()) -> dict:
             raise UsageError(f"--config {path}: unknown option {k!r}{hint}")
         out[key] = _config_value(path, str(k), known[key], v)
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the run configuration's options: one per RunConfig field, generated from its metadata
+# ------------------------------------------------------------------------------------------------
+
+
+def boolean(text: str) -> bool:
+    """``true`` / ``false`` (also yes/no, 1/0, on/off)."""
+    t = str(text).strip().lower()
+    if t in ("true", "yes", "1", "on"):
+        return True
+    if t in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"{text!r} is not true or false")
+
+
+def _number(kind, *, none: bool, same: bool):
+    """A converter for a numeric option that may also accept ``none`` / ``same``."""
+
+    def conv(text: str):
+        t = str(text).strip().lower()
+        if none and t == "none":
+            return None
+        if same and t == "same":
+            return "same"
+        return kind(text)
+
+    words = [w for w, on in (("none", none), ("same", same)) if on]
+    conv.__name__ = " or ".join([kind.__name__, *words])
+    return conv
+
+
+def _option_kwargs(f) -> dict:
+    """argparse keywords of the option of RunConfig field ``f`` (default None: the recipe's)."""
+    meta, t = f.metadata, str(f.type)
+    default = "same" if f.default == "same" else f.default
+    kw = {"default": None, "help": f"{meta['help']} (default: {default})"}
+    if t == "bool":
+        kw.update(nargs="?", const=True, type=boolean, metavar="BOOL")
+    elif "float" in t or "int" in t:
+        kind = float if "float" in t else int
+        kw["type"] = _number(kind, none="None" in t, same="str" in t)
+    if meta.get("choices"):
+        kw["choices"] = list(meta["choices"])
+    return kw
+
+
+def add_run_options(p, command: str) -> None:
+    """An option for every :class:`~mmunlearn.config.RunConfig` field of ``command``, in its
+    group (``--lr``, ``--steps`` for ``max_steps``, ...). Their defaults are None: a given
+    value overrides the recipe's (:func:`run_config`)."""
+    from mmunlearn.config import GROUPS, cli_fields
+
+    groups: dict = {}
+    for f in cli_fields(command):
+        g = f.metadata["group"]
+        if g not in groups:
+            groups[g] = p.add_argument_group(GROUPS[g][0])
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kw = _option_kwargs(f)
+        if "metavar" not in kw and "choices" not in kw:
+            kw["metavar"] = flag[2:].upper().replace("-", "_")
+        groups[g].add_argument(flag, dest=f.name, **kw)
+
+
+def run_config(args, command: str, base):
+    """``base`` (a recipe's :class:`~mmunlearn.config.RunConfig`) with every run option given
+    on the command line or in ``--config`` (UsageError naming the option for a bad value)."""
+    from dataclasses import replace
+
+    from mmunlearn.config import cli_fields
+
+    given = {}
+    for f in cli_fields(command):
+        v = getattr(args, f.name, None)
+        if v is not None:
+            given[f.name] = v
+    try:
+        return replace(base, **given)
+    except ValueError as e:
+        name = str(e).split()[0]
+        f = next((f for f in cli_fields(command) if f.name == name), None)
+        flag = f.metadata.get("flag", "--" + name.replace("_", "-")) if f else name
+        raise UsageError(f"{flag} {given.get(name, '')}: {e}") from e
 
 
 def say(*a) -> None:

@@ -89,8 +89,9 @@ def register(sub):
 
 
 def run(args) -> int:
-    from mmunlearn.demo import DemoConfig, run_demo
+    from mmunlearn.demo import run_demo
     from mmunlearn.demo_linked import run_linked_demo
+    from mmunlearn.tinyrun import TinyRunConfig
 
     if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
         raise UsageError(f"--fraction {args.fraction}: must be in (0, 1]")
@@ -117,5 +118,5 @@ def run(args) -> int:
         raise UsageError("--world linked runs in one process; use --world basic under torchrun")
     if world == "linked" and args.no_reference:
         raise UsageError("--no-reference: the linked world's matched forgetting needs it")
-    (run_linked_demo if world == "linked" else run_demo)(args.out, DemoConfig(**kw))
+    (run_linked_demo if world == "linked" else run_demo)(args.out, TinyRunConfig(**kw))
     return 0

@@ -281,11 +281,11 @@ def run(args) -> int:
     stats, templates, adapter, proto = {}, {}, None, {}
     for label, flag, path in runs:
         if path is None:  # --tiny
-            from mmunlearn.demo import DemoConfig, build_tiny
+            from mmunlearn.tinyrun import TinyRunConfig, build_tiny
             from mmunlearn.train import finetune
 
             torch.manual_seed(args.seed)
-            model, tok, adapter = build_tiny(bench, DemoConfig(seed=args.seed), dev)
+            model, tok, adapter = build_tiny(bench, TinyRunConfig(seed=args.seed), dev)
             if args.vanilla_steps:
                 finetune(model, adapter, bench.train, args.vanilla_steps, 1e-3, 16, args.seed, dev)
         else:

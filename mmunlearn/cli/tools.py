@@ -1,11 +1,8 @@
-"""``mmunlearn estimate`` (peak memory per rank, no weights needed) and ``mmunlearn bench``
-(the kernel benchmark table of a source checkout)."""
+"""``mmunlearn estimate``: peak memory per rank, no weights needed. (The kernel benchmarks are
+``bench/`` of a source checkout, run as ``python bench/run.py`` or ``make bench``; the package
+never imports them.)"""
 
 from __future__ import annotations
-
-import argparse
-import os
-import sys
 
 from mmunlearn.methods import METHODS
 
@@ -52,12 +49,6 @@ def register(sub):
     )
     e.add_argument("--images", type=int, default=1, help="images per sequence (multimodal configs)")
     e.set_defaults(fn=run_estimate)
-
-    b = sub.add_parser(
-        "bench", help="kernel benchmark table (source checkout only; see bench/)", add_help=False
-    )
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(fn=run_bench)
     return e
 
 
@@ -97,18 +88,3 @@ def run_estimate(args) -> int:
             )  # fmt: skip
             print(line)
     return 0
-
-
-def run_bench(args) -> int:
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    script = os.path.join(here, "bench", "run.py")
-    if not os.path.exists(script):
-        print(
-            "bench/run.py is not installed with the package; run it from a source checkout",
-            file=sys.stderr,
-        )
-        return 2
-    sys.path.insert(0, os.path.dirname(script))
-    import run as bench_run  # type: ignore
-
-    return bench_run.main(args.rest)

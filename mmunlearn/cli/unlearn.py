@@ -14,11 +14,12 @@ from mmunlearn.cli.common import (
     UsageError,
     add_device,
     add_mask_rule,
-    add_seed,
+    add_run_options,
     add_torchrun,
     check_out,
     device,
     mixed_precision,
+    run_config,
     say,
     start_distributed,
 )
@@ -34,18 +35,10 @@ EPILOG = """examples:
   mmunlearn unlearn --tiny --synthetic --method mmunlearner --lr 1e-3 --out runs/u"""
 
 
-def _positive(kind):
-    def conv(text: str):
-        v = kind(text)
-        if not v > 0 or v != v or v == float("inf"):
-            raise ValueError(f"{text} is not a positive finite number")
-        return v
-
-    conv.__name__ = f"positive {kind.__name__}"
-    return conv
-
-
 def register(sub):
+    import argparse
+    import textwrap
+
     parsers = []
     for name, fn, helptext in (
         ("saliency", run_saliency, "compute the Fisher saliency masks and write them"),
@@ -54,49 +47,19 @@ def register(sub):
         c = sub.add_parser(
             name,
             help=helptext,
-            description=__import__("textwrap").fill(
+            description=textwrap.fill(
                 helptext + ". Values in --config (YAML or JSON, keys = option names) are "
                 "defaults; flags given on the command line win; an unknown key is an error. "
-                "Every data file is read before the model is loaded.",
+                "Run settings left unset take the recipe's value (--recipe). Every data file "
+                "is read before the model is loaded.",
                 width=88,
             ),
             epilog=EPILOG,
-            formatter_class=__import__("argparse").RawDescriptionHelpFormatter,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         c.add_argument("--config", help="YAML/JSON file of option: value defaults")
-        m = c.add_argument_group("model (one of)")
-        m.add_argument("--model", help="checkpoint folder, or a Hub id in the local HF cache")
-        m.add_argument("--tiny", action="store_true", help="the built-in tiny LLaVA")
-        m.add_argument(
-            "--processor",
-            help="folder / cached Hub id with the processor, tokenizer and chat template, for "
-            "checkpoints that ship without them",
-        )
-        m.add_argument(
-            "--dtype",
-            default="auto",
-            choices=["auto", "bf16", "fp16", "fp32"],
-            help="weights' dtype (auto: bf16 on CUDA, fp32 on the CPU)",
-        )
-        m.add_argument(
-            "--gradient-checkpointing",
-            action="store_true",
-            help="recompute activations in backward (less memory, ≈30 %% more time)",
-        )
-        m.add_argument(
-            "--vanilla-steps",
-            type=int,
-            default=300,
-            help="--tiny: fine-tune steps before unlearning (default 300)",
-        )
-        d = c.add_argument_group("data (one of)")
-        d.add_argument("--mllmu", metavar="DIR", help="MLLMU-Bench root (forget_5/, ...)")
-        d.add_argument("--clear", metavar="DIR", help="CLEAR root (forget05/, full+tofu/, ...)")
-        d.add_argument("--synthetic", action="store_true", help="the built-in benchmark")
-        d.add_argument(
-            "--split", type=int, default=5, help="forget %%: MLLMU 5|10|15, CLEAR 1|5|10"
-        )
-        d.add_argument("--people", type=int, default=40, help="synthetic people (default 40)")
+        _model_options(c)
+        _data_options(c)
         r = c.add_argument_group("recipe")
         r.add_argument(
             "--recipe",
@@ -105,7 +68,6 @@ def register(sub):
             help="ours (default) or the official code's semantics (docs/recipes.md)",
         )
         add_mask_rule(r)
-        r.add_argument("--fisher-batch-size", type=int, default=None, help="recipe's if unset")
         r.add_argument(
             "--fisher-offload",
             action="store_true",
@@ -114,29 +76,47 @@ def register(sub):
         r.add_argument(
             "--save-fisher", action="store_true", help="also write the Fishers to --out/fisher"
         )
-        r.add_argument(
-            "--loss-tokens",
-            choices=["answer", "all", "all_with_image"],
-            default=None,
-            help="tokens that carry loss (recipe's if unset)",
-        )
-        add_seed(c)
-        add_device(c)
-        add_torchrun(c)
-        c.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
-        c.add_argument(
-            "--backend",
-            default="auto",
-            choices=["auto", "torch", "triton", "cpu"],
-            help="kernel backend (auto: Triton on CUDA, the C kernels on the CPU; torch: the "
-            "PyTorch twins, e.g. to reproduce a table made before the CPU kernels)",
-        )
-        c.add_argument("--out", default=f"runs/{name}", help=f"output dir (default runs/{name})")
         if name == "unlearn":
             _unlearn_options(c)
+        add_run_options(c, name)
+        add_device(c)
+        add_torchrun(c)
+        c.add_argument("--out", default=f"runs/{name}", help=f"output dir (default runs/{name})")
         c.set_defaults(fn=fn)
         parsers.append(c)
     return parsers
+
+
+def _model_options(c) -> None:
+    m = c.add_argument_group("model (one of)")
+    m.add_argument("--model", help="checkpoint folder, or a Hub id in the local HF cache")
+    m.add_argument("--tiny", action="store_true", help="the built-in tiny LLaVA")
+    m.add_argument(
+        "--processor",
+        help="folder / cached Hub id with the processor, tokenizer and chat template, for "
+        "checkpoints that ship without them",
+    )
+    m.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="weights' dtype (auto: bf16 on CUDA, fp32 on the CPU)",
+    )
+    m.add_argument(
+        "--vanilla-steps",
+        type=int,
+        default=300,
+        help="--tiny: fine-tune steps before unlearning (default 300)",
+    )
+
+
+def _data_options(c) -> None:
+    d = c.add_argument_group("data (one of)")
+    d.add_argument("--mllmu", metavar="DIR", help="MLLMU-Bench root (forget_5/, ...)")
+    d.add_argument("--clear", metavar="DIR", help="CLEAR root (forget05/, full+tofu/, ...)")
+    d.add_argument("--synthetic", action="store_true", help="the built-in benchmark")
+    d.add_argument("--split", type=int, default=5, help="forget %%: MLLMU 5|10|15, CLEAR 1|5|10")
+    d.add_argument("--people", type=int, default=40, help="synthetic people (default 40)")
 
 
 def _unlearn_options(c) -> None:
@@ -147,30 +127,14 @@ def _unlearn_options(c) -> None:
     u.add_argument("--mask", help="a mask file from `mmunlearn saliency` (else computed)")
     u.add_argument("--mask-group", default="both", choices=["vision", "language", "both"])
     u.add_argument("--reference-model", help="KL_Min / NPO reference (default: the start model)")
-    u.add_argument("--lr", type=_positive(float), default=None, help="recipe's if unset (1e-5)")
-    u.add_argument("--batch-size", type=_positive(int), default=None, help="recipe's (4)")
-    u.add_argument("--grad-accum", type=_positive(int), default=1, help="batches per step")
-    u.add_argument("--epochs", type=_positive(int), default=None, help="recipe's (1)")
-    u.add_argument("--forget-freq", type=_positive(int), default=None, help="default retain/forget")
-    u.add_argument("--alpha", type=_positive(float), default=None, help="ascent weight (1.0)")
-    u.add_argument("--weight-decay", type=float, default=None, help="recipe's (0)")
-    u.add_argument(
-        "--max-grad-norm", type=_positive(float), default=None, help="clip (recipe's: 1.0)"
-    )
-    u.add_argument("--steps", type=_positive(int), default=None, help="stop after N steps")
-    u.add_argument("--checkpoint-every", type=int, default=0, help="steps (0: at the end)")
     u.add_argument("--resume", action="store_true", help="continue from --out/run")
-    w = c.add_argument_group("watching the run")
-    w.add_argument("--log-every", type=_positive(int), default=1, help="steps (log.jsonl)")
-    w.add_argument("--report-to", choices=["none", "tensorboard"], default="none")
-    w.add_argument(
-        "--eval-every",
+    u.add_argument(
+        "--eval-items",
         type=int,
-        default=0,
-        help="steps between evaluations of a held-out forget/retain sample; the best "
-        "checkpoint (largest forget CE − retain CE) is kept in --out/best",
+        default=16,
+        help="with --eval-every: items held out per set to evaluate; the best checkpoint "
+        "(largest forget CE − retain CE) is kept in --out/best (default 16)",
     )
-    w.add_argument("--eval-items", type=_positive(int), default=16, help="held out per set")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,48 +164,32 @@ def _benchmark(args) -> str:
         raise UsageError(f"--split {args.split}: --{given[0]} has forget splits {ok} (percent)")
     if args.synthetic and args.people < 2:
         raise UsageError(f"--people {args.people}: the synthetic benchmark needs at least 2")
-    for flag, v in (("--workers", args.workers), ("--fisher-batch-size", args.fisher_batch_size)):
-        if v is not None and v < (1 if flag != "--workers" else 0):
-            raise UsageError(f"{flag} {v}: must be {'≥ 0' if flag == '--workers' else '≥ 1'}")
-    for flag in ("checkpoint_every", "eval_every"):
-        if getattr(args, flag, 0) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be ≥ 0")
     check_out(args.out)
     return given[0]
 
 
-def _recipe(args, benchmark: str):
+def _run_config(args, benchmark: str):
+    """The run's :class:`~mmunlearn.config.RunConfig`: the recipe's for this method and
+    benchmark, with every run option given (flag or ``--config`` key)."""
     from mmunlearn import presets
 
-    method = getattr(args, "method", "mmunlearner")
-    return presets.resolve(
-        args.recipe,
-        method,
-        benchmark,
-        lr=getattr(args, "lr", None),
-        batch_size=getattr(args, "batch_size", None),
-        epochs=getattr(args, "epochs", None),
-        alpha=getattr(args, "alpha", None),
-        weight_decay=getattr(args, "weight_decay", None),
-        max_grad_norm=getattr(args, "max_grad_norm", None),
-        loss_tokens=args.loss_tokens,
-        fisher_batch_size=args.fisher_batch_size,
-    )
+    base = presets.resolve(args.recipe, getattr(args, "method", "mmunlearner"), benchmark)
+    return run_config(args, args.cmd, base)
 
 
-def _data(args, benchmark: str, recipe):
+def _data(args, benchmark: str, cfg):
     from mmunlearn.data.recipe import benchmark_sets, synthetic_sets
     from mmunlearn.data.synthetic import make_benchmark
 
     if benchmark == "synthetic":
-        bench = make_benchmark(n_people=args.people, seed=args.seed)
+        bench = make_benchmark(n_people=args.people, seed=cfg.seed)
         return synthetic_sets(bench), bench
     try:
         return benchmark_sets(
             mllmu=args.mllmu,
             clear=args.clear,
             split=args.split,
-            language_preserve=recipe.language_preserve,
+            language_preserve=cfg.language_preserve,
         ), None
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
@@ -256,7 +204,7 @@ def _dtype(args, dev):
 
 
 def _prepare(args, distributed: bool = False):
-    """(recipe, data sets, model, adapter, device, reference model) of a run. Under torchrun
+    """(run config, data sets, model, adapter, device, reference model) of a run. Under torchrun
     the model (and the reference) are FSDP2-sharded per block."""
     from mmunlearn import fsdp
     from mmunlearn.distributed import is_rank0
@@ -265,17 +213,17 @@ def _prepare(args, distributed: bool = False):
     from mmunlearn.train import finetune
 
     benchmark = _benchmark(args)
-    recipe = _recipe(args, benchmark)
-    data, bench = _data(args, benchmark, recipe)  # every file read before any model
+    cfg = _run_config(args, benchmark)
+    data, bench = _data(args, benchmark, cfg)  # every file read before any model
     dev = device(args, distributed)
     dtype = _dtype(args, dev)
     if args.tiny:
-        from mmunlearn.demo import DemoConfig, build_tiny
+        from mmunlearn.tinyrun import TinyRunConfig, build_tiny
 
-        model, _tok, adapter = build_tiny(bench, DemoConfig(seed=args.seed), dev)
+        model, _tok, adapter = build_tiny(bench, TinyRunConfig(seed=cfg.seed), dev)
         if args.vanilla_steps:
             finetune(
-                model, adapter, bench.train, args.vanilla_steps, 1e-3, 16, args.seed, dev,
+                model, adapter, bench.train, args.vanilla_steps, 1e-3, 16, cfg.seed, dev,
                 progress=is_rank0(),
             )  # fmt: skip
         if dtype is not None:
@@ -287,7 +235,7 @@ def _prepare(args, distributed: bool = False):
             )
         except FileNotFoundError as e:
             raise UsageError(str(e)) from e
-    if args.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method = getattr(args, "method", None)
     ref = None
@@ -309,19 +257,19 @@ def _prepare(args, distributed: bool = False):
         if ref is not None:
             fsdp.broadcast_from_rank0(ref)
             fsdp.shard_model(ref, blocks, mixed_precision=mp)
-    return recipe, data, model, adapter, dev, ref
+    return cfg, data, model, adapter, dev, ref
 
 
-def _masks(args, recipe, model, adapter, data):
+def _masks(args, cfg, model, adapter, data):
     from mmunlearn.data.batching import BatchSource
     from mmunlearn.distributed import is_rank0, is_sharded
     from mmunlearn.masks import build_masks
 
-    kw = {"loss_tokens": recipe.fisher_loss_tokens}
-    bs = recipe.fisher_batch_size
+    kw = {"loss_tokens": cfg.fisher_loss_tokens}
+    bs = cfg.fisher_batch_size
 
     def src(items, k):
-        return BatchSource(items, adapter.collate, bs, seed=args.seed + k, **kw)
+        return BatchSource(items, adapter.collate, bs, seed=cfg.seed + k, **kw)
 
     fisher_dir = os.path.join(args.out, "fisher") if getattr(args, "save_fisher", False) else None
     return build_masks(
@@ -332,8 +280,8 @@ def _masks(args, recipe, model, adapter, data):
         gamma=args.gamma,
         fraction=args.fraction,
         progress=is_rank0(),
-        official_parity=recipe.fisher_parity,
-        backend=args.backend,
+        official_parity=cfg.fisher_parity,
+        backend=cfg.backend,
         fisher_dir=fisher_dir,
         offload=args.fisher_offload and not is_sharded(model),
     )
@@ -344,8 +292,8 @@ def run_saliency(args) -> int:
     from mmunlearn.io import atomic_write_json
 
     distributed = start_distributed(args)
-    recipe, data, model, adapter, dev, _ = _prepare(args, distributed)
-    masks = _masks(args, recipe, model, adapter, data)
+    cfg, data, model, adapter, dev, _ = _prepare(args, distributed)
+    masks = _masks(args, cfg, model, adapter, data)
     if is_rank0():
         os.makedirs(args.out, exist_ok=True)
         for k, m in masks.items():
@@ -353,7 +301,7 @@ def run_saliency(args) -> int:
             cov = m.coverage()["total"]
             pct = 100 * cov["fraction"]
             print(f"{k}: {cov['selected']:,}/{cov['total']:,} selected ({pct:.1f} %)")
-        info = {"recipe": recipe.to_dict(), "data": data.sizes(), "model": args.model or "tiny"}
+        info = {"config": cfg.to_dict(), "data": data.sizes(), "model": args.model or "tiny"}
         atomic_write_json(os.path.join(args.out, "saliency.json"), info)
         print(f"wrote {args.out}/mask_{{vision,language,both}}.safetensors, saliency.json")
     return 0
@@ -381,100 +329,95 @@ def _monitor(args, adapter, forget_items, retain_items):
     return monitor
 
 
-def run_unlearn(args) -> int:
-    from mmunlearn import fsdp
-    from mmunlearn.data.batching import BatchSource
-    from mmunlearn.distributed import is_rank0
-    from mmunlearn.io import atomic_write_json
-    from mmunlearn.loop import UnlearnConfig, unlearn
-    from mmunlearn.methods import Method
-    from mmunlearn.models import save_model
+def _mask(args, cfg, model, adapter, data):
+    """MMUnlearner's mask: the ``--mask`` file, or computed now (``--mask-group``)."""
     from mmunlearn.saliency import SaliencyMask
 
+    if args.mask:
+        try:
+            mask = SaliencyMask.load(args.mask, model=model)
+        except ValueError as e:
+            raise UsageError(f"--mask: {e}") from e
+    else:
+        mask = _masks(args, cfg, model, adapter, data)[args.mask_group]
+    return mask.official_filter() if cfg.mask_filter == "official" else mask
+
+
+def _held_out(args, cfg, adapter, proc, distributed, forget, retain, kw):
+    """``--eval-every``: hold out ``--eval-items`` per set, monitor them, keep the best model in
+    ``--out/best``; returns the remaining (forget, retain)."""
+    from mmunlearn import fsdp
+    from mmunlearn.distributed import is_rank0
+    from mmunlearn.models import save_model
+
+    k = args.eval_items
+    if len(forget) <= k or len(retain) <= k:
+        raise UsageError(f"--eval-items {k}: the forget or retain set is not larger than it")
+    best_dir = os.path.join(args.out, "best")
+
+    def on_best(m, step, metrics):
+        state = fsdp.full_state_dict(m) if distributed else None
+        if is_rank0():
+            save_model(m, proc, best_dir, state_dict=state)
+
+    kw.update(monitor=_monitor(args, adapter, forget[:k], retain[:k]), on_best=on_best)
+    return forget[k:], retain[k:]
+
+
+def run_unlearn(args) -> int:
+    from dataclasses import replace
+
+    from mmunlearn.data.batching import BatchSource
+    from mmunlearn.distributed import is_rank0
+    from mmunlearn.loop import unlearn
+
     distributed = start_distributed(args)
-    recipe, data, model, adapter, dev, ref = _prepare(args, distributed)
+    cfg, data, model, adapter, dev, ref = _prepare(args, distributed)
     proc = adapter.processor if adapter.processor is not None else adapter.tokenizer
     kw = {"ref_model": ref} if ref is not None else {}
-    mask = None
-    if args.method == "mmunlearner":
-        if args.mask:
-            try:
-                mask = SaliencyMask.load(args.mask, model=model)
-            except ValueError as e:
-                raise UsageError(f"--mask: {e}") from e
-        else:
-            mask = _masks(args, recipe, model, adapter, data)[args.mask_group]
-        if recipe.mask_filter == "official":
-            mask = mask.official_filter()
+    mask = _mask(args, cfg, model, adapter, data) if args.method == "mmunlearner" else None
+    if mask is not None:
         kw["masks"] = mask.for_model(model)
     forget, retain = list(data.forget), list(data.retain)
-    if args.eval_every:
-        k = args.eval_items
-        if len(forget) <= k or len(retain) <= k:
-            raise UsageError(f"--eval-items {k}: the forget or retain set is not larger than it")
-        held_f, forget = forget[:k], forget[k:]
-        held_r, retain = retain[:k], retain[k:]
-        best_dir = os.path.join(args.out, "best")
+    if cfg.eval_every:
+        forget, retain = _held_out(args, cfg, adapter, proc, distributed, forget, retain, kw)
+    cfg = replace(cfg, progress=is_rank0())
 
-        def on_best(m, step, metrics):
-            state = fsdp.full_state_dict(m) if distributed else None
-            if is_rank0():
-                save_model(m, proc, best_dir, state_dict=state)
+    def source(items, k):
+        return BatchSource(items, adapter.collate, cfg.batch_size, seed=cfg.seed + k,
+                           loss_tokens=cfg.loss_tokens)  # fmt: skip
 
-        kw.update(monitor=_monitor(args, adapter, held_f, held_r), on_best=on_best)
-    ck = {"loss_tokens": recipe.loss_tokens}
-    bs = recipe.batch_size
-    cfg = UnlearnConfig(
-        lr=recipe.lr,
-        weight_decay=recipe.weight_decay,
-        eps=recipe.eps,
-        max_grad_norm=recipe.max_grad_norm,
-        retain_max_grad_norm=recipe.retain_max_grad_norm,
-        epochs=recipe.epochs,
-        forget_freq=args.forget_freq,
-        forget_cap=recipe.forget_cap,
-        lr_schedule=recipe.lr_schedule,
-        schedule_unit=recipe.schedule_unit,
-        mask_mode=recipe.mask_mode,
-        seed=args.seed,
-        grad_accum=args.grad_accum,
-        max_steps=args.steps,
-        checkpoint_every=args.checkpoint_every,
-        log_every=args.log_every,
-        eval_every=args.eval_every,
-        workers=args.workers,
-        report_to=None if args.report_to == "none" else args.report_to,
-        progress=is_rank0(),
-        backend=args.backend,
-    )
-    method = Method(args.method, alpha=recipe.alpha, beta=recipe.beta, kl=recipe.kl, npo=recipe.npo)
-    result = unlearn(
-        model,
-        method,
-        BatchSource(forget, adapter.collate, bs, seed=args.seed, **ck),
-        BatchSource(retain, adapter.collate, bs, seed=args.seed + 1, **ck),
-        config=cfg,
-        output_dir=os.path.join(args.out, "run"),
-        resume=args.resume,
-        **kw,
-    )
+    run_dir = os.path.join(args.out, "run")
+    result = unlearn(model, args.method, source(forget, 0), source(retain, 1), config=cfg,
+                     output_dir=run_dir, resume=args.resume, **kw)  # fmt: skip
     if result["finished"]:
         say(f"{args.out}/run: this run is already finished (step {result['steps']} of "
             f"{result['steps']}); nothing to resume, {args.out}/model left as it is")  # fmt: skip
         return 0
-    # a world-size-independent model directory: full tensors gathered one at a time to rank 0
-    state = fsdp.full_state_dict(model) if distributed else None
-    if is_rank0():
-        if args.method == "mmunlearner":  # written with the model: never before the run works
-            mask.save(os.path.join(args.out, "mask.safetensors"))
-        path = save_model(model, proc, os.path.join(args.out, "model"), state_dict=state)
-        summary = {
-            "recipe": recipe.to_dict(),
-            "method": args.method,
-            "data": data.sizes(),
-            "steps": result["steps"],
-            "best": result["best"],
-        }
-        atomic_write_json(os.path.join(args.out, "unlearn.json"), summary)
-        say(f"wrote {path}, {args.out}/unlearn.json, {args.out}/run/log.jsonl")
+    _write_outputs(args, cfg, model, proc, mask, data, result, distributed)
     return 0
+
+
+def _write_outputs(args, cfg, model, proc, mask, data, result, distributed) -> None:
+    """The model (a world-size-independent folder: full tensors gathered one at a time to rank
+    0), the mask and ``unlearn.json``, written only now that the run worked."""
+    from mmunlearn import fsdp
+    from mmunlearn.distributed import is_rank0
+    from mmunlearn.io import atomic_write_json
+    from mmunlearn.models import save_model
+
+    state = fsdp.full_state_dict(model) if distributed else None
+    if not is_rank0():
+        return
+    if mask is not None:
+        mask.save(os.path.join(args.out, "mask.safetensors"))
+    path = save_model(model, proc, os.path.join(args.out, "model"), state_dict=state)
+    summary = {
+        "config": cfg.to_dict(),
+        "method": args.method,
+        "data": data.sizes(),
+        "steps": result["steps"],
+        "best": result["best"],
+    }
+    atomic_write_json(os.path.join(args.out, "unlearn.json"), summary)
+    say(f"wrote {path}, {args.out}/unlearn.json, {args.out}/run/log.jsonl")
