@@ -390,28 +390,16 @@ def mean_ci(
 ) -> tuple[float, float, float]:
     """Mean and percentile-bootstrap confidence interval: ``(mean, low, high)``.
 
-    ``n_boot`` resamples of ``len(values)`` values with replacement are drawn with
-    ``numpy.random.default_rng(seed)`` (so the interval is a deterministic function of
-    ``values``, ``confidence``, ``n_boot`` and ``seed``); ``low``/``high`` are the
-    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles (numpy's default linear
-    interpolation) of the resample means. One value → ``(v, v, v)``; none → three ``nan``.
+    :func:`mmunlearn.eval.bootstrap.bootstrap_ci` of the values with ``np.mean`` (``n_boot``
+    resamples drawn from ``numpy.random.default_rng(seed)``; ``low``/``high`` the
+    ``(1 ∓ confidence) / 2`` quantiles of the resample means), as a plain tuple. One value →
+    ``(v, v, v)``; none → three ``nan``.
     """
+    from mmunlearn.eval.bootstrap import bootstrap_ci
+
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    x = np.asarray(values, dtype=np.float64).ravel()
-    if x.size == 0:
+    if len(values) == 0:
         return (math.nan, math.nan, math.nan)
-    mean = float(x.mean())
-    if x.size == 1:
-        return (mean, mean, mean)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 4_000_000 // x.size)  # bound the (rows, n) index array's memory
-    means = np.empty(n_boot, dtype=np.float64)
-    for s in range(0, n_boot, chunk):
-        e = min(n_boot, s + chunk)
-        means[s:e] = x[rng.integers(0, x.size, size=(e - s, x.size))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return (mean, float(lo), float(hi))
+    ci = bootstrap_ci(values, np.mean, n_boot, seed, confidence)
+    return (ci.estimate, ci.lo, ci.hi)
