@@ -55,6 +55,7 @@ __all__ = [
     "TOFU_MODEL_UTILITY",
     "rouge",
     "rouge_l_recall",
+    "rouge_scorer",
     "sentence_bleu",
     "TruthRatio",
     "truth_ratio",
@@ -128,12 +129,14 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- text metrics
-@functools.lru_cache(maxsize=4)
-def _scorer(types: tuple[str, ...]):
-    return _require("rouge_score.rouge_scorer").RougeScorer(list(types), use_stemmer=True)
+@functools.lru_cache(maxsize=16)
+def rouge_scorer(types: tuple[str, ...], stemmer: bool = True):
+    """A cached ``rouge_score`` ``RougeScorer(list(types), use_stemmer=stemmer)``: every ROUGE of
+    mmunlearn (this module's and :mod:`mmunlearn.eval.metrics`') is scored by one of these."""
+    return _require("rouge_score.rouge_scorer").RougeScorer(list(types), use_stemmer=stemmer)
 
 
-def rouge(pred: str, ref: str) -> dict[str, dict[str, float]]:
+def rouge(pred: str, ref: str, stemmer: bool = True) -> dict[str, dict[str, float]]:
     """ROUGE-1/2/L of ``pred`` against ``ref``: ``rouge_score``'s
     ``RougeScorer(['rouge1', 'rouge2', 'rougeL'], use_stemmer=True).score(ref, pred)``.
 
@@ -141,23 +144,25 @@ def rouge(pred: str, ref: str) -> dict[str, dict[str, float]]:
     / CLEAR (``score(gt, gen)``, recalls). With overlap ``o`` (clipped n-gram counts; LCS length for
     rougeL): precision = o / |pred|, recall = o / |ref|, f1 = 2PR / (P + R). rouge_score lowercases,
     replaces every character outside ``[a-z0-9]`` by a space (accented letters split words) and
-    Porter-stems tokens longer than 3 characters. An empty side gives zeros.
+    Porter-stems tokens longer than 3 characters (``stemmer=False``: not; the default protocol's
+    setting, :mod:`mmunlearn.eval.metrics`). An empty side gives zeros.
     Returns ``{"rouge1"|"rouge2"|"rougeL": {"precision", "recall", "f1"}}``.
     """
     ref, pred = _text(ref, "ref"), _text(pred, "pred")
-    s = _scorer(ROUGE_TYPES).score(ref, pred)
+    s = rouge_scorer(ROUGE_TYPES, stemmer).score(ref, pred)
     return {
         k: {"precision": float(v.precision), "recall": float(v.recall), "f1": float(v.fmeasure)}
         for k, v in s.items()
     }
 
 
-def rouge_l_recall(pred: str, ref: str) -> float:
+def rouge_l_recall(pred: str, ref: str, stemmer: bool = True) -> float:
     """ROUGE-L recall = LCS(pred, ref) / |ref| (rouge_score tokens, stemmed): the "ROUGE" of TOFU
     (``evals/eval_everything.py``), open-unlearning (``rouge_type: rougeL_recall``) and CLEAR
-    (``mm/calculate_metrics.py``), all ``RougeScorer([...], use_stemmer=True).score(gt, gen)``."""
+    (``mm/calculate_metrics.py``), all ``RougeScorer([...], use_stemmer=True).score(gt, gen)``
+    (``stemmer=False``: unstemmed)."""
     ref, pred = _text(ref, "ref"), _text(pred, "pred")
-    return float(_scorer(("rougeL",)).score(ref, pred)["rougeL"].recall)
+    return float(rouge_scorer(("rougeL",), stemmer).score(ref, pred)["rougeL"].recall)
 
 
 def sentence_bleu(pred: str, ref: str) -> float:
