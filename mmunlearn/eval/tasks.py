@@ -56,6 +56,13 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def progress_bar(items: Sequence, desc: str, enabled: bool):
+    """``items`` with a tqdm bar (on stderr, removed when done) when ``enabled`` and stderr is a
+    terminal (tqdm's ``disable=None``); the long loops of an evaluation (generation, option and
+    answer likelihoods) go through it."""
+    return tqdm(items, desc=desc, disable=None if enabled else True, leave=False, unit="batch")
+
+
 @torch.no_grad()
 def option_scores(model, collate: Callable, samples: Sequence[Sample], cfg: EvalConfig):
     """Log-likelihood of every option of every MCQ sample as the answer: list of dicts."""
@@ -65,7 +72,7 @@ def option_scores(model, collate: Callable, samples: Sequence[Sample], cfg: Eval
             cands.append((si, letter, replace(s, answer=str(text))))
     scores: list[dict] = [{} for _ in samples]
     dev = _model_device(model)
-    for chunk in _batches(cands, cfg.batch_size):
+    for chunk in progress_bar(list(_batches(cands, cfg.batch_size)), "MCQ options", cfg.progress):
         batch = to_device(collate([c[2] for c in chunk], ans_only=True, with_answer=True), dev)
         logits = model(**batch).logits
         if cfg.length_normalized:
@@ -99,7 +106,8 @@ def generate(
     tokens skipped (stripped of surrounding white space unless ``strip=False``)."""
     out: list[str] = []
     dev = _model_device(model)
-    for chunk in _batches(list(samples), cfg.batch_size):
+    chunks = list(_batches(list(samples), cfg.batch_size))
+    for chunk in progress_bar(chunks, "generate", cfg.progress):
         batch = to_device(collate(chunk, ans_only=True, with_answer=False), dev)
         batch.pop("labels", None)
         n_in = batch["input_ids"].shape[1]
