@@ -94,7 +94,7 @@ def evaluate_task(model, adapter, tokenizer, name: str, samples, cfg: EvalConfig
     """One task → ``(metrics, item stats)``: ``prob``, ``rougeL_recall`` (with
     ``cfg.generation``), ``truth_ratio``, ``n``, and ``_items`` / ``_clear_tr`` (per item),
     ``_outputs`` (the generations)."""
-    stats = item_stats(model, adapter, samples, cfg.batch_size, cfg.progress)
+    stats = item_stats(model, adapter, samples, cfg.batch_size, progress=cfg.progress)
     sc = _scores(stats, name in CAPTION_TASKS)
     split = "forget" if name.startswith("forget") else "retain"
     res: dict = {"prob": float(np.mean(sc["prob"])), "n": len(samples)}

@@ -251,7 +251,7 @@ def evaluate_model(model, adapter, tokenizer, plan: Plan, unlearning: bool = Tru
     stats = {}
     if unlearning:
         stats = {
-            n: item_stats(model, adapter, items, cfg.batch_size, cfg.progress)
+            n: item_stats(model, adapter, items, cfg.batch_size, progress=cfg.progress)
             for n, items in likelihood_sets(plan, sets).items()
         }
     return res, stats, proto
