@@ -77,6 +77,16 @@ def register(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     e.add_argument("--config", help="YAML/JSON file of option: value defaults")
+    _model_options(e)
+    _data_options(e)
+    _protocol_options(e)
+    e.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    e.set_defaults(fn=run)
+    return e
+
+
+def _model_options(e) -> None:
+    """``--model``, ``--tiny``, ``--label``, ``--reference``, ``--processor``, ``--dtype``, ..."""
     m = e.add_argument_group("models")
     m.add_argument(
         "--model",
@@ -123,6 +133,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=0,
         help="--tiny: fine-tune this many steps on the synthetic benchmark first (default 0)",
     )
+
+
+def _data_options(e) -> None:
+    """One data source (checked in :func:`run`) and its size."""
     d = e.add_argument_group("data (one of)")
     x = d.add_mutually_exclusive_group()  # checked in run(): a --config may name it
     x.add_argument("--synthetic", action="store_true", help="the built-in synthetic benchmark")
@@ -145,6 +159,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="at most N items per task and set (first N; --protocol clear: 300, its ds_size)",
     )
+
+
+def _protocol_options(e) -> None:
+    """The protocol, its generation and scoring options, the intervals and the device."""
     p = e.add_argument_group("protocol")
     p.add_argument(
         "--protocol",
@@ -214,9 +232,6 @@ def register(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="no progress bars (shown on a terminal for generation and likelihood passes)",
     )
-    e.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
-    e.set_defaults(fn=run)
-    return e
 
 
 def _labels(args) -> list[str]:
