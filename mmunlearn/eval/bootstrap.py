@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 METHODS = ("percentile", "BCa")
-_MAX_DRAWN = 4_000_000  # bound on the indices drawn at once (n_boot x n int64: 32 MB)
+_MAX_DRAWN = 4_000_000  # bound on the indices held at once (rows x n int64: 32 MB)
 
 
 class Bootstrap(NamedTuple):
@@ -184,7 +184,7 @@ def bootstrap(
             [data[i] for i in live],
             stat,
             n_resamples=n_boot,
-            batch=batch if batch < n_boot else None,
+            batch=batch,  # also bounds BCa's jackknife (n rows of n - 1 indices)
             vectorized=True,
             paired=paired and len(live) > 1,
             confidence_level=level,

@@ -387,7 +387,8 @@ def mean_ci(
     :func:`mmunlearn.eval.bootstrap.bootstrap_ci` of the values with ``np.mean`` (``n_boot``
     resamples drawn from ``numpy.random.default_rng(seed)``; ``low``/``high`` the
     ``(1 ∓ confidence) / 2`` quantiles of the resample means), as a plain tuple. One value →
-    ``(v, v, v)``; none → three ``nan``.
+    ``(v, v, v)``; none → three ``nan``; a NaN value is a ValueError (since #26; it used to
+    propagate into the interval).
     """
     from mmunlearn.eval.bootstrap import bootstrap_ci
 
