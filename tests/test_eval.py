@@ -136,7 +136,9 @@ def test_protocol_record():
         "letter_mcq": False,
         "max_new_tokens": 16,
         "decoding": "greedy",
+        "rouge": "rouge_score F1, no stemming",  # issue #26: the scorer is named
     }
+    assert protocol(EvalConfig(rouge_stemmer=True))["rouge"] == "rouge_score F1, Porter stemming"
 
 
 def test_keep_items_changes_no_number_and_keeps_every_score(setup):

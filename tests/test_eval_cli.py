@@ -287,3 +287,104 @@ def test_eval_with_reference_reports_the_gap(model_dirs, tmp_path):
     md = (out / "report.md").read_text()
     assert "(n=4)" in md and "Closest to the reference: **vanilla**" in md
     assert "Model utility = harmonic mean of" in md
+
+
+# ----------------------------------------------------------------------------- issue #26
+QUICK = ["--limit", "2", "--no-generation", "--no-letter-mcq", "--n-boot", "20"]
+
+
+def test_eval_config_file_and_its_errors(model_dirs, tmp_path, capsys):
+    """--config as unlearn's: values checked against the options' types and choices, a typo
+    named with a suggestion (one line, exit 2), command-line flags win."""
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(
+        "synthetic: true\npeople: 4\nbatch-size: 8\nseed: 5\nlimit: 2\nno_generation: true\n"
+        "no_letter_mcq: true\nn_boot: 20\nci_method: BCa\nno_unlearning_metrics: true\n"
+    )
+    out = tmp_path / "c"
+    argv = ["eval", "--config", str(cfg), "--model", model_dirs[0], "--seed", "3"]
+    assert _run(argv + ["--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["seed"] == 3 and res["config"]["people"] == 4  # flag wins over file
+    assert res["bootstrap"] == {"n_boot": 20, "seed": 3, "level": 0.95, "method": "BCa"}
+    f = res["methods"]["vanilla"]["forget"]
+    assert f["n_vqa_mcq"] == 2 and "vqa_rougeL" not in f
+    iv = res["intervals"]["vanilla"]["forget"]["vqa_mcq_acc"]
+    assert iv["lo"] <= iv["hi"] or iv["lo"] != iv["lo"]  # BCa: NaN when degenerate
+    assert "BCa bootstrap" in (out / "report.md").read_text()
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("synthetic: true\nn_bot: 10\n")
+    line = _fails(["eval", "--config", str(typo), "--model", model_dirs[0]], capsys, "'n_bot'")
+    assert "did you mean 'n-boot'?" in line and str(typo) in line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("synthetic: true\ndtype: float64\n")
+    line = _fails(["eval", "--config", str(bad), "--model", model_dirs[0]], capsys, "dtype")
+    assert "float64" in line and "bfloat16" in line
+    argv = ["eval", "--config", str(cfg), "--model", model_dirs[0], "--mllmu", str(tmp_path)]
+    _fails(argv, capsys, "--synthetic", "--mllmu", "not together")
+
+
+def test_eval_dtype_bfloat16(model_dirs, tmp_path, monkeypatch):
+    """--dtype bfloat16 loads the evaluated models in bfloat16 (the likelihoods are read in
+    float32); the run completes with numbers in range and records the dtype."""
+    import mmunlearn.eval.suite as suite
+
+    seen = []
+    real = suite.evaluate_model
+
+    def spy(model, *a, **kw):
+        seen.append(next(model.parameters()).dtype)
+        return real(model, *a, **kw)
+
+    monkeypatch.setattr(suite, "evaluate_model", spy)
+    out = tmp_path / "bf16"
+    argv = _argv(model_dirs[0], out, *QUICK, "--dtype", "bfloat16", "--reference", model_dirs[1])
+    assert _run(argv) == 0
+    assert seen == [torch.bfloat16, torch.bfloat16]
+    res = json.loads((out / "results.json").read_text())
+    assert res["_protocol"]["dtype"] == "bfloat16"
+    assert 0.0 <= res["methods"]["vanilla"]["forget"]["vqa_mcq_acc"] <= 1.0
+    assert 0.0 <= res["unlearning"]["vanilla"]["forget_prob"]["estimate"] <= 1.0
+
+
+def test_eval_hub_id_from_the_local_cache(model_dirs, tmp_path, monkeypatch, capsys):
+    """--model takes a Hub id already in the local Hugging Face cache, as unlearn --model;
+    an uncached id is one error line saying nothing is downloaded."""
+    import shutil
+
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--acme--tiny-eval"
+    shutil.copytree(model_dirs[0], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "h"
+    assert _run(_argv("acme/tiny-eval", out, *QUICK, "--no-unlearning-metrics")) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["tiny-eval"] and res["models"]["tiny-eval"] == "acme/tiny-eval"
+    line = _fails(_argv("acme/not-cached", tmp_path / "x"), capsys, "acme/not-cached")
+    assert "not in the local Hugging Face cache" in line
+
+
+def test_eval_progress_bars_on_the_long_loops(model_dirs, tmp_path, monkeypatch):
+    """Generation, MCQ-option and likelihood passes go through tqdm (shown on a terminal:
+    disable=None); --no-progress turns them off."""
+    import mmunlearn.eval.tasks as tasks
+
+    bars = []
+    real = tasks.tqdm
+
+    def spy(items, **kw):
+        bars.append((kw.get("desc"), kw.get("disable")))
+        return real(items, **kw)
+
+    monkeypatch.setattr(tasks, "tqdm", spy)
+    argv = _argv(model_dirs[0], tmp_path / "p", "--limit", "2", "--n-boot", "20")
+    assert _run(argv) == 0
+    descs = {d for d, off in bars if off is None}
+    assert {"generate", "MCQ options", "likelihood"} <= descs
+    bars.clear()
+    assert _run(argv + ["--no-progress", "--out", str(tmp_path / "q")]) == 0
+    assert bars and all(off is True for d, off in bars if d != "eval")

@@ -165,3 +165,14 @@ def test_unlearning_metrics_real_sets_members_and_rouge():
     parts = [np.mean(p), out["faces_truth_ratio"]["estimate"], 0.75]
     assert out["model_utility"]["estimate"] == pytest.approx(unlearning.model_utility(parts))
     assert set(out["model_utility"]["n"]) == {"faces_prob", "faces_truth_ratio", "retain/rougeL"}
+
+
+def test_intervals_take_the_bca_method():
+    """Every compare interval goes through the one bootstrap; ``method="BCa"`` reaches it."""
+    x = [0.1, 0.4, 0.35, 0.8, 0.5, 0.9, 0.2, 0.65]
+    d = task_intervals({"m": {"s": _set(r=x)}}, n_boot=300, seed=2, method="BCa")["m"]["s"]["r"]
+    ci = unlearning.bootstrap_ci(x, np.mean, 300, 2, method="BCa")
+    assert (d["estimate"], d["lo"], d["hi"]) == pytest.approx(tuple(ci[:3]), rel=1e-12)
+    assert (d["lo"], d["hi"]) != tuple(unlearning.bootstrap_ci(x, np.mean, 300, 2)[1:3])
+    g = gap_to_reference(RESULTS, "reference", KEYS, n_boot=200, seed=1, method="BCa")
+    assert g["methods"]["same"]["avg_gap"]["hi"] == 0.0  # degenerate: the point interval

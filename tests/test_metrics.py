@@ -318,22 +318,27 @@ def test_mean_ci_bootstrap():
         M.mean_ci(vals, confidence=1.0)
 
 
-def test_rouge_agrees_with_rouge_score_without_stemming_on_ascii():
-    """The documented difference (docs/eval_protocols.md §4): on ASCII text without stemming,
-    our hand-written ROUGE equals rouge_score's F-measures; stemming is where they part."""
+def test_rouge_is_rouge_score_stemming_optional():
+    """ROUGE is rouge_score's (issue #26): unstemmed by default (the default protocol's
+    behaviour before, when it was hand-written), Porter-stemmed with ``stemmer=True``."""
     rs = pytest.importorskip("rouge_score.rouge_scorer")
-    scorer = rs.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
     pairs = [
         (PRED, REF),
         ("The cat sat on the mat.", "the cat is on the mat"),
         ("Born in 1970, in Oslo", "She was born in Oslo in 1970."),
+        ("The cats are running", "the cat runs"),
     ]
-    for pred, ref in pairs:
-        got = M.rouge_scores(pred, ref)
-        want = scorer.score(ref, pred)
-        for key in ("rouge1", "rouge2", "rougeL"):
-            assert got[key] == pytest.approx(want[key].fmeasure), (pred, key)
-    stemmed = rs.RougeScorer(["rouge1"], use_stemmer=True).score("he runs", "he running")
-    assert (
-        stemmed["rouge1"].fmeasure == 1.0 and M.rouge_scores("he running", "he runs")["rouge1"] < 1
-    )
+    for stem in (False, True):
+        scorer = rs.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=stem)
+        for pred, ref in pairs:
+            got = M.rouge_scores(pred, ref, stemmer=stem)
+            want = scorer.score(ref, pred)
+            assert got == {k: want[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")}
+            assert M.rouge_l(pred, ref, stemmer=stem)["recall"] == want["rougeL"].recall
+    assert M.rouge_scores("he running", "he runs")["rouge1"] == 0.5  # unstemmed: 1 of 2
+    assert M.rouge_scores("he running", "he runs", stemmer=True)["rouge1"] == 1.0
+    # the documented change: rouge_score drops non-ASCII letters, "zoë" → "zo" ≠ "zoe"
+    # (the hand-written ROUGE before #26 kept them: there "Zoë Smith" vs itself and these agreed)
+    assert M.rouge_scores("Zoë Smith", "Zoe Smith")["rouge1"] == 0.5
+    with pytest.raises(ValueError, match="1..9"):
+        M.rouge_n(PRED, REF, 10)

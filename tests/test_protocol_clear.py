@@ -129,7 +129,7 @@ def test_task_aggregation_matches_calculate_metrics(monkeypatch):
     from mmunlearn.data.schema import Sample
 
     samples = [Sample("q", f"the answer {i}", meta={}) for i in range(3)]
-    monkeypatch.setattr(cp, "item_stats", lambda m, a, s, b: _stats(GT, PARA, PERT))
+    monkeypatch.setattr(cp, "item_stats", lambda m, a, s, b, **kw: _stats(GT, PARA, PERT))
     cfg = EvalConfig(generation=False)
     caption, _ = cp.evaluate_task(None, None, None, "forget", samples, cfg)
     assert caption["prob"] == pytest.approx(np.mean(np.exp(-np.array(GT))))
@@ -158,7 +158,7 @@ def test_model_utility_and_forget_quality_match_scipy(monkeypatch):
     from mmunlearn.data.schema import Sample
 
     samples = [Sample("q", "ref text here", meta={}) for _ in range(3)]
-    monkeypatch.setattr(cp, "item_stats", lambda m, a, s, b: _stats(GT, PARA, PERT))
+    monkeypatch.setattr(cp, "item_stats", lambda m, a, s, b, **kw: _stats(GT, PARA, PERT))
     monkeypatch.setattr(cp, "generate", lambda m, c, t, s, cfg, strip=False: ["ref text"] * len(s))
 
     class Ad:
@@ -190,7 +190,9 @@ def test_model_utility_and_forget_quality_match_scipy(monkeypatch):
     }  # noqa: E501
     # forget quality against a "reference" with other paraphrase losses
     ref = dict(res)
-    monkeypatch.setattr(cp, "item_stats", lambda m, a, s, b: _stats(GT, [3.0, 0.2, 0.9], PERT))
+    monkeypatch.setattr(
+        cp, "item_stats", lambda m, a, s, b, **kw: _stats(GT, [3.0, 0.2, 0.9], PERT)
+    )
     ref["forget"] = cp.evaluate_task(None, Ad(), Tok(), "forget", samples, cfg)[0]
     fq = cp.forget_quality(res, ref, n_boot=50)
     r_unl = np.exp(np.mean(PERT) - np.array(PARA))

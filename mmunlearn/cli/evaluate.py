@@ -2,11 +2,13 @@
 protocol or the benchmark's own, with the unlearning metrics and intervals.
 
 Models: ``--model DIR`` (repeatable; a checkpoint directory as written by ``mmunlearn unlearn``
-/ ``demo``, loaded with :func:`mmunlearn.models.load_checkpoint`, its processor from
-``--processor DIR`` when it ships none), labelled by the directory name or ``--label``; or
-``--tiny``, the demo's tiny LLaVA freshly built. ``--reference DIR``: the model trained without
-the forget set, evaluated as the row ``reference`` and used for forget quality, PrivLeak and
-the average gap. Data: ``--synthetic``, ``--mllmu DIR`` or ``--clear DIR``.
+/ ``demo``, or a Hub id already in the local Hugging Face cache, as ``unlearn --model``:
+:func:`mmunlearn.models.loading.resolve`; loaded with :func:`mmunlearn.models.load_checkpoint`
+in ``--dtype``, its processor from ``--processor DIR`` when it ships none), labelled by the
+directory name or ``--label``; or ``--tiny``, the demo's tiny LLaVA freshly built.
+``--reference DIR``: the model trained without the forget set, evaluated as the row
+``reference`` and used for forget quality, PrivLeak and the average gap. Data:
+``--synthetic``, ``--mllmu DIR`` or ``--clear DIR``.
 
 Protocols (:mod:`mmunlearn.eval.suite`): ``mmunlearn`` (ours: zero-shot, MCQ by option
 likelihood and by generated letter, 16 new tokens, hand-written metrics;
@@ -14,6 +16,12 @@ likelihood and by generated letter, 16 new tokens, hand-written metrics;
 :mod:`mmunlearn.eval.mllmu_protocol`), ``clear`` (CLEAR's ``mm/eval.py`` +
 ``calculate_metrics.py``; :mod:`mmunlearn.eval.clear_protocol`). docs/eval_protocols.md maps
 every printed number to the benchmark's code.
+
+Options may come from ``--config FILE`` (YAML / JSON, keys = option names), checked like
+``unlearn``'s (:func:`mmunlearn.cli.common.load_config`: types, choices, "did you mean" for
+an unknown key); flags on the command line win (repeatable ones, ``--model`` / ``--label``, add
+to the file's list). Generation and likelihood passes show tqdm bars on a terminal
+(``--no-progress``). Intervals: :mod:`mmunlearn.eval.bootstrap` (``--ci-method``).
 
 Writes under ``--out``: ``results.json`` (``{"methods": {label: {set: metrics, with per-item
 "_items"}}, "intervals", "unlearning", "gap", "official", "_protocol", "models", "config"}``),
@@ -29,6 +37,8 @@ from pathlib import Path
 
 from mmunlearn.cli.common import UsageError
 
+DTYPES = ("float32", "bfloat16", "float16")
+
 EPILOG = """examples:
   # ours, several models and the reference trained without the forget set
   mmunlearn eval --model runs/demo/ga --model runs/demo/mmunlearner \\
@@ -41,6 +51,10 @@ EPILOG = """examples:
       --reference runs/retain90
   # zero-shot MLLMU prompts (MMUnlearner's own evaluator's setting)
   mmunlearn eval --protocol mllmu --shots 0 --model runs/u/model --mllmu data/MLLMU-Bench
+  # options from a file (keys = option names; flags on the command line win), a cached Hub
+  # id in bfloat16, BCa intervals
+  mmunlearn eval --config eval.yaml --model llava-hf/llava-1.5-7b-hf --dtype bfloat16 \\
+      --ci-method BCa
 
 --protocol mllmu and clear, and the unlearning metrics, need the extra:
   pip install mmunlearn[eval]      (rouge_score, nltk, scipy)"""
@@ -56,17 +70,31 @@ def register(subparsers) -> argparse.ArgumentParser:
         "the unlearning metrics (truth ratio, forget quality, model utility, loss / zlib /\n"
         "min-k MIA AUC, PrivLeak, average gap to --reference) and a seeded bootstrap 95 %\n"
         "interval and n for every number. Writes results.json, outputs.json, report.md and,\n"
-        "with several models, tradeoff.png under --out.",
+        "with several models, tradeoff.png under --out. Values in --config (YAML or JSON,\n"
+        "keys = option names) are defaults; flags on the command line win; an unknown key is\n"
+        "an error.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    e.add_argument("--config", help="YAML/JSON file of option: value defaults")
+    _model_options(e)
+    _data_options(e)
+    _protocol_options(e)
+    e.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
+    e.set_defaults(fn=run)
+    return e
+
+
+def _model_options(e) -> None:
+    """``--model``, ``--tiny``, ``--label``, ``--reference``, ``--processor``, ``--dtype``, ..."""
     m = e.add_argument_group("models")
     m.add_argument(
         "--model",
         action="append",
         default=[],
-        metavar="DIR",
-        help="a saved model directory (save_pretrained layout + tokenizer); repeat to compare",
+        metavar="DIR|HUB_ID",
+        help="a saved model directory (save_pretrained layout + tokenizer), or a Hub id in the "
+        "local Hugging Face cache (nothing is downloaded); repeat to compare",
     )
     m.add_argument(
         "--tiny",
@@ -81,15 +109,22 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     m.add_argument(
         "--reference",
-        metavar="DIR",
+        metavar="DIR|HUB_ID",
         help="the model trained without the forget set: row 'reference'; forget quality, "
         "PrivLeak and the average gap are measured against it",
     )
     m.add_argument(
         "--processor",
-        metavar="DIR",
-        help="take the processor / tokenizer (and chat template) from DIR when a checkpoint "
-        "ships none",
+        metavar="DIR|HUB_ID",
+        help="take the processor / tokenizer (and chat template) from DIR (or a cached Hub id) "
+        "when a checkpoint ships none",
+    )
+    m.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=None,
+        help="load the evaluated models in this dtype (default: as the checkpoint is stored; "
+        "--tiny: float32)",
     )
     m.add_argument(
         "--vanilla-steps",
@@ -98,8 +133,12 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=0,
         help="--tiny: fine-tune this many steps on the synthetic benchmark first (default 0)",
     )
+
+
+def _data_options(e) -> None:
+    """One data source (checked in :func:`run`) and its size."""
     d = e.add_argument_group("data (one of)")
-    x = d.add_mutually_exclusive_group(required=True)
+    x = d.add_mutually_exclusive_group()  # checked in run(): a --config may name it
     x.add_argument("--synthetic", action="store_true", help="the built-in synthetic benchmark")
     x.add_argument("--mllmu", metavar="DIR", help="MLLMU-Bench root (forget_5/, Test_Set/, ...)")
     x.add_argument("--clear", metavar="DIR", help="CLEAR root (forget05/, retain95/, ...)")
@@ -120,6 +159,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="at most N items per task and set (first N; --protocol clear: 300, its ds_size)",
     )
+
+
+def _protocol_options(e) -> None:
+    """The protocol, its generation and scoring options, the intervals and the device."""
     p = e.add_argument_group("protocol")
     p.add_argument(
         "--protocol",
@@ -165,16 +208,30 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="skip the likelihood pass of truth ratio / forget quality / utility / MIA",
     )
     p.add_argument(
+        "--rouge-stemmer",
+        action="store_true",
+        help="--protocol mmunlearn: ROUGE with Porter stemming (default off; mllmu and clear "
+        "always stem, as their code)",
+    )
+    p.add_argument(
         "--n-boot",
         type=int,
         metavar="N",
         default=1000,
         help="bootstrap draws of every interval (default 1000)",
     )
+    p.add_argument(
+        "--ci-method",
+        choices=["percentile", "BCa"],
+        default="percentile",
+        help="bootstrap interval (scipy.stats.bootstrap): percentile (default) or BCa",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    e.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
-    e.set_defaults(fn=run)
-    return e
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (shown on a terminal for generation and likelihood passes)",
+    )
 
 
 def _labels(args) -> list[str]:
@@ -193,14 +250,19 @@ def _labels(args) -> list[str]:
     return out
 
 
-def _load(path: str, flag: str, processor, dev):
-    """``(model, tokenizer, adapter)`` of a checkpoint directory, or a UsageError naming it."""
+def _load(path: str, flag: str, processor, dev, dtype):
+    """``(model, tokenizer, adapter)`` of a checkpoint directory or a cached Hub id
+    (:func:`mmunlearn.models.loading.resolve`), or a UsageError naming it."""
     from mmunlearn.models import load_checkpoint
+    from mmunlearn.models.loading import resolve
 
-    if not Path(path).is_dir():
-        raise UsageError(f"{flag} {path}: no such directory")
     try:
-        model, adapter = load_checkpoint(path, processor=processor, device=dev)
+        resolve(path, flag)
+        if processor:
+            resolve(processor, "--processor")
+        model, adapter = load_checkpoint(path, processor=processor, dtype=dtype, device=dev)
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{flag} {path}: cannot load it ({type(e).__name__}: {e})") from e
     return model, adapter.tokenizer, adapter
@@ -248,35 +310,30 @@ def _plan(args, cfg):
     return plan, bench, benchmark
 
 
-def run(args) -> int:
-    """Run ``mmunlearn eval`` from parsed arguments; returns the exit status (raises
-    :class:`UsageError` naming the bad input for unusable models, data or options)."""
-    import torch
-
-    from mmunlearn.eval import EvalConfig
-    from mmunlearn.eval.mllmu_protocol import MultiImageUnsupported
-    from mmunlearn.eval.report import markdown_table, unlearning_table, write_report
-    from mmunlearn.eval.suite import MAX_NEW_TOKENS, assemble, evaluate_model, protocol_record
-
+def _check(args) -> None:
+    """The choices argparse cannot check when a --config may supply them."""
     if bool(args.tiny) == bool(args.model):
         raise UsageError("give --model DIR (one or more) or --tiny")
+    given = [f for f, v in (("--synthetic", args.synthetic), ("--mllmu", args.mllmu),
+                            ("--clear", args.clear)) if v]  # fmt: skip
+    if len(given) != 1:
+        which = "not together: " + ", ".join(given) if given else "none given"
+        raise UsageError(f"give one data source, --synthetic, --mllmu DIR or --clear DIR ({which})")
     if args.n_boot < 1:
         raise UsageError(f"--n-boot {args.n_boot}: must be >= 1")
-    labels = _labels(args)
-    dev = torch.device(args.device)
-    cfg = EvalConfig(
-        batch_size=args.batch_size,
-        seed=args.seed,
-        max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS[args.protocol],
-        letter_mcq=not args.no_letter_mcq,
-        generation=not args.no_generation,
-        progress=False,
-    )
-    plan, bench, benchmark = _plan(args, cfg)
+
+
+def _models(args, labels, plan, bench, dev) -> tuple:
+    """Evaluate every model in turn → ``(results, stats, templates, last adapter, record)``."""
+    import torch
+
+    from mmunlearn.eval.mllmu_protocol import MultiImageUnsupported
+    from mmunlearn.eval.suite import evaluate_model
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     runs = [(lab, "--model", args.model[i] if args.model else None) for i, lab in enumerate(labels)]
     if args.reference:
         runs.append(("reference", "--reference", args.reference))
-
     results: dict = {"methods": {}, "models": {}}
     stats, templates, adapter, proto = {}, {}, None, {}
     for label, flag, path in runs:
@@ -288,8 +345,10 @@ def run(args) -> int:
             model, tok, adapter = build_tiny(bench, TinyRunConfig(seed=args.seed), dev)
             if args.vanilla_steps:
                 finetune(model, adapter, bench.train, args.vanilla_steps, 1e-3, 16, args.seed, dev)
+            if dtype is not None:
+                model.to(dtype)
         else:
-            model, tok, adapter = _load(path, flag, args.processor, dev)
+            model, tok, adapter = _load(path, flag, args.processor, dev, dtype)
         results["models"][label] = path or "tiny"
         try:
             res, st, proto = evaluate_model(
@@ -303,10 +362,34 @@ def run(args) -> int:
         templates[label] = adapter.template()
         print(f"eval: {label} done")
         del model
+    return results, stats, templates, adapter, proto
+
+
+def run(args) -> int:
+    """Run ``mmunlearn eval`` from parsed arguments; returns the exit status (raises
+    :class:`UsageError` naming the bad input for unusable models, data or options)."""
+    import torch
+
+    from mmunlearn.eval import EvalConfig
+    from mmunlearn.eval.suite import MAX_NEW_TOKENS, assemble, protocol_record
+
+    _check(args)
+    labels = _labels(args)
+    dev = torch.device(args.device)
+    cfg = EvalConfig(
+        batch_size=args.batch_size,
+        seed=args.seed,
+        max_new_tokens=args.max_new_tokens or MAX_NEW_TOKENS[args.protocol],
+        letter_mcq=not args.no_letter_mcq,
+        generation=not args.no_generation,
+        progress=not args.no_progress,
+        rouge_stemmer=args.rouge_stemmer,
+    )
+    plan, bench, benchmark = _plan(args, cfg)
+    results, stats, templates, adapter, proto = _models(args, labels, plan, bench, dev)
+    ref = "reference" if args.reference else None
     try:
-        assemble(
-            results, stats, plan, "reference" if args.reference else None, args.n_boot, args.seed
-        )
+        assemble(results, stats, plan, ref, args.n_boot, args.seed, method=args.ci_method)
     except ImportError as e:
         raise UsageError(f"the unlearning metrics: {e} (or --no-unlearning-metrics)") from e
     results["_protocol"] = {
@@ -317,9 +400,18 @@ def run(args) -> int:
         "data": args.mllmu or args.clear,
         "split": None if args.synthetic else args.split,
         "limit": args.limit,
+        "dtype": args.dtype,
         "template": templates,
     }
     results["config"] = {k: v for k, v in vars(args).items() if k != "fn"}
+    _write(args, results, plan, benchmark)
+    return 0
+
+
+def _write(args, results: dict, plan, benchmark: str) -> None:
+    """results.json, outputs.json, report.md (+ tradeoff.png) under --out; the tables printed."""
+    from mmunlearn.eval.report import markdown_table, unlearning_table, write_report
+
     os.makedirs(args.out, exist_ok=True)
     outputs = results.pop("outputs", None)
     if outputs:
@@ -349,4 +441,3 @@ def run(args) -> int:
             f"{100 * gap['level']:.0f} % CI [{best['lo']:.3f}, {best['hi']:.3f}])"
         )
     print("wrote " + ", ".join(paths.values()) + (", outputs.json" if outputs else ""))
-    return 0

@@ -39,12 +39,8 @@ import numpy as np
 
 from mmunlearn.data.schema import Sample
 from mmunlearn.eval import unlearning
-from mmunlearn.eval.compare import (
-    boot_indices,
-    clear_truth_ratios,
-    hmean_interval,
-    percentile_interval,
-)
+from mmunlearn.eval.bootstrap import bootstrap, rowwise
+from mmunlearn.eval.compare import clear_truth_ratios, hmean_interval
 from mmunlearn.eval.likelihood import item_stats
 from mmunlearn.eval.tasks import EvalConfig, generate
 
@@ -98,7 +94,7 @@ def evaluate_task(model, adapter, tokenizer, name: str, samples, cfg: EvalConfig
     """One task → ``(metrics, item stats)``: ``prob``, ``rougeL_recall`` (with
     ``cfg.generation``), ``truth_ratio``, ``n``, and ``_items`` / ``_clear_tr`` (per item),
     ``_outputs`` (the generations)."""
-    stats = item_stats(model, adapter, samples, cfg.batch_size)
+    stats = item_stats(model, adapter, samples, cfg.batch_size, progress=cfg.progress)
     sc = _scores(stats, name in CAPTION_TASKS)
     split = "forget" if name.startswith("forget") else "retain"
     res: dict = {"prob": float(np.mean(sc["prob"])), "n": len(samples)}
@@ -148,14 +144,18 @@ def _components(task_results: dict) -> list[dict]:
     return groups
 
 
-def model_utility(task_results: dict, n_boot=1000, seed=0, level=0.95) -> dict | None:
+def model_utility(
+    task_results: dict, n_boot=1000, seed=0, level=0.95, method="percentile"
+) -> dict | None:
     """``calculate_metrics.py:126``: harmonic mean of the non-forget tasks' Prob., ROUGE and
     Truth Ratio, with a bootstrap interval over items (``n`` names the inputs)."""
     groups = _components(task_results)
-    return hmean_interval(groups, n_boot, seed, level) if groups else None
+    return hmean_interval(groups, n_boot, seed, level, method) if groups else None
 
 
-def forget_quality(model_res: dict, reference_res: dict, n_boot=1000, seed=0, level=0.95):
+def forget_quality(
+    model_res: dict, reference_res: dict, n_boot=1000, seed=0, level=0.95, method="percentile"
+):
     """``calculate_metrics.py:51-72``: ``ks_2samp(R_model, R_reference).pvalue`` of CLEAR's
     truth ratios on the Forget captions, and ``scipy.spatial.distance.jensenshannon`` of the two
     arrays (CLEAR's "JS metric"); the interval resamples items jointly for both models (the
@@ -169,20 +169,21 @@ def forget_quality(model_res: dict, reference_res: dict, n_boot=1000, seed=0, le
         raise ValueError(f"forget task: {len(a)} items vs the reference's {len(b)}")
     ra, rb = clear_truth_ratios(a), clear_truth_ratios(b)
     ks = unlearning.forget_quality(ra, rb)
-    idx = boot_indices(np.random.default_rng(seed), len(a), n_boot)
-    reps = [
-        unlearning.forget_quality(
-            clear_truth_ratios([a[i] for i in row]), clear_truth_ratios([b[i] for i in row])
-        ).pvalue
-        for row in idx
-    ]
-    lo, hi = percentile_interval(reps, level)
+    xa, xb = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    pvalue = rowwise(
+        lambda i: (
+            unlearning.forget_quality(clear_truth_ratios(xa[i]), clear_truth_ratios(xb[i])).pvalue
+        )
+    )
+    boot = bootstrap(
+        [np.arange(len(a))], pvalue, n_boot=n_boot, seed=seed, level=level, method=method
+    )
     from scipy.spatial.distance import jensenshannon
 
     return {
         "estimate": ks.pvalue,
-        "lo": lo,
-        "hi": hi,
+        "lo": float(boot.lo),
+        "hi": float(boot.hi),
         "n": len(a),
         "ks_statistic": ks.statistic,
         "js": float(jensenshannon(ra, rb)),

@@ -7,7 +7,9 @@ metrics carry ``"_items": {metric: [score per item]}`` and, for corpus BLEU,
 :func:`mmunlearn.eval.likelihood.item_stats`. Every interval is a seeded percentile bootstrap
 over **items** (:mod:`mmunlearn.eval.unlearning`), written as ``{"estimate", "lo", "hi", "n"}``;
 models scored on the same items are resampled with the same indices (paired), so a difference
-between two models is not blurred by which items were drawn.
+between two models is not blurred by which items were drawn. The one bootstrap is
+:func:`mmunlearn.eval.bootstrap.bootstrap` (``scipy.stats.bootstrap``); here its samples are
+item indices and the statistics look the items up (``method``: ``"percentile"`` or ``"BCa"``).
 
 * :func:`task_intervals` -- the interval of every task metric (accuracy, ROUGE, BLEU, ...);
 * :func:`gap_to_reference` -- SalUn's "Avg. Gap": mean |method − reference| over forget / retain
@@ -24,17 +26,17 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from mmunlearn.eval import metrics, unlearning
+from mmunlearn.eval.bootstrap import bootstrap, rowwise
 
 MIN_K = 0.4  # min-k % prob for the MIA and PrivLeak: MUSE and open-unlearning's TOFU/MUSE configs
 
 __all__ = [
     "MIN_K",
-    "boot_indices",
-    "percentile_interval",
     "ci_dict",
     "clear_truth_ratios",
     "gap_to_reference",
     "hmean_interval",
+    "item_statistic",
     "item_values",
     "parse_key",
     "task_intervals",
@@ -84,11 +86,8 @@ def clear_truth_ratios(rows) -> np.ndarray:
     return np.exp(x[:, 1].sum() / x[:, 2].sum() - x[:, 0])
 
 
-def _stat(kind: str, values, idx=None) -> float:
-    if kind == "mean":
-        x = np.asarray(values, dtype=np.float64)
-        return float((x if idx is None else x[idx]).mean())
-    rows = values if idx is None else [values[i] for i in idx]
+def _row_stat(kind: str, rows) -> float:
+    """The corpus statistic ``kind`` of (resampled) per-item rows."""
     if kind == "bleu":
         return metrics.corpus_bleu_from_stats(rows)
     r = clear_truth_ratios(rows)
@@ -97,24 +96,38 @@ def _stat(kind: str, values, idx=None) -> float:
     return float(np.mean(np.maximum(0.0, 1.0 - 1.0 / r)))  # mean(max(0, 1 - 1/R)) elsewhere
 
 
-def boot_indices(rng: np.random.Generator, n: int, n_boot: int) -> np.ndarray:
-    """``n_boot`` rows of ``n`` item indices drawn with replacement (one bootstrap draw each)."""
-    return rng.integers(0, n, size=(n_boot, n))
+def item_statistic(kind: str, values, idx) -> np.ndarray:
+    """The reported statistic ``kind`` (:func:`item_values`) of the items at ``idx``, an index
+    array ``(..., n)``: one number per row (``"mean"`` vectorized, corpus statistics a loop)."""
+    idx = np.asarray(idx)
+    x = np.asarray(values, dtype=np.float64)
+    if kind == "mean":
+        return x[idx].mean(axis=-1)
+    return rowwise(lambda i: _row_stat(kind, x[i]))(idx)
 
 
-def percentile_interval(reps, level: float) -> tuple[float, float]:
-    """The ``(1 ∓ level) / 2`` quantiles of the bootstrap replicates (NaN draws dropped)."""
-    a = (1.0 - level) / 2.0
-    reps = np.asarray(reps, dtype=np.float64)
-    reps = reps[~np.isnan(reps)]
-    if reps.size == 0:
-        return math.nan, math.nan
-    lo, hi = np.quantile(reps, [a, 1.0 - a])
-    return float(lo), float(hi)
+def _ci(b, k=()) -> tuple[float, float, float]:
+    return float(b.estimate[k]), float(b.lo[k]), float(b.hi[k])
+
+
+def _over_items(kind: str, values, n_boot, seed, level, method) -> dict:
+    """``{"estimate", "lo", "hi", "n"}`` of one metric from its per-item values."""
+    n = len(values)
+    b = bootstrap(
+        [np.arange(n)],
+        lambda i, axis=-1: item_statistic(kind, values, i),
+        n_boot=n_boot, seed=seed, level=level, method=method,
+    )  # fmt: skip
+    est, lo, hi = _ci(b)
+    return {"estimate": est, "lo": lo, "hi": hi, "n": n}
 
 
 def task_intervals(
-    methods: Mapping[str, Mapping], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    methods: Mapping[str, Mapping],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    method: str = "percentile",
 ) -> dict:
     """``{method: {set: {metric: {"estimate", "lo", "hi", "n"}}}}`` for every metric with kept
     per-item scores. The estimate is the reported number (mean of the items, or the corpus
@@ -130,14 +143,7 @@ def task_intervals(
                 kind, vals = item_values(sm, k)
                 if not len(vals):
                     continue
-                if kind == "mean":
-                    ci = unlearning.bootstrap_ci(vals, np.mean, n_boot, seed, level)
-                    d = ci_dict(ci)
-                else:
-                    idx = boot_indices(np.random.default_rng(seed), len(vals), n_boot)
-                    reps = [_stat(kind, vals, row) for row in idx]
-                    lo, hi = percentile_interval(reps, level)
-                    d = {"estimate": _stat(kind, vals), "lo": lo, "hi": hi, "n": len(vals)}
+                d = _over_items(kind, vals, n_boot, seed, level, method)
                 out.setdefault(name, {}).setdefault(sn, {})[k] = d
     return out
 
@@ -149,6 +155,7 @@ def gap_to_reference(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    method: str = "percentile",
 ) -> dict:
     """SalUn's "Avg. Gap" of every method to the reference model, with bootstrap intervals.
 
@@ -178,22 +185,58 @@ def gap_to_reference(
     if not names:
         raise ValueError("no method besides the reference")
     if keys is None:
-        from mmunlearn.eval.report import COLUMNS
-
-        keys = []
-        for _, sn, mk, _ in COLUMNS:
-            ok = all(
-                item_values(results_by_method[m].get(sn, {}), mk)[0] is not None
-                for m in [reference, *names]
-            )
-            if ok:
-                keys.append((sn, mk))
-        if not keys:
-            raise ValueError("no metric of the main table has per-item scores for every model")
+        keys = _default_gap_keys(results_by_method, [reference, *names])
     pairs = [parse_key(k) for k in keys]
     if not pairs:
         raise ValueError("keys is empty")
     labels = [f"{s}/{m}" for s, m in pairs]
+    data = _gap_data(results_by_method, reference, names, labels, pairs)
+    b = _gap_bootstrap(data, reference, names, labels, n_boot, seed, level, method)
+    n_lab = {lab: len(data[lab][reference][1]) for lab in labels}
+    out_methods = {}
+    for j, m in enumerate(names):
+        gaps = {}
+        for i, lab in enumerate(labels):
+            est, lo, hi = _ci(b, len(names) + i * len(names) + j)
+            gaps[lab] = {"estimate": est, "lo": lo, "hi": hi, "n": n_lab[lab]}
+        est, lo, hi = _ci(b, j)
+        out_methods[m] = {
+            "avg_gap": {"estimate": est, "lo": lo, "hi": hi, "n": dict(n_lab)},
+            "gaps": gaps,
+        }
+    stacked = b.replicates[: len(names)]
+    best = stacked <= stacked.min(axis=0) + 1e-12  # ties share the draw
+    share = {m: float(np.mean(best[i] / best.sum(axis=0))) for i, m in enumerate(names)}
+    closest = min(names, key=lambda m: out_methods[m]["avg_gap"]["estimate"])
+    return {
+        "reference": reference,
+        "keys": labels,
+        "n": n_lab,
+        "n_boot": n_boot,
+        "seed": seed,
+        "level": level,
+        "methods": out_methods,
+        "closest": closest,
+        "closest_share": share,
+    }
+
+
+def _default_gap_keys(results_by_method: Mapping, models: list) -> list:
+    """The main table's columns with per-item scores for every model."""
+    from mmunlearn.eval.report import COLUMNS
+
+    keys = []
+    for _, sn, mk, _ in COLUMNS:
+        if all(item_values(results_by_method[m].get(sn, {}), mk)[0] for m in models):
+            keys.append((sn, mk))
+    if not keys:
+        raise ValueError("no metric of the main table has per-item scores for every model")
+    return keys
+
+
+def _gap_data(results_by_method, reference, names, labels, pairs) -> dict:
+    """``{label: {model: (kind, per-item values)}}``, checked: every model has the items of
+    every key, as many as the reference."""
     data: dict[str, dict[str, tuple]] = {}
     for lab, (sn, mk) in zip(labels, pairs):
         data[lab] = {}
@@ -208,45 +251,25 @@ def gap_to_reference(
                 raise ValueError(
                     f"{lab}: {m} has {len(data[lab][m][1])} items, the reference {n_ref}"
                 )
-    rng = np.random.default_rng(seed)
-    gaps = {m: {} for m in names}
-    reps = {m: np.zeros(n_boot) for m in names}
-    for lab in labels:
-        kind, rv = data[lab][reference]
-        idx = boot_indices(rng, len(rv), n_boot)
-        ref_est = _stat(kind, rv)
-        ref_reps = np.array([_stat(kind, rv, row) for row in idx])
-        for m in names:
-            kind_m, mv = data[lab][m]
-            g = abs(_stat(kind_m, mv) - ref_est)
-            g_reps = np.abs(np.array([_stat(kind_m, mv, row) for row in idx]) - ref_reps)
-            reps[m] += g_reps / len(labels)
-            lo, hi = percentile_interval(g_reps, level)
-            gaps[m][lab] = {"estimate": g, "lo": lo, "hi": hi, "n": len(rv)}
-    out_methods = {}
-    for m in names:
-        est = math.fsum(g["estimate"] for g in gaps[m].values()) / len(labels)
-        lo, hi = percentile_interval(reps[m], level)
-        n = {lab: gaps[m][lab]["n"] for lab in labels}
-        out_methods[m] = {
-            "avg_gap": {"estimate": est, "lo": lo, "hi": hi, "n": n},
-            "gaps": gaps[m],
-        }
-    stacked = np.stack([reps[m] for m in names])
-    best = stacked <= stacked.min(axis=0) + 1e-12  # ties share the draw
-    share = {m: float(np.mean(best[i] / best.sum(axis=0))) for i, m in enumerate(names)}
-    closest = min(names, key=lambda m: out_methods[m]["avg_gap"]["estimate"])
-    return {
-        "reference": reference,
-        "keys": labels,
-        "n": {lab: len(data[lab][reference][1]) for lab in labels},
-        "n_boot": n_boot,
-        "seed": seed,
-        "level": level,
-        "methods": out_methods,
-        "closest": closest,
-        "closest_share": share,
-    }
+    return data
+
+
+def _gap_bootstrap(data, reference, names, labels, n_boot, seed, level, method):
+    """One bootstrap of every gap: a sample of item indices per key (independent between keys,
+    shared by the reference and every method). The statistic is the vector ``[avg gap of each
+    method, then |m − ref| per key and method]``."""
+    n_m, n_l = len(names), len(labels)
+
+    def stat(*idx, axis=-1):
+        g = []
+        for lab, i in zip(labels, idx):
+            ref = item_statistic(*data[lab][reference], i)
+            g.append([np.abs(item_statistic(*data[lab][m], i) - ref) for m in names])
+        g = np.asarray(g)  # (keys, methods, ...)
+        return np.concatenate([g.mean(axis=0), g.reshape((n_l * n_m, *g.shape[2:]))])
+
+    samples = [np.arange(len(data[lab][reference][1])) for lab in labels]
+    return bootstrap(samples, stat, n_boot=n_boot, seed=seed, level=level, method=method)
 
 
 # ----------------------------------------------------------------------------- unlearning metrics
@@ -263,8 +286,8 @@ def _retain_score(r: float) -> float:
     return max(0.0, 1.0 - r)
 
 
-def _mean_ci(values, n_boot, seed, level) -> dict:
-    return ci_dict(unlearning.bootstrap_ci(values, np.mean, n_boot, seed, level))
+def _mean_ci(values, boot: dict) -> dict:
+    return ci_dict(unlearning.bootstrap_ci(values, np.mean, **boot))
 
 
 def _mia_scores(stats) -> dict[str, list[float]]:
@@ -275,12 +298,15 @@ def _mia_scores(stats) -> dict[str, list[float]]:
     }
 
 
-def hmean_interval(groups: Sequence[Mapping], n_boot=1000, seed=0, level=0.95) -> dict:
+def hmean_interval(
+    groups: Sequence[Mapping], n_boot=1000, seed=0, level=0.95, method="percentile"
+) -> dict:
     """Model utility with its interval: the harmonic mean
-    (:func:`~mmunlearn.eval.unlearning.model_utility`) of components, each a statistic of per-item
-    values. ``groups``: ``[{name: values or (kind, values)}, ...]``; the components of a group
-    are scores of the same items (one resample per group and draw; kinds as
-    :func:`item_values`, plain values are ``"mean"``). ``n`` = ``{component: items}``."""
+    (:func:`~mmunlearn.eval.unlearning.model_utility`, ``scipy.stats.hmean``) of components,
+    each a statistic of per-item values. ``groups``: ``[{name: values or (kind, values)}, ...]``;
+    the components of a group are scores of the same items (one resample per group and draw,
+    groups independent; kinds as :func:`item_values`, plain values are ``"mean"``).
+    ``n`` = ``{component: items}``."""
     norm = [
         {
             k: (v if isinstance(v, tuple) else ("mean", np.asarray(v, np.float64)))
@@ -288,16 +314,14 @@ def hmean_interval(groups: Sequence[Mapping], n_boot=1000, seed=0, level=0.95) -
         }
         for g in groups
     ]
-    est = unlearning.model_utility([_stat(k, v) for g in norm for k, v in g.values()])
-    rng = np.random.default_rng(seed)
-    idx = [boot_indices(rng, len(next(iter(g.values()))[1]), n_boot) for g in norm]
-    reps = [
-        unlearning.model_utility(
-            [_stat(k, v, i[b]) for g, i in zip(norm, idx) for k, v in g.values()]
-        )
-        for b in range(n_boot)
-    ]
-    lo, hi = percentile_interval(reps, level)
+
+    def stat(*idx, axis=-1):
+        parts = [item_statistic(k, v, i) for g, i in zip(norm, idx) for k, v in g.values()]
+        return unlearning.hmean_statistic(np.stack(np.broadcast_arrays(*parts)), axis=0)
+
+    samples = [np.arange(len(next(iter(g.values()))[1])) for g in norm]
+    b = bootstrap(samples, stat, n_boot=n_boot, seed=seed, level=level, method=method)
+    est, lo, hi = _ci(b)
     n = {name: len(v) for g in norm for name, (_, v) in g.items()}
     return {"estimate": est, "lo": lo, "hi": hi, "n": n}
 
@@ -310,6 +334,7 @@ def unlearning_metrics(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    method: str = "percentile",
 ) -> dict:
     """The unlearning metrics of every model, each ``{"estimate", "lo", "hi", "n"}``.
 
@@ -340,96 +365,98 @@ def unlearning_metrics(
       0 = like the reference, negative = forget items still look seen). Not for the
       reference itself.
     """
-    forget, retain = roles.get("forget"), roles.get("retain")
-    real, holdout = list(roles.get("real") or ()), roles.get("holdout")
-    members = roles.get("members") or forget
+    boot = {"n_boot": n_boot, "seed": seed, "level": level, "method": method}
+    members = roles.get("members") or roles.get("forget")
     out: dict = {}
     ref_stats = stats.get(reference) if reference else None
     for name, st in stats.items():
-        res: dict = {}
-        groups: list[dict[str, np.ndarray]] = []
-        if forget in st:
-            r = _ratios(st[forget])
-            if r:
-                res["forget_truth_ratio"] = _mean_ci(
-                    [_forget_score(x) for x in r], n_boot, seed, level
-                )
-            probs = [math.exp(s.avg) for s in st[forget]]
-            res["forget_prob"] = _mean_ci(probs, n_boot, seed, level)
-        if retain in st:
-            g = {"retain_prob": np.array([math.exp(s.avg) for s in st[retain]])}
-            res["retain_prob"] = _mean_ci(g["retain_prob"], n_boot, seed, level)
-            tr = np.array([_retain_score(x) for x in _ratios(st[retain])])
-            if tr.size:
-                res["retain_truth_ratio"] = _mean_ci(tr, n_boot, seed, level)
-                if tr.size == g["retain_prob"].size:  # the same items: resampled together
-                    g["retain_truth_ratio"] = tr
-                else:
-                    groups.append({"retain_truth_ratio": tr})
-            groups.append(g)
-        for sn in real:
-            items = [s for s in st.get(sn, ()) if s.pert]
-            if not items:
-                continue
-            p = [unlearning.normalised_answer_prob(s.avg, s.pert) for s in items]
-            t = [_retain_score(x) for x in _ratios(items)]
-            res[f"{sn}_prob"] = _mean_ci(p, n_boot, seed, level)
-            res[f"{sn}_truth_ratio"] = _mean_ci(t, n_boot, seed, level)
-            groups.append({f"{sn}_prob": np.array(p), f"{sn}_truth_ratio": np.array(t)})
+        rouge = []
         for key in roles.get("rouge") or ():
             sn, mk = parse_key(key)
             kind, vals = item_values((task_results or {}).get(name, {}).get(sn, {}), mk)
             if kind == "mean" and len(vals):
-                groups.append({f"{sn}/{mk}": np.asarray(vals, dtype=np.float64)})
+                rouge.append({f"{sn}/{mk}": np.asarray(vals, dtype=np.float64)})
+        res, groups = _likelihood_metrics(st, roles, boot)
+        groups += rouge
         if groups:
-            res["model_utility"] = hmean_interval(groups, n_boot, seed, level)
+            res["model_utility"] = hmean_interval(groups, **boot)
+        holdout = roles.get("holdout")
         if members in st and holdout in st and st[members] and st[holdout]:
             fm, hm = _mia_scores(st[members]), _mia_scores(st[holdout])
             for attack in ("loss", "zlib", "min_k"):
                 ci = unlearning.two_sample_bootstrap_ci(
-                    fm[attack], hm[attack], unlearning.roc_auc, n_boot, seed, level
+                    fm[attack], hm[attack], unlearning.auc_statistic, **boot
                 )
                 res[f"mia_{attack}_auc"] = ci_dict(ci)
         if ref_stats is not None and name != reference:
             res.update(
-                _against_reference(st, ref_stats, forget, members, holdout, n_boot, seed, level)
+                _against_reference(st, ref_stats, roles.get("forget"), members, holdout, boot)
             )
         out[name] = res
     return out
 
 
-def _against_reference(st, ref, forget, members, holdout, n_boot, seed, level) -> dict:
-    """Forget quality and PrivLeak of one model against the reference model's statistics."""
+def _likelihood_metrics(st: Mapping, roles: Mapping, boot: dict) -> tuple[dict, list]:
+    """Truth ratios and probabilities of one model, and its model-utility groups."""
+    forget, retain = roles.get("forget"), roles.get("retain")
+    res: dict = {}
+    groups: list[dict[str, np.ndarray]] = []
+    if forget in st:
+        r = _ratios(st[forget])
+        if r:
+            res["forget_truth_ratio"] = _mean_ci([_forget_score(x) for x in r], boot)
+        res["forget_prob"] = _mean_ci([math.exp(s.avg) for s in st[forget]], boot)
+    if retain in st:
+        g = {"retain_prob": np.array([math.exp(s.avg) for s in st[retain]])}
+        res["retain_prob"] = _mean_ci(g["retain_prob"], boot)
+        tr = np.array([_retain_score(x) for x in _ratios(st[retain])])
+        if tr.size:
+            res["retain_truth_ratio"] = _mean_ci(tr, boot)
+            if tr.size == g["retain_prob"].size:  # the same items: resampled together
+                g["retain_truth_ratio"] = tr
+            else:
+                groups.append({"retain_truth_ratio": tr})
+        groups.append(g)
+    for sn in list(roles.get("real") or ()):
+        items = [s for s in st.get(sn, ()) if s.pert]
+        if not items:
+            continue
+        p = [unlearning.normalised_answer_prob(s.avg, s.pert) for s in items]
+        t = [_retain_score(x) for x in _ratios(items)]
+        res[f"{sn}_prob"] = _mean_ci(p, boot)
+        res[f"{sn}_truth_ratio"] = _mean_ci(t, boot)
+        groups.append({f"{sn}_prob": np.array(p), f"{sn}_truth_ratio": np.array(t)})
+    return res, groups
+
+
+def _against_reference(st, ref, forget, members, holdout, boot: dict) -> dict:
+    """Forget quality and PrivLeak of one model against the reference model's statistics
+    (items resampled jointly for both models)."""
     res: dict = {}
     if forget in st and forget in ref:
         a, b = _ratios(st[forget]), _ratios(ref[forget])
         if a and len(a) == len(b):
             xa, xb = np.asarray(a), np.asarray(b)
-            est = unlearning.forget_quality(xa, xb)
-            idx = boot_indices(np.random.default_rng(seed), len(xa), n_boot)
-            reps = [unlearning.forget_quality(xa[i], xb[i]).pvalue for i in idx]
-            lo, hi = percentile_interval(reps, level)
-            res["forget_quality"] = {"estimate": est.pvalue, "lo": lo, "hi": hi, "n": len(xa)}
-            res["forget_quality_ks"] = est.statistic
+            fq = rowwise(lambda i: unlearning.forget_quality(xa[i], xb[i]).pvalue)
+            est, lo, hi = _ci(bootstrap([np.arange(len(xa))], fq, **boot))
+            res["forget_quality"] = {"estimate": est, "lo": lo, "hi": hi, "n": len(xa)}
+            res["forget_quality_ks"] = unlearning.forget_quality(xa, xb).statistic
     if members in st and holdout in st and members in ref and holdout in ref:
         fm, hm = _mia_scores(st[members])["min_k"], _mia_scores(st[holdout])["min_k"]
         fr, hr = _mia_scores(ref[members])["min_k"], _mia_scores(ref[holdout])["min_k"]
         if fm and hm and len(fm) == len(fr) and len(hm) == len(hr):
             fm, hm, fr, hr = map(np.asarray, (fm, hm, fr, hr))
 
-            def leak(i, j):
-                a_ref = unlearning.roc_auc(fr[i], hr[j])
-                if a_ref == 1.0:  # MUSE orientation 0: PrivLeak undefined for this draw
-                    return math.nan
-                return unlearning.privacy_leakage(unlearning.roc_auc(fm[i], hm[j]), a_ref)
+            def leak(i, j, axis=-1):  # members' and non-members' indices, shared by both models
+                a_unl = np.asarray(unlearning.auc_statistic(fm[i], hm[j]))
+                a_ref = np.asarray(unlearning.auc_statistic(fr[i], hr[j]))
+                out = [
+                    math.nan if r == 1.0 else unlearning.privacy_leakage(u, r)  # r = 1: undefined
+                    for u, r in zip(a_unl.ravel().tolist(), a_ref.ravel().tolist())
+                ]
+                return np.asarray(out).reshape(a_ref.shape)
 
-            all_f, all_h = np.arange(len(fm)), np.arange(len(hm))
-            est = leak(all_f, all_h)
-            rng = np.random.default_rng(seed)
-            reps = [
-                leak(rng.integers(0, len(fm), len(fm)), rng.integers(0, len(hm), len(hm)))
-                for _ in range(n_boot)
-            ]
-            lo, hi = percentile_interval(reps, level)
+            samples = [np.arange(len(fm)), np.arange(len(hm))]
+            est, lo, hi = _ci(bootstrap(samples, leak, **boot))
             res["privleak"] = {"estimate": est, "lo": lo, "hi": hi, "n": [len(fm), len(hm)]}
     return res

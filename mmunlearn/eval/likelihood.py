@@ -72,13 +72,17 @@ def _model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def token_scores(model, adapter, samples: Sequence[Sample], batch_size: int = 16) -> list[list]:
+def token_scores(
+    model, adapter, samples: Sequence[Sample], batch_size: int = 16, progress: bool = False
+) -> list[list]:
     """Log-probabilities of every sample's answer tokens (a list of floats per sample), from
     ``model(**adapter.collate(chunk, ans_only=True, with_answer=True))`` in chunks of
-    ``batch_size``; in float32 whatever the model's dtype."""
+    ``batch_size``; in float32 whatever the model's dtype. ``progress``: a bar on a terminal."""
+    from mmunlearn.eval.tasks import progress_bar
+
     out: list[list[float]] = []
     dev = _model_device(model)
-    for i in range(0, len(samples), batch_size):
+    for i in progress_bar(range(0, len(samples), batch_size), "likelihood", progress):
         chunk = list(samples[i : i + batch_size])
         batch = to_device(adapter.collate(chunk, ans_only=True, with_answer=True), dev)
         lp, valid = token_logprobs(model(**batch).logits, batch["labels"])
@@ -87,7 +91,9 @@ def token_scores(model, adapter, samples: Sequence[Sample], batch_size: int = 16
     return out
 
 
-def item_stats(model, adapter, samples: Sequence[Sample], batch_size: int = 16) -> list[ItemStats]:
+def item_stats(
+    model, adapter, samples: Sequence[Sample], batch_size: int = 16, progress: bool = False
+) -> list[ItemStats]:
     """:class:`ItemStats` of every likelihood item (the answer, its paraphrase and perturbed
     answers all scored in one batched pass; the model must be in eval mode)."""
     texts: list[Sample] = []
@@ -103,7 +109,7 @@ def item_stats(model, adapter, samples: Sequence[Sample], batch_size: int = 16) 
         for j, p in enumerate(m.get("perturbed") or ()):
             texts.append(replace(s, answer=str(p)))
             where.append((i, "pert", j))
-    scores = token_scores(model, adapter, texts, batch_size)
+    scores = token_scores(model, adapter, texts, batch_size, progress)
     out = [ItemStats([], s.answer) for s in samples]
     for (i, what, _), lps in zip(where, scores):
         if what == "gt":

@@ -1,19 +1,21 @@
-"""Text metrics of the MLLMU-Bench evaluation protocol (method.md §6), in pure Python + numpy.
+"""Text metrics of the MLLMU-Bench evaluation protocol (method.md §6).
 
-No external NLP package is used (no nltk, no rouge_score, no sacrebleu); every definition is
-spelled out in the docstring of its function so that reported numbers can be reproduced by hand.
-
-* :func:`normalize_text` / :func:`tokenize` -- text normalisation and tokenisation;
-* :func:`rouge_n`, :func:`rouge_l`, :func:`rouge_scores` -- ROUGE-1/2/L (generation task);
+* :func:`normalize_text` / :func:`tokenize` -- text normalisation and tokenisation (cloze, BLEU);
+* :func:`rouge_n`, :func:`rouge_l`, :func:`rouge_scores` -- ROUGE-1/2/L (generation task), by
+  the ``rouge_score`` package (:func:`mmunlearn.eval.unlearning.rouge_scorer`);
 * :func:`bleu`, :func:`corpus_bleu` -- BLEU (generation task);
 * :func:`cloze_match` -- the fill-in-the-blank rule;
 * :func:`mcq_from_loglik`, :func:`mcq_letter_from_text` -- the 4-way classification task;
-* :func:`accuracy`, :func:`mean_ci` -- aggregation and a seeded bootstrap interval for reporting.
+* :func:`accuracy`, :func:`mean_ci` -- aggregation and a seeded bootstrap interval for reporting
+  (:mod:`mmunlearn.eval.bootstrap`).
 
-Known differences from the ``rouge_score`` package (``RougeScorer(..., use_stemmer=False)``):
-our tokenizer keeps non-ASCII letters (``rouge_score`` replaces every character outside
-``[a-z0-9]`` by a space, which splits accented names) and no Porter stemming is applied. On
-ASCII text without stemming the two agree.
+ROUGE is ``rouge_score``'s (``RougeScorer(..., use_stemmer=stemmer).score(ref, pred)``), without
+Porter stemming by default (the default protocol's setting; ``--rouge-stemmer`` turns it on, as
+MLLMU-Bench and CLEAR score). ``rouge_score`` tokenizes by lowercasing and replacing every
+character outside ``[a-z0-9]`` by a space, so accented letters split a word (``"Zoë"`` →
+``"zo"``); until issue #26 this module's hand-written ROUGE kept non-ASCII letters. On ASCII
+text the two agree. BLEU, the cloze rule and the MCQ parsers are ours, defined in their
+docstrings.
 """
 
 from __future__ import annotations
@@ -100,61 +102,53 @@ def ngrams(tokens: Sequence[str], n: int) -> Counter:
     return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
 
 
-def _prf(overlap: float, n_pred: int, n_ref: int) -> dict[str, float]:
-    p = overlap / n_pred if n_pred else 0.0
-    r = overlap / n_ref if n_ref else 0.0
-    f = 2.0 * p * r / (p + r) if p + r > 0 else 0.0
-    return {"precision": p, "recall": r, "f1": f}
+def _rouge(pred: str, ref: str, types: tuple[str, ...], stemmer: bool) -> dict:
+    from mmunlearn.eval.unlearning import rouge_scorer
+
+    if not isinstance(pred, str) or not isinstance(ref, str):
+        raise TypeError("pred and ref must be strings")
+    return rouge_scorer(types, stemmer).score(ref, pred)
 
 
-def rouge_n(pred: str, ref: str, n: int) -> dict[str, float]:
-    """ROUGE-N of a prediction against one reference.
-
-    With ``P`` = n-grams of ``tokenize(pred)`` and ``R`` = n-grams of ``tokenize(ref)``
-    (multisets), ``overlap = sum_g min(count_P(g), count_R(g))`` (clipped counts);
-    precision = overlap / |P|, recall = overlap / |R|, F1 = 2PR / (P + R).
-    A side with no n-gram (empty, or fewer than ``n`` tokens) gives precision/recall 0, and
-    F1 = 0 whenever P + R = 0. Returns ``{"precision", "recall", "f1"}``.
-    """
-    p_ng, r_ng = ngrams(tokenize(pred), n), ngrams(tokenize(ref), n)
-    overlap = sum((p_ng & r_ng).values())
-    return _prf(overlap, sum(p_ng.values()), sum(r_ng.values()))
-
-
-def _lcs_len(a: Sequence[str], b: Sequence[str]) -> int:
-    """Length of the longest common subsequence (O(|a||b|) time, O(|b|) memory)."""
-    if len(a) < len(b):
-        a, b = b, a
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0] * (len(b) + 1)
-        for j, y in enumerate(b, 1):
-            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(pred: str, ref: str) -> dict[str, float]:
-    """Sentence-level ROUGE-L (LCS) of a prediction against one reference.
-
-    With ``L = LCS(tokenize(pred), tokenize(ref))`` (longest common subsequence, not
-    necessarily contiguous): precision = L / |pred|, recall = L / |ref|,
-    F1 = 2PR / (P + R), i.e. Lin (2004)'s F_lcs with beta = 1. This is the same F-measure as
-    the ``rouge_score`` package's ``rougeL`` (its ``fmeasure`` is the harmonic mean of P and
-    R); the original ROUGE-1.5.5 script instead weights recall with a large beta. The whole
-    text is one sequence (no sentence splitting, i.e. not ``rougeLsum``). Empty side → 0.
-    """
-    tp, tr = tokenize(pred), tokenize(ref)
-    return _prf(_lcs_len(tp, tr) if tp and tr else 0, len(tp), len(tr))
-
-
-def rouge_scores(pred: str, ref: str) -> dict[str, float]:
-    """``{"rouge1", "rouge2", "rougeL"}`` F1 scores (see :func:`rouge_n`, :func:`rouge_l`)."""
+def _prf(score) -> dict[str, float]:
     return {
-        "rouge1": rouge_n(pred, ref, 1)["f1"],
-        "rouge2": rouge_n(pred, ref, 2)["f1"],
-        "rougeL": rouge_l(pred, ref)["f1"],
+        "precision": float(score.precision),
+        "recall": float(score.recall),
+        "f1": float(score.fmeasure),
     }
+
+
+def rouge_n(pred: str, ref: str, n: int, stemmer: bool = False) -> dict[str, float]:
+    """ROUGE-N (n = 1..9) of a prediction against one reference, by ``rouge_score``.
+
+    With ``P`` = n-grams of the prediction's tokens and ``R`` = those of the reference
+    (multisets), ``overlap = sum_g min(count_P(g), count_R(g))`` (clipped counts);
+    precision = overlap / |P|, recall = overlap / |R|, F1 = 2PR / (P + R). A side with no
+    n-gram (empty, or fewer than ``n`` tokens) gives zeros. Tokens: see the module docstring
+    (``stemmer``: Porter stemming). Returns ``{"precision", "recall", "f1"}``.
+    """
+    if not 1 <= n <= 9:
+        raise ValueError(f"n must be in 1..9 (rouge_score's rouge1..rouge9), got {n}")
+    key = f"rouge{n}"
+    return _prf(_rouge(pred, ref, (key,), stemmer)[key])
+
+
+def rouge_l(pred: str, ref: str, stemmer: bool = False) -> dict[str, float]:
+    """Sentence-level ROUGE-L (LCS) of a prediction against one reference, by ``rouge_score``.
+
+    With ``L = LCS(pred tokens, ref tokens)`` (longest common subsequence, not necessarily
+    contiguous): precision = L / |pred|, recall = L / |ref|, F1 = 2PR / (P + R), i.e. Lin
+    (2004)'s F_lcs with beta = 1 (``rouge_score``'s ``rougeL`` ``fmeasure``; the original
+    ROUGE-1.5.5 script instead weights recall with a large beta). The whole text is one
+    sequence (no sentence splitting, i.e. not ``rougeLsum``). Empty side → 0.
+    """
+    return _prf(_rouge(pred, ref, ("rougeL",), stemmer)["rougeL"])
+
+
+def rouge_scores(pred: str, ref: str, stemmer: bool = False) -> dict[str, float]:
+    """``{"rouge1", "rouge2", "rougeL"}`` F1 scores (see :func:`rouge_n`, :func:`rouge_l`)."""
+    s = _rouge(pred, ref, ("rouge1", "rouge2", "rougeL"), stemmer)
+    return {k: float(v.fmeasure) for k, v in s.items()}
 
 
 def _bleu_stats(pred: str, ref: str, max_n: int) -> tuple[list[int], list[int], int, int]:
@@ -390,28 +384,17 @@ def mean_ci(
 ) -> tuple[float, float, float]:
     """Mean and percentile-bootstrap confidence interval: ``(mean, low, high)``.
 
-    ``n_boot`` resamples of ``len(values)`` values with replacement are drawn with
-    ``numpy.random.default_rng(seed)`` (so the interval is a deterministic function of
-    ``values``, ``confidence``, ``n_boot`` and ``seed``); ``low``/``high`` are the
-    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles (numpy's default linear
-    interpolation) of the resample means. One value → ``(v, v, v)``; none → three ``nan``.
+    :func:`mmunlearn.eval.bootstrap.bootstrap_ci` of the values with ``np.mean`` (``n_boot``
+    resamples drawn from ``numpy.random.default_rng(seed)``; ``low``/``high`` the
+    ``(1 ∓ confidence) / 2`` quantiles of the resample means), as a plain tuple. One value →
+    ``(v, v, v)``; none → three ``nan``; a NaN value is a ValueError (since #26; it used to
+    propagate into the interval).
     """
+    from mmunlearn.eval.bootstrap import bootstrap_ci
+
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    x = np.asarray(values, dtype=np.float64).ravel()
-    if x.size == 0:
+    if len(values) == 0:
         return (math.nan, math.nan, math.nan)
-    mean = float(x.mean())
-    if x.size == 1:
-        return (mean, mean, mean)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, 4_000_000 // x.size)  # bound the (rows, n) index array's memory
-    means = np.empty(n_boot, dtype=np.float64)
-    for s in range(0, n_boot, chunk):
-        e = min(n_boot, s + chunk)
-        means[s:e] = x[rng.integers(0, x.size, size=(e - s, x.size))].mean(axis=1)
-    alpha = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
-    return (mean, float(lo), float(hi))
+    ci = bootstrap_ci(values, np.mean, n_boot, seed, confidence)
+    return (ci.estimate, ci.lo, ci.hi)

@@ -397,7 +397,7 @@ def write_report(
     if results.get("intervals") or unl:
         boot = results.get("bootstrap") or {}
         md += [
-            "Intervals: percentile bootstrap over items"
+            f"Intervals: {boot.get('method', 'percentile')} bootstrap over items"
             + (f" ({boot.get('n_boot')} draws, seed {boot.get('seed')})" if boot else "")
             + "; n = items per column (MIA: forget/holdout).",
             "",

@@ -251,7 +251,7 @@ def evaluate_model(model, adapter, tokenizer, plan: Plan, unlearning: bool = Tru
     stats = {}
     if unlearning:
         stats = {
-            n: item_stats(model, adapter, items, cfg.batch_size)
+            n: item_stats(model, adapter, items, cfg.batch_size, progress=cfg.progress)
             for n, items in likelihood_sets(plan, sets).items()
         }
     return res, stats, proto
@@ -295,14 +295,17 @@ def assemble(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
+    method: str = "percentile",
 ) -> dict:
     """Add to ``results`` (``{"methods": {label: task results}}``): ``official`` (the protocol's
     own result block per model), ``unlearning`` (:func:`compare.unlearning_metrics`; under
     ``--protocol clear`` CLEAR's model utility and forget quality, plus the MIAs),
     ``unlearning_roles``, ``intervals``, ``gap`` (with a reference and another model) and
-    ``bootstrap``; moves the generations (``_outputs``) to ``results["outputs"]``."""
+    ``bootstrap`` (n_boot, seed, level, method: every interval is
+    :func:`mmunlearn.eval.bootstrap.bootstrap`); moves the generations (``_outputs``) to
+    ``results["outputs"]``."""
     methods = results["methods"]
-    boot = {"n_boot": n_boot, "seed": seed, "level": level}
+    boot = {"n_boot": n_boot, "seed": seed, "level": level, "method": method}
     ref = reference if reference in methods else None
     outputs, official = {}, {}
     for label, sets in methods.items():

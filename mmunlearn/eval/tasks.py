@@ -40,6 +40,7 @@ class EvalConfig:
     letter_mcq: bool = True  # also ask for the letter and parse the generation
     generation: bool = True
     progress: bool = True
+    rouge_stemmer: bool = False  # ROUGE with Porter stemming (rouge_score use_stemmer)
     # keep every item's score under ``metrics["_items"]`` (and corpus-BLEU statistics under
     # ``metrics["_bleu_stats"]``) for bootstrap intervals and the gap to a reference; changes no
     # number and is not part of the protocol record
@@ -55,6 +56,13 @@ def _model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def progress_bar(items: Sequence, desc: str, enabled: bool):
+    """``items`` with a tqdm bar (on stderr, removed when done) when ``enabled`` and stderr is a
+    terminal (tqdm's ``disable=None``); the long loops of an evaluation (generation, option and
+    answer likelihoods) go through it."""
+    return tqdm(items, desc=desc, disable=None if enabled else True, leave=False, unit="batch")
+
+
 @torch.no_grad()
 def option_scores(model, collate: Callable, samples: Sequence[Sample], cfg: EvalConfig):
     """Log-likelihood of every option of every MCQ sample as the answer: list of dicts."""
@@ -64,7 +72,7 @@ def option_scores(model, collate: Callable, samples: Sequence[Sample], cfg: Eval
             cands.append((si, letter, replace(s, answer=str(text))))
     scores: list[dict] = [{} for _ in samples]
     dev = _model_device(model)
-    for chunk in _batches(cands, cfg.batch_size):
+    for chunk in progress_bar(list(_batches(cands, cfg.batch_size)), "MCQ options", cfg.progress):
         batch = to_device(collate([c[2] for c in chunk], ans_only=True, with_answer=True), dev)
         logits = model(**batch).logits
         if cfg.length_normalized:
@@ -98,7 +106,8 @@ def generate(
     tokens skipped (stripped of surrounding white space unless ``strip=False``)."""
     out: list[str] = []
     dev = _model_device(model)
-    for chunk in _batches(list(samples), cfg.batch_size):
+    chunks = list(_batches(list(samples), cfg.batch_size))
+    for chunk in progress_bar(chunks, "generate", cfg.progress):
         batch = to_device(collate(chunk, ans_only=True, with_answer=False), dev)
         batch.pop("labels", None)
         n_in = batch["input_ids"].shape[1]
@@ -208,7 +217,9 @@ def evaluate_set(
             if not items:
                 continue
             texts = generate(model, collate, tokenizer, items, cfg)
-            rs = [metrics.rouge_scores(t, s.answer) for t, s in zip(texts, items)]
+            rs = [
+                metrics.rouge_scores(t, s.answer, cfg.rouge_stemmer) for t, s in zip(texts, items)
+            ]
             for key in ("rouge1", "rouge2", "rougeL"):
                 res[f"{kind}_{key}"] = sum(r[key] for r in rs) / len(rs)
                 _keep(res, cfg, f"{kind}_{key}", [r[key] for r in rs])
@@ -248,6 +259,7 @@ def protocol(cfg: EvalConfig) -> dict:
         "letter_mcq": cfg.letter_mcq,
         "max_new_tokens": cfg.max_new_tokens,
         "decoding": "greedy",
+        "rouge": "rouge_score F1, " + ("Porter stemming" if cfg.rouge_stemmer else "no stemming"),
     }
 
 
@@ -269,9 +281,10 @@ def evaluate_clear_set(
       questions answered by a generated letter (with ``cfg.letter_mcq``); ``n_face``;
     - ``caption_rouge1`` / ``caption_rouge2`` / ``caption_rougeL``: mean F1 of the greedy
       caption (``cfg.max_new_tokens``) against the sample's caption
-      (:func:`mmunlearn.metrics.rouge_scores`); ``caption_rougeL_recall``: mean ROUGE-L recall
-      (the TOFU / CLEAR convention); ``caption_bleu``: corpus BLEU
-      (:func:`mmunlearn.metrics.corpus_bleu`); ``n_caption`` (with ``cfg.generation``);
+      (:func:`mmunlearn.eval.metrics.rouge_scores`, stemmed with ``cfg.rouge_stemmer``);
+      ``caption_rougeL_recall``: mean ROUGE-L recall (the TOFU / CLEAR convention);
+      ``caption_bleu``: corpus BLEU (:func:`mmunlearn.eval.metrics.corpus_bleu`);
+      ``n_caption`` (with ``cfg.generation``);
     - ``mcq_acc`` / ``mcq_letter_acc`` / ``n_mcq``: ``real_faces`` / ``real_world`` MCQs
       (:func:`mmunlearn.data.clear.read_clear_real`), likelihood / generated letter.
 
@@ -295,11 +308,11 @@ def evaluate_clear_set(
     if captions and cfg.generation:
         texts = generate(model, collate, tokenizer, list(captions), cfg)
         refs = [s.answer for s in captions]
-        rs = [metrics.rouge_scores(t, r) for t, r in zip(texts, refs)]
+        rs = [metrics.rouge_scores(t, r, cfg.rouge_stemmer) for t, r in zip(texts, refs)]
         for key in ("rouge1", "rouge2", "rougeL"):
             res[f"caption_{key}"] = sum(r[key] for r in rs) / len(rs)
             _keep(res, cfg, f"caption_{key}", [r[key] for r in rs])
-        rec = [metrics.rouge_l(t, r)["recall"] for t, r in zip(texts, refs)]
+        rec = [metrics.rouge_l(t, r, cfg.rouge_stemmer)["recall"] for t, r in zip(texts, refs)]
         res["caption_rougeL_recall"] = sum(rec) / len(rec)
         _keep(res, cfg, "caption_rougeL_recall", rec)
         res["caption_bleu"] = metrics.corpus_bleu(texts, refs)

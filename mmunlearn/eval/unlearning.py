@@ -1,14 +1,17 @@
 """Unlearning metrics as pure functions (issue #14): each reproduces one published definition.
 
 Inputs are plain sequences of floats or strings (numpy arrays work too); outputs are floats,
-dicts or small ``NamedTuple``s. No torch; numpy only in the bootstraps. Empty inputs raise
-``ValueError`` naming the argument, and so does a NaN anywhere.
+dicts or small ``NamedTuple``s. No torch. Empty inputs raise ``ValueError`` naming the argument,
+and so does a NaN anywhere.
 
-The reference libraries (extra ``mmunlearn[eval]``: ``rouge_score``, ``nltk``, ``scipy``) are
-imported lazily by the functions that *are* those libraries' numbers: :func:`rouge`,
-:func:`rouge_l_recall` (rouge_score), :func:`sentence_bleu` (nltk), :func:`forget_quality`
-(scipy). Everything else is ours by design (exact AUC, harmonic mean, truth ratio, MIA scores,
-PrivLeak, gap, bootstrap) and is tested against hand-worked cases.
+The reference libraries (``rouge_score``, ``nltk``, ``scipy``) are imported lazily by the
+functions that *are* those libraries' numbers: :func:`rouge`, :func:`rouge_l_recall`
+(rouge_score), :func:`sentence_bleu` (nltk), :func:`forget_quality` (``ks_2samp``),
+:func:`roc_auc` (``mannwhitneyu``), :func:`model_utility` (``hmean``); the bootstraps are
+:mod:`mmunlearn.eval.bootstrap` (``scipy.stats.bootstrap``; :func:`bootstrap_ci`,
+:func:`paired_bootstrap_ci`, :func:`two_sample_bootstrap_ci` are re-exported here). What no
+library computes is ours (truth ratio, MIA scores, PrivLeak, gap), tested against
+hand-worked cases.
 
 Sources read (commit, date of the snapshot read):
 
@@ -33,17 +36,26 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import warnings
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal, NamedTuple
 
 import numpy as np
+
+from mmunlearn.eval.bootstrap import (  # the one bootstrap; re-exported under the old home
+    BootstrapCI,
+    bootstrap_ci,
+    paired_bootstrap_ci,
+    two_sample_bootstrap_ci,
+)
 
 __all__ = [
     "ROUGE_TYPES",
     "TOFU_MODEL_UTILITY",
     "rouge",
     "rouge_l_recall",
+    "rouge_scorer",
     "sentence_bleu",
     "TruthRatio",
     "truth_ratio",
@@ -56,6 +68,8 @@ __all__ = [
     "zlib_score",
     "min_k_prob",
     "roc_auc",
+    "auc_statistic",
+    "hmean_statistic",
     "privacy_leakage",
     "avg_gap",
     "BootstrapCI",
@@ -115,12 +129,14 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- text metrics
-@functools.lru_cache(maxsize=4)
-def _scorer(types: tuple[str, ...]):
-    return _require("rouge_score.rouge_scorer").RougeScorer(list(types), use_stemmer=True)
+@functools.lru_cache(maxsize=16)
+def rouge_scorer(types: tuple[str, ...], stemmer: bool = True):
+    """A cached ``rouge_score`` ``RougeScorer(list(types), use_stemmer=stemmer)``: every ROUGE of
+    mmunlearn (this module's and :mod:`mmunlearn.eval.metrics`') is scored by one of these."""
+    return _require("rouge_score.rouge_scorer").RougeScorer(list(types), use_stemmer=stemmer)
 
 
-def rouge(pred: str, ref: str) -> dict[str, dict[str, float]]:
+def rouge(pred: str, ref: str, stemmer: bool = True) -> dict[str, dict[str, float]]:
     """ROUGE-1/2/L of ``pred`` against ``ref``: ``rouge_score``'s
     ``RougeScorer(['rouge1', 'rouge2', 'rougeL'], use_stemmer=True).score(ref, pred)``.
 
@@ -128,23 +144,25 @@ def rouge(pred: str, ref: str) -> dict[str, dict[str, float]]:
     / CLEAR (``score(gt, gen)``, recalls). With overlap ``o`` (clipped n-gram counts; LCS length for
     rougeL): precision = o / |pred|, recall = o / |ref|, f1 = 2PR / (P + R). rouge_score lowercases,
     replaces every character outside ``[a-z0-9]`` by a space (accented letters split words) and
-    Porter-stems tokens longer than 3 characters. An empty side gives zeros.
+    Porter-stems tokens longer than 3 characters (``stemmer=False``: not; the default protocol's
+    setting, :mod:`mmunlearn.eval.metrics`). An empty side gives zeros.
     Returns ``{"rouge1"|"rouge2"|"rougeL": {"precision", "recall", "f1"}}``.
     """
     ref, pred = _text(ref, "ref"), _text(pred, "pred")
-    s = _scorer(ROUGE_TYPES).score(ref, pred)
+    s = rouge_scorer(ROUGE_TYPES, stemmer).score(ref, pred)
     return {
         k: {"precision": float(v.precision), "recall": float(v.recall), "f1": float(v.fmeasure)}
         for k, v in s.items()
     }
 
 
-def rouge_l_recall(pred: str, ref: str) -> float:
+def rouge_l_recall(pred: str, ref: str, stemmer: bool = True) -> float:
     """ROUGE-L recall = LCS(pred, ref) / |ref| (rouge_score tokens, stemmed): the "ROUGE" of TOFU
     (``evals/eval_everything.py``), open-unlearning (``rouge_type: rougeL_recall``) and CLEAR
-    (``mm/calculate_metrics.py``), all ``RougeScorer([...], use_stemmer=True).score(gt, gen)``."""
+    (``mm/calculate_metrics.py``), all ``RougeScorer([...], use_stemmer=True).score(gt, gen)``
+    (``stemmer=False``: unstemmed)."""
     ref, pred = _text(ref, "ref"), _text(pred, "pred")
-    return float(_scorer(("rougeL",)).score(ref, pred)["rougeL"].recall)
+    return float(rouge_scorer(("rougeL",), stemmer).score(ref, pred)["rougeL"].recall)
 
 
 def sentence_bleu(pred: str, ref: str) -> float:
@@ -238,18 +256,22 @@ def forget_quality(unlearned_stats: Sequence[float], reference_stats: Sequence[f
 
 
 def model_utility(values: Mapping[str, float] | Sequence[float]) -> float:
-    """Model utility = harmonic mean ``n / sum_i 1/x_i`` of the retain-side metrics (TOFU
-    ``get_model_utility``, open-unlearning ``hm_aggregate`` = ``scipy.stats.hmean``, CLEAR).
-
-    For TOFU the nine values named in :data:`TOFU_MODEL_UTILITY`; pass a mapping to keep the names
-    with the numbers. A zero value gives 0 (as scipy); a negative one is a ValueError.
+    """Model utility = harmonic mean ``n / sum_i 1/x_i`` of the retain-side metrics:
+    ``scipy.stats.hmean``, as TOFU ``get_model_utility``, open-unlearning ``hm_aggregate`` and
+    CLEAR. For TOFU the nine values named in :data:`TOFU_MODEL_UTILITY`; pass a mapping to keep
+    the names with the numbers. A zero value gives 0 (as scipy); a negative one is a ValueError.
     """
     xs = _floats(list(values.values()) if isinstance(values, Mapping) else values, "values")
     if any(x < 0 for x in xs):
         raise ValueError("values must be >= 0 for a harmonic mean")
-    if any(x == 0 for x in xs):
-        return 0.0
-    return len(xs) / math.fsum(1.0 / x for x in xs)
+    return float(hmean_statistic(np.asarray(xs), axis=0))
+
+
+def hmean_statistic(values: np.ndarray, axis: int = 0) -> np.ndarray:
+    """``scipy.stats.hmean`` along ``axis``, unchecked (a zero value gives 0, silently)."""
+    stats = _require("scipy.stats")
+    with np.errstate(divide="ignore"):
+        return stats.hmean(values, axis=axis)
 
 
 # ----------------------------------------------------------------------------- membership inference
@@ -279,24 +301,23 @@ def min_k_prob(token_logprobs: Sequence[float], k: float = 0.2) -> float:
 
 
 def roc_auc(scores_members: Sequence[float], scores_nonmembers: Sequence[float]) -> float:
-    """Exact ROC AUC = ``P(s_member > s_nonmember) + 1/2 P(s_member = s_nonmember)`` over all
-    pairs, via Mann-Whitney: ``U = R_m - n_m (n_m + 1) / 2`` with mid-ranks for ties, AUC =
-    ``U / (n_m n_n)``. Computed in integers (twice the mid-rank sum), one rounding. Equals
-    ``sklearn.metrics.roc_auc_score`` with members labelled 1. ``±inf`` scores are allowed.
-    """
+    """ROC AUC = ``P(s_member > s_nonmember) + 1/2 P(s_member = s_nonmember)`` over all pairs:
+    the Mann-Whitney ``U`` of the members (``scipy.stats.mannwhitneyu``, mid-ranks for ties)
+    over ``n_m n_n``. Equals ``sklearn.metrics.roc_auc_score`` with members labelled 1.
+    ``±inf`` scores are allowed. :func:`auc_statistic` is the vectorized form."""
     m = _floats(scores_members, "scores_members")
     h = _floats(scores_nonmembers, "scores_nonmembers")
-    pooled = sorted([(v, 1) for v in m] + [(v, 0) for v in h])
-    two_rank_sum, i = 0, 0
-    while i < len(pooled):
-        j = i
-        while j + 1 < len(pooled) and pooled[j + 1][0] == pooled[i][0]:
-            j += 1
-        members_here = sum(lab for _, lab in pooled[i : j + 1])
-        two_rank_sum += members_here * ((i + 1) + (j + 1))  # 2 * mid-rank of this tie group
-        i = j + 1
-    two_u = two_rank_sum - len(m) * (len(m) + 1)
-    return two_u / (2 * len(m) * len(h))
+    return float(auc_statistic(np.asarray(m), np.asarray(h)))
+
+
+def auc_statistic(members: np.ndarray, nonmembers: np.ndarray, axis: int = -1) -> np.ndarray:
+    """:func:`roc_auc` along ``axis`` of (broadcast) arrays, unchecked: what the bootstrap
+    resamples (``mannwhitneyu(..., method="asymptotic")``: the p-value is not used)."""
+    stats = _require("scipy.stats")
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-tied rows: no p-value
+        u = stats.mannwhitneyu(members, nonmembers, axis=axis, method="asymptotic").statistic
+    return u / (np.shape(members)[axis] * np.shape(nonmembers)[axis])
 
 
 def privacy_leakage(
@@ -352,103 +373,3 @@ def avg_gap(
             - _scalar(reference_metrics[k], f"reference_metrics[{k!r}]")
         )
     return {"avg_gap": _mean(list(gaps.values())), "keys": keys, "gaps": gaps}
-
-
-# ----------------------------------------------------------------------------- bootstrap
-class BootstrapCI(NamedTuple):
-    estimate: float  # the statistic on the full sample(s)
-    lo: float
-    hi: float
-    n: int | tuple[int, int]  # items (one sample / pairs) or (n_x, n_y)
-
-
-def _check_boot(n_boot: int, level: float) -> float:
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    return (1.0 - level) / 2.0
-
-
-def _ci(est: float, reps, alpha: float, n) -> BootstrapCI:
-    lo, hi = np.quantile(np.asarray(reps, dtype=np.float64), [alpha, 1.0 - alpha])
-    return BootstrapCI(float(est), float(lo), float(hi), n)
-
-
-def bootstrap_ci(
-    values: Sequence[float],
-    stat: Callable = np.mean,
-    n_boot: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> BootstrapCI:
-    """Percentile bootstrap: ``estimate = stat(x)``; ``n_boot`` resamples of ``len(x)`` items with
-    replacement from ``numpy.random.default_rng(seed)``; ``lo``/``hi`` = the ``(1 -+ level)/2``
-    quantiles (numpy linear) of ``stat`` over the resamples. Deterministic in (values, stat,
-    n_boot, seed, level). ``stat`` takes a 1-D float array; with ``np.mean`` the draws and the
-    result are bit-identical to the hand-written ``metrics.mean_ci``. A NaN from ``stat``
-    propagates.
-    """
-    alpha = _check_boot(n_boot, level)
-    x = np.asarray(_floats(values, "values"), dtype=np.float64)
-    rng, n = np.random.default_rng(seed), x.size
-    chunk = max(1, 4_000_000 // n)  # bound the (rows, n) index matrix's memory, as mean_ci
-    reps = np.empty(n_boot, dtype=np.float64)
-    for s in range(0, n_boot, chunk):
-        e = min(n_boot, s + chunk)
-        idx = rng.integers(0, n, size=(e - s, n))
-        if stat is np.mean:
-            reps[s:e] = x[idx].mean(axis=1)
-        else:
-            reps[s:e] = [stat(x[row]) for row in idx]
-    return _ci(stat(x), reps, alpha, n)
-
-
-def paired_bootstrap_ci(
-    a: Sequence[float],
-    b: Sequence[float],
-    stat: Callable = np.mean,
-    n_boot: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> BootstrapCI:
-    """Bootstrap interval of ``stat(a) - stat(b)`` for two models scored on the **same items**
-    (``a[i]``, ``b[i]`` = item i): items are resampled jointly, so the between-item variance
-    cancels. With ``np.mean`` this is :func:`bootstrap_ci` of ``a - b`` (bit-identical)."""
-    xa = np.asarray(_floats(a, "a"), dtype=np.float64)
-    xb = np.asarray(_floats(b, "b"), dtype=np.float64)
-    if xa.size != xb.size:
-        raise ValueError(f"a has {xa.size} items and b {xb.size}; paired samples must match")
-    if stat is np.mean:
-        return bootstrap_ci(xa - xb, np.mean, n_boot, seed, level)
-    alpha = _check_boot(n_boot, level)
-    rng, n = np.random.default_rng(seed), xa.size
-    reps = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, n, size=n)
-        reps.append(stat(xa[idx]) - stat(xb[idx]))
-    return _ci(stat(xa) - stat(xb), reps, alpha, n)
-
-
-def two_sample_bootstrap_ci(
-    x: Sequence[float],
-    y: Sequence[float],
-    stat: Callable[[np.ndarray, np.ndarray], float],
-    n_boot: int = 1000,
-    seed: int = 0,
-    level: float = 0.95,
-) -> BootstrapCI:
-    """Percentile bootstrap of a two-sample statistic ``stat(x, y)`` (e.g. :func:`roc_auc` of
-    members vs. non-members, or a KS p-value), resampling ``x`` and ``y`` independently, each to
-    its own size (for each replicate: ``len(x)`` draws for ``x``, then ``len(y)`` for ``y``).
-    ``n = (len(x), len(y))``. A p-value's bootstrap distribution is skewed: read it as spread."""
-    alpha = _check_boot(n_boot, level)
-    ax = np.asarray(_floats(x, "x"), dtype=np.float64)
-    ay = np.asarray(_floats(y, "y"), dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    reps = []
-    for _ in range(n_boot):
-        ix = rng.integers(0, ax.size, size=ax.size)
-        iy = rng.integers(0, ay.size, size=ay.size)
-        reps.append(stat(ax[ix], ay[iy]))
-    return _ci(stat(ax, ay), reps, alpha, (int(ax.size), int(ay.size)))
