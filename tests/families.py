@@ -1,0 +1,298 @@
+"""Real-layout checkpoints of many image-text-to-text families, built offline (nothing is
+downloaded): ``save_pretrained`` of the real transformers class from a tiny config (text:
+hidden 64, 2 layers, 4 heads, 2 KV heads; vision: hidden 32, 2 layers, 32 px, patch 8; random
+weights), with the family's real processor class (its ``*Pil`` image processor: no torchvision
+needed), a byte-level BPE tokenizer holding the family's special tokens and a chat template.
+
+:data:`BUILDERS` maps a family (its ``model_type``) to a builder ``f(folder) -> folder``;
+:data:`NO_PROCESSOR` lists the families whose processor cannot be built here and why (their
+model is still built and checked: :func:`model_only`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from realformat import _tokenizer
+
+from mmunlearn.models.processing import without_video
+
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
+MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+BASE = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def template(image: str, bos: str = "") -> str:
+    """A chat template: ``<|user|>`` / ``<|assistant|>`` turns closed by ``<|end|>``; each
+    image rendered as ``image`` (the text the family's processor expands)."""
+    return (
+        bos + "{% for message in messages %}<|{{ message['role'] }}|>"
+        "{% for c in message['content'] %}{% if c['type'] == 'image' %}" + image + "{% else %}"
+        "{{ c['text'] }}{% endif %}{% endfor %}<|end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+
+
+def _tok(extra: list[str], **named):
+    """The tokenizer: :data:`BASE` + ``extra`` special tokens; ``named`` = the family's named
+    special tokens (e.g. ``boi_token="<start_of_image>"``: ``tok.boi_token`` /
+    ``tok.boi_token_id``, saved in tokenizer_config.json)."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _tokenizer(BASE + extra, "<s>", "</s>", "<pad>", "<unk>")
+    if not named:
+        return tok
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>", extra_special_tokens=named,
+    )  # fmt: skip
+
+
+def _ids(tok) -> dict:
+    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
+            "eos_token_id": tok.eos_token_id}  # fmt: skip
+
+
+def _text(tok, **kw) -> dict:
+    return {**TEXT, "vocab_size": len(tok), **_ids(tok), **kw}
+
+
+def _save(folder, cls, cfg, tok, proc, seed=0) -> Path:
+    folder = Path(folder)
+    for k, v in _ids(tok).items():
+        setattr(cfg, k, v)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(cfg)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+    return folder
+
+
+def llava_next(folder):
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextProcessor
+    from transformers import LlavaNextForConditionalGeneration as M
+    from transformers.models.llava_next import LlavaNextImageProcessorPil
+
+    tok = _tok(["<image>"])
+    cfg = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**VISION, projection_dim=32),
+        text_config=LlamaConfig(**_text(tok)),
+        image_grid_pinpoints=[[32, 32]],
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+    )
+    ip = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size=32,
+                                    image_grid_pinpoints=[[32, 32]])  # fmt: skip
+    proc = LlavaNextProcessor(ip, tok, patch_size=8, vision_feature_select_strategy="default",
+                              num_additional_image_tokens=1,
+                              chat_template=template("<image>\n"))  # fmt: skip
+    return _save(folder, M, cfg, tok, proc)
+
+
+def llava_onevision(folder):
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers import LlavaOnevisionForConditionalGeneration as M
+    from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
+
+    tok = _tok(["<image>", "<video>"])
+    cfg = LlavaOnevisionConfig(
+        vision_config=SiglipVisionConfig(**VISION),
+        text_config=Qwen2Config(**_text(tok)),
+        image_grid_pinpoints=[[32, 32]],
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-1,
+    )
+    ip = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                         image_grid_pinpoints=[[32, 32]])  # fmt: skip
+    proc = without_video(LlavaOnevisionProcessor)(ip, tok, num_image_tokens=16,
+                                   vision_feature_select_strategy="full",
+                                   chat_template=template("<image>\n"))  # fmt: skip
+    return _save(folder, M, cfg, tok, proc)
+
+
+def gemma3(folder):
+    from transformers import Gemma3Config, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
+    from transformers import Gemma3ForConditionalGeneration as M
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    specials = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    tok = _tok(specials, boi_token=specials[0], eoi_token=specials[1], image_token=specials[2])
+    cfg = Gemma3Config(
+        vision_config=SiglipVisionConfig(**VISION),
+        text_config=Gemma3TextConfig(**_text(tok), sliding_window=64, head_dim=16),
+        mm_tokens_per_image=4,
+        boi_token_index=tok.boi_token_id,
+        eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id,
+    )
+    ip = Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    proc = Gemma3Processor(ip, tok, chat_template=template("<start_of_image>"),
+                           image_seq_length=4)  # fmt: skip
+    return _save(folder, M, cfg, tok, proc)
+
+
+def _idefics(folder, kind: str):
+    import transformers as T
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+    from transformers.models.smolvlm import SmolVLMImageProcessorPil
+
+    tok = _tok(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"])
+    text = T.LlamaConfig(**_text(tok))
+    ip_kw = dict(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                 do_image_splitting=False)  # fmt: skip
+    image_id = tok.convert_tokens_to_ids("<image>")
+    if kind == "idefics3":
+        cfg = T.Idefics3Config(vision_config=dict(VISION), text_config=text, scale_factor=2,
+                               image_token_id=image_id)  # fmt: skip
+        proc = T.Idefics3Processor(Idefics3ImageProcessorPil(**ip_kw), tok, image_seq_len=4,
+                                   chat_template=template("<image>"))  # fmt: skip
+        return _save(folder, T.Idefics3ForConditionalGeneration, cfg, tok, proc)
+    cfg = T.SmolVLMConfig(vision_config=dict(VISION), text_config=text, scale_factor=2,
+                          image_token_id=image_id)  # fmt: skip
+    proc = without_video(T.SmolVLMProcessor)(
+        SmolVLMImageProcessorPil(**ip_kw),
+        tok,
+        video_processor=None,
+        image_seq_len=4,
+        chat_template=template("<image>"),
+    )
+    return _save(folder, T.SmolVLMForConditionalGeneration, cfg, tok, proc)
+
+
+def idefics3(folder):
+    return _idefics(folder, "idefics3")
+
+
+def smolvlm(folder):
+    return _idefics(folder, "smolvlm")
+
+
+def internvl(folder):
+    import transformers as T
+    from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
+
+    named = {"start_image_token": "<img>", "end_image_token": "</img>",
+             "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}  # fmt: skip
+    tok = _tok(list(named.values()), **named)
+    vision = dict(VISION, image_size=[32, 32], patch_size=[8, 8])
+    cfg = T.InternVLConfig(vision_config=vision, text_config=T.Qwen2Config(**_text(tok)),
+                           downsample_ratio=0.5,
+                           image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))  # fmt: skip
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
+    tpl = template("<IMG_CONTEXT>\n")
+    proc = without_video(T.InternVLProcessor)(ip, tok, image_seq_length=4, chat_template=tpl)
+    return _save(folder, T.InternVLForConditionalGeneration, cfg, tok, proc)
+
+
+def mllama(folder):
+    import transformers as T
+    from transformers.models.mllama import MllamaImageProcessorPil
+
+    tok = _tok(["<|image|>", "<|python_tag|>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_global_layers=1, attention_heads=2, image_size=32, patch_size=8,
+                  vision_output_dim=64, intermediate_layers_indices=[0], max_num_tiles=1,
+                  supported_aspect_ratios=[[1, 1]])  # fmt: skip
+    text = dict(_text(tok), cross_attention_layers=[1])
+    cfg = T.MllamaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<|image|>"))  # fmt: skip
+    ip = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=1)
+    proc = T.MllamaProcessor(ip, tok, chat_template=template("<|image|>"))
+    return _save(folder, T.MllamaForConditionalGeneration, cfg, tok, proc)
+
+
+def paligemma(folder):
+    import transformers as T
+    from transformers.models.siglip import SiglipImageProcessorPil
+
+    tok = _tok(["<image>"])
+    ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
+    ip.image_seq_length = 16
+    tpl = (
+        "{% for message in messages %}{% for c in message['content'] %}"
+        "{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "{% if message['role'] == 'user' %}{{ '\\n' }}{% endif %}{% endfor %}"
+    )
+    proc = T.PaliGemmaProcessor(ip, tok, chat_template=tpl)  # adds its location tokens
+    text = T.GemmaConfig(**_text(tok), head_dim=16)
+    cfg = T.PaliGemmaConfig(vision_config=dict(VISION, projection_dim=64), text_config=text,
+                            projection_dim=64,
+                            image_token_index=tok.convert_tokens_to_ids("<image>"))  # fmt: skip
+    return _save(folder, T.PaliGemmaForConditionalGeneration, cfg, tok, proc)
+
+
+def _qwen(folder, kind: str):
+    import transformers as T
+    from realformat import QWEN_SPECIALS, QWEN_TEMPLATE
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = _tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", None)
+    tok.chat_template = QWEN_TEMPLATE
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(TEXT, vocab_size=len(tok), rope_parameters=MROPE, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id)  # fmt: skip
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64)  # fmt: skip
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"],
+                  vision_end_token_id=ids["<|vision_end|>"])  # fmt: skip
+    if kind == "qwen2_5_vl":
+        vision.update(fullatt_block_indexes=[1], window_size=32)
+        cfg = T.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+        cls, proc_cls = T.Qwen2_5_VLForConditionalGeneration, T.Qwen2_5_VLProcessor
+    else:
+        text["head_dim"] = 16
+        vision.update(deepstack_visual_indexes=[1], num_position_embeddings=64)
+        cfg = T.Qwen3VLConfig(text_config=text, vision_config=vision, **tokens)
+        cls, proc_cls = T.Qwen3VLForConditionalGeneration, T.Qwen3VLProcessor
+    ip = Qwen2VLImageProcessorPil(min_pixels=32 * 32, max_pixels=64 * 64, patch_size=8,
+                                  temporal_patch_size=2, merge_size=2)  # fmt: skip
+    proc = without_video(proc_cls)(ip, tok, chat_template=QWEN_TEMPLATE)
+    return _save(folder, cls, cfg, tok, proc)
+
+
+def qwen2_5_vl(folder):
+    return _qwen(folder, "qwen2_5_vl")
+
+
+def qwen3_vl(folder):
+    return _qwen(folder, "qwen3_vl")
+
+
+BUILDERS = {
+    "llava_next": llava_next,
+    "llava_onevision": llava_onevision,
+    "gemma3": gemma3,
+    "idefics3": idefics3,
+    "smolvlm": smolvlm,
+    "internvl": internvl,
+    "mllama": mllama,
+    "paligemma": paligemma,
+    "qwen2_5_vl": qwen2_5_vl,
+    "qwen3_vl": qwen3_vl,
+}
