@@ -80,8 +80,9 @@ def _save(folder, cls, cfg, tok, proc, seed=0) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = cls(cfg)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+        model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(folder)
     proc.save_pretrained(folder)
     return folder
@@ -156,40 +157,18 @@ def gemma3(folder):
     return _save(folder, M, cfg, tok, proc)
 
 
-def _idefics(folder, kind: str):
+def idefics3(folder):
     import transformers as T
     from transformers.models.idefics3 import Idefics3ImageProcessorPil
-    from transformers.models.smolvlm import SmolVLMImageProcessorPil
 
     tok = _tok(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"])
-    text = T.LlamaConfig(**_text(tok))
-    ip_kw = dict(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
-                 do_image_splitting=False)  # fmt: skip
+    ip = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
+                                   do_image_splitting=False)  # fmt: skip
     image_id = tok.convert_tokens_to_ids("<image>")
-    if kind == "idefics3":
-        cfg = T.Idefics3Config(vision_config=dict(VISION), text_config=text, scale_factor=2,
-                               image_token_id=image_id)  # fmt: skip
-        proc = T.Idefics3Processor(Idefics3ImageProcessorPil(**ip_kw), tok, image_seq_len=4,
-                                   chat_template=template("<image>"))  # fmt: skip
-        return _save(folder, T.Idefics3ForConditionalGeneration, cfg, tok, proc)
-    cfg = T.SmolVLMConfig(vision_config=dict(VISION), text_config=text, scale_factor=2,
-                          image_token_id=image_id)  # fmt: skip
-    proc = without_video(T.SmolVLMProcessor)(
-        SmolVLMImageProcessorPil(**ip_kw),
-        tok,
-        video_processor=None,
-        image_seq_len=4,
-        chat_template=template("<image>"),
-    )
-    return _save(folder, T.SmolVLMForConditionalGeneration, cfg, tok, proc)
-
-
-def idefics3(folder):
-    return _idefics(folder, "idefics3")
-
-
-def smolvlm(folder):
-    return _idefics(folder, "smolvlm")
+    cfg = T.Idefics3Config(vision_config=dict(VISION), text_config=T.LlamaConfig(**_text(tok)),
+                           scale_factor=2, image_token_id=image_id)  # fmt: skip
+    proc = T.Idefics3Processor(ip, tok, image_seq_len=4, chat_template=template("<image>"))
+    return _save(folder, T.Idefics3ForConditionalGeneration, cfg, tok, proc)
 
 
 def internvl(folder):
@@ -289,10 +268,129 @@ BUILDERS = {
     "llava_onevision": llava_onevision,
     "gemma3": gemma3,
     "idefics3": idefics3,
-    "smolvlm": smolvlm,
     "internvl": internvl,
     "mllama": mllama,
     "paligemma": paligemma,
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
 }
+
+
+# --------------------------------------------------------------------------------------------
+# families whose processor cannot be built here: the model is still built and checked
+# --------------------------------------------------------------------------------------------
+
+NO_PROCESSOR = {
+    "mistral3": "PixtralProcessor imports torchvision (transformers 5.x), not installed here",
+    "smolvlm": "SmolVLMProcessor needs the num2words package, not a dependency here",
+}
+MODEL_ONLY = tuple(NO_PROCESSOR)
+
+
+def model_only(family: str):
+    """The family's model from a tiny config (vocab 1024, no processor), random weights."""
+    import transformers as T
+
+    text = dict(TEXT, vocab_size=1024)
+    if family == "mistral3":
+        vision = T.PixtralVisionConfig(**dict(VISION, num_attention_heads=4), head_dim=8)
+        cfg = T.Mistral3Config(vision_config=vision, text_config=T.MistralConfig(**text),
+                               spatial_merge_size=2)  # fmt: skip
+        cls = T.Mistral3ForConditionalGeneration
+    elif family == "smolvlm":
+        cfg = T.SmolVLMConfig(vision_config=dict(VISION), text_config=T.LlamaConfig(**text),
+                              scale_factor=2)  # fmt: skip
+        cls = T.SmolVLMForConditionalGeneration
+    elif family == "llava_next":
+        cfg = T.LlavaNextConfig(vision_config=T.CLIPVisionConfig(**VISION),
+                                text_config=T.LlamaConfig(**text),
+                                image_grid_pinpoints=[[32, 32]])  # fmt: skip
+        cls = T.LlavaNextForConditionalGeneration
+    else:
+        raise KeyError(family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return cls(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# an architecture transformers does not know
+# --------------------------------------------------------------------------------------------
+
+
+def _toy_classes():
+    from torch import nn
+    from transformers import PretrainedConfig, PreTrainedModel
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class ToyConfig(PretrainedConfig):
+        model_type = "mmunlearn_toy"
+
+        def __init__(self, vocab_size=512, hidden_size=16, image_token_id=4, **kw):
+            super().__init__(**kw)
+            self.vocab_size, self.hidden_size = vocab_size, hidden_size
+            self.image_token_id = image_token_id
+
+    class ToyBlock(nn.Module):
+        def __init__(self, h):
+            super().__init__()
+            self.norm, self.mix = nn.LayerNorm(h), nn.Linear(h, h)
+
+        def forward(self, x):
+            return x + torch.tanh(self.mix(self.norm(x)))
+
+    class ToyVLM(PreTrainedModel):
+        """Vision side ``eye`` (patchify conv) + ``bridge`` (linear), no vision_config."""
+
+        config_class = ToyConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            h = config.hidden_size
+            self.eye = nn.Conv2d(3, h, 8, 8)
+            self.bridge = nn.Linear(h, h)
+            self.embed = nn.Embedding(config.vocab_size, h)
+            self.body = nn.ModuleList([ToyBlock(h) for _ in range(2)])
+            self.head = nn.Linear(h, config.vocab_size)
+            self.post_init()
+
+        def forward(self, input_ids=None, attention_mask=None, pixel_values=None, labels=None,
+                    **kwargs):  # fmt: skip
+            x = self.embed(input_ids)
+            if pixel_values is not None:
+                f = self.bridge(self.eye(pixel_values).flatten(2).transpose(1, 2))
+                where = (input_ids == self.config.image_token_id)[..., None]
+                x = x.masked_scatter(where, f.reshape(-1, f.shape[-1]).to(x.dtype))
+            for block in self.body:
+                x = block(x)
+            logits = self.head(x)
+            loss = None
+            if labels is not None:
+                loss = nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+                )
+            return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    return ToyConfig, ToyVLM
+
+
+def toy_checkpoint(folder) -> Path:
+    """``ToyVLM`` registered with AutoConfig / AutoModelForImageTextToText (model type
+    ``mmunlearn_toy``) and saved with a LLaVA processor (16 image tokens) and chat template."""
+    from realformat import LLAVA_SPECIALS, LLAVA_TEMPLATE
+    from transformers import AutoConfig, AutoModelForImageTextToText, LlavaProcessor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    cfg_cls, model_cls = _toy_classes()
+    try:
+        AutoConfig.register(cfg_cls.model_type, cfg_cls)
+        AutoModelForImageTextToText.register(cfg_cls, model_cls)
+    except ValueError:  # registered by an earlier call: use those classes
+        cfg_cls = AutoConfig.for_model(cfg_cls.model_type).__class__
+        model_cls = AutoModelForImageTextToText._model_mapping[cfg_cls]
+    tok = _tokenizer(LLAVA_SPECIALS, "<s>", "</s>", "<pad>", "<unk>")
+    cfg = cfg_cls(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = LlavaProcessor(ip, tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)  # fmt: skip
+    return _save(folder, model_cls, cfg, tok, proc)

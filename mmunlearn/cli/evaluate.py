@@ -27,7 +27,7 @@ import json
 import os
 from pathlib import Path
 
-from mmunlearn.cli.common import UsageError
+from mmunlearn.cli.common import UsageError, add_vision_modules
 
 EPILOG = """examples:
   # ours, several models and the reference trained without the forget set
@@ -91,6 +91,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="take the processor / tokenizer (and chat template) from DIR when a checkpoint "
         "ships none",
     )
+    add_vision_modules(m)
     m.add_argument(
         "--vanilla-steps",
         type=int,
@@ -193,14 +194,16 @@ def _labels(args) -> list[str]:
     return out
 
 
-def _load(path: str, flag: str, processor, dev):
+def _load(path: str, flag: str, processor, dev, vision_modules=None):
     """``(model, tokenizer, adapter)`` of a checkpoint directory, or a UsageError naming it."""
     from mmunlearn.models import load_checkpoint
 
     if not Path(path).is_dir():
         raise UsageError(f"{flag} {path}: no such directory")
     try:
-        model, adapter = load_checkpoint(path, processor=processor, device=dev)
+        model, adapter = load_checkpoint(
+            path, processor=processor, device=dev, vision_modules=vision_modules
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{flag} {path}: cannot load it ({type(e).__name__}: {e})") from e
     return model, adapter.tokenizer, adapter
@@ -289,7 +292,7 @@ def run(args) -> int:
             if args.vanilla_steps:
                 finetune(model, adapter, bench.train, args.vanilla_steps, 1e-3, 16, args.seed, dev)
         else:
-            model, tok, adapter = _load(path, flag, args.processor, dev)
+            model, tok, adapter = _load(path, flag, args.processor, dev, args.vision_modules)
         results["models"][label] = path or "tiny"
         try:
             res, st, proto = evaluate_model(

@@ -132,10 +132,15 @@ def resolve(path_or_id, what: str = "model") -> Path:
     raise FileNotFoundError(f"{what} {text}: no such folder")
 
 
-def _image_text_to_text(model_type) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+def _image_text_to_text(model_type: str) -> bool:
+    """Whether ``AutoModelForImageTextToText`` knows the model type (registered ones too)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    return model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    try:
+        return CONFIG_MAPPING[model_type] in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    except KeyError:
+        return False
 
 
 def family_of(folder: Path) -> str:
@@ -246,14 +251,18 @@ def load_processor(folder: Path, family: str, model_config=None, flag: str = "--
     return template, proc
 
 
-def load_checkpoint(path, *, processor=None, dtype=None, device=None):
+def load_checkpoint(path, *, processor=None, dtype=None, device=None, vision_modules=None):
     """A checkpoint as ``(model, adapter)``: the model (eval mode, on ``device``, ``dtype`` if
     given) and the adapter that builds its batches. A real checkpoint's own processor and chat
     template drive collation (``processor``: a folder or cached Hub id to take them from when
     the checkpoint ships none); a built-in tiny model (``mmunlearn.json`` says so, or a
     tokenizer without an image processor) uses the hand-written template. ``path`` may be a
-    Hub id already in the local cache. Everything but the weights is checked first; errors are
-    ValueError / FileNotFoundError naming the folder and what to pass."""
+    Hub id already in the local cache. ``vision_modules`` (``"a,b"`` or a list; the CLI's
+    ``--vision-modules``): the vision side by module name, recorded in ``model.config`` (so
+    :func:`mmunlearn.params.module_groups`, the adapter and a saved copy use it); without it
+    the vision side is found from the model (``adapter.vision_module_names()``), checked
+    here. Everything but the weights is checked first; errors are ValueError /
+    FileNotFoundError naming the folder and what to pass."""
     from mmunlearn.models.generic import adapter_for
 
     folder = resolve(path, "model")
@@ -272,11 +281,26 @@ def load_checkpoint(path, *, processor=None, dtype=None, device=None):
     )
     if builtin:
         model, tok = load_model(folder, dtype=dtype, device=device)
-        return model, adapter_for(model, tok)
+        return _vision_side(model, vision_modules, folder), adapter_for(model, tok)
     flag = "--processor" if processor is None else f"--processor {processor}: it"
     chat_proc = load_processor(src, family, flag=flag)
-    model = _load_weights(folder, dtype, device)
+    model = _vision_side(_load_weights(folder, dtype, device), vision_modules, folder)
     return model, adapter_for(model, processor=chat_proc)
+
+
+def _vision_side(model, vision_modules, folder: Path):
+    """``model`` with ``vision_modules`` recorded in its config; its vision side checked."""
+    from mmunlearn.params import VISION_MODULES_ATTR, vision_module_names
+
+    if vision_modules:
+        given = vision_modules.split(",") if isinstance(vision_modules, str) else vision_modules
+        names = [n.strip() for n in given if n.strip()]
+        setattr(model.config, VISION_MODULES_ATTR, names)
+    try:
+        vision_module_names(model)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from e
+    return model
 
 
 def _load_weights(folder: Path, dtype, device):
