@@ -116,7 +116,6 @@ def test_batches_forward_and_answer_labels(folders, family):
     assert len(blocks) >= 2 and all(isinstance(c, type) for c in blocks)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("family", WITH_PROCESSOR)
 def test_cli_saliency_unlearn_eval(folders, tmp_path, family):
     data = ["--mllmu", str(folders["mllmu"]), "--split", "5"]
@@ -160,8 +159,9 @@ def test_generic_rule_agrees_with_the_builtin_tables():
     from mmunlearn.params import model_family, vision_components, vision_module_names
 
     tok = build_tokenizer(["a b c"])
-    for build in (tiny_llava, tiny_qwen2vl):
+    for build, fam in ((tiny_llava, "llava"), (tiny_qwen2vl, "qwen2_vl")):
         model = build(tok)
+        assert vision_module_names(model) == BUILTIN[fam][1]
         found = [n.rsplit(".", 1)[-1] for n in vision_module_names(model)]
         assert found == list(vision_components(model_family(model)))
     # LLaVA-NeXT is not "llava": its image_newline is vision too (a substring match made it so)
@@ -279,3 +279,59 @@ def test_fsdp2_two_ranks_match_one_process(folders, family):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5, msg=k)
         moved += 1
     assert moved
+
+
+# --------------------------------------------------------------------------------------------
+# mmunlearn estimate, and docs/models.md
+# --------------------------------------------------------------------------------------------
+
+ESTIMATED = ("gemma3", "internvl", "mllama")  # CLIP-like, [h, w] sizes, attention_heads
+FSDP = ("llava_next", "idefics3")
+BUILTIN = {  # the built-in adapters (a hand-written template for the tiny models too)
+    "llava": ("LlavaForConditionalGeneration",
+              ["model.vision_tower", "model.multi_modal_projector"],
+              "test_real_job.py, test_fsdp_mllm.py, test_dist.py"),
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", ["model.visual"],
+                 "test_real_job.py, test_dist.py"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ESTIMATED)
+def test_estimate_from_the_config(folders, family, capsys):
+    from mmunlearn.estimate import count_parameters, load_config
+
+    model, _ = _load(folders[family])
+    cfg_file = str(folders[family] / "config.json")
+    assert count_parameters(load_config(cfg_file))[0] == sum(p.numel() for p in model.parameters())
+    assert main(["estimate", "--model", cfg_file, "--gpu-memory", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "activations: vision tower (2 layers" in out and "fits in 80 GiB" in out
+
+
+def models_table() -> str:
+    """The supported-models table of docs/models.md, from what this file tests."""
+    rows = ["| family (`model_type`) | model class | vision modules found | tested |",
+            "|---|---|---|---|"]  # fmt: skip
+    for fam, (cls, vision, *where) in {**BUILTIN, **EXPECTED}.items():
+        if fam in BUILTIN:
+            what = f"built-in adapter: {where[0]}"
+        elif fam in MODEL_ONLY:
+            what = f"groups only (no processor here: {NO_PROCESSOR[fam]})"
+        else:
+            what = "groups, batches, CLI saliency → unlearn → eval, save → load"
+            what += ", FSDP2 (2 ranks)" if fam in FSDP else ""
+            what += ", estimate" if fam in ESTIMATED else ""
+        names = ", ".join(f"`{v}`" for v in vision)
+        rows.append(f"| {fam} | `{cls}` | {names} | {what} |")
+    return "\n".join(rows)
+
+
+def test_docs_models_table_matches_the_tests():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    start, end = "<!-- table: tests/test_families.py -->", "<!-- end table -->"
+    table = doc.split(start, 1)[1].split(end, 1)[0].strip()
+    assert table == models_table(), (
+        "regenerate: python -c 'import test_families as t; print(t.models_table())'"
+    )
