@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
 
 import pytest
 import torch
@@ -112,6 +113,8 @@ def test_batches_forward_and_answer_labels(folders, family):
         assert text.startswith(s.answer) and "?" not in text, text
     out = model(**batch)
     assert torch.isfinite(out.loss)
+    again = pickle.loads(pickle.dumps(adapter)).collate(SAMPLES)  # (DataLoader workers)
+    assert again.keys() == batch.keys() and all(torch.equal(again[k], batch[k]) for k in batch)
     blocks = adapter.block_classes()
     assert len(blocks) >= 2 and all(isinstance(c, type) for c in blocks)
 

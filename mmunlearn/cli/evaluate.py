@@ -201,9 +201,8 @@ def _load(path: str, flag: str, processor, dev, vision_modules=None):
     if not Path(path).is_dir():
         raise UsageError(f"{flag} {path}: no such directory")
     try:
-        model, adapter = load_checkpoint(
-            path, processor=processor, device=dev, vision_modules=vision_modules
-        )
+        kw = {"vision_modules": vision_modules} if vision_modules else {}
+        model, adapter = load_checkpoint(path, processor=processor, device=dev, **kw)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{flag} {path}: cannot load it ({type(e).__name__}: {e})") from e
     return model, adapter.tokenizer, adapter

@@ -22,6 +22,7 @@ same job from the folder's image processor, tokenizer and chat template.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -123,6 +124,7 @@ class ComposedProcessor:
         (Path(directory) / "chat_template.jinja").write_text(self.chat_template)
 
 
+@functools.cache
 def without_video(cls):
     """A subclass of the processor class ``cls`` without its video processor (``None``), so a
     family's processor is built, called on images and saved where its video processor cannot be
@@ -134,7 +136,16 @@ def without_video(cls):
     # cls.__init__ is kept (transformers reads its code's argument names); it passes
     # video_processor (None) on to ProcessorMixin, which zips it away with the attributes
     body = {"get_attributes": classmethod(lambda c: list(attrs)), "video_processor": None}
+    # (pickled as cls + state: DataLoader workers started with spawn get the adapter)
+    body["__reduce__"] = lambda self: (_without_video_instance, (cls, dict(self.__dict__)))
     return type(cls.__name__, (cls,), {**body, "__module__": cls.__module__})
+
+
+def _without_video_instance(cls, state: dict):
+    sub = without_video(cls)
+    obj = sub.__new__(sub)
+    obj.__dict__.update(state)
+    return obj
 
 
 class ChatCollator:
