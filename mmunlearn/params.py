@@ -40,11 +40,16 @@ FAMILIES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 VISION_MODULES_ATTR = "mmunlearn_vision_modules"
 # Names of vision encoders (when no submodule was built from ``config.vision_config``) and of
 # the modules between the encoder and the language model (projector / connector / merger …).
-VISION_ENCODERS = ("vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder")
+VISION_ENCODERS = (
+    "vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder",
+    "vision_embed_tokens",  # (Fuyu: image patches straight into the decoder)
+)  # fmt: skip
 VISION_CONNECTORS = (
     "multi_modal_projector", "connector", "mm_projector", "image_newline", "merger",
     "projector", "vision_projection", "visual_projection", "vision_proj", "embed_vision",
     "image_projection", "mm_input_projection", "view_seperator", "image_newline_embed",
+    "qformer", "query_tokens", "language_projection", "image_to_text_projection",
+    "perceiver_resampler", "resampler", "aligner", "vision_adapter",
 )  # fmt: skip
 
 
@@ -212,11 +217,11 @@ def _resolve_names(model, entries: Iterable[str]) -> list[str]:
 
 
 def _image_path_attrs(cls) -> set[str]:
-    """``self.<name>`` attributes read by ``cls.get_image_features`` and the methods it calls
-    on ``self`` (two levels deep): the modules of the model's image-feature path."""
+    """``self.<name>`` attributes read by ``cls.get_image_features`` / ``get_video_features``
+    and the methods they call on ``self`` (two levels deep): the image-feature path."""
     seen: set[str] = set()
     attrs: set[str] = set()
-    todo = ["get_image_features"]
+    todo = ["get_image_features", "get_video_features"]
     for _ in range(3):
         nxt = []
         for meth in todo:

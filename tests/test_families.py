@@ -193,6 +193,48 @@ def test_paligemma_answer_is_the_causal_suffix(folders):
     assert not torch.allclose(x0, z)  # all-prefix: the future leaks in
 
 
+@pytest.mark.slow
+def test_every_image_text_to_text_type_of_transformers_on_meta():
+    """The generic rule over every model type ``AutoModelForImageTextToText`` maps, built on
+    the meta device from its default config (no weights): a model with a ``vision_config``
+    gets a vision side (a partition, the language model not in it) and block classes; one
+    without (text-only defaults, UDOP's patch embedding inside its T5 encoder) the one-line
+    error naming ``--vision-modules``. Types whose default config does not build (a missing
+    optional package, defaults that need a checkpoint) are skipped."""
+    import warnings
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from mmunlearn.models.generic import block_classes
+    from mmunlearn.params import canonical_parameters, module_groups
+
+    found, bad = [], []
+    for mt in sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES):
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                cfg = AutoConfig.for_model(mt)
+                model = AutoModelForImageTextToText.from_config(cfg)
+        except Exception:  # noqa: BLE001  (ImportError, defaults that need a checkpoint, …)
+            continue
+        model.requires_grad_(True)  # (Idefics' defaults freeze the vision side)
+        try:
+            groups = module_groups(model)
+        except ValueError as e:
+            msg = str(e)
+            if getattr(cfg, "vision_config", None) is not None or "--vision-modules" not in msg:
+                bad.append((mt, msg[:120]))
+            continue
+        names = list(canonical_parameters(model, trainable_only=True))
+        ok = sorted(groups["vision"] + groups["language"]) == sorted(names) and groups["vision"]
+        text = ("language_model.", "text_model.", "lm_head.")
+        ok = ok and not any(t in n for n in groups["vision"] for t in text)
+        (found.append(mt) if ok and block_classes(model) else bad.append((mt, "partition")))
+    assert not bad, bad
+    assert len(found) >= 50, found
+
+
 # --------------------------------------------------------------------------------------------
 # an unknown architecture
 # --------------------------------------------------------------------------------------------
