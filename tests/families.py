@@ -263,6 +263,40 @@ def qwen3_vl(folder):
     return _qwen(folder, "qwen3_vl")
 
 
+def aya_vision(folder):
+    import transformers as T
+    from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
+
+    marks = ["<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>",
+             "<|IMG_LINE_BREAK|>"]  # fmt: skip
+    tok = _tok(marks)
+    cfg = T.AyaVisionConfig(
+        vision_config=T.SiglipVisionConfig(**VISION),
+        text_config=T.Cohere2Config(**_text(tok), layer_types=["full_attention"] * 2),
+        downsample_factor=2,
+        image_token_index=tok.convert_tokens_to_ids("<|IMG_PATCH|>"),
+    )
+    ip = GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=False)
+    proc = T.AyaVisionProcessor(ip, tok, patch_size=16, img_size=32, downsample_factor=1,
+                                chat_template=template("<image>"))  # fmt: skip
+    return _save(folder, T.AyaVisionForConditionalGeneration, cfg, tok, proc)
+
+
+def blip_2(folder):
+    """BLIP-2 with its processor (not in :data:`BUILDERS`: see :data:`NO_PROCESSOR`)."""
+    import transformers as T
+    from transformers.models.blip import BlipImageProcessorPil
+
+    tok = _tok(["<image>"])
+    model = model_only(
+        "blip-2", vocab=len(tok), image_token_index=tok.convert_tokens_to_ids("<image>")
+    )
+    ip = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    proc = T.Blip2Processor(ip, tok, num_query_tokens=4)  # (puts the query tokens first)
+    proc.chat_template = template("")
+    return _save(folder, type(model), model.config, tok, proc)
+
+
 BUILDERS = {
     "llava_next": llava_next,
     "llava_onevision": llava_onevision,
@@ -273,6 +307,7 @@ BUILDERS = {
     "paligemma": paligemma,
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
+    "aya_vision": aya_vision,
 }
 
 
@@ -280,18 +315,21 @@ BUILDERS = {
 # families whose processor cannot be built here: the model is still built and checked
 # --------------------------------------------------------------------------------------------
 
-NO_PROCESSOR = {
+NO_PROCESSOR = {  # family → why only its model is checked here
     "mistral3": "PixtralProcessor imports torchvision (transformers 5.x), not installed here",
     "smolvlm": "SmolVLMProcessor needs the num2words package, not a dependency here",
+    "blip-2": "its forward requires pixel_values: the text-only language-preserve batches "
+    "cannot run",
 }
 MODEL_ONLY = tuple(NO_PROCESSOR)
 
 
-def model_only(family: str):
-    """The family's model from a tiny config (vocab 1024, no processor), random weights."""
+def model_only(family: str, vocab: int = 1024, **extra):
+    """The family's model from a tiny config (no processor), random weights; ``extra``:
+    more config values."""
     import transformers as T
 
-    text = dict(TEXT, vocab_size=1024)
+    text = dict(TEXT, vocab_size=vocab)
     if family == "mistral3":
         vision = T.PixtralVisionConfig(**dict(VISION, num_attention_heads=4), head_dim=8)
         cfg = T.Mistral3Config(vision_config=vision, text_config=T.MistralConfig(**text),
@@ -301,6 +339,14 @@ def model_only(family: str):
         cfg = T.SmolVLMConfig(vision_config=dict(VISION), text_config=T.LlamaConfig(**text),
                               scale_factor=2)  # fmt: skip
         cls = T.SmolVLMForConditionalGeneration
+    elif family == "blip-2":
+        qformer = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64, encoder_hidden_size=32)  # fmt: skip
+        opt = T.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                          num_attention_heads=4, word_embed_proj_dim=64)  # fmt: skip
+        cfg = T.Blip2Config(vision_config=dict(VISION), qformer_config=qformer, text_config=opt,
+                            num_query_tokens=4)  # fmt: skip
+        cls = T.Blip2ForConditionalGeneration
     elif family == "llava_next":
         cfg = T.LlavaNextConfig(vision_config=T.CLIPVisionConfig(**VISION),
                                 text_config=T.LlamaConfig(**text),
@@ -308,6 +354,8 @@ def model_only(family: str):
         cls = T.LlavaNextForConditionalGeneration
     else:
         raise KeyError(family)
+    for k, v in extra.items():
+        setattr(cfg, k, v)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return cls(cfg)

@@ -48,6 +48,10 @@ EXPECTED = {
                   ["model.vision_tower", "model.multi_modal_projector"]),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", ["model.visual"]),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", ["model.visual"]),
+    "aya_vision": ("AyaVisionForConditionalGeneration",
+                   ["model.vision_tower", "model.multi_modal_projector"]),
+    "blip-2": ("Blip2ForConditionalGeneration",
+               ["vision_model", "qformer", "language_projection", "query_tokens"]),
 }  # fmt: skip
 WITH_PROCESSOR = sorted(BUILDERS)
 IMG = Image.new("RGB", (40, 30), (200, 30, 30))
@@ -233,6 +237,19 @@ def test_every_image_text_to_text_type_of_transformers_on_meta():
         (found.append(mt) if ok and block_classes(model) else bad.append((mt, "partition")))
     assert not bad, bad
     assert len(found) >= 50, found
+
+
+def test_processor_that_expands_images_on_every_row(tmp_path):
+    """BLIP-2's processor puts its query tokens on every text once images are given: a
+    mixed batch is then split (text rows through the tokenizer), so rows without an image
+    hold no image token and the forward matches images to placeholders."""
+    from families import blip_2
+
+    model, adapter = _load(blip_2(tmp_path / "blip2"))
+    batch = adapter.collate(SAMPLES)
+    image = adapter.image_token_id
+    assert (batch["input_ids"][0] == image).sum() == 4 and (batch["input_ids"][1] != image).all()
+    assert torch.isfinite(model(**batch).loss)
 
 
 # --------------------------------------------------------------------------------------------

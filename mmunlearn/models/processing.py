@@ -211,6 +211,8 @@ class ChatCollator:
                 enc = self.processor(
                     text=texts, images=images or None, padding=True, return_tensors="pt"
                 )
+                if self._image_tokens_in_text_rows(enc, per_sample):
+                    enc = self._split_encode(texts, per_sample)  # (BLIP-2: queries on every row)
         finally:
             tok.padding_side = before
         batch = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
@@ -222,6 +224,15 @@ class ChatCollator:
             # transformers 5.x Qwen2-VL forwards need it (1 on image tokens) for M-RoPE
             batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).to(torch.int32)
         return batch
+
+    def _image_tokens_in_text_rows(self, enc, per_sample: list[list]) -> bool:
+        """Whether the processor put image tokens in a row without an image (it expands
+        images for the whole batch, not per text)."""
+        if self.input_keys is None or all(per_sample) or not any(per_sample):
+            return False
+        ids = enc["input_ids"]
+        rows = [i for i, ims in enumerate(per_sample) if not ims]
+        return bool((ids[rows] == self.image_token_id).any())
 
     def _text_alone(self) -> bool:
         """Whether the processor takes a text without an image (PaliGemma's does not)."""
