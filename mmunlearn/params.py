@@ -17,6 +17,7 @@ The one home of two rules every other layer relies on:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 from collections.abc import Iterable, Mapping
@@ -216,7 +217,8 @@ def _resolve_names(model, entries: Iterable[str]) -> list[str]:
     return out
 
 
-def _image_path_attrs(cls) -> set[str]:
+@functools.cache
+def _image_path_attrs(cls) -> frozenset[str]:
     """``self.<name>`` attributes read by ``cls.get_image_features`` / ``get_video_features``
     and the methods they call on ``self`` (two levels deep): the image-feature path."""
     seen: set[str] = set()
@@ -237,7 +239,7 @@ def _image_path_attrs(cls) -> set[str]:
             attrs |= names
             nxt += [n for n in names if inspect.isfunction(getattr(cls, n, None))]
         todo = nxt
-    return attrs
+    return frozenset(attrs)
 
 
 def _vision_encoder(model) -> str | None:

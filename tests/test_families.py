@@ -252,6 +252,26 @@ def test_processor_that_expands_images_on_every_row(tmp_path):
     assert torch.isfinite(model(**batch).loss)
 
 
+def test_a_processor_that_cannot_be_built_is_named(tmp_path):
+    """Mistral 3 here: its PixtralProcessor needs torchvision; the error says so in one line."""
+    import importlib.util
+
+    from families import _tok, model_only
+    from transformers.models.pixtral import PixtralImageProcessorPil
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: PixtralProcessor builds")
+    model_only("mistral3").save_pretrained(tmp_path)
+    _tok(["[IMG]"]).save_pretrained(tmp_path)
+    PixtralImageProcessorPil().save_pretrained(tmp_path)
+    pre = tmp_path / "preprocessor_config.json"
+    pre.write_text(
+        json.dumps({**json.loads(pre.read_text()), "processor_class": "PixtralProcessor"})
+    )
+    with pytest.raises(ValueError, match=r"cannot load the processor \(PixtralProcessor requires"):
+        _load(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # an unknown architecture
 # --------------------------------------------------------------------------------------------

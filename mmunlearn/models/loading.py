@@ -235,7 +235,7 @@ def load_processor(folder: Path, family: str, model_config=None, flag: str = "--
                 template = _chat_template(folder, tok)
                 proc = ComposedProcessor(ip, tok, template or "", "<|image_pad|>")
     except (ValueError, OSError, ImportError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
         if "sentencepiece" in msg.lower() or "tiktoken" in msg.lower():
             msg = (
                 "its tokenizer needs sentencepiece (pip install sentencepiece), or pass "
