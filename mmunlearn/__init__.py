@@ -29,6 +29,7 @@ _API = {
     "build_masks": "mmunlearn.masks",
     "masks_from_fishers": "mmunlearn.masks",
     "module_groups": "mmunlearn.params",
+    "vision_module_names": "mmunlearn.params",
     "canonical_name": "mmunlearn.params",
     # unlearning
     "METHODS": "mmunlearn.methods",
@@ -40,6 +41,7 @@ _API = {
     "finetune": "mmunlearn.train",
     # models and data
     "adapter_for": "mmunlearn.models",
+    "GenericAdapter": "mmunlearn.models",
     "load_checkpoint": "mmunlearn.models",
     "load_model": "mmunlearn.models",
     "save_model": "mmunlearn.models",

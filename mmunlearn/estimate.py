@@ -162,17 +162,31 @@ def _mlp(i: int, b: int, act: str, gated: bool) -> float:
     return (3 if act == "quick_gelu" else 2) * b * i
 
 
+def _side(x) -> tuple[int, int]:
+    """(height, width) of an int or a [height, width] size (InternVL's vision config)."""
+    return (int(x[0]), int(x[-1])) if isinstance(x, (list, tuple)) else (int(x), int(x))
+
+
+def _vision_heads(v) -> int:
+    for key in ("num_attention_heads", "attention_heads", "num_heads"):  # (Mllama, Qwen)
+        if getattr(v, key, None):
+            return int(getattr(v, key))
+    return 1
+
+
 def _vision(cfg):
     """(vision config, layers whose activations are held, tokens per image in the
-    tower, image tokens per image in the text sequence) or None for a text-only config."""
+    tower, image tokens per image in the text sequence) or None for a text-only config (and
+    for vision configs without a fixed image size, e.g. Qwen's dynamic resolution)."""
     v = getattr(cfg, "vision_config", None)
     if v is None or not all(hasattr(v, k) for k in ("image_size", "patch_size", "hidden_size")):
         return None
-    n_patch = (v.image_size // v.patch_size) ** 2
+    (ih, iw), (ph, pw) = _side(v.image_size), _side(v.patch_size)
+    n_patch = (ih // ph) * (iw // pw)
     tower_tokens = n_patch + 1  # + CLS (CLIP); SigLIP has none: a 1-token overestimate
     fl = getattr(cfg, "vision_feature_layer", -1)
     fls = fl if isinstance(fl, (list, tuple)) else [fl]
-    L_v = v.num_hidden_layers
+    L_v = getattr(v, "num_hidden_layers", None) or getattr(v, "depth", 0)
     held = max((L_v + 1 + f) if f < 0 else f for f in fls)
     strategy = getattr(cfg, "vision_feature_select_strategy", "default")
     text_tokens = tower_tokens if strategy == "full" else n_patch
@@ -221,7 +235,7 @@ def activation_terms(
     vis = _vision(cfg)
     if vis is not None:
         v, L_v, n_tower, n_text = vis
-        hv, av = v.hidden_size, v.num_attention_heads
+        hv, av = v.hidden_size, _vision_heads(v)
         iv = getattr(v, "intermediate_size", None) or 4 * hv
         Tv = batch * images_per_sample * n_tower
         Ti = batch * images_per_sample * n_text
@@ -230,7 +244,7 @@ def activation_terms(
             + _attention(hv, hv, av, n_tower, b, attn)
             + _mlp(iv, b, getattr(v, "hidden_act", "gelu"), False)
         )
-        pixels = batch * images_per_sample * 3 * v.image_size**2 * b
+        pixels = batch * images_per_sample * 3 * _side(v.image_size)[0] * _side(v.image_size)[1] * b
         pre_ln = (b * hv + 8) * Tv
         projector = b * (hv + 2 * h) * Ti
         v_held = (b * hv if grad_checkpointing else v_layer) * L_v * Tv

@@ -5,25 +5,53 @@ The one home of two rules every other layer relies on:
 - :func:`canonical_name`: the prefixes added by DDP, ``torch.compile``, PEFT, FSDP1 and
   activation-checkpoint wrappers are removed, so a mask or Fisher made on a wrapped model
   applies to the bare one and vice versa;
-- :func:`module_groups`: vision (LLaVA ``vision_tower`` + ``multi_modal_projector``, Qwen2-VL /
-  Qwen2.5-VL ``visual``) vs language (everything else, ``lm_head`` and embeddings included),
-  decided by module path components (:data:`FAMILIES`), never by a bare substring such as
-  ``"model"``. The model adapters use the same table.
+- :func:`module_groups`: vision (the modules :func:`vision_module_names` finds: the encoder
+  built from ``config.vision_config`` and the projector / connector / merger / image_newline
+  beside it, e.g. LLaVA ``vision_tower`` + ``multi_modal_projector``, Qwen ``visual``,
+  Idefics3 ``vision_model`` + ``connector``) vs language (everything else, ``lm_head`` and
+  embeddings included), decided by module paths, never by a bare substring such as
+  ``"model"``. Any image-text-to-text model of transformers works; a model whose vision side
+  cannot be found names what was looked for and how to pass the module names
+  (``--vision-modules``, recorded in its config as :data:`VISION_MODULES_ATTR`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from collections.abc import Iterable, Mapping
 
 import torch
 
-# Class-name pattern → (family, module path components of the vision side).
+# The families with a built-in prompt template and image preprocessing (the tiny models):
+# class-name regex (matched in full against the MRO's names) → (family, module path components
+# of the vision side). The vision side of every model, these included, is found by
+# :func:`vision_module_names` (tests/test_families.py checks it agrees with these components);
+# LLaVA-NeXT / -OneVision are not "llava" here (their image_newline is vision too).
 FAMILIES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("Llava", "llava", ("vision_tower", "multi_modal_projector")),
-    ("Qwen2VL", "qwen2vl", ("visual",)),
-    ("Qwen2_5_VL", "qwen2vl", ("visual",)),
-)
+    ("Llava(ForConditionalGeneration|Model|PreTrainedModel)", "llava",
+     ("vision_tower", "multi_modal_projector")),
+    ("Qwen2VL(ForConditionalGeneration|Model|PreTrainedModel)", "qwen2vl", ("visual",)),
+    ("Qwen2_5_VL(ForConditionalGeneration|Model|PreTrainedModel)", "qwen2vl", ("visual",)),
+)  # fmt: skip
+
+# Config attribute holding vision module names given by hand (``--vision-modules``); saved in
+# config.json with the model, so an unlearned copy loads without the option.
+VISION_MODULES_ATTR = "mmunlearn_vision_modules"
+# Names of vision encoders (when no submodule was built from ``config.vision_config``) and of
+# the modules between the encoder and the language model (projector / connector / merger …).
+VISION_ENCODERS = (
+    "vision_tower", "vision_model", "visual", "vision_encoder", "image_encoder",
+    "vision_embed_tokens",  # (Fuyu: image patches straight into the decoder)
+)  # fmt: skip
+VISION_CONNECTORS = (
+    "multi_modal_projector", "connector", "mm_projector", "image_newline", "merger",
+    "projector", "vision_projection", "visual_projection", "vision_proj", "embed_vision",
+    "image_projection", "mm_input_projection", "view_seperator", "image_newline_embed",
+    "qformer", "query_tokens", "language_projection", "image_to_text_projection",
+    "perceiver_resampler", "resampler", "aligner", "vision_adapter",
+)  # fmt: skip
 
 
 def vision_components(family: str) -> tuple[str, ...]:
@@ -104,10 +132,11 @@ def unwrap(model):
 
 
 def model_family(model) -> str | None:
-    """``"llava"``, ``"qwen2vl"`` or None, from the class names of the (unwrapped) model's MRO."""
+    """``"llava"``, ``"qwen2vl"`` or None (any other model), from the class names of the
+    (unwrapped) model's MRO matched in full against :data:`FAMILIES`."""
     for cls in type(unwrap(model)).__mro__:
         for pattern, family, _ in FAMILIES:
-            if pattern in cls.__name__:
+            if re.fullmatch(pattern, cls.__name__):
                 return family
     return None
 
@@ -126,15 +155,15 @@ def module_groups(
 ) -> dict[str, list[str]]:
     """Canonical names of the trainable parameters, by module group.
 
-    Known families (the class, or a base class, named like ``Llava*``, ``Qwen2VL*``,
-    ``Qwen2_5_VL*``; wrappers are looked through): ``"vision"`` = parameters with a path
-    component ``vision_tower`` or ``multi_modal_projector`` (LLaVA) / ``visual`` (Qwen), and
+    Any image-text-to-text model (wrappers are looked through): ``"vision"`` = parameters in
+    the modules :func:`vision_module_names` finds (LLaVA ``vision_tower`` +
+    ``multi_modal_projector``, Qwen ``visual``, Idefics3 ``vision_model`` + ``connector``, …),
     ``"language"`` = every other trainable parameter (language model, embeddings, ``lm_head``).
     ``rules={"group": [regex, ...], ...}``: a name goes to the first group (in dict order) with a
     pattern that ``re.search``-matches its canonical name; names matching none are left out.
     Returns ``{group: [names in model order]}`` (every group of the rules / both groups present,
-    possibly empty). Raises ValueError naming the model class for an unknown family without
-    ``rules``.
+    possibly empty). Raises ValueError naming the model class, what was looked for and how to
+    pass the names when the vision side cannot be found (and there are no ``rules``).
     """
     params = canonical_parameters(model, trainable_only=True)
     if rules is not None:
@@ -146,22 +175,136 @@ def module_groups(
                     groups[g].append(name)
                     break
         return groups
-    family = model_family(model)
-    if family is None:
-        raise ValueError(
-            f"module_groups: unknown model family {model_class(model)}; known: LLaVA, Qwen2-VL, "
-            "Qwen2.5-VL. Pass rules={'vision': [regex, ...], 'language': [regex, ...]}"
-        )
-    comps = vision_components(family)
+    vision = vision_module_names(model)
     groups = {"vision": [], "language": []}
     for name in params:
-        is_vision = any(c in comps for c in name.split(".")[:-1])
+        is_vision = any(name == v or name.startswith(v + ".") for v in vision)
         groups["vision" if is_vision else "language"].append(name)
     return groups
 
 
+# --------------------------------------------------------------------------------------------
+# The vision side of any image-text-to-text model
+# --------------------------------------------------------------------------------------------
+
+
+def _not_found(model, what: str) -> ValueError:
+    return ValueError(
+        f"{model_class(model)}: {what}; pass the vision modules by name, e.g. --vision-modules "
+        "vision_tower,multi_modal_projector (Python: load_checkpoint(..., vision_modules=[...]))"
+    )
+
+
+def _resolve_names(model, entries: Iterable[str]) -> list[str]:
+    """Canonical names of the modules / parameters given by hand: a full dotted name, or the
+    last component(s) of a name (every shallowest module so named)."""
+    modules = [canonical_name(n) for n, _ in model.named_modules() if n]
+    names = modules + [canonical_name(n) for n, _ in model.named_parameters()]
+    out: list[str] = []
+    for entry in entries:
+        entry = entry.strip()
+        hits = [n for n in names if n == entry] or [
+            n for n in names if n.endswith("." + entry) and entry
+        ]
+        hits = [h for h in hits if not any(h.startswith(o + ".") for o in hits)]
+        if not hits:
+            top = ", ".join(n for n in modules if n.count(".") <= 1)
+            raise ValueError(
+                f"--vision-modules: {model_class(model)} has no module or parameter named "
+                f"{entry!r} (its top modules: {top})"
+            )
+        out += [h for h in hits if h not in out]
+    return out
+
+
+@functools.cache
+def _image_path_attrs(cls) -> frozenset[str]:
+    """``self.<name>`` attributes read by ``cls.get_image_features`` / ``get_video_features``
+    and the methods they call on ``self`` (two levels deep): the image-feature path."""
+    seen: set[str] = set()
+    attrs: set[str] = set()
+    todo = ["get_image_features", "get_video_features"]
+    for _ in range(3):
+        nxt = []
+        for meth in todo:
+            fn = getattr(cls, meth, None)
+            if meth in seen or not callable(fn):
+                continue
+            seen.add(meth)
+            try:
+                src = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            names = set(re.findall(r"self\.(\w+)\b", src))
+            attrs |= names
+            nxt += [n for n in names if inspect.isfunction(getattr(cls, n, None))]
+        todo = nxt
+    return frozenset(attrs)
+
+
+def _vision_encoder(model) -> str | None:
+    """Name of the vision encoder: the shallowest submodule built from
+    ``config.vision_config`` (same object, else same class), else one named like
+    :data:`VISION_ENCODERS`."""
+    vc = getattr(getattr(model, "config", None), "vision_config", None)
+    mods = [(n, m) for n, m in model.named_modules() if n]
+    if vc is not None:
+        for test in (lambda c: c is vc, lambda c: type(c) is type(vc)):
+            for name, mod in mods:
+                if test(getattr(mod, "config", None)):
+                    return name
+    for name, _ in mods:
+        if name.rsplit(".", 1)[-1] in VISION_ENCODERS:
+            return name
+    return None
+
+
+def vision_module_names(model) -> list[str]:
+    """Canonical dotted names of the vision side's modules (and loose parameters such as
+    LLaVA-NeXT's ``image_newline``) of any image-text-to-text model.
+
+    Names given by hand in ``config.mmunlearn_vision_modules`` (``--vision-modules``) win;
+    otherwise: the vision encoder (:func:`_vision_encoder`) and, beside it (children of the
+    same parent), every module / parameter named like :data:`VISION_CONNECTORS` or read by the
+    model's ``get_image_features`` path, but not the language model (built from
+    ``config.text_config``) nor ``lm_head``. Raises ValueError (one line: what was looked for,
+    how to pass the names) when no encoder is found."""
+    m = unwrap(model)
+    cfg = getattr(m, "config", None)
+    given = getattr(cfg, VISION_MODULES_ATTR, None)
+    if given:
+        return _resolve_names(m, [given] if isinstance(given, str) else given)
+    enc = _vision_encoder(m)
+    if enc is None:
+        raise _not_found(
+            m,
+            "cannot find its vision side (looked for a submodule built from "
+            f"config.vision_config and for one named {'/'.join(VISION_ENCODERS)})",
+        )
+    parent = enc.rpartition(".")[0]
+    owner = m.get_submodule(parent) if parent else m
+    used = set()
+    for cls in (type(owner), type(m)):
+        used |= _image_path_attrs(cls)
+    text_cfg = getattr(cfg, "text_config", None)
+    found = [enc]
+    for name, child in owner.named_children():
+        full = f"{parent}.{name}" if parent else name
+        language = getattr(child, "config", None) is text_cfg and text_cfg is not None
+        language |= name in ("language_model", "text_model", "lm_head", "model")
+        if full != enc and not language and (name in VISION_CONNECTORS or name in used):
+            found.append(full)
+    for name, _ in owner.named_parameters(recurse=False):
+        if name in VISION_CONNECTORS or name in used:
+            found.append(f"{parent}.{name}" if parent else name)
+    return [canonical_name(n) for n in found]
+
+
 __all__ = [
     "FAMILIES",
+    "VISION_CONNECTORS",
+    "VISION_ENCODERS",
+    "VISION_MODULES_ATTR",
     "canonical_name",
     "canonical_parameters",
     "model_class",
@@ -169,4 +312,5 @@ __all__ = [
     "module_groups",
     "unwrap",
     "vision_components",
+    "vision_module_names",
 ]

@@ -44,6 +44,17 @@ def add_torchrun(p) -> None:
     )
 
 
+def add_vision_modules(p) -> None:
+    """``--vision-modules A,B``: the vision side by module name (for a model whose vision
+    side is not found from its structure, or to choose another); kept in its config.json."""
+    p.add_argument(
+        "--vision-modules",
+        metavar="A,B",
+        help="the vision side's modules by name, comma-separated (e.g. vision_tower,"
+        "multi_modal_projector), when it is not found from the model; saved with the model",
+    )
+
+
 def add_mask_rule(p) -> None:
     """``--gamma`` / ``--fraction``: the saliency mask's rule."""
     p.add_argument("--gamma", type=float, default=1.0, help="mask threshold γ (default 1.0)")

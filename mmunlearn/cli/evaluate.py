@@ -35,7 +35,7 @@ import json
 import os
 from pathlib import Path
 
-from mmunlearn.cli.common import UsageError
+from mmunlearn.cli.common import UsageError, add_vision_modules
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -126,6 +126,7 @@ def _model_options(e) -> None:
         help="load the evaluated models in this dtype (default: as the checkpoint is stored; "
         "--tiny: float32)",
     )
+    add_vision_modules(m)
     m.add_argument(
         "--vanilla-steps",
         type=int,
@@ -250,7 +251,7 @@ def _labels(args) -> list[str]:
     return out
 
 
-def _load(path: str, flag: str, processor, dev, dtype):
+def _load(path: str, flag: str, processor, dev, dtype, vision_modules=None):
     """``(model, tokenizer, adapter)`` of a checkpoint directory or a cached Hub id
     (:func:`mmunlearn.models.loading.resolve`), or a UsageError naming it."""
     from mmunlearn.models import load_checkpoint
@@ -260,7 +261,8 @@ def _load(path: str, flag: str, processor, dev, dtype):
         resolve(path, flag)
         if processor:
             resolve(processor, "--processor")
-        model, adapter = load_checkpoint(path, processor=processor, dtype=dtype, device=dev)
+        kw = {"vision_modules": vision_modules} if vision_modules else {}
+        model, adapter = load_checkpoint(path, processor=processor, dtype=dtype, device=dev, **kw)
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -348,7 +350,7 @@ def _models(args, labels, plan, bench, dev) -> tuple:
             if dtype is not None:
                 model.to(dtype)
         else:
-            model, tok, adapter = _load(path, flag, args.processor, dev, dtype)
+            model, tok, adapter = _load(path, flag, args.processor, dev, dtype, args.vision_modules)
         results["models"][label] = path or "tiny"
         try:
             res, st, proto = evaluate_model(

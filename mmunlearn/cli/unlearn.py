@@ -16,6 +16,7 @@ from mmunlearn.cli.common import (
     add_mask_rule,
     add_run_options,
     add_torchrun,
+    add_vision_modules,
     check_out,
     device,
     mixed_precision,
@@ -108,6 +109,7 @@ def _model_options(c) -> None:
         default=300,
         help="--tiny: fine-tune steps before unlearning (default 300)",
     )
+    add_vision_modules(m)
 
 
 def _data_options(c) -> None:
@@ -231,7 +233,11 @@ def _prepare(args, distributed: bool = False):
     else:
         try:
             model, adapter = load_checkpoint(
-                args.model, processor=args.processor, dtype=dtype, device=dev
+                args.model,
+                processor=args.processor,
+                dtype=dtype,
+                device=dev,
+                vision_modules=args.vision_modules,
             )
         except FileNotFoundError as e:
             raise UsageError(str(e)) from e

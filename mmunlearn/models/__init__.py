@@ -1,5 +1,6 @@
-"""Models: adapters per family (LLaVA, Qwen2-VL / Qwen2.5-VL), tiny models built from configs,
-locally trained tokenizers, and model directories (save / load)."""
+"""Models: adapters (LLaVA, Qwen2-VL / Qwen2.5-VL with a built-in template; any other
+image-text-to-text model through its processor), tiny models built from configs, locally
+trained tokenizers, and model directories (save / load)."""
 
 from mmunlearn.models.adapters import (
     CLIP_MEAN,
@@ -8,9 +9,9 @@ from mmunlearn.models.adapters import (
     LlavaAdapter,
     ModelAdapter,
     Qwen2VLAdapter,
-    adapter_for,
     preprocess_image,
 )
+from mmunlearn.models.generic import GenericAdapter, adapter_for
 from mmunlearn.models.loading import load_checkpoint, load_model, save_model
 from mmunlearn.models.tiny import tiny_llava, tiny_qwen2vl
 from mmunlearn.models.tokenizer import IGNORE_INDEX, IMAGE_TOKEN, build_tokenizer
@@ -20,6 +21,7 @@ __all__ = [
     "CLIP_STD",
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
+    "GenericAdapter",
     "SUPPORTED",
     "LlavaAdapter",
     "ModelAdapter",

@@ -1,4 +1,6 @@
-"""Model adapters for multimodal LLMs (LLaVA, Qwen2-VL / Qwen2.5-VL).
+"""Model adapters for multimodal LLMs with a built-in template (LLaVA, Qwen2-VL / Qwen2.5-VL);
+every other image-text-to-text model gets :class:`~mmunlearn.models.generic.GenericAdapter`
+(:func:`~mmunlearn.models.generic.adapter_for` picks).
 
 An adapter knows, for one model family:
 
@@ -441,24 +443,6 @@ SUPPORTED = (
 )
 
 
-def adapter_for(
-    model, tokenizer=None, image_size: int | None = None, processor=None
-) -> ModelAdapter:
-    """The adapter for ``model``, chosen by its class (subclasses too, e.g. FSDP2-wrapped).
-    ``processor``: ``(chat_template, processor)`` of a real checkpoint (then they build the
-    batches); without it the built-in hand-written template and image preprocessing are used.
-
-    Returns a :class:`LlavaAdapter` or :class:`Qwen2VLAdapter`; raises ``TypeError`` naming the
-    class for anything else."""
-    for cls, adapter in _adapter_classes():
-        if isinstance(model, cls):
-            return adapter(model, tokenizer, image_size, processor)
-    raise TypeError(
-        f"no model adapter for {type(model).__module__}.{type(model).__name__}; "
-        f"supported: {', '.join(SUPPORTED)}"
-    )
-
-
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -467,6 +451,5 @@ __all__ = [
     "LlavaAdapter",
     "ModelAdapter",
     "Qwen2VLAdapter",
-    "adapter_for",
     "preprocess_image",
 ]

@@ -24,7 +24,10 @@ MARKER = "mmunlearn.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 FAMILIES = {"llava": "llava", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl"}
-SUPPORTED_TEXT = "LLaVA-1.5 (llava-hf), Qwen2-VL, Qwen2.5-VL"
+SUPPORTED_TEXT = (
+    "LLaVA-1.5 (llava-hf), Qwen2-VL, Qwen2.5-VL and every other image-text-to-text model "
+    "of transformers (docs/models.md)"
+)
 
 
 def save_model(model, tokenizer, directory, state_dict: dict | None = None) -> Path:
@@ -129,8 +132,20 @@ def resolve(path_or_id, what: str = "model") -> Path:
     raise FileNotFoundError(f"{what} {text}: no such folder")
 
 
+def _image_text_to_text(model_type: str) -> bool:
+    """Whether ``AutoModelForImageTextToText`` knows the model type (registered ones too)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+    try:
+        return CONFIG_MAPPING[model_type] in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+    except KeyError:
+        return False
+
+
 def family_of(folder: Path) -> str:
-    """``"llava"`` or ``"qwen2vl"`` from a checkpoint's ``config.json``; ValueError naming the
+    """``"llava"`` or ``"qwen2vl"`` (the built-in families) or the ``model_type`` of any other
+    image-text-to-text model, from a checkpoint's ``config.json``; ValueError naming the
     folder and its model type for anything else."""
     cfg_file = folder / "config.json"
     try:
@@ -138,6 +153,8 @@ def family_of(folder: Path) -> str:
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder}: no readable config.json ({type(e).__name__}: {e})") from e
     mtype = cfg.get("model_type")
+    if mtype not in FAMILIES and isinstance(mtype, str) and _image_text_to_text(mtype):
+        return mtype
     if mtype not in FAMILIES:
         archs = ", ".join(cfg.get("architectures") or []) or "?"
         raise ValueError(
@@ -161,6 +178,24 @@ def _chat_template(folder: Path, *objs) -> str | None:
         except ValueError:
             return None
     return None
+
+
+def _processor_without_video(folder: Path):
+    """The folder's processor class (``processor_class`` of its processor / preprocessor
+    config) built without its video processor (:func:`~mmunlearn.models.processing.
+    without_video`): what ``AutoProcessor`` cannot build without torchvision."""
+    from transformers.models.auto.processing_auto import processor_class_from_name
+
+    from mmunlearn.models.processing import without_video
+
+    name = None
+    for f in IMAGE_PROCESSOR_FILES:
+        if (folder / f).is_file():
+            name = name or json.loads((folder / f).read_text()).get("processor_class")
+    cls = processor_class_from_name(name) if name else None
+    if cls is None:
+        raise ValueError("AutoProcessor could not build it and no processor_class names one")
+    return without_video(cls).from_pretrained(folder, local_files_only=True)
 
 
 def load_processor(folder: Path, family: str, model_config=None, flag: str = "--processor"):
@@ -192,14 +227,15 @@ def load_processor(folder: Path, family: str, model_config=None, flag: str = "--
         if proc is None:
             from mmunlearn.models.processing import ComposedProcessor
 
-            tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-            ip = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
             if family != "qwen2vl":
-                raise ValueError(f"AutoProcessor could not build the {family} processor")
-            template = _chat_template(folder, tok)
-            proc = ComposedProcessor(ip, tok, template or "", "<|image_pad|>")
+                proc = _processor_without_video(folder)
+            else:
+                tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+                ip = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+                template = _chat_template(folder, tok)
+                proc = ComposedProcessor(ip, tok, template or "", "<|image_pad|>")
     except (ValueError, OSError, ImportError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
         if "sentencepiece" in msg.lower() or "tiktoken" in msg.lower():
             msg = (
                 "its tokenizer needs sentencepiece (pip install sentencepiece), or pass "
@@ -215,15 +251,19 @@ def load_processor(folder: Path, family: str, model_config=None, flag: str = "--
     return template, proc
 
 
-def load_checkpoint(path, *, processor=None, dtype=None, device=None):
+def load_checkpoint(path, *, processor=None, dtype=None, device=None, vision_modules=None):
     """A checkpoint as ``(model, adapter)``: the model (eval mode, on ``device``, ``dtype`` if
     given) and the adapter that builds its batches. A real checkpoint's own processor and chat
     template drive collation (``processor``: a folder or cached Hub id to take them from when
     the checkpoint ships none); a built-in tiny model (``mmunlearn.json`` says so, or a
     tokenizer without an image processor) uses the hand-written template. ``path`` may be a
-    Hub id already in the local cache. Everything but the weights is checked first; errors are
-    ValueError / FileNotFoundError naming the folder and what to pass."""
-    from mmunlearn.models.adapters import adapter_for
+    Hub id already in the local cache. ``vision_modules`` (``"a,b"`` or a list; the CLI's
+    ``--vision-modules``): the vision side by module name, recorded in ``model.config`` (so
+    :func:`mmunlearn.params.module_groups`, the adapter and a saved copy use it); without it
+    the vision side is found from the model (``adapter.vision_module_names()``), checked
+    here. Everything but the weights is checked first; errors are ValueError /
+    FileNotFoundError naming the folder and what to pass."""
+    from mmunlearn.models.generic import adapter_for
 
     folder = resolve(path, "model")
     family = family_of(folder)
@@ -241,11 +281,26 @@ def load_checkpoint(path, *, processor=None, dtype=None, device=None):
     )
     if builtin:
         model, tok = load_model(folder, dtype=dtype, device=device)
-        return model, adapter_for(model, tok)
+        return _vision_side(model, vision_modules, folder), adapter_for(model, tok)
     flag = "--processor" if processor is None else f"--processor {processor}: it"
     chat_proc = load_processor(src, family, flag=flag)
-    model = _load_weights(folder, dtype, device)
+    model = _vision_side(_load_weights(folder, dtype, device), vision_modules, folder)
     return model, adapter_for(model, processor=chat_proc)
+
+
+def _vision_side(model, vision_modules, folder: Path):
+    """``model`` with ``vision_modules`` recorded in its config; its vision side checked."""
+    from mmunlearn.params import VISION_MODULES_ATTR, vision_module_names
+
+    if vision_modules:
+        given = vision_modules.split(",") if isinstance(vision_modules, str) else vision_modules
+        names = [n.strip() for n in given if n.strip()]
+        setattr(model.config, VISION_MODULES_ATTR, names)
+    try:
+        vision_module_names(model)
+    except ValueError as e:
+        raise ValueError(f"{folder}: {e}") from e
+    return model
 
 
 def _load_weights(folder: Path, dtype, device):

@@ -22,6 +22,7 @@ same job from the folder's image processor, tokenizer and chat template.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,10 @@ from mmunlearn.data.schema import Sample
 IGNORE_INDEX = -100
 LOSS_TOKENS = ("answer", "all", "all_with_image")
 RAW_PROMPT = "raw_prompt"  # Sample.meta key of a verbatim prompt (see ChatCollator.prompt)
+# Families whose forward attends bidirectionally over every token with token_type_ids 0 (the
+# prefix): the answer is marked 1 (causal), as their processor does for ``suffix=``; left at
+# 0 it would see its own later tokens (tests/test_families.py checks the causality).
+SUFFIX_TOKEN_TYPES = ("paligemma",)
 
 
 def images_of(sample: Sample) -> list:
@@ -119,6 +124,30 @@ class ComposedProcessor:
         (Path(directory) / "chat_template.jinja").write_text(self.chat_template)
 
 
+@functools.cache
+def without_video(cls):
+    """A subclass of the processor class ``cls`` without its video processor (``None``), so a
+    family's processor is built, called on images and saved where its video processor cannot be
+    (transformers' video processors need torchvision). ``cls`` itself when it has none."""
+    attrs = [a for a in cls.get_attributes() if "video" not in a]
+    if attrs == cls.get_attributes():
+        return cls
+
+    # cls.__init__ is kept (transformers reads its code's argument names); it passes
+    # video_processor (None) on to ProcessorMixin, which zips it away with the attributes
+    body = {"get_attributes": classmethod(lambda c: list(attrs)), "video_processor": None}
+    # (pickled as cls + state: DataLoader workers started with spawn get the adapter)
+    body["__reduce__"] = lambda self: (_without_video_instance, (cls, dict(self.__dict__)))
+    return type(cls.__name__, (cls,), {**body, "__module__": cls.__module__})
+
+
+def _without_video_instance(cls, state: dict):
+    sub = without_video(cls)
+    obj = sub.__new__(sub)
+    obj.__dict__.update(state)
+    return obj
+
+
 class ChatCollator:
     """``collate(samples, ans_only, with_answer, loss_tokens)`` → a padded model batch, built
     by ``processor`` (an HF processor or :class:`ComposedProcessor`) and its chat template."""
@@ -130,6 +159,9 @@ class ChatCollator:
         self.image_token_id = int(image_token_id)
         self.family = family
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
+        # the model's forward inputs (GenericAdapter): other processor outputs are dropped
+        self.input_keys: frozenset[str] | None = None
+        self._takes_text: bool | None = None
 
     # --- text ----------------------------------------------------------------------------------
     def render(self, msgs: list[dict], add_generation_prompt: bool) -> str:
@@ -165,21 +197,101 @@ class ChatCollator:
         return self.render(messages(sample, True), False).strip()
 
     # --- batch ---------------------------------------------------------------------------------
-    def _encode(self, texts: list[str], images: list, side: str) -> dict:
+    def _encode(self, texts: list[str], per_sample: list[list], side: str) -> dict:
         tok = self.tokenizer
         before = tok.padding_side
         tok.padding_side = side
+        images = [im for ims in per_sample for im in ims]
         try:
-            enc = self.processor(
-                text=texts, images=images or None, padding=True, return_tensors="pt"
-            )
+            if self.input_keys is not None and not all(per_sample) and not self._text_alone():
+                enc = self._split_encode(texts, per_sample)  # (PaliGemma)
+            else:
+                if images and self.input_keys is not None:
+                    images = per_sample  # any family: one list per text (Gemma 3, Mllama …)
+                enc = self.processor(
+                    text=texts, images=images or None, padding=True, return_tensors="pt"
+                )
+                if self._image_tokens_in_text_rows(enc, per_sample):
+                    enc = self._split_encode(texts, per_sample)  # (BLIP-2: queries on every row)
         finally:
             tok.padding_side = before
         batch = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
-        if self.family == "qwen2vl" and images and "mm_token_type_ids" not in batch:
+        keys = self.input_keys
+        if keys is not None:
+            batch = {k: v for k, v in batch.items() if k in keys or k == "attention_mask"}
+        wants_mm = self.family == "qwen2vl" or (keys is not None and "mm_token_type_ids" in keys)
+        if wants_mm and images and "mm_token_type_ids" not in batch:
             # transformers 5.x Qwen2-VL forwards need it (1 on image tokens) for M-RoPE
             batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).to(torch.int32)
         return batch
+
+    def _image_tokens_in_text_rows(self, enc, per_sample: list[list]) -> bool:
+        """Whether the processor put image tokens in a row without an image (it expands
+        images for the whole batch, not per text)."""
+        if self.input_keys is None or all(per_sample) or not any(per_sample):
+            return False
+        ids = enc["input_ids"]
+        rows = [i for i, ims in enumerate(per_sample) if not ims]
+        return bool((ids[rows] == self.image_token_id).any())
+
+    def _text_alone(self) -> bool:
+        """Whether the processor takes a text without an image (PaliGemma's does not)."""
+        if self._takes_text is None:
+            try:
+                self.processor(text=["a"], return_tensors="pt")
+                self._takes_text = True
+            except (ValueError, TypeError):
+                self._takes_text = False
+        return self._takes_text
+
+    def _split_encode(self, texts: list[str], per_sample: list[list]) -> dict:
+        """For processors that want an image with every text: the texts with images through
+        the processor, the others through the tokenizer, rows merged back in batch order
+        (padded on the tokenizer's side; per-token inputs of text rows are 0)."""
+        tok = self.tokenizer
+        with_img = [i for i, ims in enumerate(per_sample) if ims]
+        text_only = [i for i, ims in enumerate(per_sample) if not ims]
+        if not with_img:
+            return dict(tok(texts, padding=True, return_tensors="pt"))
+        a = dict(
+            self.processor(
+                text=[texts[i] for i in with_img],
+                padding=True,
+                images=[per_sample[i] for i in with_img],
+                return_tensors="pt",
+            )
+        )
+        b = dict(tok([texts[i] for i in text_only], padding=True, return_tensors="pt"))
+        n = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+        shape = tuple(a["input_ids"].shape)
+        out = {}
+        for key, v in a.items():
+            if not isinstance(v, torch.Tensor) or tuple(v.shape[:2]) != shape:
+                out[key] = v  # image inputs: the image rows' only
+                continue
+            fill = tok.pad_token_id if key == "input_ids" else 0
+            full = v.new_full((len(texts), n, *v.shape[2:]), fill)
+            plain = b.get(key)
+            if plain is None:
+                plain = v.new_zeros((*b["input_ids"].shape, *v.shape[2:]))
+            for rows, src in ((with_img, v), (text_only, plain)):
+                for j, i in enumerate(rows):
+                    k = src.shape[1]
+                    if tok.padding_side == "left":
+                        full[i, n - k :] = src[j]
+                    else:
+                        full[i, :k] = src[j]
+            out[key] = full
+        return out
+
+    def _prompt_ids(self, sample: Sample) -> list[int]:
+        """The prompt's ids: tokenized (LLaVA / Qwen), or through the processor with the
+        sample's images (any family: what it adds around images and texts is then the same
+        as in the full conversation's row)."""
+        if self.input_keys is None:
+            return self.tokenizer(self.prompt(sample))["input_ids"]
+        enc = self._encode([self.prompt(sample)], [images_of(sample)], "right")
+        return enc["input_ids"][0].tolist()
 
     def collate(
         self,
@@ -199,7 +311,7 @@ class ChatCollator:
         mode = loss_tokens or ("answer" if ans_only else "all")
         if mode not in LOSS_TOKENS:
             raise ValueError(f"loss_tokens must be one of {LOSS_TOKENS}, got {mode!r}")
-        images = [im for s in samples for im in images_of(s)]
+        images = [images_of(s) for s in samples]
         if not with_answer:
             return self._encode([self.prompt(s) for s in samples], images, "left")
         batch = self._encode([self.full(s) for s in samples], images, "right")
@@ -208,13 +320,17 @@ class ChatCollator:
         labels[att == 0] = IGNORE_INDEX
         if mode != "all_with_image":
             labels[ids == self.image_token_id] = IGNORE_INDEX
-        if mode == "answer":
+        suffix = self.family in SUFFIX_TOKEN_TYPES and "token_type_ids" in batch
+        if mode == "answer" or suffix:
             for i, s in enumerate(samples):
-                p_ids = self.tokenizer(self.prompt(s))["input_ids"]
+                p_ids = self._prompt_ids(s)
                 row = ids[i][att[i].bool()].tolist()
                 start = answer_start(row, p_ids, self.image_token_id)
                 first = int(att[i].nonzero()[0]) if att[i].any() else 0
-                labels[i, : first + start] = IGNORE_INDEX
+                if mode == "answer":
+                    labels[i, : first + start] = IGNORE_INDEX
+                if suffix:  # the answer is the causal suffix, as with the processor's suffix=
+                    batch["token_type_ids"][i, first + start :] = att[i, first + start :]
         batch["labels"] = labels
         return batch
 
@@ -240,4 +356,5 @@ __all__ = [
     "answer_start",
     "images_of",
     "messages",
+    "without_video",
 ]
