@@ -164,6 +164,20 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
     return out if many else out[0]
 
 
+def _config_keys(parser: Parser) -> dict:
+    """``{key: action}``: an option's dest and its long flag (``steps`` for ``--steps``, whose
+    dest is ``max_steps``), dashes as underscores."""
+    out = {}
+    for d, a in parser.options.items():
+        if d in ("help", "config"):
+            continue
+        out[d] = a
+        for flag in a.option_strings:
+            if flag.startswith("--"):
+                out.setdefault(flag[2:].replace("-", "_"), a)
+    return out
+
+
 def load_config(path: str, parser: Parser, siblings: tuple = ()) -> dict:
     """Option values from a YAML or JSON mapping (``key: value``, dashes or underscores), each
     converted and checked as the command-line option would be. An unknown key (a typo) or a
@@ -181,17 +195,17 @@ def load_config(path: str, parser: Parser, siblings: tuple = ()) -> dict:
         raise UsageError(f"--config {path}: cannot read it ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of option: value")
-    known = {d: a for d, a in parser.options.items() if d not in ("help", "config")}
+    known = _config_keys(parser)
     out = {}
     for k, v in data.items():
         key = str(k).replace("-", "_")
-        if key not in known and any(key in p.options for p in siblings):
+        if key not in known and any(key in _config_keys(p) for p in siblings):
             continue
         if key not in known:
             near = difflib.get_close_matches(key, list(known), n=1)
             hint = f"; did you mean {near[0].replace('_', '-')!r}?" if near else ""
             raise UsageError(f"--config {path}: unknown option {k!r}{hint}")
-        out[key] = _config_value(path, str(k), known[key], v)
+        out[known[key].dest] = _config_value(path, str(k), known[key], v)
     return out
 
 
