@@ -31,8 +31,11 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from mmunlearn.distributed import all_reduce_sum_, shard_groups
 from mmunlearn.distributed import local as local_shard
 from mmunlearn.kernels import (
+    STATE_DTYPES,
+    MaskIndex,
     grad_sq_norm,
     masked_adamw_,
     masked_sgd_,
@@ -40,6 +43,7 @@ from mmunlearn.kernels import (
     packed_size,
     unpack_bits,
 )
+from mmunlearn.kernels._common import mix32
 
 _UNMASKED = ("freeze", "update")
 _CLIP_ORDERS = ("clip_then_mask", "mask_then_clip")
@@ -55,6 +59,29 @@ def _shard_like(mask: torch.Tensor, p) -> torch.Tensor:
     return distribute_tensor(mask.to(dev), p.device_mesh, p.placements).to_local()
 
 
+def _by_device(plist) -> list[list]:
+    """Parameters grouped by the device of their local shard (one kernel call per device: a
+    launch table never holds another device's pointer), in first-seen order."""
+    out: dict = {}
+    for p in plist:
+        out.setdefault(local_shard(p).device, []).append(p)
+    return list(out.values())
+
+
+def _sq_norm(parts, backend) -> torch.Tensor:
+    """Σ‖g‖² over tensors that may span devices: one kernel call per device, summed on the
+    first tensor's device."""
+    by_dev: dict = {}
+    for g in parts:
+        by_dev.setdefault(g.device, []).append(g)
+    dev0 = parts[0].device
+    total = None
+    for gs in by_dev.values():
+        sq = grad_sq_norm(gs, backend=backend).to(dev0)
+        total = sq if total is None else total + sq
+    return total
+
+
 class _MaskedOptimizer(torch.optim.Optimizer):
     """Shared machinery: masks kept in per-parameter state, clipping, masked/unmasked split."""
 
@@ -63,6 +90,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"unmasked must be one of {_UNMASKED}, got {unmasked!r}")
         if clip_order not in _CLIP_ORDERS:
             raise ValueError(f"clip_order must be one of {_CLIP_ORDERS}, got {clip_order!r}")
+        self._mask_index: dict = {}
+        self._old_masks: dict = {}
         super().__init__(params, defaults)
         self.unmasked = unmasked
         self.clip_order = clip_order
@@ -114,12 +143,72 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 raise ValueError(
                     f"set_masks: mask for {names[p]} must be bool or uint8, got {m.dtype}"
                 )
+            old = self.state[p].get("mask") if not clear else self._old_masks.get(p)
             self.state[p]["mask"] = m
+            self._mask_index.pop(p, None)
+            self._mask_index_of(p)  # built once here: per-chunk popcounts, one host copy
+            self._masks_changed(p, old)
+        self._old_masks = {}
+
+    def _masks_changed(self, p, old_mask) -> None:
+        """Hook: the mask of ``p`` was replaced (compacted state re-lays its moments out)."""
+
+    def _mask_index_of(self, p) -> MaskIndex | None:
+        """The :class:`MaskIndex` of ``p``'s current mask (rebuilt when the mask tensor was
+        replaced, e.g. by ``load_state_dict``), or None without a mask."""
+        m = self.state.get(p, {}).get("mask")
+        if m is None:
+            return None
+        hit = self._mask_index.get(p)
+        if hit is None or hit[0] is not m:
+            hit = self._mask_index[p] = (m, MaskIndex(m, local_shard(p).numel()))
+        return hit[1]
 
     def clear_masks(self) -> None:
         """Remove every mask."""
+        self._old_masks = {p: st["mask"] for p, st in self.state.items() if "mask" in st}
         for st in self.state.values():
             st.pop("mask", None)
+        self._mask_index = {}
+
+    def mask_counts(self) -> tuple[int, int]:
+        """(selected elements, all elements) of the masked parameters' local shards (this
+        rank's counts; sum them over ranks for a sharded model)."""
+        sel = tot = 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                ix = self._mask_index_of(p)
+                if ix is not None:
+                    sel += ix.count
+                    tot += ix.numel
+        return sel, tot
+
+    def init_state(self, p) -> dict:
+        """The state of ``p``, created (zero moments, step 0) when it has none; returns the
+        state dict (the masks live there too)."""
+        return self.state[p]
+
+    def state_tensors(self, p) -> dict[str, torch.Tensor]:
+        """The optimizer state tensors of ``p`` that a checkpoint must hold (the live tensors,
+        shared: loading into them fills the state), keyed by name; {} without state."""
+        return {}
+
+    def load_state_tensors(self, p, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (as :meth:`state_tensors` returns them) into the state of ``p``,
+        creating it first; dtypes are converted to the optimizer's, shapes must match."""
+        self.init_state(p)
+        st = self.state_tensors(p)
+        for k, v in tensors.items():
+            if k not in st:
+                raise KeyError(f"load_state_tensors: no state tensor {k!r}")
+            v = local_shard(v)
+            if v.numel() != st[k].numel():
+                raise ValueError(
+                    f"load_state_tensors: {k} has {v.numel()} elements, the state holds "
+                    f"{st[k].numel()}"
+                )
+            if v.data_ptr() != st[k].data_ptr():
+                st[k].copy_(v.reshape(st[k].shape))
 
     def get_mask(self, p: torch.Tensor, dense: bool = False):
         """The packed mask of ``p`` (or the bool tensor with ``dense=True``), or None."""
@@ -157,7 +246,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
     def _clip_scale_and_norm(self, max_grad_norm, masked):
         """(clip coefficient, squared norm) as device 0-dim tensors, or (None, None)."""
-        grads, dense_masked = [], []
+        # parts keyed by the process groups their shard sums are reduced over (a plain tensor:
+        # none; an FSDP2 DTensor: its mesh's shard dimension(s), never the default group)
+        parts: dict[tuple, list] = {}
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:
@@ -166,16 +257,18 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 m = self.state.get(p, {}).get("mask") if masked else None
                 if masked and self.clip_order == "mask_then_clip":
                     if m is not None:
-                        dense_masked.append(grad * unpack_bits(m, grad.shape, backend=self.backend))
+                        grad = grad * unpack_bits(m, grad.shape, backend=self.backend)
+                    elif self.unmasked == "freeze":
                         continue
-                    if self.unmasked == "freeze":
-                        continue
-                grads.append(grad)
-        parts = grads + dense_masked
+                parts.setdefault(shard_groups(p.grad), []).append(grad)
         if not parts:
             return None, None
-        sq = grad_sq_norm(parts, backend=self.backend)
-        sq = self._all_reduce_sq_norm(sq)
+        sq = None
+        for groups, gs in parts.items():
+            part = _sq_norm(gs, self.backend)
+            for pg in groups:
+                part = all_reduce_sum_(part, group=pg)
+            sq = part if sq is None else sq + part.to(sq.device)
         return torch.clamp(max_grad_norm / (sq.sqrt() + 1e-6), max=1.0), sq
 
     def _prepare(self, max_grad_norm, masked, found_inf):
@@ -195,15 +288,6 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if sq is not None:
             flag = torch.maximum(flag.to(sq.device), (~torch.isfinite(sq)).to(torch.float32))
         return scale, flag
-
-    def _all_reduce_sq_norm(self, sq):
-        """Hook for sharded parameters: sum the squared norm over ranks when any is a DTensor."""
-        if any(hasattr(p, "to_local") for g in self.param_groups for p in g["params"]):
-            import torch.distributed as dist
-
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(sq)
-        return sq
 
     def _split(self, group, masked):
         """Parameters of a group to step: (with mask, without mask) as lists of params."""
@@ -232,11 +316,23 @@ class MaskedAdamW(_MaskedOptimizer):
     """AdamW (decoupled weight decay, bias correction) whose steps can be restricted to masks.
 
     Args mirror ``torch.optim.AdamW``: ``lr``, ``betas``, ``eps``, ``weight_decay``,
-    ``maximize``. State is fp32 whatever the parameter dtype (bf16 parameters are written with
-    round-to-nearest-even). ``unmasked``: policy for parameters without a mask in masked steps
+    ``maximize``. ``unmasked``: policy for parameters without a mask in masked steps
     ("freeze" | "update"). ``clip_order``: "clip_then_mask" (the official code: the norm of the
     full gradient) or "mask_then_clip" (the norm of the masked gradient). ``backend``: kernel
-    backend ("auto" = Triton on CUDA).
+    backend ("auto" = Triton on CUDA, the C kernels on CPU).
+
+    State: ``state_dtype=torch.float32`` (default: bit-exact torch.optim.AdamW arithmetic,
+    bf16 parameters written with round-to-nearest-even) or ``torch.bfloat16``: both moments in
+    bf16 (8 bytes less per element), written with stochastic rounding from counter-based bits
+    seeded per step by (``seed``, the group's step counter, the call): reproducible run to run,
+    identical bits on every backend. ``param_sr`` (default: on with bf16 state): bf16
+    parameters stochastically rounded too, so updates below half a bf16 ulp still move them in
+    expectation. ``compact_state=True``: moments only for the selected elements of masked
+    parameters (laid out in element order, offsets from per-chunk popcounts built at
+    :meth:`set_masks`); bit-identical to the dense masked step at the same state dtype. Every
+    step must then be masked and every parameter with a gradient must have a mask (else
+    ValueError naming the parameter); a new mask re-lays the moments out (kept where both masks
+    select, zero where only the new one does).
     """
 
     def __init__(
@@ -251,26 +347,107 @@ class MaskedAdamW(_MaskedOptimizer):
         unmasked: str = "freeze",
         clip_order: str = "clip_then_mask",
         backend: str = "auto",
+        state_dtype: torch.dtype = torch.float32,
+        param_sr: bool | None = None,
+        compact_state: bool = False,
+        seed: int = 0,
     ):
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"invalid lr={lr}, eps={eps} or weight_decay={weight_decay}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"betas must lie in [0, 1), got {betas}")
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype}")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, maximize=maximize
         )
+        self.state_dtype = state_dtype
+        self.param_sr = (state_dtype == torch.bfloat16) if param_sr is None else bool(param_sr)
+        self.compact_state = bool(compact_state)
+        self.seed = int(seed)
         super().__init__(
             params, defaults, unmasked=unmasked, clip_order=clip_order, backend=backend
         )
 
-    def _init_state(self, p):
+    # ------------------------------------------------------------------ state
+    def _moment_numel(self, p) -> int:
+        if not self.compact_state:
+            return local_shard(p).numel()
+        ix = self._mask_index_of(p)
+        if ix is None:
+            raise ValueError(
+                f"compact_state: {self._param_names().get(p, 'a parameter')} has no mask "
+                "(compacted state holds moments of selected elements only: set_masks first)"
+            )
+        return ix.count
+
+    def init_state(self, p) -> dict:
+        """The state of ``p`` (``step``, ``exp_avg``, ``exp_avg_sq`` in ``state_dtype``, of
+        the local shard's shape, or 1-D of the mask's count with ``compact_state``), created
+        with zero moments when absent; returns the state dict."""
         st = self.state[p]
         if "exp_avg" not in st:
             local = local_shard(p)
+            shape = (self._moment_numel(p),) if self.compact_state else local.shape
+            kw = dict(dtype=self.state_dtype, device=local.device)
             st["step"] = torch.tensor(0.0, dtype=torch.float32)
-            st["exp_avg"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
-            st["exp_avg_sq"] = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
+            st["exp_avg"] = torch.zeros(shape, **kw)
+            st["exp_avg_sq"] = torch.zeros(shape, **kw)
         return st
+
+    _init_state = init_state  # the former private name
+
+    def state_tensors(self, p) -> dict[str, torch.Tensor]:
+        """``{"exp_avg", "exp_avg_sq", "step"}`` of ``p`` (live tensors; {} without state).
+        Moments have the local shard's shape, or are 1-D compacted with ``compact_state``."""
+        st = self.state.get(p, {})
+        if "exp_avg" not in st:
+            return {}
+        return {k: st[k] for k in ("exp_avg", "exp_avg_sq", "step")}
+
+    def _relayout(self, p, old_mask=None) -> None:
+        """Bring the moments of ``p`` to this optimizer's dtype and layout (dense, or compacted
+        to the current mask; ``old_mask``: the mask a compacted state was laid out for)."""
+        st = self.state.get(p, {})
+        if "exp_avg" not in st:
+            return
+        local = local_shard(p)
+        mask = st.get("mask")
+        for k in ("exp_avg", "exp_avg_sq"):
+            t = st[k]
+            if t.numel() != local.numel() or (old_mask is not None and t.dim() == 1):
+                src = old_mask if old_mask is not None else mask
+                if src is None:
+                    raise ValueError(f"compacted {k} of {self._param_names()[p]} without a mask")
+                sel = unpack_bits(src, (local.numel(),), backend="torch")
+                if int(sel.sum()) != t.numel():
+                    raise ValueError(
+                        f"{k} of {self._param_names()[p]} has {t.numel()} elements: neither the "
+                        f"parameter's {local.numel()} nor its mask's {int(sel.sum())}"
+                    )
+                dense = torch.zeros(local.numel(), dtype=t.dtype, device=t.device)
+                dense[sel] = t.reshape(-1)
+                t = dense.reshape(local.shape)
+            if self.compact_state:
+                if mask is None:
+                    raise ValueError(
+                        f"compact_state: {self._param_names()[p]} has state but no mask"
+                    )
+                t = t.reshape(-1)[unpack_bits(mask, (local.numel(),), backend="torch")]
+            st[k] = t.to(self.state_dtype).contiguous()
+
+    def _masks_changed(self, p, old_mask) -> None:
+        if self.compact_state:
+            self._relayout(p, old_mask)
+
+    def load_state_dict(self, state_dict):
+        """Like ``Optimizer.load_state_dict`` (masks kept uint8, moments not cast to the
+        parameter's dtype); moments are converted to this optimizer's ``state_dtype`` and
+        layout (a dense checkpoint loads into compacted state and back)."""
+        super().load_state_dict(state_dict)
+        for g in self.param_groups:
+            for p in g["params"]:
+                self._relayout(p)
 
     @staticmethod
     def _device_step(st, local: torch.Tensor) -> torch.Tensor:
@@ -280,6 +457,27 @@ class MaskedAdamW(_MaskedOptimizer):
         if t.device != local.device or t.dtype != torch.float32:
             t = st["step"] = t.to(device=local.device, dtype=torch.float32)
         return t
+
+    def _check_compact(self, group, masked) -> None:
+        """With compacted state every parameter that would step must have a mask."""
+        if not self.compact_state:
+            return
+        for p in group["params"]:
+            if p.grad is None or (masked and "mask" in self.state.get(p, {})):
+                continue
+            if masked and self.unmasked == "freeze":
+                continue  # frozen: never stepped, needs no state
+            raise ValueError(
+                f"compact_state: {self._param_names()[p]} would take an unmasked step "
+                f"(masked={masked}, unmasked={self.unmasked!r}, has a mask: "
+                f"{'mask' in self.state.get(p, {})}); compacted state only holds the moments "
+                "of masked elements"
+            )
+
+    def _call_seed(self, gi: int, counter: int, call: int) -> int | None:
+        if self.state_dtype != torch.bfloat16 and not self.param_sr:
+            return None
+        return mix32(mix32(mix32(self.seed ^ (gi * 0x9E3779B9)) ^ counter) ^ call)
 
     @torch.no_grad()
     def step(
@@ -309,10 +507,13 @@ class MaskedAdamW(_MaskedOptimizer):
             with torch.enable_grad():
                 loss = closure()
         masked = self._resolve_masked(masked)
+        for group in self.param_groups:
+            self._check_compact(group, masked)
         scale, flag = self._prepare(max_grad_norm, masked, found_inf)
         keep: dict = {}  # device → 1.0 where the step is taken, 0.0 where it is skipped
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
+            counter = group["sr_step"] = group.get("sr_step", 0) + 1
             with_mask, without = self._split(group, masked)
             kw = dict(
                 lr=float(group["lr"]),
@@ -320,47 +521,60 @@ class MaskedAdamW(_MaskedOptimizer):
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                grad_scale=scale,
+                grad_mul=scale,
                 maximize=group["maximize"],
+                param_sr=self.param_sr,
                 backend=self.backend,
             )
-            for plist, use_mask in ((with_mask, True), (without, False)):
-                if not plist:
-                    continue
+            calls = [(pl, True) for pl in _by_device(with_mask)]
+            calls += [(pl, False) for pl in _by_device(without)]
+            n_call = 0
+            for plist, use_mask in calls:
+                idx = dict(
+                    masks=[self.state[p]["mask"] for p in plist] if use_mask else None,
+                    mask_index=[self._mask_index_of(p) for p in plist] if use_mask else None,
+                    compact=self.compact_state and use_mask,
+                )
                 if flag is not None:  # device step counts, one launch per dtype pair
-                    sts = [self._init_state(p) for p in plist]
+                    sts = [self.init_state(p) for p in plist]
                     locs = [local_shard(p) for p in plist]
                     steps = [self._device_step(st, x) for st, x in zip(sts, locs)]
                     dev = locs[0].device
                     if dev not in keep:
                         keep[dev] = (flag.to(dev) == 0).to(torch.float32)
                     torch._foreach_add_(steps, [keep[dev]] * len(steps))
+                    n_call += 1
                     masked_adamw_(
                         locs,
                         [local_shard(p.grad) for p in plist],
                         [s["exp_avg"] for s in sts],
                         [s["exp_avg_sq"] for s in sts],
-                        [s["mask"] for s in sts] if use_mask else None,
                         step=steps,
                         found_inf=flag.to(dev),
+                        sr_seed=self._call_seed(gi, counter, n_call),
+                        **idx,
                         **kw,
                     )
                     continue
                 # one launch per distinct step count (normally one)
                 by_step: dict[float, list] = {}
                 for p in plist:
-                    st = self._init_state(p)
+                    st = self.init_state(p)
                     st["step"] += 1
                     by_step.setdefault(float(st["step"]), []).append(p)
                 for step, ps in by_step.items():
                     sts = [self.state[p] for p in ps]
+                    n_call += 1
                     masked_adamw_(
                         [local_shard(p) for p in ps],
                         [local_shard(p.grad) for p in ps],
                         [s["exp_avg"] for s in sts],
                         [s["exp_avg_sq"] for s in sts],
-                        [s["mask"] for s in sts] if use_mask else None,
+                        masks=[s["mask"] for s in sts] if use_mask else None,
+                        mask_index=[self._mask_index_of(p) for p in ps] if use_mask else None,
+                        compact=self.compact_state and use_mask,
                         step=int(step),
+                        sr_seed=self._call_seed(gi, counter, n_call),
                         **kw,
                     )
         return loss
@@ -411,9 +625,9 @@ class MaskedSGD(_MaskedOptimizer):
         scale, flag = self._prepare(max_grad_norm, masked, found_inf)
         for group in self.param_groups:
             with_mask, without = self._split(group, masked)
-            for plist, use_mask in ((with_mask, True), (without, False)):
-                if not plist:
-                    continue
+            calls = [(pl, True) for pl in _by_device(with_mask)]
+            calls += [(pl, False) for pl in _by_device(without)]
+            for plist, use_mask in calls:
                 locs = [local_shard(p) for p in plist]
                 masked_sgd_(
                     locs,
@@ -421,7 +635,7 @@ class MaskedSGD(_MaskedOptimizer):
                     [self.state[p]["mask"] for p in plist] if use_mask else None,
                     lr=float(group["lr"]),
                     weight_decay=group["weight_decay"],
-                    grad_scale=scale,
+                    grad_mul=scale,
                     found_inf=None if flag is None else flag.to(locs[0].device),
                     maximize=group["maximize"],
                     backend=self.backend,

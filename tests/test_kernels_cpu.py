@@ -62,7 +62,7 @@ def test_masked_adamw_matches_twin(pdt, gdt, with_mask):
         p, mm, vv = [x.clone() for x in params], [x.clone() for x in m], [x.clone() for x in v]
         for step in (1, 2, 3):
             K.masked_adamw_(
-                p, grads, mm, vv, masks, step=step, grad_scale=torch.tensor(0.7),
+                p, grads, mm, vv, masks, step=step, grad_mul=torch.tensor(0.7),
                 maximize=step == 2, backend=be, **HP,
             )  # fmt: skip
         out[be] = (p, mm, vv)
@@ -86,7 +86,7 @@ def test_masked_sgd_matches_twin_same_grads(pdt):
         p = [x.clone() for x in params]
         for g in grads:
             K.masked_sgd_(p, g, masks, lr=0.05, weight_decay=0.01, maximize=True,
-                          grad_scale=torch.tensor(0.5), backend=be)  # fmt: skip
+                          grad_mul=torch.tensor(0.5), backend=be)  # fmt: skip
         out[be] = p
     for i, (a, b) in enumerate(zip(out["cpu"], out["torch"])):
         assert _equal_bits(a, b), f"param[{i}]"
@@ -186,7 +186,7 @@ def test_masked_out_bytes_untouched(pdt):
         for g, d in zip(grads, dense):
             g[~d] = float("inf") if step % 2 else float("nan")
         K.masked_adamw_(params, grads, m, v, masks, step=step, backend="cpu",
-                        grad_scale=torch.tensor(0.5), **{**HP, "lr": 0.1})  # fmt: skip
+                        grad_mul=torch.tensor(0.5), **{**HP, "lr": 0.1})  # fmt: skip
     for name, now, was in zip(("param", "exp_avg", "exp_avg_sq"), (params, m, v), start):
         for i, d in enumerate(dense):
             assert torch.equal(_bits(now[i])[~d], _bits(was[i])[~d]), f"{name}[{i}] changed"
