@@ -6,8 +6,10 @@ LLaVA-7B-shaped model), most of them small. A compiled per-tensor function pays 
 elements; one compiled function over the whole list recompiles per model and takes minutes on
 2 cores. These kernels read the same pointer/chunk tables the Triton kernels read, so one call
 covers every tensor in one pass, its chunks taken by ``torch.get_num_threads()`` POSIX threads
-from a shared counter. Build: ``cc -O3 -march=native``, ≈1 s once per machine, then a cached shared
-object (``$MMUNLEARN_CACHE_DIR``, default ``~/.cache/mmunlearn``) that loads in milliseconds.
+from a shared counter. The source is kernels/mmu_cpu.c (installed as package data: plain C11
++ POSIX, no ``_Float16``, so gcc < 12 builds it). Build: ``cc -O3 -march=native``, a few
+seconds once per machine, then a cached shared object (``$MMUNLEARN_CACHE_DIR``, default
+``~/.cache/mmunlearn``) that loads in milliseconds.
 Numbers and the alternatives measured: bench/NOTES.md.
 
 Arithmetic follows ATen's CPU kernels operation for operation, so the results equal the torch

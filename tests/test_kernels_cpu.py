@@ -284,3 +284,17 @@ def test_cache_dir_falls_back_to_a_private_temp_dir(monkeypatch, tmp_path):
     assert (_cpu.os.stat(d).st_mode & 0o777) == 0o700
     monkeypatch.setenv("MMUNLEARN_CACHE_DIR", str(tmp_path / "explicit"))
     assert _cpu.cache_dir() == str(tmp_path / "explicit")
+
+
+def test_c_source_is_package_data_without_float16():
+    """kernels/mmu_cpu.c ships as package data (a non-editable install builds from it) and
+    uses no ``_Float16`` (gcc < 12 lacks it on x86)."""
+    import os
+    import re
+
+    code = re.sub(r"/\*.*?\*/", "", _cpu.source(), flags=re.S)  # comments may name it
+    assert "mmu_adamw" in code and "_Float16" not in code
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        assert '"mmunlearn.kernels" = ["mmu_cpu.c"]' in f.read()
+    assert os.path.basename(_cpu._SOURCE_PATH) == "mmu_cpu.c"
