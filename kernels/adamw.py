@@ -12,7 +12,8 @@ Design envelope: memory-bound, one launch per (param, grad, state dtype, device)
 per element (bf16 params and grads): 2+2 (param r/w) + 2 (grad) + 16 (fp32 moments r/w) or 8
 (bf16 moments) + 1/8 (mask) = 22.125 / 14.125; compacted state moves the moments' bytes only
 for selected elements: 6.125 + 16·s (fp32) or 6.125 + 8·s (bf16) at selection fraction s.
-A program owns a chunk of BLOCK = 4096 elements laid out as [512, 8] (one mask byte per row).
+A program owns a chunk of ADAMW_BLOCK = 2048 elements laid out as [256, 8] (one mask byte per
+row), 8 warps, int32 offsets from per-chunk base pointers: ≤ 128 registers, 2 programs per SM.
 Full chunks of 16-byte-aligned tensors take an unmasked path the compiler turns into 128-bit
 loads and stores; masked-out elements are then written back with the integer bits that were
 read (``tl.where`` on the raw bits), i.e. rewritten with their own value, never changed. With
@@ -42,7 +43,6 @@ import torch
 
 from . import _cpu
 from ._common import (
-    BLOCK,
     HAS_TRITON,
     as_list,
     bf16_add_round,
@@ -74,10 +74,24 @@ from .bits import MaskIndex, check_masks, sparse_chunk_table, torch_unpack_bits
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 PARAM_SALT = 0x68E31DA4
-# 16 warps = 8 elements per thread for the 4096-element chunk: the masked kernel then needs
-# 100 (bf16) / 114 (fp32) registers and no spills on sm_90; at 8 warps it took 138 / 194
-# (bench/aot.py, triton 3.9, 2026-11-30).
-ADAMW_WARPS = 16
+# 2048-element chunks over 8 warps = 8 elements per thread. With int32 offsets from per-chunk
+# base pointers the masked kernel needs <= 128 registers on sm_90, so two programs (512 threads)
+# are resident per SM; the 4096-element chunk over 16 warps (one program per SM) needed
+# 100-120 (bench/aot.py, triton 3.9; numbers in bench/NOTES.md).
+ADAMW_BLOCK = 2048
+ADAMW_WARPS = 8
+
+
+def launch_options(compact: bool, aligned: bool) -> dict:
+    """Extra compile options per variant: the compacted-state variant (120-136 registers
+    uncapped) is capped at 128 (``maxnreg``) so it, too, keeps 2 programs per SM without
+    spilling (bench/aot.py). The unaligned fallback (143) is not: capped it spills on sm_90,
+    and it only runs for views with a storage offset. The interpreter takes no such option."""
+    from ._common import INTERPRET
+
+    if INTERPRET or not compact:
+        return {}
+    return {"maxnreg": 128}
 
 
 def _adam_scalars(lr, beta1, beta2, step):
@@ -340,9 +354,10 @@ if HAS_TRITON:
         k_ptr,
         scale_ptr,
         byte,
-        start,
-        numel,
-        kbase,
+        base,
+        rem,
+        kb,
+        start32,
         key,
         decay,
         beta2,
@@ -364,29 +379,32 @@ if HAS_TRITON:
         MODE: tl.constexpr,
         ROWS: tl.constexpr,
     ):
-        """[ROWS, 8] elements from ``start``. MODE 0: all in bounds (no predicate); 1: whole
-        rows in bounds (a per-row predicate, still 128-bit vectors); 2: per element (the last
-        numel % 8 elements of a tensor, ROWS = 1; ``byte`` is loaded here). COMPACT: the
-        moments of the selected elements sit at ``kbase`` + their rank among the selected."""
+        """[ROWS, 8] elements from ``base`` (int32, relative to the chunk's start: every
+        pointer was advanced to the chunk by the caller, so offsets are 32-bit). ``rem``: the
+        chunk's elements in bounds. MODE 0: all in bounds (no predicate); 1: whole rows in
+        bounds (a per-row predicate, still 128-bit vectors); 2: per element (the last numel % 8
+        elements of a tensor, ROWS = 1; ``byte`` is loaded here). COMPACT: the moments of the
+        selected elements sit at ``kb`` + their rank among the selected (``m_ptr`` / ``v_ptr``
+        point at the chunk's first selected moment)."""
         rows = tl.arange(0, ROWS)
         cols = tl.arange(0, 8)
-        offs = start + rows[:, None] * 8 + cols[None, :]
+        offs = base + rows[:, None] * 8 + cols[None, :]
         if MODE == 2:
-            live = offs < numel
+            live = offs < rem
             if HAS_MASK:
-                byte = tl.load(k_ptr + start // 8 + rows)
+                byte = tl.load(k_ptr + base // 8 + rows)
         elif MODE == 1:
-            live = (rows[:, None] < (numel - start) // 8) & (cols[None, :] < 8)
+            live = (rows[:, None] < rem // 8) & (cols[None, :] < 8)
         else:
             live = offs >= 0  # all true
         if HAS_MASK:
             on = ((byte.to(tl.int32)[:, None] >> cols[None, :]) & 1) != 0
-        if COMPACT:  # rank of each selected element within the chunk, row-major
+        if COMPACT:  # rank of each selected element within the tile, row-major
             b32 = byte.to(tl.int32)
             row_n = _popc8(b32)
             row_pre = tl.cumsum(row_n, 0) - row_n
             below = b32[:, None] & ((1 << cols[None, :]) - 1)
-            kidx = kbase + row_pre[:, None] + _popc8(below)
+            kidx = kb + row_pre[:, None] + _popc8(below)
             sel = on & live
             m_raw = tl.load(m_ptr + kidx, mask=sel, other=0)
             v_raw = tl.load(v_ptr + kidx, mask=sel, other=0)
@@ -420,8 +438,8 @@ if HAS_TRITON:
         v = tl.fma(omb2 * g, g, v * beta2)
         denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p + tl.math.div_rn(neg_step_size * m, denom)
-        if SR_STATE or SR_PARAM:  # the shared counter-based bits (kernels/_common.py)
-            u = tl_mix32(offs.to(tl.uint32) ^ key)
+        if SR_STATE or SR_PARAM:  # the shared counter-based bits of element start + offs
+            u = tl_mix32((start32 + offs.to(tl.uint32)) ^ key)
         if SR_PARAM:
             p_new = bf16_add_round(p, tl_mix32(u ^ 0x68E31DA4) & 0xFFFF)
         else:
@@ -500,18 +518,23 @@ if HAS_TRITON:
             tid, start, numel, n_chunks = open_chunk(
                 ptrs_ptr, chunks_ptr, n_tensors, 6, ALIGNED, ROWS * 8
             )
-            kbase = 0
-            if SPARSE:
-                kbase = tl.load(chunks_ptr + 2 * n_chunks + tl.program_id(0).to(tl.int64))
             key = 0
             if SR_STATE or SR_PARAM:
                 s = tl.load(ptrs_ptr + 7 * n_tensors + tid).to(tl.uint32)
                 key = tl_mix32(seed.to(tl.uint32) ^ s)
-            p_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, PB_DTYPE, ALIGNED)
-            g_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, GB_DTYPE, ALIGNED)
+            # every pointer advanced to the chunk once (64-bit scalars): offsets are int32
+            p_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, PB_DTYPE, ALIGNED) + start
+            g_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, GB_DTYPE, ALIGNED) + start
             m_ptr = load_ptr(ptrs_ptr, 2, n_tensors, tid, SB_DTYPE, ALIGNED and not COMPACT)
             v_ptr = load_ptr(ptrs_ptr, 3, n_tensors, tid, SB_DTYPE, ALIGNED and not COMPACT)
-            k_ptr = load_ptr(ptrs_ptr, 4, n_tensors, tid, tl.uint8, False)
+            if COMPACT:
+                kbase = tl.load(chunks_ptr + 2 * n_chunks + tl.program_id(0).to(tl.int64))
+                m_ptr += kbase
+                v_ptr += kbase
+            else:
+                m_ptr += start
+                v_ptr += start
+            k_ptr = load_ptr(ptrs_ptr, 4, n_tensors, tid, tl.uint8, False) + start // 8
             nss = neg_step_size
             b2s = bc2_sqrt
             if DEVICE_STEP:  # bias corrections from this tensor's device step count, in fp64
@@ -523,11 +546,12 @@ if HAS_TRITON:
                 bc2 = 1.0 - tl.exp(t * (zero + lnb2_hi + lnb2_lo))
                 nss = (-(lr / bc1)).to(tl.float32)
                 b2s = tl.sqrt(bc2).to(tl.float32)
+            rem = tl.minimum(numel - start, ROWS * 8).to(tl.int32)  # elements in bounds
+            start32 = start.to(tl.uint32)
             rows = tl.arange(0, ROWS)
-            full = start + ROWS * 8 <= numel
-            n_rows = tl.minimum((numel - start) // 8, ROWS)  # whole rows in bounds
+            n_rows = rem // 8  # whole rows in bounds
             if HAS_MASK:
-                byte = tl.load(k_ptr + start // 8 + rows, mask=rows < n_rows, other=0)
+                byte = tl.load(k_ptr + rows, mask=rows < n_rows, other=0)
                 if SPARSE:  # the table holds selecting chunks only: no test here
                     todo = n_rows > 0
                 else:
@@ -536,26 +560,27 @@ if HAS_TRITON:
                 byte = rows
                 todo = n_rows > 0
             if todo:
-                if full:
+                if rem == ROWS * 8:
                     _adamw_tile(
-                        p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, start, numel, kbase,
+                        p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0, start32,
                         key, decay, beta2, omb1, omb2, eps, nss, b2s,
                         G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, LERP_SMALL,
                         SR_STATE, SR_PARAM, COMPACT, 0, ROWS,
                     )  # fmt: skip
                 else:
                     _adamw_tile(
-                        p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, start, numel, kbase,
+                        p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0, start32,
                         key, decay, beta2, omb1, omb2, eps, nss, b2s,
                         G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, LERP_SMALL,
                         SR_STATE, SR_PARAM, COMPACT, 1, ROWS,
                     )  # fmt: skip
-            if (start + n_rows * 8 < numel) & (n_rows < ROWS):  # the last numel % 8 elements
+            if n_rows * 8 < rem:  # the last numel % 8 elements
+                kb = 0
                 if COMPACT:
-                    kbase += tl.sum(_popc8(byte.to(tl.int32)), axis=0)
+                    kb = tl.sum(_popc8(byte.to(tl.int32)), axis=0)
                 _adamw_tile(
-                    p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, start + n_rows * 8, numel,
-                    kbase, key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                    p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, n_rows * 8, rem, kb,
+                    start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
                     G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, LERP_SMALL,
                     SR_STATE, SR_PARAM, COMPACT, 2, 1,
                 )  # fmt: skip
@@ -613,10 +638,11 @@ def triton_masked_adamw_(
         ]
         n_vec = 2 if compact else 4
         ptrs, chunks, n_chunks, aligned = chunk_tables(
-            ops, [t.numel() for t in p], BLOCK, n_vec, extra=[[salt(i) for i in idx]]
+            ops, [t.numel() for t in p], ADAMW_BLOCK, n_vec, extra=[[salt(i) for i in idx]]
         )
         if mask_index is not None:
-            chunks, n_chunks = sparse_chunk_table([mask_index[i] for i in idx], BLOCK, dev)
+            ix = [mask_index[i] for i in idx]
+            chunks, n_chunks = sparse_chunk_table(ix, ADAMW_BLOCK, dev)
         if n_chunks == 0:
             continue
         with device_guard(p[0]):
@@ -654,9 +680,10 @@ def triton_masked_adamw_(
                 SPARSE=mask_index is not None,
                 COMPACT=bool(compact),
                 ALIGNED=aligned,
-                ROWS=BLOCK // 8,
+                ROWS=ADAMW_BLOCK // 8,
                 num_warps=ADAMW_WARPS,
                 enable_fp_fusion=False,
+                **launch_options(compact, aligned),
             )
 
 

@@ -161,7 +161,7 @@ def unpack_bits(packed: torch.Tensor, shape, *, backend: str = "auto") -> torch.
 # ------------------------------------------------------------------ where a mask selects
 _POPC8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
 # popcounts are summed over granules of this many elements (every kernel block is a multiple)
-GRANULE = 4096
+GRANULE = 2048
 _SERIAL = iter(range(1, 1 << 62))
 
 
@@ -173,7 +173,7 @@ class MaskIndex:
     chunks that select anything and, per such chunk, the number of selected elements before it
     (the offset of its first moment in compacted state). Kernels given an index launch only
     those chunks: a chunk with an all-zero mask is dropped from the launch table, not tested in
-    the kernel. One device→host copy of ``numel / 4096`` int64 values at build time.
+    the kernel. One device→host copy of ``numel / 2048`` int64 values at build time.
     """
 
     def __init__(self, packed: torch.Tensor, numel: int):
