@@ -112,15 +112,15 @@ def group_by_dtype(*lists: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
 
     Raises ValueError naming the position when the operands of one index disagree on their
     device (a parameter on one device, its gradient or state on another)."""
+    devs = [t.device for t in lists[0]]
+    for k, lst in enumerate(lists[1:], 1):
+        other = [t.device for t in lst]
+        if other != devs:
+            i = next(i for i, (a, b) in enumerate(zip(devs, other)) if a != b)
+            raise ValueError(f"tensor {i}: operand {k} is on {other[i]} but operand 0 on {devs[i]}")
+    cols = [[t.dtype for t in lst] for lst in lists]
     groups: dict[tuple, list[int]] = {}
-    for i in range(len(lists[0])):
-        dev = lists[0][i].device
-        for k, lst in enumerate(lists[1:], 1):
-            if lst[i].device != dev:
-                raise ValueError(
-                    f"tensor {i}: operand {k} is on {lst[i].device} but operand 0 on {dev}"
-                )
-        key = (*(lst[i].dtype for lst in lists), dev)
+    for i, key in enumerate(zip(*cols, devs)):
         groups.setdefault(key, []).append(i)
     return groups
 
@@ -164,13 +164,13 @@ def cpu_skip(found_inf) -> bool:
 # three languages: mix32 here (host scalars), torch_mix32 (torch twin), tl_mix32 (Triton), and
 # mix32 in mmu_cpu.c. Element j of tensor i (its position in the call's list) at a step with
 # seed s draws u = mix32(j ^ key_i), key_i = mix32(s ^ salt_i), salt_i = mix32(i·φ + c):
-# the low 16 bits round exp_avg, the high 16 exp_avg_sq, mix32(u ^ PARAM_SALT) & 0xFFFF the
-# parameter. Every backend draws the same bits, so their results are bit-identical wherever
-# their fp32 arithmetic is.
+# the low 16 bits round exp_avg, the high 16 exp_avg_sq, the high half of u·0x5BD1E995 mod 2^32
+# the parameter (one multiply more). Every backend draws the same bits, so their results are
+# bit-identical wherever their fp32 arithmetic is.
 MASK32 = 0xFFFFFFFF
 MIX_M1 = 0x7FEB352D
 MIX_M2 = 0x21F0AAAD
-PARAM_SALT = 0x68E31DA4
+PARAM_MUL = 0x5BD1E995
 
 
 def mix32(x: int) -> int:
@@ -187,6 +187,17 @@ def mix32(x: int) -> int:
 def salt(i: int) -> int:
     """The random-stream salt of the tensor at position ``i`` of a call's list."""
     return mix32((i * 0x9E3779B9 + 0x632BE5AB) & MASK32)
+
+
+_SALTS: list[int] = []
+
+
+def salts(idx: Sequence[int]) -> list[int]:
+    """:func:`salt` of each position (memoised: a step calls this once per launch)."""
+    top = max(idx, default=-1)
+    if top >= len(_SALTS):
+        _SALTS.extend(salt(i) for i in range(len(_SALTS), top + 1))
+    return [_SALTS[i] for i in idx]
 
 
 def torch_mix32(x: torch.Tensor) -> torch.Tensor:

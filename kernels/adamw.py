@@ -60,6 +60,7 @@ from ._common import (
     open_chunk,
     resolve_backend,
     salt,
+    salts,
     tl,
     tl_dtype,
     tl_mix32,
@@ -73,7 +74,7 @@ from .bits import MaskIndex, check_masks, sparse_chunk_table, torch_unpack_bits
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
-PARAM_SALT = 0x68E31DA4
+PARAM_MUL = 0x5BD1E995  # the parameter's 16 random bits: (u * PARAM_MUL mod 2^32) >> 16
 # 2048-element chunks over 8 warps = 8 elements per thread. With int32 offsets from per-chunk
 # base pointers the masked kernel needs <= 128 registers on sm_90, so two programs (512 threads)
 # are resident per SM; the 4096-element chunk over 16 warps (one program per SM) needed
@@ -125,10 +126,12 @@ def _seed32(sr_seed) -> int:
 
 
 def _check_step_inputs(params, grads, masks, states=(), step=None, mask_index=None, compact=False):
+    """Validate a step's operands (one pass per list: a step over a 7B model's 437 tensors
+    pays this on the host every call)."""
     check_same_numel("params", params, "grads", grads)
-    for i, p in enumerate(params):
-        if p.dtype not in _PARAM_DTYPES:
-            raise ValueError(f"params[{i}] has unsupported dtype {p.dtype}")
+    bad = [i for i, p in enumerate(params) if p.dtype not in _PARAM_DTYPES]
+    if bad:
+        raise ValueError(f"params[{bad[0]}] has unsupported dtype {params[bad[0]].dtype}")
     check_contiguous("params", params)
     if masks is not None:
         check_masks(masks, [p.numel() for p in params])
@@ -154,9 +157,10 @@ def _check_step_inputs(params, grads, masks, states=(), step=None, mask_index=No
                     )
         else:
             check_same_numel("params", params, name, st)
-        for i, s in enumerate(st):
-            if s.dtype not in STATE_DTYPES:
-                raise ValueError(f"{name}[{i}] must be float32 or bfloat16, got {s.dtype}")
+        bad = [i for i, s in enumerate(st) if s.dtype not in STATE_DTYPES]
+        if bad:
+            got = st[bad[0]].dtype
+            raise ValueError(f"{name}[{bad[0]}] must be float32 or bfloat16, got {got}")
         check_contiguous(name, st)
     if len(states) == 2:
         for i, (m, v) in enumerate(zip(states[0][1], states[1][1])):
@@ -236,9 +240,7 @@ def torch_masked_adamw_(
             m_new = torch_bf16_add_round(m_new, (u & 0xFFFF) if sr else None)
             v_new = torch_bf16_add_round(v_new, (u >> 16) if sr else None)
         if p.dtype == torch.bfloat16 and param_sr and u is not None:
-            from ._common import torch_mix32
-
-            p_new = torch_bf16_add_round(p_new, torch_mix32(u ^ PARAM_SALT) & 0xFFFF)
+            p_new = torch_bf16_add_round(p_new, ((u * PARAM_MUL) & 0xFFFFFFFF) >> 16)
         else:
             p_new = p_new.to(p.dtype)
         if skip is not None:
@@ -286,10 +288,13 @@ def cpu_masked_adamw_(
     gmul = -c if maximize else c
     seed = 0 if sr_seed is None else _seed32(sr_seed)
     groups: dict[tuple, list[int]] = {}
+    device_steps = _is_device_steps(step)
     for key, idx in group_by_dtype(params, grads, exp_avgs).items():
+        if not device_steps:
+            groups[(*key[:3], step)] = idx
+            continue
         for i in idx:
-            t = _step_value(step[i]) if _is_device_steps(step) else step
-            groups.setdefault((*key[:3], t), []).append(i)
+            groups.setdefault((*key[:3], _step_value(step[i])), []).append(i)
     for (pdt, gdt, sdt, t), idx in groups.items():
         step_size, bc2_sqrt = _adam_scalars(lr, beta1, beta2, t)
         p = [params[i] for i in idx]
@@ -302,9 +307,7 @@ def cpu_masked_adamw_(
             p,
         ]
         numels = [x.numel() for x in p]
-        ptrs, chunks, n_chunks, _ = chunk_tables(
-            ops, numels, _cpu.CPU_BLOCK, extra=[[salt(i) for i in idx]]
-        )
+        ptrs, chunks, n_chunks, _ = chunk_tables(ops, numels, _cpu.CPU_BLOCK, extra=[salts(idx)])
         if mask_index is not None:
             ix = [mask_index[i] for i in idx]
             chunks, n_chunks = sparse_chunk_table(ix, _cpu.CPU_BLOCK, "cpu")
@@ -441,7 +444,7 @@ if HAS_TRITON:
         if SR_STATE or SR_PARAM:  # the shared counter-based bits of element start + offs
             u = tl_mix32((start32 + offs.to(tl.uint32)) ^ key)
         if SR_PARAM:
-            p_new = bf16_add_round(p, tl_mix32(u ^ 0x68E31DA4) & 0xFFFF)
+            p_new = bf16_add_round(p, (u * 0x5BD1E995) >> 16)
         else:
             p_new = to_bits(p, P_DTYPE)
         if SR_STATE:
@@ -638,7 +641,7 @@ def triton_masked_adamw_(
         ]
         n_vec = 2 if compact else 4
         ptrs, chunks, n_chunks, aligned = chunk_tables(
-            ops, [t.numel() for t in p], ADAMW_BLOCK, n_vec, extra=[[salt(i) for i in idx]]
+            ops, [t.numel() for t in p], ADAMW_BLOCK, n_vec, extra=[salts(idx)]
         )
         if mask_index is not None:
             ix = [mask_index[i] for i in idx]

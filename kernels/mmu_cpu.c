@@ -69,12 +69,16 @@ static inline uint16_t blend16(int on, uint16_t a, uint16_t b) {
 /* Counter-based random bits for stochastic rounding: a 32-bit integer hash (xor-shift-multiply,
    both multipliers < 2^31 so the torch twin can evaluate it in int64 without overflow). The
    bits of element j of tensor i at one step are mix32(j ^ key_i), key_i = mix32(seed ^ salt_i):
-   low 16 bits round exp_avg, high 16 exp_avg_sq, mix32(u ^ 0x68E31DA4) & 0xFFFF the parameter.
+   low 16 bits round exp_avg, high 16 exp_avg_sq, the high half of u * 0x5BD1E995 (mod 2^32)
+   the parameter.
    Same function in the torch twin and the Triton kernel (kernels/_common.py). */
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352du; x ^= x >> 15; x *= 0x21f0aaadu; x ^= x >> 15; return x;
 }
-#define PARAM_SALT 0x68e31da4u
+#define PARAM_MUL 0x5bd1e995u
+/* the per-element and per-chunk bodies must be inlined into each (SRS, SRP) call site: their
+   flags then are constants and the element loops vectorise */
+#define INLINE static inline __attribute__((always_inline))
 
 /* ---------------------------------------------------------------- parallel driver */
 typedef void (*range_fn)(const void *ctx, int64_t c0, int64_t c1, int th);
@@ -130,7 +134,7 @@ typedef struct {
    with compacted state). SRS / SRP: stochastic rounding of bf16 moments / bf16 parameters
    (compile-time constants at every call site, so the fp32 path carries no random bits). */
 #define ADAMW_KERNEL(PN, PS, GN, GS, SN, SS)                                                  \
-static inline void adamw_elem_##PN##_##GN##_##SN(const step_ctx *ctx, PS *restrict p,         \
+INLINE void adamw_elem_##PN##_##GN##_##SN(const step_ctx *ctx, PS *restrict p,         \
         const GS *restrict g, SS *restrict m, SS *restrict v, int64_t j, int64_t k, int on,    \
         int small, float w1s, uint32_t key, const int SRS, const int SRP) {                   \
     float gg = ld_##GN(g[j]) * ctx->gmul;                                                     \
@@ -142,13 +146,13 @@ static inline void adamw_elem_##PN##_##GN##_##SN(const step_ctx *ctx, PS *restri
     float pn = pp + (ctx->nss * mn) / den;                                                    \
     uint32_t u = (SRS || SRP) ? mix32((uint32_t)j ^ key) : 0u;                                \
     uint32_t am = SRS ? (u & 0xffffu) : rne_add(mn), av = SRS ? (u >> 16) : rne_add(vn);      \
-    uint32_t ap = SRP ? (mix32(u ^ PARAM_SALT) & 0xffffu) : rne_add(pn);                      \
+    uint32_t ap = SRP ? ((u * PARAM_MUL) >> 16) : rne_add(pn);                      \
     PS pold = p[j]; SS mold = m[k], vold = v[k];                                              \
     p[j] = BLEND_##PN(on, st_##PN(pn, ap), pold);                                             \
     m[k] = BLEND_##SN(on, st_##SN(mn, am), mold);                                             \
     v[k] = BLEND_##SN(on, st_##SN(vn, av), vold);                                             \
 }                                                                                             \
-static inline void adamw_range_##PN##_##GN##_##SN(const step_ctx *ctx, int64_t c, int small,  \
+INLINE void adamw_range_##PN##_##GN##_##SN(const step_ctx *ctx, int64_t c, int small,  \
         float w1s, const int SRS, const int SRP) {                                            \
     const int64_t *numel = ctx->ptrs + 6 * ctx->T, *salt = ctx->ptrs + 7 * ctx->T;            \
     int64_t i = ctx->tid[c], s = ctx->start[c];                                               \
