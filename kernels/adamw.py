@@ -386,22 +386,28 @@ if HAS_TRITON:
         pointer was advanced to the chunk by the caller, so offsets are 32-bit). ``rem``: the
         chunk's elements in bounds. MODE 0: all in bounds (no predicate); 1: whole rows in
         bounds (a per-row predicate, still 128-bit vectors); 2: per element (the last numel % 8
-        elements of a tensor, ROWS = 1; ``byte`` is loaded here). COMPACT: the moments of the
+        elements of a tensor, ROWS = 1; ``byte`` is loaded here); 3: a full chunk whose mask
+        selects under a quarter of it: every load and store predicated on the mask bit, so the
+        unselected elements cost no traffic (sectors without a selected element are neither
+        read nor written). COMPACT: the moments of the
         selected elements sit at ``kb`` + their rank among the selected (``m_ptr`` / ``v_ptr``
         point at the chunk's first selected moment)."""
         rows = tl.arange(0, ROWS)
         cols = tl.arange(0, 8)
         offs = base + rows[:, None] * 8 + cols[None, :]
         if MODE == 2:
-            live = offs < rem
             if HAS_MASK:
                 byte = tl.load(k_ptr + base // 8 + rows)
-        elif MODE == 1:
-            live = (rows[:, None] < rem // 8) & (cols[None, :] < 8)
-        else:
-            live = offs >= 0  # all true
         if HAS_MASK:
             on = ((byte.to(tl.int32)[:, None] >> cols[None, :]) & 1) != 0
+        if MODE == 2:
+            live = offs < rem
+        elif MODE == 1:
+            live = (rows[:, None] < rem // 8) & (cols[None, :] < 8)
+        elif MODE == 3:
+            live = on
+        else:
+            live = offs >= 0  # all true
         if COMPACT:  # rank of each selected element within the tile, row-major
             b32 = byte.to(tl.int32)
             row_n = _popc8(b32)
@@ -564,12 +570,23 @@ if HAS_TRITON:
                 todo = n_rows > 0
             if todo:
                 if rem == ROWS * 8:
-                    _adamw_tile(
-                        p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0, start32,
-                        key, decay, beta2, omb1, omb2, eps, nss, b2s,
-                        G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, LERP_SMALL,
-                        SR_STATE, SR_PARAM, COMPACT, 0, ROWS,
-                    )  # fmt: skip
+                    dense = True
+                    if HAS_MASK:  # a sparse selection: predicated loads and stores instead
+                        dense = tl.sum(_popc8(byte.to(tl.int32)), axis=0) * 4 >= ROWS * 8
+                    if dense:
+                        _adamw_tile(
+                            p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0,
+                            start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                            G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE,
+                            LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 0, ROWS,
+                        )  # fmt: skip
+                    else:
+                        _adamw_tile(
+                            p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0,
+                            start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                            G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE,
+                            LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 3, ROWS,
+                        )  # fmt: skip
                 else:
                     _adamw_tile(
                         p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0, start32,
