@@ -164,18 +164,25 @@ INLINE void adamw_range_##PN##_##GN##_##SN(const step_ctx *ctx, int64_t c, int s
     int64_t j = s;                                                                            \
     if (ctx->compact) { /* the selected elements only, in order; moments at cbase[c] + rank */ \
         int64_t k = ctx->cbase[c];                                                            \
-        for (; j < e; j += 64) {                                                              \
-            int64_t n = e - j < 64 ? e - j : 64;                                              \
-            uint64_t bits = 0;                                                                \
-            for (int64_t b = 0; b < (n + 7) >> 3; b++)                                        \
-                bits |= (uint64_t)kb[(j >> 3) + b] << (8 * b);                                \
-            if (n < 64) bits &= (1ull << n) - 1ull;                                           \
+        for (; j + 16 <= e; j += 16) {                                                        \
+            uint32_t bits = (uint32_t)kb[j >> 3] | ((uint32_t)kb[(j >> 3) + 1] << 8);         \
+            if (bits == 0xffffu) { /* 16 selected: contiguous moments, a vector loop */       \
+                for (int l = 0; l < 16; l++)                                                  \
+                    adamw_elem_##PN##_##GN##_##SN(ctx, p, g, m, v, j + l, k + l, 1, small, w1s, \
+                                                  key, SRS, SRP);                             \
+                k += 16;                                                                      \
+                continue;                                                                     \
+            }                                                                                 \
             while (bits) {                                                                    \
-                int l = __builtin_ctzll(bits); bits &= bits - 1ull;                           \
+                int l = __builtin_ctz(bits); bits &= bits - 1u;                               \
                 adamw_elem_##PN##_##GN##_##SN(ctx, p, g, m, v, j + l, k++, 1, small, w1s, key, \
                                               SRS, SRP);                                      \
             }                                                                                 \
         }                                                                                     \
+        for (; j < e; j++)                                                                    \
+            if ((kb[j >> 3] >> (j & 7)) & 1)                                                  \
+                adamw_elem_##PN##_##GN##_##SN(ctx, p, g, m, v, j, k++, 1, small, w1s, key,    \
+                                              SRS, SRP);                                      \
     } else if (ctx->has_mask) {                                                               \
         for (; j + 16 <= e; j += 16) {                                                        \
             uint32_t bits = (uint32_t)kb[j >> 3] | ((uint32_t)kb[(j >> 3) + 1] << 8);         \
