@@ -268,3 +268,20 @@ def test_twin_handles_a_list_spanning_devices():
     vs = [torch.zeros(8), torch.zeros(8, device="meta")]
     K.masked_adamw_(ps, gs, ms, vs, None, step=1, backend="torch", **HP)
     assert (ps[0] != 0).all()
+
+
+def test_grad_mul_multiplies_and_grad_scale_is_gone():
+    """The gradient multiplier is ``grad_mul`` (a clip coefficient multiplies the gradient);
+    the old name ``grad_scale`` — which torch's fused optimizers use for a *divisor* — is not
+    accepted, so no caller can pass a loss scale expecting a division."""
+    p, g = [torch.zeros(5)], [torch.ones(5)]
+    a = [torch.zeros(5)], [torch.zeros(5)]
+    b = [torch.zeros(5)], [torch.zeros(5)]
+    K.masked_adamw_(p, g, *a, None, step=1, grad_mul=torch.tensor(0.5), backend="torch", **HP)
+    q = [torch.zeros(5)]
+    K.masked_adamw_(q, [torch.full((5,), 0.5)], *b, None, step=1, backend="torch", **HP)
+    assert torch.equal(p[0], q[0]) and torch.equal(a[0][0], b[0][0])
+    with pytest.raises(TypeError):
+        K.masked_adamw_(p, g, *a, None, step=1, grad_scale=torch.tensor(2.0), **HP)
+    with pytest.raises(TypeError):
+        K.masked_sgd_(p, g, None, lr=0.1, grad_scale=torch.tensor(2.0))
