@@ -570,22 +570,27 @@ if HAS_TRITON:
                 todo = n_rows > 0
             if todo:
                 if rem == ROWS * 8:
-                    dense = True
                     if HAS_MASK:  # a sparse selection: predicated loads and stores instead
-                        dense = tl.sum(_popc8(byte.to(tl.int32)), axis=0) * 4 >= ROWS * 8
-                    if dense:
-                        _adamw_tile(
-                            p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0,
-                            start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
-                            G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE,
-                            LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 0, ROWS,
-                        )  # fmt: skip
+                        if tl.sum(_popc8(byte.to(tl.int32)), axis=0) * 4 >= ROWS * 8:
+                            _adamw_tile(
+                                p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0,
+                                start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                                G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE,
+                                LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 0, ROWS,
+                            )  # fmt: skip
+                        else:
+                            _adamw_tile(
+                                p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0,
+                                start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                                G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE,
+                                LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 3, ROWS,
+                            )  # fmt: skip
                     else:
                         _adamw_tile(
                             p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0,
                             start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
                             G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE,
-                            LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 3, ROWS,
+                            LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 0, ROWS,
                         )  # fmt: skip
                 else:
                     _adamw_tile(
