@@ -230,6 +230,21 @@ class MaskedAdamW(_MaskedOptimizer):
                 "of masked elements"
             )
 
+    def sr_counters(self) -> torch.Tensor:
+        """The per-group step counters the stochastic-rounding seeds derive from (int64, one per
+        param group; kept in ``param_groups[i]["sr_step"]``, so ``state_dict`` carries them).
+        A checkpoint that stores the moments elsewhere (DCP) stores these too, so that a
+        resumed run rounds exactly as an uninterrupted one."""
+        return torch.tensor([g.get("sr_step", 0) for g in self.param_groups], dtype=torch.int64)
+
+    def load_sr_counters(self, counters) -> None:
+        """Restore :meth:`sr_counters`."""
+        vals = [int(x) for x in torch.as_tensor(counters).reshape(-1).tolist()]
+        if len(vals) != len(self.param_groups):
+            raise ValueError(f"{len(vals)} SR counters for {len(self.param_groups)} param groups")
+        for g, v in zip(self.param_groups, vals):
+            g["sr_step"] = v
+
     def _call_seed(self, gi: int, counter: int, call: int) -> int | None:
         if self.state_dtype != torch.bfloat16 and not self.param_sr:
             return None

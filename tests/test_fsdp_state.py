@@ -72,10 +72,7 @@ def _ckpt_worker(rank, world, out):
     for p in model2.parameters():
         st = opt2.state_tensors(p)
         assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg"].dim() == 1
-    # the optimizer's per-group SR counters are not in a DCP checkpoint: restore them as the
-    # training loop restores its step count
-    for g2, g in zip(opt2.param_groups, opt.param_groups):
-        g2["sr_step"] = g["sr_step"] - STEPS
+    assert opt2.sr_counters().tolist() == [STEPS]  # the SR counters came back with DCP
     _run(model2, opt2, _batches(STEPS, seed=2))
     full2 = {n: p.full_tensor().detach().clone() for n, p in model2.named_parameters()}
     if rank == 0:
