@@ -26,6 +26,7 @@ from ._common import (
     device_guard,
     group_by_dtype,
     load_ptr,
+    open_chunk,
     resolve_backend,
     tl,
     tl_dtype,
@@ -101,13 +102,7 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
     ):
         # table rows: 0 accumulator, 1 grad, 2 numel
-        pid = tl.program_id(0).to(tl.int64)
-        n_chunks = tl.num_programs(0).to(tl.int64)
-        tid = tl.load(chunks_ptr + pid)
-        start = tl.load(chunks_ptr + n_chunks + pid)
-        if ALIGNED:
-            start = tl.multiple_of(start, BLOCK)
-        numel = tl.load(ptrs_ptr + 2 * n_tensors + tid)
+        tid, start, numel, _ = open_chunk(ptrs_ptr, chunks_ptr, n_tensors, 2, ALIGNED, BLOCK)
         acc_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, tl.float32, ALIGNED)
         g_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, G_DTYPE, ALIGNED)
         offs = start + tl.arange(0, BLOCK)
@@ -288,12 +283,7 @@ if HAS_TRITON:
     ):
         # table rows: 0 grad, 1 numel
         pid = tl.program_id(0).to(tl.int64)
-        n_chunks = tl.num_programs(0).to(tl.int64)
-        tid = tl.load(chunks_ptr + pid)
-        start = tl.load(chunks_ptr + n_chunks + pid)
-        if ALIGNED:
-            start = tl.multiple_of(start, BLOCK)
-        numel = tl.load(ptrs_ptr + n_tensors + tid)
+        tid, start, numel, _ = open_chunk(ptrs_ptr, chunks_ptr, n_tensors, 1, ALIGNED, BLOCK)
         g_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, G_DTYPE, ALIGNED)
         offs = start + tl.arange(0, BLOCK)
         if start + BLOCK <= numel:
