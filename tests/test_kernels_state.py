@@ -285,3 +285,20 @@ def test_grad_mul_multiplies_and_grad_scale_is_gone():
         K.masked_adamw_(p, g, *a, None, step=1, grad_scale=torch.tensor(2.0), **HP)
     with pytest.raises(TypeError):
         K.masked_sgd_(p, g, None, lr=0.1, grad_scale=torch.tensor(2.0))
+
+
+def test_kernels_all_lists_the_dispatchers():
+    """``mmunlearn.kernels.__all__`` names every dispatcher (``backend=``) and nothing missing;
+    each dispatcher has its torch and triton twin (and a cpu one for the streaming ops)."""
+    import inspect
+
+    for name in K.__all__:
+        assert hasattr(K, name), name
+    dispatchers = ["masked_adamw_", "masked_sgd_", "fisher_accumulate_", "grad_sq_norm",
+                   "saliency_mask", "saliency_histogram", "pack_bits", "unpack_bits"]  # fmt: skip
+    for name in dispatchers:
+        assert name in K.__all__, name
+        assert "backend" in inspect.signature(getattr(K, name)).parameters, name
+        assert f"torch_{name}" in K.__all__ and f"triton_{name}" in K.__all__, name
+    for name in ("masked_adamw_", "masked_sgd_", "fisher_accumulate_", "grad_sq_norm"):
+        assert f"cpu_{name}" in K.__all__, name

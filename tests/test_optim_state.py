@@ -244,3 +244,32 @@ def test_params_on_two_devices_step_per_device():
     opt.step()  # (clipping would copy the meta norm: shape-only tensors hold no data)
     assert torch.all(a < 0)
     assert opt.state[b]["exp_avg"].device.type == "meta"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_guarded_steps_with_bf16_compacted_state(backend):
+    """``found_inf`` (device step counts, no host sync) with bf16 compacted state: a flagged
+    step changes nothing, and the run equals the dense-state run bit for bit."""
+    _need(backend)
+    models = [_model(torch.bfloat16), _model(torch.bfloat16)]
+    opts = []
+    for m, compact in zip(models, (False, True)):
+        o = MaskedAdamW(m.parameters(), lr=1e-2, backend=backend, state_dtype=torch.bfloat16,
+                        compact_state=compact)  # fmt: skip
+        masks = _masks(m)
+        o.set_masks(masks)
+        opts.append(o)
+    for i, (x, y) in enumerate(_batches(4)):
+        flag = torch.tensor(float(i == 2), device=DEVICE)
+        for m, o in zip(models, opts):
+            before = [p.detach().clone() for p in m.parameters()]
+            loss = torch.nn.functional.mse_loss(m(x.to(torch.bfloat16)).float(), y)
+            loss.backward()
+            o.step(found_inf=flag, max_grad_norm=1.0)
+            o.zero_grad()
+            if i == 2:
+                assert all(torch.equal(a, b.detach()) for a, b in zip(before, m.parameters()))
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(_bits(a.detach()), _bits(b.detach()))
+    st = opts[1].state_tensors(next(models[1].parameters()))
+    assert float(st["step"]) == 3.0
