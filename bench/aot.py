@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmunlearn.kernels import _common, adamw, bits, fisher, saliency
+from mmunlearn.kernels import _common, adamw, bits, fisher, saliency, sgd
 
 BLOCK = _common.BLOCK
 NUM_WARPS = _common.NUM_WARPS
@@ -68,6 +68,7 @@ def specs() -> list[Spec]:
         "scale_ptr": "*fp32",
         "found_ptr": "*fp32",
         "n_tensors": "i32",
+        "seed": "i32",
         **{
             k: "fp32"
             for k in (
@@ -79,12 +80,22 @@ def specs() -> list[Spec]:
     for p, g in ((f32, f32), (bf16, bf16)):
         pb = tl.uint32 if p == f32 else tl.uint16
         gb = tl.uint32 if g == f32 else tl.uint16
-        for label, mask, scale, found, dstep, aligned in (
-            ("forget (mask, clip)", True, True, False, False, True),
-            ("retain (no mask)", False, True, False, False, True),
-            ("guarded (mask, clip, found_inf, device steps)", True, True, True, True, True),
-            ("unaligned fallback (mask, clip)", True, True, False, False, False),
-        ):
+        # label, mask, scale, found, device steps, aligned, state dtype, SR, sparse, compact
+        for label, mask, scale, found, dstep, aligned, sdt, sr, sparse, compact in (
+            ("forget (mask, clip)", True, True, False, False, True, f32, False, False, False),
+            ("forget, sparse table", True, True, False, False, True, f32, False, True, False),
+            ("retain (no mask)", False, True, False, False, True, f32, False, False, False),
+            ("guarded (mask, clip, found_inf, device steps)",
+             True, True, True, True, True, f32, False, False, False),
+            ("unaligned fallback (mask, clip)",
+             True, True, False, False, False, f32, False, False, False),
+            ("forget, bf16 state + SR, sparse", True, True, False, False, True, bf16, True, True,
+             False),
+            ("forget, compacted fp32 state", True, True, False, False, True, f32, False, True,
+             True),
+            ("forget, compacted bf16 state + SR", True, True, False, False, True, bf16, True,
+             True, True),
+        ):  # fmt: skip
             if not aligned and p == f32:
                 continue
             out.append(
@@ -98,20 +109,27 @@ def specs() -> list[Spec]:
                         PB_DTYPE=pb,
                         GB_DTYPE=gb,
                         G_DTYPE=g,
+                        S_DTYPE=sdt,
+                        SB_DTYPE=tl.uint32 if sdt == f32 else tl.uint16,
                         HAS_MASK=mask,
                         HAS_SCALE=scale,
                         HAS_FOUND=found,
                         DEVICE_STEP=dstep,
                         MAXIMIZE=True,
                         LERP_SMALL=True,
+                        SR_STATE=sr,
+                        SR_PARAM=sr and p == bf16,
+                        SPARSE=sparse,
+                        COMPACT=compact,
                         ALIGNED=aligned,
-                        ROWS=BLOCK // 8,
+                        ROWS=adamw.ADAMW_BLOCK // 8,
                     ),  # fmt: skip
-                    "1 per (param dtype, grad dtype) group"
+                    "1 per (param, grad, state dtype, device) group"
                     + (" + 1 step-count add" if dstep else ""),
                     num_warps=adamw.ADAMW_WARPS,
-                    options=nofuse,
-                    streaming=aligned,
+                    options={**nofuse, **adamw.launch_options(compact, aligned)},
+                    # compacted moments are gathered: only params and grads stream 128-bit
+                    streaming=aligned and not compact,
                 )
             )
     sgd_types = {
@@ -129,7 +147,7 @@ def specs() -> list[Spec]:
             Spec(
                 "masked_sgd",
                 f"p {p} g {p}: mask, clip",
-                adamw._masked_sgd_kernel,
+                sgd._masked_sgd_kernel,
                 sgd_types,
                 dict(
                     P_DTYPE=p,
@@ -372,6 +390,17 @@ def analyse(kernel, arch: int, fp_fusion: bool = True) -> dict:
     return res
 
 
+def ctas_per_sm(registers: int, warps: int, shared: int, arch: int) -> int:
+    """Resident programs per SM: the register file (64 K 32-bit registers, allocated per warp
+    in units of 256), shared memory (sm_90: 228 KiB, sm_80: 164 KiB, 1 KiB reserved per
+    block), 64 warps and 32 blocks per SM."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = 65536 // (per_warp * warps) if registers else 32
+    smem = (228 if arch >= 90 else 164) * 1024
+    by_smem = smem // (shared + 1024)
+    return min(by_regs, by_smem, 64 // warps, 32)
+
+
 def report(targets=(80, 90), only: str | None = None) -> list[dict]:
     rows = []
     for spec in specs():
@@ -388,28 +417,31 @@ def report(targets=(80, 90), only: str | None = None) -> list[dict]:
             else:
                 fusion = spec.options.get("enable_fp_fusion", True)
                 row.update(compiles=True, **analyse(kernel, arch, fusion))
+                row["ctas_per_sm"] = ctas_per_sm(
+                    row["registers"] or 0, spec.num_warps, row["shared"], arch
+                )
             rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
     lines = [
-        "| kernel | config | target | compiles | warps | regs | spill B | smem B "
+        "| kernel | config | target | compiles | warps | regs | CTAs/SM | spill B | smem B "
         "| widest LDG / STG bits | global atomics | launches |",
-        "|---|---|---|---|---:|---:|---:|---:|---|---:|---|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in rows:
         if not r["compiles"]:
             lines.append(
                 f"| {r['kernel']} | {r['config']} | {r['target']} | **no**: {r['error']} "
-                "| | | | | | | |"
+                "| | | | | | | | |"
             )
             continue
         at = r["global_atomics"]
         at_s = f"{at} (predicated)" if at and r["atomics_predicated"] else str(at)
         lines.append(
             f"| {r['kernel']} | {r['config']} | {r['target']} | yes | {r['num_warps']} | "
-            f"{r['registers']} | "
+            f"{r['registers']} | {r['ctas_per_sm']} | "
             f"{r['spill_bytes']} | {r['shared']} | {r['max_load_bits']} / "
             f"{r['max_store_bits']} | {at_s} | {r['launches']} |"
         )

@@ -206,3 +206,99 @@ def copy_bandwidth(device: torch.device, numel: int = 1 << 26, reps: int = 10) -
         times.append(time.perf_counter() - t0)
     times.sort()
     return 2 * 4 * numel / times[len(times) // 2]
+
+
+# ---------------------------------------------------------------- masked AdamW state sweep (#21)
+SELECTIONS = (0.01, 0.05, 0.35, 1.0)
+LAYOUTS = ("scattered", "clustered")
+CLUSTER = 8192  # clustered masks select whole runs of this many elements
+
+
+def adamw_bytes(impl: str, s: float) -> float:
+    """Minimum DRAM bytes per parameter element of one step at selection fraction ``s``
+    (bf16 params and grads for ours; the mask is 1/8 byte). Ours read and write the parameter
+    and read the gradient everywhere (2+2+2), the moments where selected with compacted state
+    (16·s fp32, 8·s bf16) and everywhere otherwise. ``fused_*``: ``grad.mul_(bool mask)``
+    (grad read + write, mask byte) then torch's fused AdamW over every element."""
+    return {
+        "ours fp32 state": 6.125 + 16,
+        "ours bf16 state": 6.125 + 8,
+        "ours compact fp32": 6.125 + 16 * s,
+        "ours compact bf16": 6.125 + 8 * s,
+        "fused fp32 params": (4 + 4 + 1) + (4 + 4 + 4 + 16),
+        "fused bf16 params": (2 + 2 + 1) + (2 + 2 + 2 + 8),
+    }[impl]
+
+
+class AdamWStateCase:
+    """One (size, selection, layout) point of the masked-AdamW state sweep: our step with fp32 /
+    bf16 (SR) / compacted state — masks with their MaskIndex, so chunks selecting nothing are
+    not launched — against ``grad.mul_(mask)`` + ``torch.optim.AdamW(fused=True)`` with fp32
+    params (fp32 state) and with bf16 params (torch keeps bf16 moments for them)."""
+
+    def __init__(self, total: int, device: str, selection: float, layout: str, seed: int = 0):
+        torch.manual_seed(seed)
+        self.device = torch.device(device)
+        self.selection, self.layout = selection, layout
+        self.shapes = model_shapes(total)
+        self.numel = sum(math.prod(s) for s in self.shapes)
+        dev = self.device
+        self.params = [torch.randn(s, device=dev, dtype=torch.bfloat16) for s in self.shapes]
+        self.grads = [torch.randn(s, device=dev, dtype=torch.bfloat16) for s in self.shapes]
+        self.dense = [self._mask(s) for s in self.shapes]
+        self.masks = [K.pack_bits(d) for d in self.dense]
+        self.index = [K.MaskIndex(k, d.numel()) for k, d in zip(self.masks, self.dense)]
+        self.selected = sum(ix.count for ix in self.index)
+        self._step = 0
+
+    def _mask(self, shape) -> torch.Tensor:
+        n = math.prod(shape)
+        if self.selection >= 1.0:
+            return torch.ones(shape, dtype=torch.bool, device=self.device)
+        if self.layout == "scattered":
+            return torch.rand(shape, device=self.device) < self.selection
+        runs = (n + CLUSTER - 1) // CLUSTER
+        pick = torch.rand(runs, device=self.device) < self.selection
+        return pick.repeat_interleave(CLUSTER)[:n].reshape(shape)
+
+    def _ours(self, sdt, compact):
+        dev = self.device
+        if compact:
+            m = [torch.zeros(ix.count, device=dev, dtype=sdt) for ix in self.index]
+        else:
+            m = [torch.zeros(s, device=dev, dtype=sdt) for s in self.shapes]
+        v = [torch.zeros_like(x) for x in m]
+        params = [p.clone() for p in self.params]
+        sr = sdt == torch.bfloat16
+        kw = dict(lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1)
+
+        def fn():
+            self._step += 1
+            K.masked_adamw_(params, self.grads, m, v, self.masks, mask_index=self.index,
+                            compact=compact, sr_seed=self._step if sr else None, param_sr=sr,
+                            **kw)  # fmt: skip
+
+        return fn
+
+    def _fused(self, dtype):
+        leaf = [p.to(dtype).requires_grad_(True) for p in self.params]
+        for p, g in zip(leaf, self.grads):
+            p.grad = g.to(dtype)
+        opt = torch.optim.AdamW(leaf, lr=1e-5, weight_decay=0.0, fused=True)
+
+        def fn():
+            for p, d in zip(leaf, self.dense):
+                p.grad.mul_(d)
+            opt.step()
+
+        return fn
+
+    def impls(self) -> dict:
+        return {
+            "ours fp32 state": self._ours(torch.float32, False),
+            "ours bf16 state": self._ours(torch.bfloat16, False),
+            "ours compact fp32": self._ours(torch.float32, True),
+            "ours compact bf16": self._ours(torch.bfloat16, True),
+            "fused fp32 params": self._fused(torch.float32),
+            "fused bf16 params": self._fused(torch.bfloat16),
+        }

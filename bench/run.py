@@ -2,6 +2,7 @@
 
     python bench/run.py                          # CUDA: 1M,16M,256M,1G; CPU: 4M, 16M; bf16, fp32
     python bench/run.py --sizes 4M 16M --dtypes bf16 --json bench/out/run.json
+    python bench/run.py --adamw-sweep --sizes 4M 16M   # masked AdamW state sweep (issue 21)
 
 Prints one markdown table and writes ``results.json`` / ``results.md`` to ``--out`` and, with
 ``--json PATH``, every row as ``{op, impl, device, dtype, elements, ms, GB/s, ...}``. Columns:
@@ -26,7 +27,17 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from cases import DTYPES, OPS, Case, copy_bandwidth, sync  # noqa: E402
+from cases import (  # noqa: E402
+    DTYPES,
+    LAYOUTS,
+    OPS,
+    SELECTIONS,
+    AdamWStateCase,
+    Case,
+    adamw_bytes,
+    copy_bandwidth,
+    sync,
+)
 
 # (op, baseline) pairs whose speed ratio the CPU path must keep ≥ 1 (issue 16)
 GOALS = [
@@ -81,6 +92,66 @@ def cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
+def adamw_sweep(sizes, device, reps: int, name: str, bw: float) -> tuple[str, list]:
+    """Masked AdamW: selection × layout × state (fp32 / bf16 SR / compacted) against
+    ``grad.mul_(mask)`` + ``torch.optim.AdamW(fused=True)`` (issue 21). Returns the markdown
+    table (with the two targets' ratios) and the rows."""
+    rows = []
+    for size in sizes:
+        for layout in LAYOUTS:
+            for sel in SELECTIONS:
+                if sel >= 1.0 and layout == "clustered":
+                    continue  # 100 % is one layout
+                case = AdamWStateCase(size, str(device), sel, layout)
+                times = time_fns(case.impls(), device, reps)
+                base = times["ours fp32 state"][0]
+                for impl, (t, all_t, cpu_t) in times.items():
+                    b = adamw_bytes(impl, case.selected / case.numel)
+                    rows.append(dict(
+                        op="masked_adamw_state", impl=impl, device=name, elements=case.numel,
+                        selection=sel, layout=layout, ms=t * 1e3, cpu_ms=cpu_t * 1e3,
+                        bytes_per_element=b, gbps=b * case.numel / t / 1e9,
+                        pct_copy_bw=100 * b * case.numel / t / bw, vs_fp32_state=base / t,
+                        reps=reps, all_ms=[x * 1e3 for x in all_t],
+                    ))  # fmt: skip
+                done = ", ".join(f"{k} {v[0] * 1e3:.1f}" for k, v in times.items())
+                print(f"adamw {size} {layout} {sel:.0%}: {done} ms", file=sys.stderr)
+                del case
+    lines = [
+        "| elements | mask | selected | impl | B/elem | median ms | CPU ms | GB/s "
+        "| % copy BW | × vs ours fp32 state |",
+        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['elements']:,} | {r['layout']} | {r['selection']:.0%} | {r['impl']} | "
+            f"{r['bytes_per_element']:.2f} | {r['ms']:.2f} | {r['cpu_ms']:.2f} | "
+            f"{r['gbps']:.1f} | {r['pct_copy_bw']:.0f} | {r['vs_fp32_state']:.2f} |"
+        )
+    by = {(r["elements"], r["layout"], r["selection"], r["impl"]): r for r in rows}
+    lines += [
+        "",
+        "| target | elements | mask | selected | wall-time ratio | CPU-time ratio |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for (n, lay, sel, impl), r in by.items():
+        if impl == "ours bf16 state":
+            f = by[(n, lay, sel, "ours fp32 state")]
+            lines.append(
+                f"| bf16 state vs fp32 state (≥ 1.3×) | {n:,} | {lay} | {sel:.0%} | "
+                f"{f['ms'] / r['ms']:.2f}× | {f['cpu_ms'] / r['cpu_ms']:.2f}× |"
+            )
+    for (n, lay, sel, impl), r in by.items():
+        if impl.startswith("ours compact") and sel == 0.05:
+            for base in ("fused fp32 params", "fused bf16 params"):
+                f = by[(n, lay, sel, base)]
+                lines.append(
+                    f"| {impl} vs {base} + mask (≥ 3×) | {n:,} | {lay} | {sel:.0%} | "
+                    f"{f['ms'] / r['ms']:.2f}× | {f['cpu_ms'] / r['cpu_ms']:.2f}× |"
+                )
+    return "\n".join(lines), rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -94,6 +165,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--json", default=None, help="also write every row to this JSON file")
     ap.add_argument("--threads", type=int, default=None, help="torch (and cpu backend) threads")
+    ap.add_argument(
+        "--adamw-sweep", action="store_true", help="only the masked-AdamW state sweep (#21)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,6 +180,21 @@ def main(argv=None) -> int:
     reps = args.reps or (20 if cuda else 7)
     bw = copy_bandwidth(device, numel=(1 << 26) if cuda else (1 << 24))
     name = torch.cuda.get_device_name(device) if cuda else f"{cpu_name()} ({os.cpu_count()} cores)"
+    if args.adamw_sweep:
+        table, rows = adamw_sweep(sizes, device, reps, name, bw)
+        header = (
+            f"device: {name}; torch {torch.__version__}; {torch.get_num_threads()} threads; "
+            f"date {dt.date.today()}; copy bandwidth {bw / 1e9:.1f} GB/s; median of {reps} calls"
+        )
+        print(header + "\n\n" + table)
+        os.makedirs(args.out, exist_ok=True)
+        meta = dict(device=name, torch=torch.__version__, threads=torch.get_num_threads(),
+                    date=str(dt.date.today()), copy_bandwidth=bw, reps=reps)  # fmt: skip
+        with open(os.path.join(args.out, "adamw_sweep.json"), "w") as f:
+            json.dump(dict(meta, rows=rows), f, indent=1)
+        with open(os.path.join(args.out, "adamw_sweep.md"), "w") as f:
+            f.write(header + "\n\n" + table + "\n")
+        return 0
     rows = []
     for op in args.ops:
         for size in sizes:

@@ -10,16 +10,14 @@ launch. Imports torch, triton and the standard library only. Constants (``BLOCK`
 """
 
 from .adamw import (
+    STATE_DTYPES,
     cpu_masked_adamw_,
-    cpu_masked_sgd_,
     masked_adamw_,
-    masked_sgd_,
     torch_masked_adamw_,
-    torch_masked_sgd_,
     triton_masked_adamw_,
-    triton_masked_sgd_,
 )
 from .bits import (
+    MaskIndex,
     pack_bits,
     packed_size,
     torch_pack_bits,
@@ -54,9 +52,14 @@ from .saliency import (
     triton_saliency_histogram,
     triton_saliency_mask,
 )
+from .sgd import cpu_masked_sgd_, masked_sgd_, torch_masked_sgd_, triton_masked_sgd_
 
+# the dispatchers first (backend="auto"|"torch"|"triton"|"cpu"), then the classes and helpers,
+# then the twins
 __all__ = [
     "FisherBuckets",
+    "MaskIndex",
+    "STATE_DTYPES",
     "fisher_accumulate_",
     "grad_sq_norm",
     "masked_adamw_",

@@ -106,12 +106,125 @@ def check_contiguous(name: str, tensors: Sequence[torch.Tensor]) -> None:
 
 
 def group_by_dtype(*lists: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
-    """Indices grouped by the dtypes of the given operands (one launch per group)."""
+    """Indices grouped by the device and the dtypes of the given operands (one launch per
+    group). The key is ``(dtype of list 0, dtype of list 1, ..., device)``: a launch table
+    holds pointers of one device only.
+
+    Raises ValueError naming the position when the operands of one index disagree on their
+    device (a parameter on one device, its gradient or state on another)."""
+    devs = [t.device for t in lists[0]]
+    for k, lst in enumerate(lists[1:], 1):
+        other = [t.device for t in lst]
+        if other != devs:
+            i = next(i for i, (a, b) in enumerate(zip(devs, other)) if a != b)
+            raise ValueError(f"tensor {i}: operand {k} is on {other[i]} but operand 0 on {devs[i]}")
+    cols = [[t.dtype for t in lst] for lst in lists]
     groups: dict[tuple, list[int]] = {}
-    for i in range(len(lists[0])):
-        key = tuple(lst[i].dtype for lst in lists)
+    for i, key in enumerate(zip(*cols, devs)):
         groups.setdefault(key, []).append(i)
     return groups
+
+
+def group_by_device(tensors: Sequence[torch.Tensor]) -> dict[torch.device, list[int]]:
+    """Indices of ``tensors`` grouped by device, in first-seen order."""
+    groups: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.device, []).append(i)
+    return groups
+
+
+# ------------------------------------------------------------------ step operands
+def grad_mul_tensor(grad_mul, device):
+    """``grad_mul`` (a 1-element tensor multiplying the gradient, e.g. a clip coefficient) as
+    a 0-dim fp32 tensor on ``device``, or None."""
+    if grad_mul is None:
+        return None
+    if not isinstance(grad_mul, torch.Tensor) or grad_mul.numel() != 1:
+        raise ValueError("grad_mul must be a 1-element tensor (e.g. a clip coefficient)")
+    return grad_mul.reshape(()).to(device=device, dtype=torch.float32)
+
+
+def flag_tensor(found_inf, device):
+    """found_inf → a 0-dim fp32 tensor on ``device`` (nonzero: skip the step), or None."""
+    if found_inf is None:
+        return None
+    if not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1:
+        raise ValueError("found_inf must be a 1-element tensor (nonzero: skip the step)")
+    return found_inf.reshape(()).to(device=device, dtype=torch.float32)
+
+
+def cpu_skip(found_inf) -> bool:
+    """The cpu backend reads the flag: on the host that is a load, not a device sync."""
+    return found_inf is not None and float(flag_tensor(found_inf, "cpu")) != 0.0
+
+
+# ------------------------------------------------------------------ stochastic rounding
+# Counter-based random bits (no generator state): a 32-bit xor-shift-multiply hash whose
+# multipliers are < 2^31, so the torch twin evaluates it exactly in int64. One definition in
+# three languages: mix32 here (host scalars), torch_mix32 (torch twin), tl_mix32 (Triton), and
+# mix32 in mmu_cpu.c. Element j of tensor i (its position in the call's list) at a step with
+# seed s draws u = mix32(j ^ key_i), key_i = mix32(s ^ salt_i), salt_i = mix32(i·φ + c):
+# the low 16 bits round exp_avg, the high 16 exp_avg_sq, the high half of u·0x5BD1E995 mod 2^32
+# the parameter (one multiply more). Every backend draws the same bits, so their results are
+# bit-identical wherever their fp32 arithmetic is.
+MASK32 = 0xFFFFFFFF
+MIX_M1 = 0x7FEB352D
+MIX_M2 = 0x21F0AAAD
+PARAM_MUL = 0x5BD1E995
+
+
+def mix32(x: int) -> int:
+    """The shared 32-bit hash on a Python int."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * MIX_M1) & MASK32
+    x ^= x >> 15
+    x = (x * MIX_M2) & MASK32
+    x ^= x >> 15
+    return x
+
+
+def salt(i: int) -> int:
+    """The random-stream salt of the tensor at position ``i`` of a call's list."""
+    return mix32((i * 0x9E3779B9 + 0x632BE5AB) & MASK32)
+
+
+_SALTS: list[int] = []
+
+
+def salts(idx: Sequence[int]) -> list[int]:
+    """:func:`salt` of each position (memoised: a step calls this once per launch)."""
+    top = max(idx, default=-1)
+    if top >= len(_SALTS):
+        _SALTS.extend(salt(i) for i in range(len(_SALTS), top + 1))
+    return [_SALTS[i] for i in idx]
+
+
+def torch_mix32(x: torch.Tensor) -> torch.Tensor:
+    """:func:`mix32` elementwise on an int64 tensor of values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * MIX_M1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * MIX_M2) & MASK32
+    return x ^ (x >> 15)
+
+
+def torch_bf16_add_round(x: torch.Tensor, add: torch.Tensor | None) -> torch.Tensor:
+    """fp32 ``x`` → bf16 by adding ``add`` (int64, < 2^16) to the bit pattern and truncating
+    the low 16 bits (stochastic rounding with uniform ``add``); ``add=None``: round to nearest
+    even (``x.to(torch.bfloat16)``). NaN → 0x7FC0 as c10."""
+    if add is None:
+        return x.to(torch.bfloat16)
+    bits = x.contiguous().view(torch.int32).to(torch.int64) & MASK32
+    hi = ((bits + add) >> 16) & 0xFFFF
+    hi = torch.where(torch.isnan(x), 0x7FC0, hi)
+    return torch.where(hi >= 0x8000, hi - 0x10000, hi).to(torch.int16).view(torch.bfloat16)
+
+
+def torch_sr_bits(numel: int, key: int, device) -> torch.Tensor:
+    """u = mix32(j ^ key) for j in [0, numel) as int64 (the per-element random word)."""
+    j = torch.arange(numel, dtype=torch.int64, device=device) & MASK32
+    return torch_mix32(j ^ key)
 
 
 # Pointer tables (a few KiB: operands × tensors × 8 B) cached by pointer set; chunk tables
@@ -153,6 +266,7 @@ def chunk_tables(
     numels: Sequence[int],
     block: int,
     n_vector: int | None = None,
+    extra: Sequence[Sequence[int]] = (),
 ):
     """Tables for a multi-tensor launch.
 
@@ -163,18 +277,32 @@ def chunk_tables(
     default: the ones accessed with vectors, not masks or scalars) is 16-byte aligned.
     PyTorch's allocators align storages to ≥ 64 bytes, so only views with a storage offset
     fail this; kernels then take their scalar-access variant (``ALIGNED=False``).
-    Tensors with no element get no chunk. Tables live on the operands' device.
+    Tensors with no element get no chunk. Tables live on the operands' device. ``extra``: more
+    per-tensor int64 rows appended after the element counts (e.g. random-stream salts).
+    Raises ValueError when an operand lies on another device than the first (a launch table
+    must never hold another device's pointer): group the lists by device first
+    (:func:`group_by_device`).
     """
     device = operands[0][0].device
+    for k, op in enumerate(operands):
+        for i, t in enumerate(op):
+            if t.device != device:
+                raise ValueError(
+                    f"operand {k}, tensor {i} is on {t.device}, the launch is on {device}: "
+                    "one launch table per device (group the tensors by device first)"
+                )
     numels = tuple(numels)
+    extra = tuple(tuple(int(x) for x in r) for r in extra)
     key = (device, block, tuple(tuple(t.data_ptr() for t in op) for op in operands), numels,
-           n_vector)  # fmt: skip
+           n_vector, extra)  # fmt: skip
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
     aligned = all(ptr % 16 == 0 for r in key[2][:n_vector] for ptr in r)
-    ptrs = torch.tensor([list(r) for r in key[2]] + [list(numels)], dtype=torch.int64)
+    ptrs = torch.tensor(
+        [list(r) for r in key[2]] + [list(numels)] + [list(r) for r in extra], dtype=torch.int64
+    )
     if device.type != "cpu":
         ptrs = ptrs.pin_memory().to(device, non_blocking=True)
     chunks, n_chunks = _chunk_table(device, numels, block)
@@ -247,8 +375,39 @@ if HAS_TRITON:
         else:
             return x.to(tl.uint32, bitcast=True)
 
+    @triton.jit
+    def open_chunk(ptrs_ptr, chunks_ptr, n_tensors, NUMEL_ROW: tl.constexpr, ALIGNED: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
+        """This program's chunk: (tensor index, start element, the tensor's element count, the
+        number of chunks). The chunk table is int64 [rows, C] (tensor index; start; ...), the
+        element counts are row ``NUMEL_ROW`` of the pointer table (:func:`chunk_tables`)."""
+        pid = tl.program_id(0).to(tl.int64)
+        n_chunks = tl.num_programs(0).to(tl.int64)
+        tid = tl.load(chunks_ptr + pid)
+        start = tl.load(chunks_ptr + n_chunks + pid)
+        if ALIGNED:
+            start = tl.multiple_of(start, BLOCK)
+        numel = tl.load(ptrs_ptr + NUMEL_ROW * n_tensors + tid)
+        return tid, start, numel, n_chunks
+
+    @triton.jit
+    def tl_mix32(x):
+        """The shared 32-bit hash (kernels/_common.py) on uint32 values."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x21F0AAAD
+        return x ^ (x >> 15)
+
+    @triton.jit
+    def bf16_add_round(x, add):
+        """fp32 ``x`` → bf16 bits by adding ``add`` (uint32 < 2^16) to the bit pattern and
+        truncating: uniform random ``add`` is stochastic rounding. NaN → 0x7FC0."""
+        bits = x.to(tl.uint32, bitcast=True) + add
+        return tl.where(x != x, 0x7FC0, (bits >> 16).to(tl.uint16)).to(tl.uint16)
+
 else:  # pragma: no cover
-    load_ptr = to_f32 = to_bits = None
+    load_ptr = to_f32 = to_bits = tl_mix32 = bf16_add_round = None
 
 
 def bits_tl_dtype(dtype: torch.dtype):

@@ -1,22 +1,37 @@
-"""Masked optimizer steps: AdamW (decoupled weight decay) and SGD that only touch masked elements.
+"""Masked AdamW step: only the selected elements move, with fp32 or bf16 (stochastically
+rounded) moments, dense or compacted to the selected elements.
 
 An element whose mask bit is 0 keeps its parameter and both moments byte for byte (no weight
 decay, no moment update). This is the guarantee the official MMUnlearner code lacks (it zeroes
 gradients, so decay and the moments built by retain steps still move "frozen" weights). An
-optional clip coefficient is read from a 0-dim device tensor, and an optional ``found_inf``
-flag (a 0-dim device tensor, nonzero = skip) turns the whole step into a no-op, so neither a
-clipped step nor a guarded one needs a host synchronisation.
+optional gradient multiplier (``grad_mul``, e.g. the clip coefficient) is read from a 0-dim
+device tensor, and an optional ``found_inf`` flag (a 0-dim device tensor, nonzero = skip) turns
+the whole step into a no-op, so neither a clipped step nor a guarded one needs a host sync.
 
-Design envelope: memory-bound, one launch per (param dtype, grad dtype) group; per element
-(bf16 params and grads, fp32 moments): 2+2 (param r/w) + 2 (grad) + 16 (moments r/w) + 1/8
-(mask) = 22.125 bytes. A program owns a chunk of BLOCK = 4096 elements laid out as [512, 8]
-(one mask byte per row). Full chunks of 16-byte-aligned tensors take an unmasked path the
-compiler turns into 128-bit loads and stores; masked-out elements are then written back with
-the integer bits that were read (``tl.where`` on the raw bits), i.e. rewritten with their own
-value, never changed. A chunk whose mask bytes are all zero is skipped without touching the
-operands. The tail chunk of each tensor takes a predicated path where masked-out elements are
-not written at all. The arithmetic is ATen's, operation for operation (``tl.fma`` where ATen's
-CPU kernels fuse, ``enable_fp_fusion=False`` elsewhere), so the GPU can match the CPU oracle.
+Design envelope: memory-bound, one launch per (param, grad, state dtype, device) group. Bytes
+per element (bf16 params and grads): 2+2 (param r/w) + 2 (grad) + 16 (fp32 moments r/w) or 8
+(bf16 moments) + 1/8 (mask) = 22.125 / 14.125; compacted state moves the moments' bytes only
+for selected elements: 6.125 + 16·s (fp32) or 6.125 + 8·s (bf16) at selection fraction s.
+A program owns a chunk of ADAMW_BLOCK = 2048 elements laid out as [256, 8] (one mask byte per
+row), 8 warps, int32 offsets from per-chunk base pointers: ≤ 128 registers, 2 programs per SM.
+Full chunks of 16-byte-aligned tensors take an unmasked path the compiler turns into 128-bit
+loads and stores; masked-out elements are then written back with the integer bits that were
+read (``tl.where`` on the raw bits), i.e. rewritten with their own value, never changed. With
+a :class:`~mmunlearn.kernels.bits.MaskIndex` per tensor the chunks whose mask is all zero are
+not launched at all (the table is built once); without one a program skips such a chunk after
+reading its mask bytes. The tail chunk of each tensor takes a predicated path where masked-out
+elements are not written at all. The arithmetic is ATen's, operation for operation (``tl.fma``
+where ATen's CPU kernels fuse, ``enable_fp_fusion=False`` elsewhere), so the GPU can match the
+CPU oracle.
+
+Stochastic rounding (``sr_seed``): bf16 moments — and bf16 parameters with ``param_sr`` — are
+rounded from fp32 by adding a uniform 16-bit integer to the fp32 bit pattern and truncating
+(torchao's ``_fp32_to_bf16_sr``, as an add), so a value rounds away from zero with probability
+equal to the dropped fraction: unbiased, and an update below half an ulp of a bf16 weight still
+moves it in expectation. The bits come from a counter-based hash of (seed, tensor position,
+element index) — no generator state, the same function in all three twins (kernels/_common.py),
+so the twins draw identical bits and their results are bit-identical wherever their fp32
+arithmetic is. The element index is the parameter's, so compacted and dense state round alike.
 """
 
 from __future__ import annotations
@@ -28,31 +43,56 @@ import torch
 
 from . import _cpu
 from ._common import (
-    BLOCK,
     HAS_TRITON,
-    NUM_WARPS,
     as_list,
+    bf16_add_round,
     bits_tl_dtype,
     check_contiguous,
     check_same_numel,
     chunk_tables,
+    cpu_skip,
     device_guard,
+    flag_tensor,
+    grad_mul_tensor,
     group_by_dtype,
     load_ptr,
+    mix32,
+    open_chunk,
     resolve_backend,
+    salt,
+    salts,
     tl,
     tl_dtype,
+    tl_mix32,
     to_bits,
     to_f32,
+    torch_bf16_add_round,
+    torch_sr_bits,
     triton,
 )
-from .bits import check_masks, tl_packed_size, torch_unpack_bits
+from .bits import MaskIndex, check_masks, sparse_chunk_table, torch_unpack_bits
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# 16 warps = 8 elements per thread for the 4096-element chunk: the masked kernel then needs
-# 100 (bf16) / 114 (fp32) registers and no spills on sm_90; at 8 warps it took 138 / 194
-# (bench/aot.py, triton 3.9, 2026-11-30). SGD stays at the common NUM_WARPS (38-58 registers).
-ADAMW_WARPS = 16
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+PARAM_MUL = 0x5BD1E995  # the parameter's 16 random bits: (u * PARAM_MUL mod 2^32) >> 16
+# 2048-element chunks over 8 warps = 8 elements per thread. With int32 offsets from per-chunk
+# base pointers the masked kernel needs <= 128 registers on sm_90, so two programs (512 threads)
+# are resident per SM; the 4096-element chunk over 16 warps (one program per SM) needed
+# 100-120 (bench/aot.py, triton 3.9; numbers in bench/NOTES.md).
+ADAMW_BLOCK = 2048
+ADAMW_WARPS = 8
+
+
+def launch_options(compact: bool, aligned: bool) -> dict:
+    """Extra compile options per variant: the compacted-state variant (120-136 registers
+    uncapped) is capped at 128 (``maxnreg``) so it, too, keeps 2 programs per SM without
+    spilling (bench/aot.py). The unaligned fallback (143) is not: capped it spills on sm_90,
+    and it only runs for views with a storage offset. The interpreter takes no such option."""
+    from ._common import INTERPRET
+
+    if INTERPRET or not compact:
+        return {}
+    return {"maxnreg": 128}
 
 
 def _adam_scalars(lr, beta1, beta2, step):
@@ -80,20 +120,52 @@ def _step_value(s: torch.Tensor) -> int:
     return max(1, int(round(float(s))))
 
 
-def _check_step_inputs(params, grads, masks, states=(), step=None):
+def _seed32(sr_seed) -> int:
+    """The step's seed as the 31-bit scalar every backend hashes (None: no SR)."""
+    return mix32(int(sr_seed) & 0xFFFFFFFF) & 0x7FFFFFFF
+
+
+def _check_step_inputs(params, grads, masks, states=(), step=None, mask_index=None, compact=False):
+    """Validate a step's operands (one pass per list: a step over a 7B model's 437 tensors
+    pays this on the host every call)."""
     check_same_numel("params", params, "grads", grads)
-    for name, st in states:
-        check_same_numel("params", params, name, st)
-        for i, s in enumerate(st):
-            if s.dtype != torch.float32:
-                raise ValueError(f"{name}[{i}] must be float32, got {s.dtype}")
-        check_contiguous(name, st)
-    for i, p in enumerate(params):
-        if p.dtype not in _PARAM_DTYPES:
-            raise ValueError(f"params[{i}] has unsupported dtype {p.dtype}")
+    bad = [i for i, p in enumerate(params) if p.dtype not in _PARAM_DTYPES]
+    if bad:
+        raise ValueError(f"params[{bad[0]}] has unsupported dtype {params[bad[0]].dtype}")
     check_contiguous("params", params)
     if masks is not None:
         check_masks(masks, [p.numel() for p in params])
+    if mask_index is not None:
+        if masks is None:
+            raise ValueError("mask_index needs masks")
+        if len(mask_index) != len(params):
+            raise ValueError(f"got {len(mask_index)} mask indexes for {len(params)} params")
+        for i, (ix, p) in enumerate(zip(mask_index, params)):
+            if not isinstance(ix, MaskIndex) or ix.numel != p.numel():
+                raise ValueError(f"mask_index[{i}] is not a MaskIndex of params[{i}]'s mask")
+    if compact and mask_index is None:
+        raise ValueError("compact state needs masks and a mask_index (the selected elements)")
+    for name, st in states:
+        if compact:
+            if len(st) != len(params):
+                raise ValueError(f"{name} has {len(st)} tensors but params has {len(params)}")
+            for i, (s, ix) in enumerate(zip(st, mask_index)):
+                if s.numel() != ix.count:
+                    raise ValueError(
+                        f"{name}[{i}] has {s.numel()} elements; compacted state of a mask "
+                        f"selecting {ix.count} needs {ix.count}"
+                    )
+        else:
+            check_same_numel("params", params, name, st)
+        bad = [i for i, s in enumerate(st) if s.dtype not in STATE_DTYPES]
+        if bad:
+            got = st[bad[0]].dtype
+            raise ValueError(f"{name}[{bad[0]}] must be float32 or bfloat16, got {got}")
+        check_contiguous(name, st)
+    if len(states) == 2:
+        for i, (m, v) in enumerate(zip(states[0][1], states[1][1])):
+            if m.dtype != v.dtype:
+                raise ValueError(f"exp_avgs[{i}] is {m.dtype} but exp_avg_sqs[{i}] {v.dtype}")
     if step is not None and _is_device_steps(step):
         if len(step) != len(params):
             raise ValueError(f"got {len(step)} step tensors for {len(params)} params")
@@ -103,28 +175,6 @@ def _check_step_inputs(params, grads, masks, states=(), step=None):
                     f"step[{i}] must be a 1-element float32 tensor on {p.device}, "
                     f"got {s.dtype} {tuple(s.shape)} on {s.device}"
                 )
-
-
-def _scale_tensor(grad_scale, device):
-    if grad_scale is None:
-        return None
-    if not isinstance(grad_scale, torch.Tensor) or grad_scale.numel() != 1:
-        raise ValueError("grad_scale must be a 1-element tensor (e.g. a clip coefficient)")
-    return grad_scale.reshape(()).to(device=device, dtype=torch.float32)
-
-
-def _flag_tensor(found_inf, device):
-    """found_inf → a 0-dim fp32 tensor on ``device`` (nonzero: skip the step), or None."""
-    if found_inf is None:
-        return None
-    if not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1:
-        raise ValueError("found_inf must be a 1-element tensor (nonzero: skip the step)")
-    return found_inf.reshape(()).to(device=device, dtype=torch.float32)
-
-
-def _cpu_skip(found_inf) -> bool:
-    """The cpu backend reads the flag: on the host that is a load, not a device sync."""
-    return found_inf is not None and float(_flag_tensor(found_inf, "cpu")) != 0.0
 
 
 # ------------------------------------------------------------------ masked_adamw_
@@ -141,19 +191,25 @@ def torch_masked_adamw_(
     eps,
     weight_decay,
     step,
-    grad_scale=None,
+    grad_mul=None,
     found_inf=None,
     maximize=False,
+    sr_seed=None,
+    param_sr=False,
+    mask_index=None,
+    compact=False,
 ):
     """Reference: the same math as torch.optim.AdamW in fp32, written back only where masked.
 
     With per-tensor step tensors the counts are read on the host (a sync on CUDA: this is the
-    oracle); ``found_inf`` is applied with ``torch.where`` (no sync).
+    oracle); ``found_inf`` is applied with ``torch.where`` (no sync). ``mask_index`` changes
+    nothing here but the compacted layout's addressing.
     """
-    dev = params[0].device if params else None
-    c = _scale_tensor(grad_scale, dev) if params else None
-    skip = _flag_tensor(found_inf, dev) if params else None
+    seed = None if sr_seed is None else _seed32(sr_seed)
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
+        dev = p.device
+        c = grad_mul_tensor(grad_mul, dev)
+        skip = flag_tensor(found_inf, dev)
         t = _step_value(step[i]) if _is_device_steps(step) else step
         step_size, bc2_sqrt = _adam_scalars(lr, beta1, beta2, t)
         g32 = g.reshape(p.shape).float()
@@ -161,17 +217,41 @@ def torch_masked_adamw_(
             g32 = g32 * c
         if maximize:
             g32 = -g32
+        keep = None if masks is None else torch_unpack_bits(masks[i], p.shape)
+        if compact:  # the dense moments this compacted state stands for (0 where unselected)
+            sel = torch.nonzero(keep.reshape(-1)).flatten()
+            m_d = torch.zeros(p.numel(), dtype=m.dtype, device=dev).index_copy_(0, sel, m)
+            v_d = torch.zeros(p.numel(), dtype=v.dtype, device=dev).index_copy_(0, sel, v)
+            m_d, v_d = m_d.reshape(p.shape), v_d.reshape(p.shape)
+        else:
+            m_d, v_d = m, v
         # the very ops torch.optim.AdamW (foreach=False) uses, so the twin is also the oracle
         p32 = p.to(torch.float32, copy=True).mul_(1.0 - lr * weight_decay)
-        m_new = m.lerp(g32, 1.0 - beta1)
-        v_new = (v * beta2).addcmul_(g32, g32, value=1.0 - beta2)
+        m_new = m_d.float().lerp(g32, 1.0 - beta1)
+        v_new = (v_d.float() * beta2).addcmul_(g32, g32, value=1.0 - beta2)
         denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
-        p_new = p32.addcdiv_(m_new, denom, value=-step_size).to(p.dtype)
-        keep = None if masks is None else torch_unpack_bits(masks[i], p.shape)
+        p_new = p32.addcdiv_(m_new, denom, value=-step_size)
+        u = None
+        if seed is not None and (m.dtype == torch.bfloat16 or param_sr):
+            key = mix32(seed ^ salt(i))
+            u = torch_sr_bits(p.numel(), key, dev).reshape(p.shape)
+        if m.dtype == torch.bfloat16:
+            sr = u is not None
+            m_new = torch_bf16_add_round(m_new, (u & 0xFFFF) if sr else None)
+            v_new = torch_bf16_add_round(v_new, (u >> 16) if sr else None)
+        if p.dtype == torch.bfloat16 and param_sr and u is not None:
+            p_new = torch_bf16_add_round(p_new, ((u * PARAM_MUL) & 0xFFFFFFFF) >> 16)
+        else:
+            p_new = p_new.to(p.dtype)
         if skip is not None:
             keep = (skip == 0) if keep is None else keep & (skip == 0)
         if keep is None:
             p.copy_(p_new), m.copy_(m_new), v.copy_(v_new)
+        elif compact:
+            p.copy_(torch.where(keep, p_new, p))
+            live = keep.reshape(-1)[sel]  # all True unless found_inf skips
+            m.copy_(torch.where(live, m_new.reshape(-1)[sel], m))
+            v.copy_(torch.where(live, v_new.reshape(-1)[sel], v))
         else:
             p.copy_(torch.where(keep, p_new, p))
             m.copy_(torch.where(keep, m_new, m))
@@ -191,22 +271,31 @@ def cpu_masked_adamw_(
     eps,
     weight_decay,
     step,
-    grad_scale=None,
+    grad_mul=None,
     found_inf=None,
     maximize=False,
+    sr_seed=None,
+    param_sr=False,
+    mask_index=None,
+    compact=False,
 ):
-    """C twin of :func:`torch_masked_adamw_` (kernels/_cpu.py): one call per dtype pair (and
-    per distinct step count), one pass over every operand, all threads."""
-    if not params or _cpu_skip(found_inf):
+    """C twin of :func:`torch_masked_adamw_` (kernels/mmu_cpu.c): one call per (dtypes, step
+    count) group, one pass over every operand, all threads."""
+    if not params or cpu_skip(found_inf):
         return
     lib = _cpu.load()
-    c = 1.0 if grad_scale is None else float(_scale_tensor(grad_scale, "cpu"))
+    c = 1.0 if grad_mul is None else float(grad_mul_tensor(grad_mul, "cpu"))
     gmul = -c if maximize else c
+    seed = 0 if sr_seed is None else _seed32(sr_seed)
     groups: dict[tuple, list[int]] = {}
-    for i, (p, g) in enumerate(zip(params, grads)):
-        t = _step_value(step[i]) if _is_device_steps(step) else step
-        groups.setdefault((p.dtype, g.dtype, t), []).append(i)
-    for (pdt, gdt, t), idx in groups.items():
+    device_steps = _is_device_steps(step)
+    for key, idx in group_by_dtype(params, grads, exp_avgs).items():
+        if not device_steps:
+            groups[(*key[:3], step)] = idx
+            continue
+        for i in idx:
+            groups.setdefault((*key[:3], _step_value(step[i])), []).append(i)
+    for (pdt, gdt, sdt, t), idx in groups.items():
         step_size, bc2_sqrt = _adam_scalars(lr, beta1, beta2, t)
         p = [params[i] for i in idx]
         ops = [
@@ -218,12 +307,16 @@ def cpu_masked_adamw_(
             p,
         ]
         numels = [x.numel() for x in p]
-        ptrs, chunks, n_chunks, _ = chunk_tables(ops, numels, _cpu.CPU_BLOCK)
+        ptrs, chunks, n_chunks, _ = chunk_tables(ops, numels, _cpu.CPU_BLOCK, extra=[salts(idx)])
+        if mask_index is not None:
+            ix = [mask_index[i] for i in idx]
+            chunks, n_chunks = sparse_chunk_table(ix, _cpu.CPU_BLOCK, "cpu")
         if n_chunks == 0:
             continue
         lib.mmu_adamw(
             _cpu.DTYPE_CODE[pdt],
             _cpu.DTYPE_CODE[gdt],
+            int(sdt == torch.bfloat16),
             ptrs.data_ptr(),
             len(p),
             chunks.data_ptr(),
@@ -231,6 +324,10 @@ def cpu_masked_adamw_(
             _cpu.CPU_BLOCK,
             _cpu.threads_for(sum(numels)),
             masks is not None,
+            bool(compact),
+            seed,
+            int(sr_seed is not None and sdt == torch.bfloat16),
+            int(sr_seed is not None and param_sr and pdt == torch.bfloat16),
             gmul,
             1.0 - lr * weight_decay,
             beta2,
@@ -245,6 +342,13 @@ def cpu_masked_adamw_(
 if HAS_TRITON:
 
     @triton.jit
+    def _popc8(x):
+        """Set bits of int32 values < 256."""
+        x = x - ((x >> 1) & 0x55)
+        x = (x & 0x33) + ((x >> 2) & 0x33)
+        return (x + (x >> 4)) & 0x0F
+
+    @triton.jit
     def _adamw_tile(
         p_ptr,
         g_ptr,
@@ -253,8 +357,11 @@ if HAS_TRITON:
         k_ptr,
         scale_ptr,
         byte,
-        start,
-        numel,
+        base,
+        rem,
+        kb,
+        start32,
+        key,
         decay,
         beta2,
         omb1,
@@ -264,42 +371,71 @@ if HAS_TRITON:
         bc2_sqrt,
         G_DTYPE: tl.constexpr,
         P_DTYPE: tl.constexpr,
+        S_DTYPE: tl.constexpr,
         HAS_MASK: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         LERP_SMALL: tl.constexpr,
+        SR_STATE: tl.constexpr,
+        SR_PARAM: tl.constexpr,
+        COMPACT: tl.constexpr,
         MODE: tl.constexpr,
         ROWS: tl.constexpr,
     ):
-        """[ROWS, 8] elements from ``start``. MODE 0: all in bounds (no predicate); 1: whole
-        rows in bounds (a per-row predicate, still 128-bit vectors); 2: per element (the last
-        numel % 8 elements of a tensor, ROWS = 1; ``byte`` is loaded here)."""
+        """[ROWS, 8] elements from ``base`` (int32, relative to the chunk's start: every
+        pointer was advanced to the chunk by the caller, so offsets are 32-bit). ``rem``: the
+        chunk's elements in bounds. MODE 0: all in bounds (no predicate); 1: whole rows in
+        bounds (a per-row predicate, still 128-bit vectors); 2: per element (the last numel % 8
+        elements of a tensor, ROWS = 1; ``byte`` is loaded here); 3: a full chunk whose mask
+        selects under a quarter of it: every load and store predicated on the mask bit, so the
+        unselected elements cost no traffic (sectors without a selected element are neither
+        read nor written). COMPACT: the moments of the
+        selected elements sit at ``kb`` + their rank among the selected (``m_ptr`` / ``v_ptr``
+        point at the chunk's first selected moment)."""
         rows = tl.arange(0, ROWS)
         cols = tl.arange(0, 8)
-        offs = start + rows[:, None] * 8 + cols[None, :]
-        if MODE == 0:
-            p_raw = tl.load(p_ptr + offs)
-            g_raw = tl.load(g_ptr + offs)
+        offs = base + rows[:, None] * 8 + cols[None, :]
+        if MODE == 2:
+            if HAS_MASK:
+                byte = tl.load(k_ptr + base // 8 + rows)
+        if HAS_MASK:
+            on = ((byte.to(tl.int32)[:, None] >> cols[None, :]) & 1) != 0
+        if MODE == 2:
+            live = offs < rem
+        elif MODE == 1:
+            live = (rows[:, None] < rem // 8) & (cols[None, :] < 8)
+        elif MODE == 3:
+            live = on
+        else:
+            live = offs >= 0  # all true
+        if COMPACT:  # rank of each selected element within the tile, row-major
+            b32 = byte.to(tl.int32)
+            row_n = _popc8(b32)
+            row_pre = tl.cumsum(row_n, 0) - row_n
+            below = b32[:, None] & ((1 << cols[None, :]) - 1)
+            kidx = kb + row_pre[:, None] + _popc8(below)
+            sel = on & live
+            m_raw = tl.load(m_ptr + kidx, mask=sel, other=0)
+            v_raw = tl.load(v_ptr + kidx, mask=sel, other=0)
+        elif MODE == 0:
             m_raw = tl.load(m_ptr + offs)
             v_raw = tl.load(v_ptr + offs)
         else:
-            if MODE == 1:
-                live = (rows[:, None] < (numel - start) // 8) & (cols[None, :] < 8)
-            else:
-                live = offs < numel
-                if HAS_MASK:
-                    byte = tl.load(k_ptr + start // 8 + rows)
-            p_raw = tl.load(p_ptr + offs, mask=live, other=0)
-            g_raw = tl.load(g_ptr + offs, mask=live, other=0)
             m_raw = tl.load(m_ptr + offs, mask=live, other=0)
             v_raw = tl.load(v_ptr + offs, mask=live, other=0)
+        if MODE == 0:
+            p_raw = tl.load(p_ptr + offs)
+            g_raw = tl.load(g_ptr + offs)
+        else:
+            p_raw = tl.load(p_ptr + offs, mask=live, other=0)
+            g_raw = tl.load(g_ptr + offs, mask=live, other=0)
         g = to_f32(g_raw, G_DTYPE)
         if HAS_SCALE:
             g = g * tl.load(scale_ptr)
         if MAXIMIZE:
             g = -g
-        m = to_f32(m_raw, tl.float32)
-        v = to_f32(v_raw, tl.float32)
+        m = to_f32(m_raw, S_DTYPE)
+        v = to_f32(v_raw, S_DTYPE)
         # ATen's CPU AdamW, op for op: p.mul_(decay); m.lerp_(g, 1-β1) (an FMA);
         # v.mul(β2).addcmul_(g, g, 1-β2) (an FMA); p.addcdiv_(m, sqrt(v)/bc2 + eps, -step_size).
         # Scalars come from the host in float64, rounded once to fp32 as torch does.
@@ -311,20 +447,34 @@ if HAS_TRITON:
         v = tl.fma(omb2 * g, g, v * beta2)
         denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
         p = p + tl.math.div_rn(neg_step_size * m, denom)
-        p_new = to_bits(p, P_DTYPE)
-        m_new = m.to(tl.uint32, bitcast=True)
-        v_new = v.to(tl.uint32, bitcast=True)
+        if SR_STATE or SR_PARAM:  # the shared counter-based bits of element start + offs
+            u = tl_mix32((start32 + offs.to(tl.uint32)) ^ key)
+        if SR_PARAM:
+            p_new = bf16_add_round(p, (u * 0x5BD1E995) >> 16)
+        else:
+            p_new = to_bits(p, P_DTYPE)
+        if SR_STATE:
+            m_new = bf16_add_round(m, u & 0xFFFF)
+            v_new = bf16_add_round(v, u >> 16)
+        else:
+            m_new = to_bits(m, S_DTYPE)
+            v_new = to_bits(v, S_DTYPE)
         if HAS_MASK:  # read-modify-write: bit 0 stores back the very bits it read
-            on = ((byte.to(tl.int32)[:, None] >> cols[None, :]) & 1) != 0
             p_new = tl.where(on, p_new, p_raw)
-            m_new = tl.where(on, m_new, m_raw)
-            v_new = tl.where(on, v_new, v_raw)
+            if not COMPACT:
+                m_new = tl.where(on, m_new, m_raw)
+                v_new = tl.where(on, v_new, v_raw)
         if MODE == 0:
             tl.store(p_ptr + offs, p_new)
+        else:
+            tl.store(p_ptr + offs, p_new, mask=live)
+        if COMPACT:
+            tl.store(m_ptr + kidx, m_new, mask=sel)
+            tl.store(v_ptr + kidx, v_new, mask=sel)
+        elif MODE == 0:
             tl.store(m_ptr + offs, m_new)
             tl.store(v_ptr + offs, v_new)
         else:
-            tl.store(p_ptr + offs, p_new, mask=live)
             tl.store(m_ptr + offs, m_new, mask=live)
             tl.store(v_ptr + offs, v_new, mask=live)
 
@@ -335,6 +485,7 @@ if HAS_TRITON:
         scale_ptr,
         found_ptr,
         n_tensors,
+        seed,
         decay,
         beta2,
         omb1,
@@ -352,32 +503,47 @@ if HAS_TRITON:
         PB_DTYPE: tl.constexpr,
         GB_DTYPE: tl.constexpr,
         G_DTYPE: tl.constexpr,
+        S_DTYPE: tl.constexpr,
+        SB_DTYPE: tl.constexpr,
         HAS_MASK: tl.constexpr,
         HAS_SCALE: tl.constexpr,
         HAS_FOUND: tl.constexpr,
         DEVICE_STEP: tl.constexpr,
         MAXIMIZE: tl.constexpr,
         LERP_SMALL: tl.constexpr,
+        SR_STATE: tl.constexpr,
+        SR_PARAM: tl.constexpr,
+        SPARSE: tl.constexpr,
+        COMPACT: tl.constexpr,
         ALIGNED: tl.constexpr,
         ROWS: tl.constexpr,
     ):
-        # table rows: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 mask, 5 step, 6 numel
-        pid = tl.program_id(0).to(tl.int64)
-        n_chunks = tl.num_programs(0).to(tl.int64)
+        # table rows: 0 param, 1 grad, 2 exp_avg, 3 exp_avg_sq, 4 mask, 5 step, 6 numel, 7 salt
+        # chunk rows: tensor, start (+ selected elements before the chunk with SPARSE)
         run = True
         if HAS_FOUND:
             run = tl.load(found_ptr) == 0.0
         if run:
-            tid = tl.load(chunks_ptr + pid)
-            start = tl.load(chunks_ptr + n_chunks + pid)
-            if ALIGNED:
-                start = tl.multiple_of(start, ROWS * 8)
-            numel = tl.load(ptrs_ptr + 6 * n_tensors + tid)
-            p_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, PB_DTYPE, ALIGNED)
-            g_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, GB_DTYPE, ALIGNED)
-            m_ptr = load_ptr(ptrs_ptr, 2, n_tensors, tid, tl.uint32, ALIGNED)
-            v_ptr = load_ptr(ptrs_ptr, 3, n_tensors, tid, tl.uint32, ALIGNED)
-            k_ptr = load_ptr(ptrs_ptr, 4, n_tensors, tid, tl.uint8, False)
+            tid, start, numel, n_chunks = open_chunk(
+                ptrs_ptr, chunks_ptr, n_tensors, 6, ALIGNED, ROWS * 8
+            )
+            key = 0
+            if SR_STATE or SR_PARAM:
+                s = tl.load(ptrs_ptr + 7 * n_tensors + tid).to(tl.uint32)
+                key = tl_mix32(seed.to(tl.uint32) ^ s)
+            # every pointer advanced to the chunk once (64-bit scalars): offsets are int32
+            p_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, PB_DTYPE, ALIGNED) + start
+            g_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, GB_DTYPE, ALIGNED) + start
+            m_ptr = load_ptr(ptrs_ptr, 2, n_tensors, tid, SB_DTYPE, ALIGNED and not COMPACT)
+            v_ptr = load_ptr(ptrs_ptr, 3, n_tensors, tid, SB_DTYPE, ALIGNED and not COMPACT)
+            if COMPACT:
+                kbase = tl.load(chunks_ptr + 2 * n_chunks + tl.program_id(0).to(tl.int64))
+                m_ptr += kbase
+                v_ptr += kbase
+            else:
+                m_ptr += start
+                v_ptr += start
+            k_ptr = load_ptr(ptrs_ptr, 4, n_tensors, tid, tl.uint8, False) + start // 8
             nss = neg_step_size
             b2s = bc2_sqrt
             if DEVICE_STEP:  # bias corrections from this tensor's device step count, in fp64
@@ -389,33 +555,59 @@ if HAS_TRITON:
                 bc2 = 1.0 - tl.exp(t * (zero + lnb2_hi + lnb2_lo))
                 nss = (-(lr / bc1)).to(tl.float32)
                 b2s = tl.sqrt(bc2).to(tl.float32)
+            rem = tl.minimum(numel - start, ROWS * 8).to(tl.int32)  # elements in bounds
+            start32 = start.to(tl.uint32)
             rows = tl.arange(0, ROWS)
-            full = start + ROWS * 8 <= numel
-            n_rows = tl.minimum((numel - start) // 8, ROWS)  # whole rows in bounds
+            n_rows = rem // 8  # whole rows in bounds
             if HAS_MASK:
-                byte = tl.load(k_ptr + start // 8 + rows, mask=rows < n_rows, other=0)
-                todo = tl.max(byte.to(tl.int32), axis=0) > 0  # else nothing is selected here
+                byte = tl.load(k_ptr + rows, mask=rows < n_rows, other=0)
+                if SPARSE:  # the table holds selecting chunks only: no test here
+                    todo = n_rows > 0
+                else:
+                    todo = tl.max(byte.to(tl.int32), axis=0) > 0  # else nothing selected here
             else:
                 byte = rows
                 todo = n_rows > 0
             if todo:
-                if full:
-                    _adamw_tile(
-                        p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, start, numel,
-                        decay, beta2, omb1, omb2, eps, nss, b2s,
-                        G_DTYPE, P_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, LERP_SMALL, 0, ROWS,
-                    )  # fmt: skip
+                if rem == ROWS * 8:
+                    if HAS_MASK:  # a sparse selection: predicated loads and stores instead
+                        if tl.sum(_popc8(byte.to(tl.int32)), axis=0) * 4 >= ROWS * 8:
+                            _adamw_tile(
+                                p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0,
+                                start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                                G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE,
+                                LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 0, ROWS,
+                            )  # fmt: skip
+                        else:
+                            _adamw_tile(
+                                p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0,
+                                start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                                G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE,
+                                LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 3, ROWS,
+                            )  # fmt: skip
+                    else:
+                        _adamw_tile(
+                            p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0,
+                            start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                            G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE,
+                            LERP_SMALL, SR_STATE, SR_PARAM, COMPACT, 0, ROWS,
+                        )  # fmt: skip
                 else:
                     _adamw_tile(
-                        p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, start, numel,
-                        decay, beta2, omb1, omb2, eps, nss, b2s,
-                        G_DTYPE, P_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, LERP_SMALL, 1, ROWS,
+                        p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, 0, rem, 0, start32,
+                        key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                        G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, LERP_SMALL,
+                        SR_STATE, SR_PARAM, COMPACT, 1, ROWS,
                     )  # fmt: skip
-            if (start + n_rows * 8 < numel) & (n_rows < ROWS):  # the last numel % 8 elements
+            if n_rows * 8 < rem:  # the last numel % 8 elements
+                kb = 0
+                if COMPACT:
+                    kb = tl.sum(_popc8(byte.to(tl.int32)), axis=0)
                 _adamw_tile(
-                    p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, start + n_rows * 8, numel,
-                    decay, beta2, omb1, omb2, eps, nss, b2s,
-                    G_DTYPE, P_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, LERP_SMALL, 2, 1,
+                    p_ptr, g_ptr, m_ptr, v_ptr, k_ptr, scale_ptr, byte, n_rows * 8, rem, kb,
+                    start32, key, decay, beta2, omb1, omb2, eps, nss, b2s,
+                    G_DTYPE, P_DTYPE, S_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, LERP_SMALL,
+                    SR_STATE, SR_PARAM, COMPACT, 2, 1,
                 )  # fmt: skip
 
 
@@ -432,19 +624,21 @@ def triton_masked_adamw_(
     eps,
     weight_decay,
     step,
-    grad_scale=None,
+    grad_mul=None,
     found_inf=None,
     maximize=False,
+    sr_seed=None,
+    param_sr=False,
+    mask_index=None,
+    compact=False,
 ):
-    """Triton twin of :func:`torch_masked_adamw_`: one launch per (param, grad) dtype group.
+    """Triton twin of :func:`torch_masked_adamw_`: one launch per (param, grad, state dtype,
+    device) group.
 
     ``step``: an int (bias corrections computed on the host, exactly as torch.optim.AdamW), or
     one 0-dim fp32 device tensor per parameter (computed in the kernel in fp64 from the count,
     within an fp32 rounding of the host value; no sync).
     """
-    dev = params[0].device
-    c = _scale_tensor(grad_scale, dev)
-    f = _flag_tensor(found_inf, dev)
     device_step = _is_device_steps(step)
     if device_step:
         step_size, bc2_sqrt = 0.0, 1.0
@@ -454,7 +648,10 @@ def triton_masked_adamw_(
     else:
         step_size, bc2_sqrt = _adam_scalars(lr, beta1, beta2, step)
         lr_s = lnb1 = lnb2 = (0.0, 0.0)
-    for (pdt, gdt), idx in group_by_dtype(params, grads).items():
+    seed = 0 if sr_seed is None else _seed32(sr_seed)
+    for (pdt, gdt, sdt, dev), idx in group_by_dtype(params, grads, exp_avgs).items():
+        c = grad_mul_tensor(grad_mul, dev)
+        f = flag_tensor(found_inf, dev)
         p = [params[i] for i in idx]
         ops = [
             p,
@@ -464,7 +661,13 @@ def triton_masked_adamw_(
             [masks[i] for i in idx] if masks is not None else p,
             [step[i] for i in idx] if device_step else p,
         ]
-        ptrs, chunks, n_chunks, aligned = chunk_tables(ops, [t.numel() for t in p], BLOCK, 4)
+        n_vec = 2 if compact else 4
+        ptrs, chunks, n_chunks, aligned = chunk_tables(
+            ops, [t.numel() for t in p], ADAMW_BLOCK, n_vec, extra=[salts(idx)]
+        )
+        if mask_index is not None:
+            ix = [mask_index[i] for i in idx]
+            chunks, n_chunks = sparse_chunk_table(ix, ADAMW_BLOCK, dev)
         if n_chunks == 0:
             continue
         with device_guard(p[0]):
@@ -474,6 +677,7 @@ def triton_masked_adamw_(
                 c if c is not None else ptrs,
                 f if f is not None else ptrs,
                 len(p),
+                seed,
                 1.0 - lr * weight_decay,
                 float(beta2),
                 1.0 - beta1,
@@ -488,16 +692,23 @@ def triton_masked_adamw_(
                 PB_DTYPE=bits_tl_dtype(pdt),
                 GB_DTYPE=bits_tl_dtype(gdt),
                 G_DTYPE=tl_dtype(gdt),
+                S_DTYPE=tl_dtype(sdt),
+                SB_DTYPE=bits_tl_dtype(sdt),
                 HAS_MASK=masks is not None,
                 HAS_SCALE=c is not None,
                 HAS_FOUND=f is not None,
                 DEVICE_STEP=device_step,
                 MAXIMIZE=bool(maximize),
                 LERP_SMALL=abs(np.float32(1.0 - beta1)) < 0.5,
+                SR_STATE=sr_seed is not None and sdt == torch.bfloat16,
+                SR_PARAM=sr_seed is not None and bool(param_sr) and pdt == torch.bfloat16,
+                SPARSE=mask_index is not None,
+                COMPACT=bool(compact),
                 ALIGNED=aligned,
-                ROWS=BLOCK // 8,
+                ROWS=ADAMW_BLOCK // 8,
                 num_warps=ADAMW_WARPS,
                 enable_fp_fusion=False,
+                **launch_options(compact, aligned),
             )
 
 
@@ -514,40 +725,67 @@ def masked_adamw_(
     eps,
     weight_decay,
     step,
-    grad_scale=None,
+    grad_mul=None,
     found_inf=None,
     maximize=False,
+    sr_seed=None,
+    param_sr=False,
+    mask_index=None,
+    compact=False,
     backend="auto",
 ):
     """AdamW step restricted to masked elements, in place.
 
-    Math (fp32, per element with mask bit 1; c = grad_scale or 1, s = -1 if maximize else 1):
+    Math (fp32, per element with mask bit 1; c = grad_mul or 1, s = -1 if maximize else 1):
     ``g = s·c·grad; p *= 1 - lr·wd; m += (1-β1)(g - m); v = β2·v + (1-β2)·g²;``
     ``p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)`` — torch.optim.AdamW's formula.
+    ``grad_mul`` *multiplies* the gradient (a clip coefficient); it is not the divisor that
+    torch's fused optimizers call ``grad_scale``.
     Elements with bit 0: parameter and both moments keep their bytes.
     ``found_inf``: a 1-element device tensor; nonzero turns the call into a no-op on the device
     (nothing is written; no host sync). ``step``: the 1-based step count (int), or one 1-element
     fp32 tensor per parameter on its device, already incremented — as torch's fused AdamW takes
     ``state_steps``; pair it with ``found_inf`` to skip a step without a sync (add ``found_inf
     == 0`` to the counts first, see :class:`mmunlearn.optim.MaskedAdamW`).
+    ``sr_seed`` (int or None): with a seed, bf16 moments are written with stochastic rounding
+    from counter-based bits of (seed, position in the list, element index); without, round to
+    nearest even. ``param_sr``: bf16 parameters are stochastically rounded too (needs a seed).
+    Use a new seed every step. ``mask_index``: one :class:`MaskIndex` per mask — chunks that
+    select nothing are not launched. ``compact``: ``exp_avgs[i]`` / ``exp_avg_sqs[i]`` hold the
+    moments of the selected elements only (``mask_index[i].count`` each, in element order);
+    bit-identical to the dense step at the same state dtype.
     In place on ``params``, ``exp_avgs``, ``exp_avg_sqs``; returns None.
-    Dtypes: params fp32 / bf16 / fp16 (bf16 written with round-to-nearest-even), grads
-    fp32 / bf16 / fp16, moments fp32; masks packed uint8 (:func:`pack_bits`) or None (all ones);
-    ``grad_scale`` a 1-element device tensor (no host sync).
-    Bytes per element: 22.125 for bf16 params and grads (8+4+16+0.125 = 28.125 for fp32).
-    Determinism: bit-exact run to run; cpu backend vs the torch twin bit-exact on the machines
-    measured (ulp-bounded in the tests); triton vs the twin within a few fp32 ulps (interpreter:
-    exact), device step counts within an fp32 rounding of the scalars.
+    Dtypes: params fp32 / bf16 / fp16, grads fp32 / bf16 / fp16, moments fp32 or bf16 (both of
+    a tensor alike); masks packed uint8 (:func:`pack_bits`) or None (all ones); ``grad_mul`` a
+    1-element device tensor (no host sync). Lists may span devices: one launch per device.
+    Bytes per element: 22.125 for bf16 params and grads with fp32 moments, 14.125 with bf16
+    moments (28.125 / 20.125 for fp32 params); compacted: 6.125 + 16·s or 6.125 + 8·s at
+    selection fraction s (bf16 params).
+    Determinism: bit-exact run to run (SR included: the bits depend on the seed only); cpu
+    backend vs the torch twin bit-exact on the machines measured for moments and bf16/fp16
+    parameters (fp32 parameters ulp-bounded: ATen's sqrt); triton vs the twin within a few
+    fp32 ulps (interpreter: exact), device step counts within an fp32 rounding of the scalars.
+    All backends draw the same random bits, so SR adds no twin difference of its own (a twin
+    difference of an ulp before rounding can still flip a bf16 rounding).
     """
     params, grads = as_list(params), as_list(grads)
     exp_avgs, exp_avg_sqs = as_list(exp_avgs), as_list(exp_avg_sqs)
     masks = None if masks is None else as_list(masks)
+    mask_index = None if mask_index is None else list(mask_index)
     if not params:
         return
     if _is_device_steps(step):
         step = as_list(step)
+    if param_sr and sr_seed is None:
+        raise ValueError("param_sr needs an sr_seed")
     _check_step_inputs(
-        params, grads, masks, (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)), step
+        params,
+        grads,
+        masks,
+        (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)),
+        step,
+        mask_index,
+        compact,
     )
     fn = {
         "triton": triton_masked_adamw_,
@@ -566,253 +804,11 @@ def masked_adamw_(
         eps=eps,
         weight_decay=weight_decay,
         step=step,
-        grad_scale=grad_scale,
+        grad_mul=grad_mul,
         found_inf=found_inf,
         maximize=maximize,
-    )
-
-
-# ------------------------------------------------------------------ masked_sgd_
-def torch_masked_sgd_(
-    params, grads, masks, *, lr, weight_decay=0.0, grad_scale=None, found_inf=None, maximize=False
-):
-    """Reference: ``p = p·(1 - lr·wd) - lr·s·c·g`` in fp32, written back only where masked."""
-    dev = params[0].device if params else None
-    c = _scale_tensor(grad_scale, dev) if params else None
-    skip = _flag_tensor(found_inf, dev) if params else None
-    for i, (p, g) in enumerate(zip(params, grads)):
-        g32 = g.reshape(p.shape).float()
-        if c is not None:
-            g32 = g32 * c
-        if maximize:
-            g32 = -g32
-        p_new = (p.float() * (1.0 - lr * weight_decay) - lr * g32).to(p.dtype)
-        keep = None if masks is None else torch_unpack_bits(masks[i], p.shape)
-        if skip is not None:
-            keep = (skip == 0) if keep is None else keep & (skip == 0)
-        p.copy_(p_new if keep is None else torch.where(keep, p_new, p))
-
-
-def cpu_masked_sgd_(
-    params, grads, masks, *, lr, weight_decay=0.0, grad_scale=None, found_inf=None, maximize=False
-):
-    """C twin of :func:`torch_masked_sgd_` (kernels/_cpu.py)."""
-    if not params or _cpu_skip(found_inf):
-        return
-    lib = _cpu.load()
-    c = 1.0 if grad_scale is None else float(_scale_tensor(grad_scale, "cpu"))
-    for (pdt, gdt), idx in group_by_dtype(params, grads).items():
-        p = [params[i] for i in idx]
-        ops = [
-            p,
-            [grads[i].contiguous() for i in idx],
-            [masks[i] for i in idx] if masks is not None else p,
-        ]
-        numels = [x.numel() for x in p]
-        ptrs, chunks, n_chunks, _ = chunk_tables(ops, numels, _cpu.CPU_BLOCK)
-        if n_chunks == 0:
-            continue
-        lib.mmu_sgd(
-            _cpu.DTYPE_CODE[pdt],
-            _cpu.DTYPE_CODE[gdt],
-            ptrs.data_ptr(),
-            len(p),
-            chunks.data_ptr(),
-            n_chunks,
-            _cpu.CPU_BLOCK,
-            _cpu.threads_for(sum(numels)),
-            masks is not None,
-            -c if maximize else c,
-            lr,
-            1.0 - lr * weight_decay,
-        )
-
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _sgd_tile(
-        p_ptr,
-        g_ptr,
-        scale_ptr,
-        byte,
-        start,
-        numel,
-        lr,
-        decay,
-        k_ptr,
-        P_DTYPE: tl.constexpr,
-        G_DTYPE: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
-        MAXIMIZE: tl.constexpr,
-        FULL: tl.constexpr,
-        ROWS: tl.constexpr,
-    ):
-        rows = tl.arange(0, ROWS)
-        cols = tl.arange(0, 8)
-        offs = start + rows[:, None] * 8 + cols[None, :]
-        if FULL:
-            p_raw = tl.load(p_ptr + offs)
-            g_raw = tl.load(g_ptr + offs)
-        else:
-            live = offs < numel
-            if HAS_MASK:
-                brow = start // 8 + rows
-                tail = tl.load(k_ptr + brow, mask=brow < tl_packed_size(numel), other=0)
-                live = live & (((tail.to(tl.int32)[:, None] >> cols[None, :]) & 1) != 0)
-            p_raw = tl.load(p_ptr + offs, mask=live, other=0)
-            g_raw = tl.load(g_ptr + offs, mask=live, other=0)
-        g = to_f32(g_raw, G_DTYPE)
-        if HAS_SCALE:
-            g = g * tl.load(scale_ptr)
-        if MAXIMIZE:
-            g = -g
-        p_new = to_bits(to_f32(p_raw, P_DTYPE) * decay - lr * g, P_DTYPE)
-        if FULL:
-            if HAS_MASK:
-                on = ((byte.to(tl.int32)[:, None] >> cols[None, :]) & 1) != 0
-                p_new = tl.where(on, p_new, p_raw)
-            tl.store(p_ptr + offs, p_new)
-        else:
-            tl.store(p_ptr + offs, p_new, mask=live)
-
-    @triton.jit
-    def _masked_sgd_kernel(
-        ptrs_ptr,
-        chunks_ptr,
-        scale_ptr,
-        found_ptr,
-        n_tensors,
-        lr,
-        decay,
-        P_DTYPE: tl.constexpr,
-        PB_DTYPE: tl.constexpr,
-        GB_DTYPE: tl.constexpr,
-        G_DTYPE: tl.constexpr,
-        HAS_MASK: tl.constexpr,
-        HAS_SCALE: tl.constexpr,
-        HAS_FOUND: tl.constexpr,
-        MAXIMIZE: tl.constexpr,
-        ALIGNED: tl.constexpr,
-        ROWS: tl.constexpr,
-    ):
-        # table rows: 0 param, 1 grad, 2 mask, 3 numel
-        pid = tl.program_id(0).to(tl.int64)
-        n_chunks = tl.num_programs(0).to(tl.int64)
-        run = True
-        if HAS_FOUND:
-            run = tl.load(found_ptr) == 0.0
-        if run:
-            tid = tl.load(chunks_ptr + pid)
-            start = tl.load(chunks_ptr + n_chunks + pid)
-            if ALIGNED:
-                start = tl.multiple_of(start, ROWS * 8)
-            numel = tl.load(ptrs_ptr + 3 * n_tensors + tid)
-            p_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, PB_DTYPE, ALIGNED)
-            g_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, GB_DTYPE, ALIGNED)
-            k_ptr = load_ptr(ptrs_ptr, 2, n_tensors, tid, tl.uint8, False)
-            rows = tl.arange(0, ROWS)
-            if start + ROWS * 8 <= numel:
-                if HAS_MASK:
-                    byte = tl.load(k_ptr + start // 8 + rows)
-                    if tl.max(byte.to(tl.int32), axis=0) > 0:
-                        _sgd_tile(
-                            p_ptr, g_ptr, scale_ptr, byte, start, numel, lr, decay, k_ptr,
-                            P_DTYPE, G_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, True, ROWS,
-                        )  # fmt: skip
-                else:
-                    _sgd_tile(
-                        p_ptr, g_ptr, scale_ptr, rows, start, numel, lr, decay, k_ptr,
-                        P_DTYPE, G_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, True, ROWS,
-                    )  # fmt: skip
-            else:
-                _sgd_tile(
-                    p_ptr, g_ptr, scale_ptr, rows, start, numel, lr, decay, k_ptr,
-                    P_DTYPE, G_DTYPE, HAS_MASK, HAS_SCALE, MAXIMIZE, False, ROWS,
-                )  # fmt: skip
-
-
-def triton_masked_sgd_(
-    params, grads, masks, *, lr, weight_decay=0.0, grad_scale=None, found_inf=None, maximize=False
-):
-    """Triton twin of :func:`torch_masked_sgd_`."""
-    dev = params[0].device
-    c = _scale_tensor(grad_scale, dev)
-    f = _flag_tensor(found_inf, dev)
-    for (pdt, gdt), idx in group_by_dtype(params, grads).items():
-        p = [params[i] for i in idx]
-        ops = [
-            p,
-            [grads[i].contiguous() for i in idx],
-            [masks[i] for i in idx] if masks is not None else p,
-        ]
-        ptrs, chunks, n_chunks, aligned = chunk_tables(ops, [t.numel() for t in p], BLOCK, 2)
-        if n_chunks == 0:
-            continue
-        with device_guard(p[0]):
-            _masked_sgd_kernel[(n_chunks,)](
-                ptrs,
-                chunks,
-                c if c is not None else ptrs,
-                f if f is not None else ptrs,
-                len(p),
-                float(lr),
-                1.0 - lr * weight_decay,
-                P_DTYPE=tl_dtype(pdt),
-                PB_DTYPE=bits_tl_dtype(pdt),
-                GB_DTYPE=bits_tl_dtype(gdt),
-                G_DTYPE=tl_dtype(gdt),
-                HAS_MASK=masks is not None,
-                HAS_SCALE=c is not None,
-                HAS_FOUND=f is not None,
-                MAXIMIZE=bool(maximize),
-                ALIGNED=aligned,
-                ROWS=BLOCK // 8,
-                num_warps=NUM_WARPS,
-                enable_fp_fusion=False,
-            )
-
-
-def masked_sgd_(
-    params,
-    grads,
-    masks,
-    *,
-    lr,
-    weight_decay=0.0,
-    grad_scale=None,
-    found_inf=None,
-    maximize=False,
-    backend="auto",
-):
-    """SGD step restricted to masked elements, in place.
-
-    Math (fp32, mask bit 1; c = grad_scale or 1, s = -1 if maximize else 1):
-    ``p = p·(1 - lr·wd) - lr·s·c·grad``. Bit-0 elements keep their bytes. ``found_inf``: a
-    1-element device tensor, nonzero = no-op (no host sync).
-    In place on ``params``; returns None. Dtypes: params fp32 / bf16 (RNE) / fp16, grads
-    fp32 / bf16 / fp16, masks packed uint8 or None. Bytes per element: 6.125 (bf16).
-    Determinism: bit-exact run to run; cpu backend bit-exact vs the torch twin; triton within
-    1 ulp (interpreter: exact).
-    """
-    params, grads = as_list(params), as_list(grads)
-    masks = None if masks is None else as_list(masks)
-    if not params:
-        return
-    _check_step_inputs(params, grads, masks)
-    fn = {
-        "triton": triton_masked_sgd_,
-        "cpu": cpu_masked_sgd_,
-        "torch": torch_masked_sgd_,
-    }[resolve_backend(backend, params)]
-    fn(
-        params,
-        grads,
-        masks,
-        lr=lr,
-        weight_decay=weight_decay,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-        maximize=maximize,
+        sr_seed=sr_seed,
+        param_sr=param_sr,
+        mask_index=mask_index,
+        compact=compact,
     )

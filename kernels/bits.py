@@ -156,3 +156,82 @@ def unpack_bits(packed: torch.Tensor, shape, *, backend: str = "auto") -> torch.
     """
     be = resolve_backend(backend, [packed])
     return triton_unpack_bits(packed, shape) if be == "triton" else torch_unpack_bits(packed, shape)
+
+
+# ------------------------------------------------------------------ where a mask selects
+_POPC8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+# popcounts are summed over granules of this many elements (every kernel block is a multiple)
+GRANULE = 2048
+_SERIAL = iter(range(1, 1 << 62))
+
+
+class MaskIndex:
+    """Where a packed mask selects, computed once (``MaskedAdamW.set_masks``): the number of
+    selected elements per granule of :data:`GRANULE` elements, kept on the host.
+
+    ``count``: selected elements in all. ``chunks(block)``: the starts of the ``block``-element
+    chunks that select anything and, per such chunk, the number of selected elements before it
+    (the offset of its first moment in compacted state). Kernels given an index launch only
+    those chunks: a chunk with an all-zero mask is dropped from the launch table, not tested in
+    the kernel. One device→host copy of ``numel / 2048`` int64 values at build time.
+    """
+
+    def __init__(self, packed: torch.Tensor, numel: int):
+        check_masks([packed], [numel])
+        self.numel = int(numel)
+        self.serial = next(_SERIAL)  # launch-table cache key (ids are reused after GC)
+        per_byte = _POPC8.to(packed.device)[packed.long()]
+        nbytes = GRANULE // 8
+        pad = (-per_byte.numel()) % nbytes
+        if pad:
+            per_byte = torch.nn.functional.pad(per_byte, (0, pad))
+        self.granules = per_byte.reshape(-1, nbytes).sum(1).to(torch.int64).cpu().numpy()
+        self.count = int(self.granules.sum())
+        self._chunks: dict = {}
+
+    def chunks(self, block: int):
+        """(starts, offsets) as int64 numpy arrays for the selecting ``block``-chunks."""
+        hit = self._chunks.get(block)
+        if hit is None:
+            import numpy as np
+
+            if block % GRANULE:
+                raise ValueError(f"block {block} is not a multiple of {GRANULE}")
+            per = block // GRANULE
+            g = self.granules
+            pad = (-len(g)) % per
+            counts = np.pad(g, (0, pad)).reshape(-1, per).sum(1)
+            before = np.cumsum(counts) - counts
+            keep = np.nonzero(counts)[0]
+            hit = self._chunks[block] = (keep.astype(np.int64) * block, before[keep])
+        return hit
+
+    def __repr__(self) -> str:
+        return f"MaskIndex(numel={self.numel}, count={self.count})"
+
+
+def sparse_chunk_table(indexes: Sequence[MaskIndex], block: int, device):
+    """The launch table of the chunks that select anything: int64 [3, C] rows (tensor index,
+    start element, selected elements before the chunk), on ``device``; and C. Cached by the
+    indexes' serials (built once per list of masks)."""
+    import numpy as np
+
+    from ._common import _CHUNK_CACHE, _lru_put
+
+    key = ("sparse", device, block, tuple(ix.serial for ix in indexes))
+    hit = _CHUNK_CACHE.get(key)
+    if hit is not None:
+        _CHUNK_CACHE.move_to_end(key)
+        return hit
+    parts = [ix.chunks(block) for ix in indexes]
+    tid = np.concatenate(
+        [np.full(len(s), i, dtype=np.int64) for i, (s, _) in enumerate(parts)] or [np.zeros(0)]
+    ).astype(np.int64)
+    start = np.concatenate([s for s, _ in parts] or [np.zeros(0)]).astype(np.int64)
+    base = np.concatenate([b for _, b in parts] or [np.zeros(0)]).astype(np.int64)
+    chunks = torch.from_numpy(np.ascontiguousarray(np.stack([tid, start, base])))
+    if torch.device(device).type != "cpu":
+        chunks = chunks.pin_memory().to(device, non_blocking=True)
+    out = (chunks, len(tid))
+    _lru_put(_CHUNK_CACHE, key, out)
+    return out

@@ -26,6 +26,7 @@ from ._common import (
     device_guard,
     group_by_dtype,
     load_ptr,
+    open_chunk,
     resolve_backend,
     tl,
     tl_dtype,
@@ -49,7 +50,7 @@ def torch_fisher_accumulate_(accs, grads, scale: float = 1.0, mode: str = "sq") 
 def cpu_fisher_accumulate_(accs, grads, scale: float = 1.0, mode: str = "sq") -> None:
     """C twin of :func:`torch_fisher_accumulate_` (kernels/_cpu.py): one call per grad dtype."""
     lib = _cpu.load()
-    for (_, gdt), idx in group_by_dtype(accs, grads).items():
+    for (_, gdt, _dev), idx in group_by_dtype(accs, grads).items():
         a = [accs[i] for i in idx]
         g = [grads[i].contiguous() for i in idx]
         numels = [t.numel() for t in a]
@@ -101,13 +102,7 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
     ):
         # table rows: 0 accumulator, 1 grad, 2 numel
-        pid = tl.program_id(0).to(tl.int64)
-        n_chunks = tl.num_programs(0).to(tl.int64)
-        tid = tl.load(chunks_ptr + pid)
-        start = tl.load(chunks_ptr + n_chunks + pid)
-        if ALIGNED:
-            start = tl.multiple_of(start, BLOCK)
-        numel = tl.load(ptrs_ptr + 2 * n_tensors + tid)
+        tid, start, numel, _ = open_chunk(ptrs_ptr, chunks_ptr, n_tensors, 2, ALIGNED, BLOCK)
         acc_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, tl.float32, ALIGNED)
         g_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, G_DTYPE, ALIGNED)
         offs = start + tl.arange(0, BLOCK)
@@ -123,7 +118,7 @@ if HAS_TRITON:
 
 def triton_fisher_accumulate_(accs, grads, scale: float = 1.0, mode: str = "sq") -> None:
     """Triton twin of :func:`torch_fisher_accumulate_`: one launch per grad dtype."""
-    for (_, gdt), idx in group_by_dtype(accs, grads).items():
+    for (_, gdt, _dev), idx in group_by_dtype(accs, grads).items():
         a = [accs[i] for i in idx]
         g = [grads[i].contiguous() for i in idx]
         ptrs, chunks, n_chunks, aligned = chunk_tables([a, g], [t.numel() for t in a], BLOCK)
@@ -257,7 +252,7 @@ def cpu_grad_sq_norm(grads) -> torch.Tensor:
     the thread count), rounded once to fp32."""
     lib = _cpu.load()
     total = 0.0
-    for (gdt,), idx in group_by_dtype(grads).items():
+    for (gdt, _dev), idx in group_by_dtype(grads).items():
         g = [grads[i].contiguous() for i in idx]
         numels = [t.numel() for t in g]
         ptrs, chunks, n_chunks, _ = chunk_tables([g], numels, _cpu.CPU_BLOCK)
@@ -288,12 +283,7 @@ if HAS_TRITON:
     ):
         # table rows: 0 grad, 1 numel
         pid = tl.program_id(0).to(tl.int64)
-        n_chunks = tl.num_programs(0).to(tl.int64)
-        tid = tl.load(chunks_ptr + pid)
-        start = tl.load(chunks_ptr + n_chunks + pid)
-        if ALIGNED:
-            start = tl.multiple_of(start, BLOCK)
-        numel = tl.load(ptrs_ptr + n_tensors + tid)
+        tid, start, numel, _ = open_chunk(ptrs_ptr, chunks_ptr, n_tensors, 1, ALIGNED, BLOCK)
         g_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, G_DTYPE, ALIGNED)
         offs = start + tl.arange(0, BLOCK)
         if start + BLOCK <= numel:
@@ -311,7 +301,7 @@ if HAS_TRITON:
 def triton_grad_sq_norm(grads) -> torch.Tensor:
     """Triton twin of :func:`torch_grad_sq_norm`: per-chunk partial sums, then one torch sum."""
     total = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-    for (gdt,), idx in group_by_dtype(grads).items():
+    for (gdt, _dev), idx in group_by_dtype(grads).items():
         g = [grads[i].contiguous() for i in idx]
         ptrs, chunks, n_chunks, aligned = chunk_tables([g], [t.numel() for t in g], BLOCK)
         if n_chunks == 0:
@@ -328,7 +318,7 @@ def triton_grad_sq_norm(grads) -> torch.Tensor:
                 BLOCK=BLOCK,
                 num_warps=NUM_WARPS,
             )
-        total += partial.sum()
+        total += partial.sum().to(total.device)  # a list spanning devices: one launch each
     return total
 
 

@@ -30,6 +30,7 @@ from ._common import (
     chunk_tables,
     device_guard,
     load_ptr,
+    open_chunk,
     resolve_backend,
     tl,
     triton,
@@ -155,12 +156,7 @@ if HAS_TRITON:
     ):  # fmt: skip
         # table rows: 0 F_forget, 1 F_preserve, 2 packed output, 3 numel
         pid = tl.program_id(0).to(tl.int64)
-        n_chunks = tl.num_programs(0).to(tl.int64)
-        tid = tl.load(chunks_ptr + pid)
-        start = tl.load(chunks_ptr + n_chunks + pid)
-        if ALIGNED:
-            start = tl.multiple_of(start, ROWS * 8)
-        numel = tl.load(ptrs_ptr + 3 * n_tensors + tid)
+        tid, start, numel, _ = open_chunk(ptrs_ptr, chunks_ptr, n_tensors, 3, ALIGNED, ROWS * 8)
         ff_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, tl.float32, ALIGNED)
         fp_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, tl.float32, ALIGNED)
         out_ptr = load_ptr(ptrs_ptr, 2, n_tensors, tid, tl.uint8, False)
@@ -293,13 +289,7 @@ if HAS_TRITON:
         BLOCK: tl.constexpr,
     ):
         # table rows: 0 F_forget, 1 F_preserve, 2 numel
-        pid = tl.program_id(0).to(tl.int64)
-        n_chunks = tl.num_programs(0).to(tl.int64)
-        tid = tl.load(chunks_ptr + pid)
-        start = tl.load(chunks_ptr + n_chunks + pid)
-        if ALIGNED:
-            start = tl.multiple_of(start, BLOCK)
-        numel = tl.load(ptrs_ptr + 2 * n_tensors + tid)
+        tid, start, numel, _ = open_chunk(ptrs_ptr, chunks_ptr, n_tensors, 2, ALIGNED, BLOCK)
         ff_ptr = load_ptr(ptrs_ptr, 0, n_tensors, tid, tl.float32, ALIGNED)
         fp_ptr = load_ptr(ptrs_ptr, 1, n_tensors, tid, tl.float32, ALIGNED)
         offs = start + tl.arange(0, BLOCK)

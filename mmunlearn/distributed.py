@@ -124,11 +124,26 @@ def full_tensor(t: torch.Tensor, like: torch.Tensor | None = None, *, to_all: bo
     return None
 
 
-def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
-    """Sum ``t`` in place across ranks (no-op in a single process); returns ``t``."""
+def all_reduce_sum_(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum ``t`` in place across the ranks of ``group`` (default: all ranks; no-op in a single
+    process); returns ``t``."""
     if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
+
+
+def shard_groups(t) -> tuple:
+    """The process groups a sum over a DTensor's local shards must be reduced over: one per
+    mesh dimension on which ``t`` is sharded (FSDP: the shard group; HSDP's 2-D mesh: the shard
+    dimension only, not the replicate one). () for a plain tensor or a replicated DTensor."""
+    if not is_dtensor(t):
+        return ()
+    mesh = t.device_mesh
+    return tuple(
+        mesh.get_group(i)
+        for i, pl in enumerate(t.placements)
+        if getattr(pl, "is_shard", None) and pl.is_shard()
+    )
 
 
 def image_token_id(model) -> int | None:

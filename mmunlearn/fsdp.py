@@ -94,13 +94,18 @@ def full_state_dict(
 # --------------------------------------------------------------------------------------------
 
 
-def _optimizer_dtensors(model, opt) -> dict[str, torch.Tensor]:
+def _optimizer_dtensors(model, opt, saved_keys=None) -> dict[str, torch.Tensor]:
     """The optimizer's moments as DTensors laid out like their parameters, keyed by canonical
-    parameter name (local tensors shared, so a DCP load fills the optimizer's state)."""
+    parameter name (``opt.state_tensors(p, dense=True)``: the live tensors, so a DCP load fills
+    the state; compacted state gives dense copies, refilled by :func:`_refill_optimizer`), and
+    its stochastic-rounding counters (``sr_counters``; on load only if the checkpoint has
+    them: ``saved_keys``)."""
     out: dict[str, torch.Tensor] = {}
+    if hasattr(opt, "sr_counters") and (saved_keys is None or "optim.sr_counters" in saved_keys):
+        out["sr_counters"] = opt.sr_counters()
     for name, p in canonical_parameters(model).items():
-        st = opt.state.get(p)
-        if not st or "exp_avg" not in st:
+        st = opt.state_tensors(p, dense=True) if hasattr(opt, "state_tensors") else {}
+        if "exp_avg" not in st:
             continue
         for key in ("exp_avg", "exp_avg_sq"):
             out[f"{name}.{key}"] = laid_out_like(st[key], p)
@@ -112,8 +117,8 @@ def _init_optimizer_state(model, opt, saved_keys) -> None:
     """Create (zero) optimizer state for the parameters that have state in the checkpoint,
     so DCP has tensors to load into."""
     for name, p in canonical_parameters(model).items():
-        if f"optim.{name}.exp_avg" in saved_keys and hasattr(opt, "_init_state"):
-            opt._init_state(p)
+        if f"optim.{name}.exp_avg" in saved_keys and hasattr(opt, "init_state"):
+            opt.init_state(p)
 
 
 def save_sharded_checkpoint(path: str, model, opt, extra: Mapping | None = None) -> str:
@@ -164,8 +169,9 @@ def load_sharded_checkpoint(path: str, model, opt) -> tuple[dict, dict | None]:
             meta = json.load(f)
         check_pickle(os.path.join(path, "dcp", ".metadata"), _dcp_allowed)
         reader = dcp.FileSystemReader(os.path.join(path, "dcp"))
-        _init_optimizer_state(model, opt, set(reader.read_metadata().state_dict_metadata))
-        state = {"model": model.state_dict(), "optim": _optimizer_dtensors(model, opt)}
+        saved = set(reader.read_metadata().state_dict_metadata)
+        _init_optimizer_state(model, opt, saved)
+        state = {"model": model.state_dict(), "optim": _optimizer_dtensors(model, opt, saved)}
         dcp.load(state, checkpoint_id=os.path.join(path, "dcp"))
     except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {e}") from e
@@ -207,19 +213,15 @@ def _dcp_allowed(module: str, name: str) -> bool:
 
 
 def _refill_optimizer(model, opt, optim_state: Mapping[str, torch.Tensor]) -> None:
-    """Copy loaded moments into the optimizer's state (DCP may have replaced the objects)."""
+    """Copy loaded moments into the optimizer's state (DCP may have replaced the objects, and
+    compacted state was loaded through dense copies)."""
+    if "sr_counters" in optim_state:
+        opt.load_sr_counters(optim_state["sr_counters"])
     for name, p in canonical_parameters(model).items():
-        st = opt.state.get(p)
-        if not st or "exp_avg" not in st:
+        if f"{name}.exp_avg" not in optim_state:
             continue
-        for key in ("exp_avg", "exp_avg_sq"):
-            t = optim_state[f"{name}.{key}"]
-            t = local(t)
-            if t.data_ptr() != st[key].data_ptr():
-                st[key].copy_(t)
-        step = optim_state[f"{name}.step"]
-        if step.data_ptr() != st["step"].data_ptr():
-            st["step"].copy_(step)
+        keys = ("exp_avg", "exp_avg_sq", "step")
+        opt.load_state_tensors(p, {k: local(optim_state[f"{name}.{k}"]) for k in keys})
 
 
 __all__ = [

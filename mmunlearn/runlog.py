@@ -11,7 +11,6 @@ import torch
 
 from mmunlearn.distributed import all_reduce_sum_, is_rank0, local, world_size
 from mmunlearn.kernels import grad_sq_norm
-from mmunlearn.saliency import popcount
 
 LOG = "log.jsonl"
 
@@ -62,12 +61,7 @@ def grad_norm(params) -> float:
 def mask_fraction(opt) -> float | None:
     """Selected elements over all elements of the masked parameters, over all ranks (None
     without masks)."""
-    t = torch.zeros(2, dtype=torch.float64)
-    for g in opt.param_groups:
-        for p in g["params"]:
-            m = opt.state.get(p, {}).get("mask")
-            if m is not None:
-                t += torch.tensor([popcount(m), local(p).numel()], dtype=torch.float64)
+    t = torch.tensor(opt.mask_counts(), dtype=torch.float64)
     if world_size() > 1:
         dev = next(local(p).device for g in opt.param_groups for p in g["params"])
         t = all_reduce_sum_(t.to(dev)).cpu()

@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("fisher", ["mmunlearn.fisher"]),
     ("saliency", ["mmunlearn.saliency"]),
     ("masks", ["mmunlearn.masks"]),
-    ("optimizer", ["mmunlearn.optim"]),
+    ("optimizer", ["mmunlearn.optim_base", "mmunlearn.optim"]),
     ("methods", ["mmunlearn.methods"]),
     ("run config", ["mmunlearn.config"]),
     ("fsdp", ["mmunlearn.fsdp"]),

@@ -269,10 +269,10 @@ def test_masked_adamw_matches_twin(spec, pdt, gdt, with_mask):
     tri = ([p.clone() for p in params], [x.clone() for x in m], [x.clone() for x in v])
     for step in (1, 2, 3):
         K.masked_adamw_(
-            *ref[:1], grads, *ref[1:], masks, step=step, grad_scale=scale, backend="torch", **HP
+            *ref[:1], grads, *ref[1:], masks, step=step, grad_mul=scale, backend="torch", **HP
         )
         K.masked_adamw_(
-            *tri[:1], grads, *tri[1:], masks, step=step, grad_scale=scale, backend="triton", **HP
+            *tri[:1], grads, *tri[1:], masks, step=step, grad_mul=scale, backend="triton", **HP
         )
     for i in range(len(shapes)):
         assert_close_verbose(tri[0][i], ref[0][i], name=f"param[{i}]", **_param_tol(pdt))
@@ -316,7 +316,7 @@ def test_masked_adamw_leaves_masked_out_bytes_untouched(backend, pdt):
             masks,
             step=step,
             backend=backend,
-            grad_scale=torch.tensor(0.5, device=DEVICE),
+            grad_mul=torch.tensor(0.5, device=DEVICE),
             **{**HP, "lr": 0.1},
         )
     for i, d in enumerate(dense):
@@ -395,7 +395,7 @@ def test_masked_adamw_maximize_and_scale(backend):
         step=1,
         maximize=True,
         backend=backend,
-        grad_scale=torch.tensor(0.25, device=DEVICE),
+        grad_mul=torch.tensor(0.25, device=DEVICE),
         **HP,
     )
     K.masked_adamw_([b], [-0.25 * g], [mb], [vb], None, step=1, backend=backend, **HP)
@@ -426,7 +426,7 @@ def test_masked_sgd_matches_twin_and_freezes(spec, pdt):
     ref, tri = [p.clone() for p in params], [p.clone() for p in params]
     for _ in range(3):
         grads = [torch.randn(s, device=DEVICE) for s in shapes]
-        kw = dict(lr=0.05, weight_decay=0.01, grad_scale=torch.tensor(0.5, device=DEVICE))
+        kw = dict(lr=0.05, weight_decay=0.01, grad_mul=torch.tensor(0.5, device=DEVICE))
         K.masked_sgd_(ref, grads, masks, backend="torch", **kw)
         K.masked_sgd_(tri, grads, masks, backend="triton", **kw)
     for i in range(len(shapes)):
@@ -540,7 +540,7 @@ def test_found_inf_turns_steps_into_no_ops(backend):
     for flag in (torch.tensor(1.0), torch.tensor(True), torch.tensor([float("nan")])):
         flag = flag.to(DEVICE)
         K.masked_adamw_(params, grads, m, v, masks, step=1, found_inf=flag, backend=backend,
-                        grad_scale=torch.tensor(0.5, device=DEVICE), **HP)  # fmt: skip
+                        grad_mul=torch.tensor(0.5, device=DEVICE), **HP)  # fmt: skip
         K.masked_sgd_(params, grads, None, lr=0.1, found_inf=flag, backend=backend)
     for now, was in zip((params, m, v), start):
         assert all(torch.equal(_bits(a), _bits(b)) for a, b in zip(now, was))

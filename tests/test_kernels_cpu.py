@@ -62,7 +62,7 @@ def test_masked_adamw_matches_twin(pdt, gdt, with_mask):
         p, mm, vv = [x.clone() for x in params], [x.clone() for x in m], [x.clone() for x in v]
         for step in (1, 2, 3):
             K.masked_adamw_(
-                p, grads, mm, vv, masks, step=step, grad_scale=torch.tensor(0.7),
+                p, grads, mm, vv, masks, step=step, grad_mul=torch.tensor(0.7),
                 maximize=step == 2, backend=be, **HP,
             )  # fmt: skip
         out[be] = (p, mm, vv)
@@ -86,7 +86,7 @@ def test_masked_sgd_matches_twin_same_grads(pdt):
         p = [x.clone() for x in params]
         for g in grads:
             K.masked_sgd_(p, g, masks, lr=0.05, weight_decay=0.01, maximize=True,
-                          grad_scale=torch.tensor(0.5), backend=be)  # fmt: skip
+                          grad_mul=torch.tensor(0.5), backend=be)  # fmt: skip
         out[be] = p
     for i, (a, b) in enumerate(zip(out["cpu"], out["torch"])):
         assert _equal_bits(a, b), f"param[{i}]"
@@ -186,7 +186,7 @@ def test_masked_out_bytes_untouched(pdt):
         for g, d in zip(grads, dense):
             g[~d] = float("inf") if step % 2 else float("nan")
         K.masked_adamw_(params, grads, m, v, masks, step=step, backend="cpu",
-                        grad_scale=torch.tensor(0.5), **{**HP, "lr": 0.1})  # fmt: skip
+                        grad_mul=torch.tensor(0.5), **{**HP, "lr": 0.1})  # fmt: skip
     for name, now, was in zip(("param", "exp_avg", "exp_avg_sq"), (params, m, v), start):
         for i, d in enumerate(dense):
             assert torch.equal(_bits(now[i])[~d], _bits(was[i])[~d]), f"{name}[{i}] changed"
@@ -284,3 +284,17 @@ def test_cache_dir_falls_back_to_a_private_temp_dir(monkeypatch, tmp_path):
     assert (_cpu.os.stat(d).st_mode & 0o777) == 0o700
     monkeypatch.setenv("MMUNLEARN_CACHE_DIR", str(tmp_path / "explicit"))
     assert _cpu.cache_dir() == str(tmp_path / "explicit")
+
+
+def test_c_source_is_package_data_without_float16():
+    """kernels/mmu_cpu.c ships as package data (a non-editable install builds from it) and
+    uses no ``_Float16`` (gcc < 12 lacks it on x86)."""
+    import os
+    import re
+
+    code = re.sub(r"/\*.*?\*/", "", _cpu.source(), flags=re.S)  # comments may name it
+    assert "mmu_adamw" in code and "_Float16" not in code
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml")) as f:
+        assert '"mmunlearn.kernels" = ["mmu_cpu.c"]' in f.read()
+    assert os.path.basename(_cpu._SOURCE_PATH) == "mmu_cpu.c"
