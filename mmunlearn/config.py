@@ -68,6 +68,14 @@ class RunConfig:
     retain_max_grad_norm: float | str | None = _f(
         "same", "optimizer", "clip of retain steps: a number, none, or same (as --max-grad-norm)"
     )
+    state_dtype: str = _f("fp32", "optimizer", "Adam moments' dtype: fp32, or bf16 written "
+                          "with stochastic rounding (half the optimizer memory)",
+                          choices=("fp32", "bf16"))  # fmt: skip
+    param_sr: bool | None = _f(None, "optimizer", "write bf16 parameters with stochastic "
+                               "rounding, so updates below half an ulp are not lost "
+                               "(default: on with bf16 state)")  # fmt: skip
+    compact_state: bool = _f(False, "optimizer", "keep moments only for the masked elements "
+                             "(only for runs where every step is masked)")  # fmt: skip
     backend: str = _f("auto", "system", "kernel backend (auto: Triton on CUDA, the C kernels "
                       "on the CPU; torch: the PyTorch twins)",
                       choices=("auto", "torch", "triton", "cpu"), identity=False)  # fmt: skip

@@ -145,7 +145,12 @@ def _prepare_model(model, method: Method, masks, ref_model, cfg: RunConfig):
     return ref_model
 
 
-def _optimizer(model, cfg: RunConfig, masks) -> MaskedAdamW:
+def _optimizer(model, method: Method, cfg: RunConfig, masks) -> MaskedAdamW:
+    if cfg.compact_state and (method.has_retain or not method.uses_mask):
+        raise ValueError(
+            f"compact_state keeps moments for masked elements only, but method {method.name} "
+            "takes unmasked steps (retain steps, or no mask); use it where every step is masked"
+        )
     opt = MaskedAdamW(
         [p for p in model.parameters() if p.requires_grad],
         lr=cfg.lr,
@@ -155,6 +160,10 @@ def _optimizer(model, cfg: RunConfig, masks) -> MaskedAdamW:
         unmasked=cfg.unmasked,
         clip_order=cfg.clip_order,
         backend=cfg.backend,
+        state_dtype=torch.bfloat16 if cfg.state_dtype == "bf16" else torch.float32,
+        param_sr=cfg.param_sr,
+        compact_state=cfg.compact_state,
+        seed=cfg.seed,
     )
     if masks:
         opt.set_masks(masks)
@@ -241,7 +250,7 @@ def unlearn(
     cfg = config or RunConfig()
     method = cfg.method_for(method) if isinstance(method, str) else method
     ref_model = _prepare_model(model, method, masks, ref_model, cfg)
-    opt = _optimizer(model, cfg, masks)
+    opt = _optimizer(model, method, cfg, masks)
     plan, ends = _plan(method, forget, retain, cfg)
     sched = _scheduler(opt, cfg, len(plan))
     ckpts = None

@@ -245,7 +245,7 @@ def _option_kwargs(f) -> dict:
     meta, t = f.metadata, str(f.type)
     default = "same" if f.default == "same" else f.default
     kw = {"default": None, "help": f"{meta['help']} (default: {default})"}
-    if t == "bool":
+    if t.startswith("bool"):
         kw.update(nargs="?", const=True, type=boolean, metavar="BOOL")
     elif "float" in t or "int" in t:
         kind = float if "float" in t else int
