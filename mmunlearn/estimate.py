@@ -6,7 +6,8 @@ download); the rest is arithmetic, stated per term so it can be checked:
 
 - weights / grads: ``P·b / N`` (FSDP2 shards both; ``b`` = bytes of the parameter dtype), plus
   the largest block all-gathered in full (×2: current + prefetched) during forward/backward;
-- AdamW moments: ``2·4·P / N`` (fp32, whatever the parameter dtype); mask ``P / 8 / N``;
+- AdamW moments: ``2·4·P / N`` (fp32 state, whatever the parameter dtype), ``2·2·P / N`` (bf16
+  state), times the selected fraction with compacted state; mask ``P / 8 / N``;
 - Fisher (saliency phase): two fp32 accumulators (forget, preserve) ``2·4·P / N``;
 - reference model (KL_Min, NPO): ``P·b / N`` frozen weights;
 - activations: see below (:func:`activation_terms`); not sharded (per-rank batch).
@@ -290,6 +291,8 @@ def estimate(
     attn: str | None = None,
     images_per_sample: int = 1,
     fisher_offload: bool = False,
+    state_dtype: str = "fp32",
+    compact_fraction: float | None = None,
 ) -> list[Estimate]:
     """Per-rank byte estimates for the saliency and unlearning phases.
 
@@ -297,7 +300,10 @@ def estimate(
     attention implementation when one was set explicitly, else ``"sdpa"``.
     ``images_per_sample``: images per sequence for multimodal configs (their tokens are part of
     ``seq``). ``fisher_offload``: finished Fishers move to the CPU (``build_masks(offload=True)``),
-    so one set of fp32 accumulators is on the device at a time.
+    so one set of fp32 accumulators is on the device at a time. ``state_dtype``: the AdamW
+    moments' dtype (``"fp32"``, or ``"bf16"`` with stochastic rounding: half the bytes);
+    ``compact_fraction``: moments kept only for this fraction of the elements
+    (``MaskedAdamW(compact_state=True)`` with a mask selecting it).
     """
     b = _DTYPE_BYTES[dtype]
     P, block = count_parameters(cfg)
@@ -316,7 +322,12 @@ def estimate(
     else:
         fisher = {"fisher accumulators (2 × fp32)": 8 * P / N}
     sal = Estimate("saliency", {**common, **fisher})
-    unl_terms = {**common, "AdamW moments (fp32)": 8 * P / N, "mask (1 bit)": P / 8 / N}
+    per = 8 if state_dtype == "fp32" else 4
+    label = f"AdamW moments ({state_dtype})"
+    if compact_fraction is not None:
+        per *= compact_fraction
+        label = f"AdamW moments ({state_dtype}, compacted to {100 * compact_fraction:g} %)"
+    unl_terms = {**common, label: per * P / N, "mask (1 bit)": P / 8 / N}
     if method in ("kl_min", "npo"):
         unl_terms["reference model (frozen)"] = P * b / N
         unl_terms["reference logits (fp32)"] = 4 * batch * seq * V

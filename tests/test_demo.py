@@ -149,3 +149,19 @@ def test_demo_cli_world_choice(tmp_path):
     assert data["world"] == "linked" and "mmunlearner" in data["matched"]
     rc = main(["demo", "--world", "linked", "--no-reference", "--out", str(tmp_path / "x")])
     assert rc == 2 and not (tmp_path / "x").exists()
+
+
+def test_demo_with_bf16_optimizer_state(tmp_path):
+    """`mmunlearn demo --state-dtype bf16` unlearns with bf16 moments (stochastic rounding); the
+    run config saved in results.json says so."""
+    from mmunlearn.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        argv = ["demo", "--fast", "--state-dtype", "bf16", "--threads", "1"]
+        assert main([*argv, "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["config"]["unlearn"]["state_dtype"] == "bf16"
+    assert {"ga", "mmunlearner"} <= set(data["methods"])

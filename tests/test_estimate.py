@@ -251,3 +251,35 @@ def test_textbook_formula_misses_what_the_estimate_gets():
     assert abs(activation_held(terms) / got["held"] - 1) <= TOL
     print(f"textbook {textbook:.0f}, estimate {activation_held(terms)}, measured {got['held']}")
     assert abs(textbook / got["held"] - 1) > 2 * TOL
+
+
+@pytest.mark.parametrize(
+    "state_dtype, compact", [("fp32", False), ("bf16", False), ("fp32", True), ("bf16", True)]
+)
+def test_moment_bytes_match_a_real_optimizer(state_dtype, compact):
+    """The estimate's moment term against the bytes MaskedAdamW really allocates on a LLaVA of
+    the scaled config (fp32 / bf16 state, dense / compacted at the mask's fraction): within 1 %
+    (the compacted state rounds its per-chunk offsets, a few bytes per tensor)."""
+    from mmunlearn.optim import MaskedAdamW
+
+    cfg = _cfg()
+    model = LlavaForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(SEED)
+    masks = {p: torch.rand(p.shape, generator=g) < 0.05 for p in model.parameters()}
+    sd = torch.bfloat16 if state_dtype == "bf16" else torch.float32
+    opt = MaskedAdamW(model.parameters(), lr=1e-3, state_dtype=sd, compact_state=compact)
+    opt.set_masks(masks)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g)
+    opt.step(masked=True)
+    measured = sum(
+        t.numel() * t.element_size()
+        for p in model.parameters()
+        for k, t in opt.state_tensors(p).items()
+        if k in ("exp_avg", "exp_avg_sq")
+    )
+    frac = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    est = {e.phase: e for e in estimate(cfg, 1, state_dtype=state_dtype,
+                                        compact_fraction=frac if compact else None)}  # fmt: skip
+    term = next(v for k, v in est["unlearning"].terms.items() if k.startswith("AdamW moments"))
+    assert measured == pytest.approx(term, rel=0.01), (measured, term)

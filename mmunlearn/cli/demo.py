@@ -78,6 +78,12 @@ def register(sub):
         help="linked (the default) or basic (the default under torchrun, where the linked "
         "world cannot run, and with --fast, where its gates cannot pass)",
     )
+    d.add_argument(
+        "--state-dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="the unlearning optimizer's moments: fp32, or bf16 with stochastic rounding",
+    )
     add_fast(
         d,
         " (6 people, few steps; the basic world unless --world linked, whose gates are then "
@@ -109,6 +115,10 @@ def run(args) -> int:
         kw["threads"] = args.threads or None
     elif distributed:
         kw["threads"] = None  # torchrun's OMP_NUM_THREADS (1 per rank unless set)
+    if args.state_dtype != "fp32":
+        from dataclasses import replace
+
+        kw["unlearn"] = replace(TinyRunConfig().unlearn, state_dtype=args.state_dtype)
     if args.fast:
         kw.update(FAST)
     # --fast is a plumbing smoke run: the linked world cannot pass its gates in seconds, so

@@ -34,6 +34,19 @@ def register(sub):
         help="the saliency pass keeps finished Fishers on the CPU (saliency --fisher-offload)",
     )
     e.add_argument(
+        "--state-dtype",
+        default="fp32",
+        choices=["fp32", "bf16"],
+        help="AdamW moments' dtype (unlearn --state-dtype; bf16: half the optimizer memory)",
+    )
+    e.add_argument(
+        "--compact-state",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="moments only for this selected fraction (MaskedAdamW(compact_state=True))",
+    )
+    e.add_argument(
         "--gpu-memory",
         type=float,
         default=None,
@@ -58,6 +71,8 @@ def run_estimate(args) -> int:
 
     if not args.model:
         raise UsageError("give --model (a checkpoint folder, config.json or cached Hub id)")
+    if args.compact_state is not None and not 0.0 < args.compact_state <= 1.0:
+        raise UsageError(f"--compact-state {args.compact_state}: a fraction in (0, 1]")
     cfg = est.load_config(args.model)
     dtype = "bf16" if args.dtype == "auto" else args.dtype
     ests = est.estimate(
@@ -71,6 +86,8 @@ def run_estimate(args) -> int:
         attn=args.attn,
         images_per_sample=args.images,
         fisher_offload=args.fisher_offload,
+        state_dtype=args.state_dtype,
+        compact_fraction=args.compact_state,
     )
     params, _ = est.count_parameters(cfg)
     print(est.format_report(ests, params, args.world_size))
@@ -79,6 +96,8 @@ def run_estimate(args) -> int:
         hints = [] if args.gradient_checkpointing else ["--gradient-checkpointing"]
         if not args.fisher_offload and args.world_size == 1:
             hints.append("--fisher-offload (saliency)")
+        if args.state_dtype == "fp32":
+            hints.append("--state-dtype bf16 (unlearning)")
         hints += ["a smaller --batch-size", "more ranks under torchrun (--world-size)"]
         for e in ests:
             ok = e.total <= args.gpu_memory * gib
