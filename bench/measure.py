@@ -49,14 +49,32 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# bytes written between timed CUDA calls so that no operand is still in L2 (H100/H200: 50 /
+# 60 MB of L2; 256 MB covers both with room): a timed call then reads from HBM, as a step of a
+# real run whose working set is GBs does
+L2_FLUSH_BYTES = 256 << 20
+_flush_buf: dict = {}
+
+
+def flush_l2(device: torch.device) -> None:
+    """Evict the L2 cache of ``device`` (a CUDA device) by writing a buffer larger than it."""
+    buf = _flush_buf.get(device)
+    if buf is None:
+        buf = _flush_buf[device] = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    buf.zero_()
+
+
 def time_fn(fn, device: torch.device, reps: int, warmup: int = 1) -> tuple[float, list[float]]:
-    """Median seconds per call of ``fn`` over ``reps`` calls (after ``warmup`` calls)."""
+    """Median seconds per call of ``fn`` over ``reps`` calls (after ``warmup`` calls). On CUDA
+    each call is timed with CUDA events after an L2 flush (:func:`flush_l2`), outside the
+    timed interval."""
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(reps):
         if device.type == "cuda":
+            flush_l2(device)
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
