@@ -89,79 +89,98 @@ def read_clear(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     rng = random.Random(seed)
-    if mode == "text":
-        required, optional = ["question", "answer"], ["image", "name"]
-    elif mode == "caption":
-        required = ["image", "caption"]
-        optional = ["name", "question", "answer", "paraphrased_caption", "perturbed_captions"]
-    else:
-        required, optional = ["image", "name"], ["question", "answer", "perturbed_names"]
+    required, optional = _clear_columns(mode)
     out: list[Sample] = []
     for f, row, rec in iter_rows(path, required, optional):
-        entity = str(rec["name"]) if rec.get("name") is not None else ""
-        meta = {"mode": mode, "source": str(f), "row": row}
-        has_image = rec.get("image") is not None
-        question = rec.get("question")
-        if mode == "text":
-            if has_image:
-                continue
-            q, a = _text(rec, f, row, "question"), _text(rec, f, row, "answer")
-            out.append(Sample(q, a, image=None, entity=entity, kind="text", meta=meta))
-            continue
-        if question is not None and str(question).strip():
-            if include_text:
-                img = decode_image(rec["image"], f, row, "image") if has_image else None
-                out.append(
-                    Sample(
-                        str(question),
-                        _text(rec, f, row, "answer"),
-                        image=img,
-                        entity=entity,
-                        kind="vqa" if has_image else "text",
-                        meta={**meta, "mode": "qa" if has_image else "text"},
-                    )
-                )
-            continue
-        if not has_image:
-            raise DataFormatError(f, row, "image", "null, and the row has no question")
-        img = decode_image(rec["image"], f, row, "image")
-        if mode == "recognition":
-            extra = {}
-            if rec.get("perturbed_names") is not None:
-                extra["perturbed_names"] = [str(x) for x in rec["perturbed_names"]]
-            name = _text(rec, f, row, "name")
-            out.append(
-                Sample(
-                    RECOGNITION_PROMPT,
-                    name,
-                    image=img,
-                    entity=entity,
-                    kind="vqa",
-                    meta={**meta, **extra},
-                )
-            )
-            continue
-        caps = rec.get("caption")
-        caps = caps if isinstance(caps, list) else [_text(rec, f, row, "caption")]
-        if not caps or any(c is None or not str(c).strip() for c in caps):
-            raise DataFormatError(f, row, "caption", "empty or null caption")
-        extra = {}
-        if rec.get("paraphrased_caption") is not None:
-            extra["paraphrased_caption"] = str(rec["paraphrased_caption"])
-        if rec.get("perturbed_captions") is not None:
-            extra["perturbed_captions"] = [str(x) for x in rec["perturbed_captions"]]
-        for c in caps:
-            out.append(
-                Sample(
-                    rng.choice(CAPTION_PROMPTS),
-                    str(c),
-                    image=img,
-                    entity=entity,
-                    kind="vqa",
-                    meta={**meta, **extra},
-                )
-            )
+        out += _clear_row(rng, mode, include_text, f, row, rec)
     return out
+
+
+def _clear_columns(mode: str) -> tuple[list[str], list[str]]:
+    """The (required, optional) columns :func:`read_clear` reads in ``mode``."""
+    if mode == "text":
+        return ["question", "answer"], ["image", "name"]
+    if mode == "caption":
+        optional = ["name", "question", "answer", "paraphrased_caption", "perturbed_captions"]
+        return ["image", "caption"], optional
+    return ["image", "name"], ["question", "answer", "perturbed_names"]
+
+
+def _clear_row(
+    rng: random.Random, mode: str, include_text: bool, f, row: int, rec: dict
+) -> list[Sample]:
+    """The samples of one CLEAR row in ``mode`` (none, one, or one per caption), as
+    :func:`read_clear` describes; caption prompts are drawn from ``rng``."""
+    entity = str(rec["name"]) if rec.get("name") is not None else ""
+    meta = {"mode": mode, "source": str(f), "row": row}
+    has_image = rec.get("image") is not None
+    question = rec.get("question")
+    if mode == "text":
+        if has_image:
+            return []
+        q, a = _text(rec, f, row, "question"), _text(rec, f, row, "answer")
+        return [Sample(q, a, image=None, entity=entity, kind="text", meta=meta)]
+    if question is not None and str(question).strip():
+        return [_clear_qa(rec, f, row, entity, meta)] if include_text else []
+    if not has_image:
+        raise DataFormatError(f, row, "image", "null, and the row has no question")
+    img = decode_image(rec["image"], f, row, "image")
+    if mode == "recognition":
+        return [_clear_recognition(rec, f, row, img, entity, meta)]
+    return _clear_captions(rng, rec, f, row, img, entity, meta)
+
+
+def _clear_qa(rec: dict, f, row: int, entity: str, meta: dict) -> Sample:
+    """A row with a ``question`` as a question/answer item (``"qa"`` with its image, ``"text"``
+    without)."""
+    has_image = rec.get("image") is not None
+    img = decode_image(rec["image"], f, row, "image") if has_image else None
+    return Sample(
+        str(rec.get("question")),
+        _text(rec, f, row, "answer"),
+        image=img,
+        entity=entity,
+        kind="vqa" if has_image else "text",
+        meta={**meta, "mode": "qa" if has_image else "text"},
+    )
+
+
+def _clear_recognition(rec: dict, f, row: int, img, entity: str, meta: dict) -> Sample:
+    """An image row as (:data:`RECOGNITION_PROMPT`, ``name``), with ``perturbed_names``."""
+    extra = {}
+    if rec.get("perturbed_names") is not None:
+        extra["perturbed_names"] = [str(x) for x in rec["perturbed_names"]]
+    name = _text(rec, f, row, "name")
+    return Sample(
+        RECOGNITION_PROMPT, name, image=img, entity=entity, kind="vqa", meta={**meta, **extra}
+    )
+
+
+def _clear_captions(
+    rng: random.Random, rec: dict, f, row: int, img, entity: str, meta: dict
+) -> list[Sample]:
+    """An image row as one (seeded prompt, caption) item per caption, with
+    ``paraphrased_caption`` / ``perturbed_captions``."""
+    caps = rec.get("caption")
+    caps = caps if isinstance(caps, list) else [_text(rec, f, row, "caption")]
+    if not caps or any(c is None or not str(c).strip() for c in caps):
+        raise DataFormatError(f, row, "caption", "empty or null caption")
+    extra = {}
+    if rec.get("paraphrased_caption") is not None:
+        extra["paraphrased_caption"] = str(rec["paraphrased_caption"])
+    if rec.get("perturbed_captions") is not None:
+        extra["perturbed_captions"] = [str(x) for x in rec["perturbed_captions"]]
+    return [
+        Sample(
+            rng.choice(CAPTION_PROMPTS),
+            str(c),
+            image=img,
+            entity=entity,
+            kind="vqa",
+            meta={**meta, **extra},
+        )
+        for c in caps
+    ]
 
 
 def _mcq_meta(rng: random.Random, truth: str, wrong: list[str], f, row: int, col: str) -> dict:

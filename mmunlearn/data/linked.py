@@ -235,6 +235,48 @@ def make_linked_world(
     if image_size < 8 or max_shift < 0:
         raise ValueError("image_size must be >= 8 and max_shift >= 0")
     attrs = {a: tuple(ATTRIBUTES[a]) for a in (*IMAGE_ATTRIBUTES, *LINK_ATTRIBUTES)}
+    config = dict(
+        n_people=n_people,
+        forget_ratio=forget_ratio,
+        seed=seed,
+        image_size=image_size,
+        n_train_images=n_train_images,
+        n_test_images=n_test_images,
+        max_shift=max_shift,
+        brightness=brightness,
+        noise=noise,
+    )
+    people = _linked_people(attrs, **config)
+    text, identity, grounding = _linked_items(people, attrs)
+    swap = _swap_partners(people, seed, n_test_images)
+    return LinkedWorld(
+        config=config,
+        people=people,
+        attributes=attrs,
+        image_attributes=IMAGE_ATTRIBUTES,
+        link_attributes=LINK_ATTRIBUTES,
+        text=text,
+        identity=identity,
+        grounding=grounding,
+        swap_partner=swap,
+    )
+
+
+def _linked_people(
+    attrs: dict[str, tuple[str, ...]],
+    *,
+    n_people: int,
+    forget_ratio: float,
+    seed: int,
+    image_size: int,
+    n_train_images: int,
+    n_test_images: int,
+    max_shift: int,
+    brightness: float,
+    noise: float,
+) -> list[Person]:
+    """The seeded people of :func:`make_linked_world` (its arguments; values drawn from
+    ``attrs``): names, attribute values, forget/retain split, training and held-out pictures."""
     names = _names(seeded_rng(seed, _S_NAMES), n_people)
     arng = seeded_rng(seed, _S_ATTRS)
     values = [{a: v[int(arng.integers(len(v)))] for a, v in attrs.items()} for _ in names]
@@ -263,7 +305,15 @@ def make_linked_world(
         people.append(
             Person(i, name, values[i], split, look, pics(0, n_train_images), pics(1, n_test_images))
         )
+    return people
 
+
+def _linked_items(
+    people: list[Person], attrs: dict[str, tuple[str, ...]]
+) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """The three training pools ``(text, identity, grounding)``, person by person: every
+    by-name paraphrase of every attribute, and per training picture its identity item and one
+    grounding item per image attribute."""
     text, identity, grounding = [], [], []
     for p in people:
         for a in attrs:
@@ -280,9 +330,12 @@ def make_linked_world(
             for a in IMAGE_ATTRIBUTES:
                 ans = grounded_answer(p.name, a, p.attributes[a])
                 grounding.append(_sample(p, picture_question(a), ans, img, a, "grounding", view))
+    return text, identity, grounding
 
-    # the swap probe: for every (person, link attribute, held-out picture k) another person of
-    # the same split with another value of that attribute (None when nobody differs)
+
+def _swap_partners(people: list[Person], seed: int, n_test_images: int) -> dict:
+    """The swap probe: for every (person, link attribute, held-out picture k) another person of
+    the same split with another value of that attribute (None when nobody differs)."""
     srng = seeded_rng(seed, _S_SWAP)
     swap = {}
     for p in people:
@@ -294,29 +347,7 @@ def make_linked_world(
                 swap[(p.name, a, k)] = (
                     others[int(srng.integers(len(others)))].name if others else None
                 )
-
-    config = dict(
-        n_people=n_people,
-        forget_ratio=forget_ratio,
-        seed=seed,
-        image_size=image_size,
-        n_train_images=n_train_images,
-        n_test_images=n_test_images,
-        max_shift=max_shift,
-        brightness=brightness,
-        noise=noise,
-    )
-    return LinkedWorld(
-        config=config,
-        people=people,
-        attributes=attrs,
-        image_attributes=IMAGE_ATTRIBUTES,
-        link_attributes=LINK_ATTRIBUTES,
-        text=text,
-        identity=identity,
-        grounding=grounding,
-        swap_partner=swap,
-    )
+    return swap
 
 
 __all__ = [

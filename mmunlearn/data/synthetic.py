@@ -66,35 +66,9 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
 TEXT_ONLY_ATTRIBUTES: tuple[str, ...] = ("pet",)
 NAME = "name"  # the pseudo-attribute of recognition items
 
-SYLLABLES = (
-    "ka",
-    "lo",
-    "mi",
-    "ra",
-    "ten",
-    "vo",
-    "sa",
-    "ri",
-    "bel",
-    "dor",
-    "fen",
-    "gal",
-    "ha",
-    "jun",
-    "ko",
-    "lin",
-    "mar",
-    "nel",
-    "or",
-    "pi",
-    "quen",
-    "sol",
-    "tav",
-    "ul",
-    "ve",
-    "wyn",
-    "za",
-    "yor",
+SYLLABLES = tuple(
+    "ka lo mi ra ten vo sa ri bel dor fen gal ha jun ko lin mar nel or pi "
+    "quen sol tav ul ve wyn za yor".split()
 )
 
 RECOGNITION_QUESTION = "Who is the person in the image?"
@@ -320,11 +294,60 @@ def make_benchmark(
     """
     attrs = {k: tuple(v) for k, v in (attributes or ATTRIBUTES).items()}
     text_only = tuple(text_only_attributes)
+    config = dict(
+        n_people=n_people,
+        forget_ratio=forget_ratio,
+        seed=seed,
+        image_size=image_size,
+        n_train_images=n_train_images,
+        n_test_images=n_test_images,
+        text_only_attributes=list(text_only),
+        n_options=n_options,
+        text_repeats=text_repeats,  # replaced by the number of repeats used, below
+        max_shift=max_shift,
+        brightness=brightness,
+        noise=noise,
+    )
+    _check_benchmark_args(attrs, **config)
+    image_attrs = tuple(a for a in attrs if a not in text_only)
+    people = _benchmark_people(attrs, **config)
+    L = _benchmark_items(people, attrs, image_attrs, text_only, seed, n_options)
+
+    n_vqa = n_train_images * (len(image_attrs) + 1)  # the image attributes + recognition
+    reps = text_repeats if text_repeats is not None else max(1, math.ceil(n_vqa / len(attrs)))
+    config["text_repeats"] = reps
+    train = L["forget_vqa"] + L["retain_vqa"] + (L["forget_text"] + L["retain_text"]) * reps
+    return SyntheticBenchmark(
+        config=config,
+        people=people,
+        attributes=attrs,
+        image_attributes=image_attrs,
+        text_only_attributes=text_only,
+        train=train,
+        **L,
+    )
+
+
+def _check_benchmark_args(
+    attrs: dict[str, tuple[str, ...]],
+    *,
+    text_only_attributes: list[str],
+    n_people: int,
+    forget_ratio: float,
+    n_train_images: int,
+    n_test_images: int,
+    image_size: int,
+    n_options: int,
+    max_shift: int,
+    text_repeats: int | None,
+    **_,
+) -> None:
+    """Raise ``ValueError`` for the first invalid argument of :func:`make_benchmark` (its
+    arguments, as in its ``config``)."""
     if NAME in attrs:
         raise ValueError(f"'{NAME}' is reserved for recognition items")
-    if unknown := [a for a in text_only if a not in attrs]:
+    if unknown := [a for a in text_only_attributes if a not in attrs]:
         raise ValueError(f"text_only_attributes {unknown} are not attributes {list(attrs)}")
-    image_attrs = tuple(a for a in attrs if a not in text_only)
     if n_people < 2:
         raise ValueError("n_people must be at least 2 (one forget and one retain person)")
     if not 0.0 < forget_ratio < 1.0:
@@ -343,6 +366,24 @@ def make_benchmark(
     if text_repeats is not None and text_repeats < 1:
         raise ValueError("text_repeats must be >= 1")
 
+
+def _benchmark_people(
+    attrs: dict[str, tuple[str, ...]],
+    *,
+    n_people: int,
+    forget_ratio: float,
+    seed: int,
+    image_size: int,
+    n_train_images: int,
+    n_test_images: int,
+    max_shift: int,
+    brightness: float,
+    noise: float,
+    **_,
+) -> list[Person]:
+    """The seeded people of :func:`make_benchmark` (its arguments, as in its ``config``;
+    values drawn from ``attrs``): names, attribute values, forget/retain split, training and
+    held-out pictures."""
     names = _names(seeded_rng(seed, _S_NAMES), n_people)
     arng = seeded_rng(seed, _S_ATTRS)
     values = [
@@ -369,70 +410,87 @@ def make_benchmark(
         ]
         split = "forget" if i in forget_idx else "retain"
         people.append(Person(i, name, values[i], split, look, train, test))
+    return people
 
-    lists = "vqa text vqa_test mcq mcq_test cloze cloze_test link link_mcq link_cloze".split()
-    L: dict[str, list[Sample]] = {f"{g}_{k}": [] for g in ("forget", "retain") for k in lists}
 
+# the item lists of each group ("forget_vqa", ..., "retain_link_cloze")
+_ITEM_LISTS = "vqa text vqa_test mcq mcq_test cloze cloze_test link link_mcq link_cloze".split()
+
+
+def _benchmark_items(
+    people: list[Person],
+    attrs: dict[str, tuple[str, ...]],
+    image_attrs: tuple[str, ...],
+    text_only: tuple[str, ...],
+    seed: int,
+    n_options: int,
+) -> dict[str, list[Sample]]:
+    """Every item list of the benchmark (``{group}_{list}`` for the groups "forget" and
+    "retain" and :data:`_ITEM_LISTS`), person by person; the MCQ options and the pictures of
+    the MCQ / cloze items come from one seeded stream, drawn in person order."""
+    L: dict[str, list[Sample]] = {f"{g}_{k}": [] for g in ("forget", "retain") for k in _ITEM_LISTS}
     irng = seeded_rng(seed, _S_ITEMS)
     mcq = partial(_mcq, irng, n_options=n_options)
-    recog = (*image_attrs, NAME)
-    pools = {**attrs, NAME: names}
+    pools = {**attrs, NAME: [p.name for p in people]}
     for p in people:
-        facts = {**p.attributes, NAME: p.name}
-        item = partial(_item, p)
-        out = {k: L[f"{p.split}_{k}"] for k in lists}
-        for k, img in enumerate(p.train_images):
-            out["vqa"] += [item(vqa_question(a), facts[a], img, f"train{k}", a) for a in recog]
-        for a in attrs:
-            out["text"].append(item(text_question(a, p.name), facts[a], None, "name", a))
-        for k, img in enumerate(p.test_images):
-            out["vqa_test"] += [item(vqa_question(a), facts[a], img, f"test{k}", a) for a in recog]
-            out["link"] += [item(vqa_question(a), facts[a], img, f"test{k}", a) for a in text_only]
-        # MCQ / cloze from pictures: a training and a held-out one per (person, attribute);
-        # text-only attributes: a held-out one only (the link sets)
-        for a in (*recog, *text_only):
-            fact, pool, q = facts[a], pools[a], vqa_question(a)
-            cq = "The name of the person in the image is __." if a == NAME else vqa_cloze(a)
-            j = int(irng.integers(n_test_images))
-            tv, timg = f"test{j}", p.test_images[j]
-            if a in text_only:
-                out["link_mcq"].append(item(q, fact, timg, tv, a, **mcq(fact, pool)))
-                out["link_cloze"].append(item(cq, fact, timg, tv, a, ground_truth=fact))
-                continue
-            k = int(irng.integers(n_train_images))
-            img, v = p.train_images[k], f"train{k}"
-            out["mcq"].append(item(q, fact, img, v, a, **mcq(fact, pool)))
-            out["mcq_test"].append(item(q, fact, timg, tv, a, **mcq(fact, pool)))
-            out["cloze"].append(item(cq, fact, img, v, a, ground_truth=fact))
-            out["cloze_test"].append(item(cq, fact, timg, tv, a, ground_truth=fact))
+        out = {k: L[f"{p.split}_{k}"] for k in _ITEM_LISTS}
+        _taught_items(p, out, attrs, image_attrs, text_only)
+        _picture_probes(p, out, irng, mcq, pools, image_attrs, text_only)
         for a in attrs:  # every attribute by name, text-only ones included
-            fact, q, cq = facts[a], text_question(a, p.name), text_cloze(a, p.name)
-            out["mcq"].append(item(q, fact, None, "name", a, **mcq(fact, attrs[a])))
-            out["cloze"].append(item(cq, fact, None, "name", a, ground_truth=fact))
+            fact, q, cq = p.attributes[a], text_question(a, p.name), text_cloze(a, p.name)
+            out["mcq"].append(_item(p, q, fact, None, "name", a, **mcq(fact, attrs[a])))
+            out["cloze"].append(_item(p, cq, fact, None, "name", a, ground_truth=fact))
+    return L
 
-    n_vqa = n_train_images * len(recog)
-    reps = text_repeats if text_repeats is not None else max(1, math.ceil(n_vqa / len(attrs)))
-    train = L["forget_vqa"] + L["retain_vqa"] + (L["forget_text"] + L["retain_text"]) * reps
-    config = dict(
-        n_people=n_people,
-        forget_ratio=forget_ratio,
-        seed=seed,
-        image_size=image_size,
-        n_train_images=n_train_images,
-        n_test_images=n_test_images,
-        text_only_attributes=list(text_only),
-        n_options=n_options,
-        text_repeats=reps,
-        max_shift=max_shift,
-        brightness=brightness,
-        noise=noise,
-    )
-    return SyntheticBenchmark(
-        config=config,
-        people=people,
-        attributes=attrs,
-        image_attributes=image_attrs,
-        text_only_attributes=text_only,
-        train=train,
-        **L,
-    )
+
+def _taught_items(
+    p: Person,
+    out: dict[str, list[Sample]],
+    attrs: dict[str, tuple[str, ...]],
+    image_attrs: tuple[str, ...],
+    text_only: tuple[str, ...],
+) -> None:
+    """Append ``p``'s training items (``vqa``, ``text``) and held-out picture questions
+    (``vqa_test``, ``link``) to ``out``."""
+    facts = {**p.attributes, NAME: p.name}
+    item = partial(_item, p)
+    recog = (*image_attrs, NAME)
+    for k, img in enumerate(p.train_images):
+        out["vqa"] += [item(vqa_question(a), facts[a], img, f"train{k}", a) for a in recog]
+    for a in attrs:
+        out["text"].append(item(text_question(a, p.name), facts[a], None, "name", a))
+    for k, img in enumerate(p.test_images):
+        out["vqa_test"] += [item(vqa_question(a), facts[a], img, f"test{k}", a) for a in recog]
+        out["link"] += [item(vqa_question(a), facts[a], img, f"test{k}", a) for a in text_only]
+
+
+def _picture_probes(
+    p: Person,
+    out: dict[str, list[Sample]],
+    irng: np.random.Generator,
+    mcq,
+    pools: Mapping[str, Sequence[str]],
+    image_attrs: tuple[str, ...],
+    text_only: tuple[str, ...],
+) -> None:
+    """Append ``p``'s MCQ / cloze items from pictures to ``out``: a training and a held-out
+    one per (person, attribute) for recognition and the image attributes; a held-out one only
+    for the text-only attributes (the link sets). Pictures are drawn from ``irng``."""
+    facts = {**p.attributes, NAME: p.name}
+    item = partial(_item, p)
+    n_train_images, n_test_images = len(p.train_images), len(p.test_images)
+    for a in (*image_attrs, NAME, *text_only):
+        fact, pool, q = facts[a], pools[a], vqa_question(a)
+        cq = "The name of the person in the image is __." if a == NAME else vqa_cloze(a)
+        j = int(irng.integers(n_test_images))
+        tv, timg = f"test{j}", p.test_images[j]
+        if a in text_only:
+            out["link_mcq"].append(item(q, fact, timg, tv, a, **mcq(fact, pool)))
+            out["link_cloze"].append(item(cq, fact, timg, tv, a, ground_truth=fact))
+            continue
+        k = int(irng.integers(n_train_images))
+        img, v = p.train_images[k], f"train{k}"
+        out["mcq"].append(item(q, fact, img, v, a, **mcq(fact, pool)))
+        out["mcq_test"].append(item(q, fact, timg, tv, a, **mcq(fact, pool)))
+        out["cloze"].append(item(cq, fact, img, v, a, ground_truth=fact))
+        out["cloze_test"].append(item(cq, fact, timg, tv, a, ground_truth=fact))
