@@ -50,7 +50,7 @@ def test_saliency_unlearn_eval(files, tmp_path, family, bench, capsys):
     for g in ("vision", "language", "both"):
         assert (sal / f"mask_{g}.safetensors").is_file()
     info = json.loads((sal / "saliency.json").read_text())
-    assert info["data"]["forget"] > 0 and info["recipe"]["name"] == "mmunlearn"
+    assert info["data"]["forget"] > 0 and info["config"]["recipe"] == "mmunlearn"
     out = tmp_path / "u"
     mask = str(sal / "mask_both.safetensors")
     argv = ["unlearn", *model, *data, "--mask", mask, "--lr", "1e-3", "--out", str(out)]

@@ -240,6 +240,24 @@ def _number(kind, *, none: bool, same: bool):
     return conv
 
 
+def _checked(conv, name: str):
+    """``conv`` followed by RunConfig's own check of field ``name`` (an out-of-range value is
+    refused where it is parsed, so the message names the flag or the config file's key)."""
+
+    def check(text: str):
+        from mmunlearn.config import RunConfig
+
+        v = conv(text)
+        try:
+            RunConfig(**{name: v})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+        return v
+
+    check.__name__ = conv.__name__
+    return check
+
+
 def _option_kwargs(f) -> dict:
     """argparse keywords of the option of RunConfig field ``f`` (default None: the recipe's)."""
     meta, t = f.metadata, str(f.type)
@@ -249,7 +267,7 @@ def _option_kwargs(f) -> dict:
         kw.update(nargs="?", const=True, type=boolean, metavar="BOOL")
     elif "float" in t or "int" in t:
         kind = float if "float" in t else int
-        kw["type"] = _number(kind, none="None" in t, same="str" in t)
+        kw["type"] = _checked(_number(kind, none="None" in t, same="str" in t), f.name)
     if meta.get("choices"):
         kw["choices"] = list(meta["choices"])
     return kw
