@@ -307,6 +307,11 @@ def test_unknown_architecture_one_line_error_then_vision_modules(folders, tmp_pa
     assert main(["saliency", "--model", str(tmp_path / "toy2"), *data,
                  "--out", str(tmp_path / "s")]) == 0  # fmt: skip
     assert (tmp_path / "s" / "mask_vision.safetensors").is_file()
+    # --vision-modules on the command line of unlearn (saliency shares the option)
+    argv = ["unlearn", "--model", str(toy), *data, "--vision-modules", "eye,bridge"]
+    assert main([*argv, "--steps", "1", "--out", str(tmp_path / "u")]) == 0
+    saved = json.loads((tmp_path / "u" / "model" / "config.json").read_text())
+    assert "eye" in json.dumps(saved) and "bridge" in json.dumps(saved)
 
 
 def test_eval_vision_modules_option(folders, tmp_path, capsys):
