@@ -56,6 +56,90 @@ def _select_params(model, params) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+def _accumulators(selected, official_parity: bool) -> dict[str, torch.Tensor]:
+    """Zeroed Fisher accumulators of the selected parameters (local-shard shapes): fp32 on
+    the parameter's device, or the parameter's dtype on the CPU with ``official_parity``."""
+    accs: dict[str, torch.Tensor] = {}
+    for name, p in selected.items():
+        if not p.requires_grad:
+            raise ValueError(f"collect_fisher: parameter {name!r} does not require grad")
+        loc = local(p.detach())
+        if official_parity:
+            accs[name] = torch.zeros(loc.shape, dtype=p.dtype, device="cpu")
+        else:
+            accs[name] = torch.zeros(loc.shape, dtype=torch.float32, device=loc.device)
+    return accs
+
+
+def _fisher_hook(
+    name: str,
+    acc: torch.Tensor,
+    seen: set[int],
+    buckets: FisherBuckets,
+    mode: str,
+    official_parity: bool,
+) -> Callable[[torch.Tensor], None]:
+    """The post-accumulate-grad hook of selected parameter ``name``: takes ``p.grad`` (set to
+    None at once) into ``acc``; a second firing in one backward (``seen``) raises."""
+
+    def hook(p: torch.Tensor) -> None:
+        g = p.grad
+        p.grad = None
+        if g is None:
+            return
+        if id(p) in seen:
+            raise RuntimeError(
+                f"collect_fisher: the gradient hook of {name!r} fired twice in one backward "
+                "(reentrant activation checkpointing?); use "
+                "gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False})"
+            )
+        seen.add(id(p))
+        g = local(g.detach())
+        if official_parity:
+            gc = g.to("cpu", p.dtype)
+            acc.add_(gc * gc if mode == "sq" else gc.abs())
+        else:
+            buckets.add(acc, g)
+
+    return hook
+
+
+def _drop_grad(p: torch.Tensor) -> None:
+    p.grad = None
+
+
+def _fisher_batch_loss(model, batch, loss_fn: Callable | None, device) -> torch.Tensor:
+    """``loss_fn(model, batch)``, or :func:`batch_loss`; errors name collect_fisher."""
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
+        if not isinstance(loss, torch.Tensor):
+            raise ValueError("collect_fisher: loss_fn returned no tensor")
+        return loss
+    try:
+        return batch_loss(model, batch, device)
+    except ValueError as e:
+        raise ValueError(f"collect_fisher: {e}") from e
+
+
+def _backward_passes(
+    model, batches: Iterable, loss_fn, device, seen: set[int], buckets, progress: bool
+) -> int:
+    """One backward per batch (the hooks accumulate), each bucket flushed after it. Returns the
+    number of batches."""
+    from tqdm.auto import tqdm
+
+    n_batches = 0
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in tqdm(batches, total=total, desc="fisher", disable=not progress):
+        seen.clear()
+        loss = _fisher_batch_loss(model, batch, loss_fn, device)
+        loss.backward()
+        buckets.flush()
+        n_batches += 1
+    return n_batches
+
+
 def collect_fisher(
     model: torch.nn.Module,
     batches: Iterable,
@@ -89,8 +173,6 @@ def collect_fisher(
     Returns ``{canonical name: Fisher tensor}`` (fp32 unless ``official_parity``), in the order
     of ``model.named_parameters()`` / of ``params``.
     """
-    from tqdm.auto import tqdm
-
     if mode not in ("sq", "abs"):
         raise ValueError(f"mode must be 'sq' or 'abs', got {mode!r}")
     selected = _select_params(model, params)
@@ -98,78 +180,25 @@ def collect_fisher(
         require_reduced_grads(model, "the Fisher pass")
     trainable = canonical_parameters(model, trainable_only=True)
     sel_ids = {id(p) for p in selected.values()}
-    accs: dict[str, torch.Tensor] = {}
-    for name, p in selected.items():
-        if not p.requires_grad:
-            raise ValueError(f"collect_fisher: parameter {name!r} does not require grad")
-        loc = local(p.detach())
-        if official_parity:
-            accs[name] = torch.zeros(loc.shape, dtype=p.dtype, device="cpu")
-        else:
-            accs[name] = torch.zeros(loc.shape, dtype=torch.float32, device=loc.device)
-    device = None
-    for p in selected.values():
-        device = local(p.detach()).device
-        break
+    accs = _accumulators(selected, official_parity)
+    device = next((local(p.detach()).device for p in selected.values()), None)
 
     seen: set[int] = set()
     # one accumulate launch per ~25 MiB bucket of gradients, not one per parameter (#16);
     # each gradient is released as soon as its bucket is squared
     buckets = FisherBuckets(mode=mode, backend=backend)
-
-    def make_hook(name: str):
-        acc = accs[name]
-
-        def hook(p: torch.Tensor) -> None:
-            g = p.grad
-            p.grad = None
-            if g is None:
-                return
-            if id(p) in seen:
-                raise RuntimeError(
-                    f"collect_fisher: the gradient hook of {name!r} fired twice in one backward "
-                    "(reentrant activation checkpointing?); use "
-                    "gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                    "{'use_reentrant': False})"
-                )
-            seen.add(id(p))
-            g = local(g.detach())
-            if official_parity:
-                gc = g.to("cpu", p.dtype)
-                acc.add_(gc * gc if mode == "sq" else gc.abs())
-            else:
-                buckets.add(acc, g)
-
-        return hook
-
-    def drop_grad(p: torch.Tensor) -> None:
-        p.grad = None
-
     for p in trainable.values():
         p.grad = None
     handles = []
     n_batches = 0
     try:
         for name, p in selected.items():
-            handles.append(p.register_post_accumulate_grad_hook(make_hook(name)))
+            hook = _fisher_hook(name, accs[name], seen, buckets, mode, official_parity)
+            handles.append(p.register_post_accumulate_grad_hook(hook))
         for p in trainable.values():
             if id(p) not in sel_ids:
-                handles.append(p.register_post_accumulate_grad_hook(drop_grad))
-        total = len(batches) if hasattr(batches, "__len__") else None
-        for batch in tqdm(batches, total=total, desc="fisher", disable=not progress):
-            seen.clear()
-            if loss_fn is not None:
-                loss = loss_fn(model, batch)
-                if not isinstance(loss, torch.Tensor):
-                    raise ValueError("collect_fisher: loss_fn returned no tensor")
-            else:
-                try:
-                    loss = batch_loss(model, batch, device)
-                except ValueError as e:
-                    raise ValueError(f"collect_fisher: {e}") from e
-            loss.backward()
-            buckets.flush()
-            n_batches += 1
+                handles.append(p.register_post_accumulate_grad_hook(_drop_grad))
+        n_batches = _backward_passes(model, batches, loss_fn, device, seen, buckets, progress)
     finally:
         buckets.clear()
         for h in handles:

@@ -92,6 +92,52 @@ def masks_from_fishers(
     return out
 
 
+def _to_cpu(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``offload``: a finished Fisher on the CPU (pinned when CUDA is available)."""
+    pin = torch.cuda.is_available()
+    return {k: (v.cpu().pin_memory() if pin and v.is_cuda else v.cpu()) for k, v in f.items()}
+
+
+def _mask_fishers(
+    model: torch.nn.Module, batches: tuple, vision: list[str], language: list[str], kw, offload
+) -> tuple[dict, dict, dict]:
+    """The forget Fisher over both groups, then the vision and language preserve Fishers
+    (``{}`` for an empty group), each moved to the CPU as soon as it is done with ``offload``."""
+
+    def fisher(batches, names):
+        f = collect_fisher(model, batches, names, **kw)
+        return _to_cpu(f) if offload else f
+
+    forget_batches, vision_preserve_batches, language_preserve_batches = batches
+    f_forget = fisher(forget_batches, vision + language)
+    f_vp = fisher(vision_preserve_batches, vision) if vision else {}
+    f_lp = fisher(language_preserve_batches, language) if language else {}
+    return f_forget, f_vp, f_lp
+
+
+def _save_fishers(
+    fisher_dir, model: torch.nn.Module, fishers: Mapping[str, Mapping], meta: dict, sharded: bool
+) -> None:
+    """Save each ``{set name: Fisher}`` to ``fisher_dir/<set name>.safetensors`` (sharded:
+    gathered to rank 0 one tensor at a time, saved there)."""
+    for fname, f in fishers.items():
+        full = full_fishers(f, model) if sharded else f  # rank 0 only, per tensor
+        if full is not None:
+            save_fisher(Path(fisher_dir) / f"{fname}.safetensors", full, dict(meta, set=fname))
+
+
+def _log_coverage(masks: Mapping[str, SaliencyMask]) -> None:
+    for k, m in masks.items():
+        c = m.coverage()["total"]
+        log.info(
+            "saliency mask %s: %d / %d elements selected (%.2f%%)",
+            k,
+            c["selected"],
+            c["total"],
+            100.0 * c["fraction"],
+        )
+
+
 def build_masks(
     model: torch.nn.Module,
     forget_batches: Iterable,
@@ -141,28 +187,13 @@ def build_masks(
     sharded = is_sharded(model)
     if offload and sharded:
         raise ValueError("build_masks: offload is for unsharded models (FSDP2 shards the Fisher)")
-
-    def fisher(batches, names):
-        f = collect_fisher(model, batches, names, **kw)
-        if offload:
-            pin = torch.cuda.is_available()
-            f = {k: (v.cpu().pin_memory() if pin and v.is_cuda else v.cpu()) for k, v in f.items()}
-        return f
-
-    f_forget = fisher(forget_batches, vision + language)
-    f_vp = fisher(vision_preserve_batches, vision) if vision else {}
-    f_lp = fisher(language_preserve_batches, language) if language else {}
+    batches = (forget_batches, vision_preserve_batches, language_preserve_batches)
+    f_forget, f_vp, f_lp = _mask_fishers(model, batches, vision, language, kw, offload)
     cls = model_class(model)
     if fisher_dir is not None:
         meta = {"model_class": cls, "mode": mode, "official_parity": official_parity}
-        for fname, f in (
-            ("forget", f_forget),
-            ("vision_preserve", f_vp),
-            ("language_preserve", f_lp),
-        ):
-            full = full_fishers(f, model) if sharded else f  # rank 0 only, per tensor
-            if full is not None:
-                save_fisher(Path(fisher_dir) / f"{fname}.safetensors", full, dict(meta, set=fname))
+        sets = {"forget": f_forget, "vision_preserve": f_vp, "language_preserve": f_lp}
+        _save_fishers(fisher_dir, model, sets, meta, sharded)
     masks = masks_from_fishers(
         f_forget,
         f_vp,
@@ -178,15 +209,7 @@ def build_masks(
     )
     if sharded:  # local-shard masks → full-shape masks, the same on every rank
         masks = {k: full_mask(m, model) for k, m in masks.items()}
-    for k, m in masks.items():
-        c = m.coverage()["total"]
-        log.info(
-            "saliency mask %s: %d / %d elements selected (%.2f%%)",
-            k,
-            c["selected"],
-            c["total"],
-            100.0 * c["fraction"],
-        )
+    _log_coverage(masks)
     return masks
 
 

@@ -250,6 +250,93 @@ class MaskedAdamW(_MaskedOptimizer):
             return None
         return mix32(mix32(mix32(self.seed ^ (gi * 0x9E3779B9)) ^ counter) ^ call)
 
+    def _group_kwargs(self, group, scale) -> dict:
+        """The keyword arguments shared by every ``masked_adamw_`` launch of ``group``."""
+        beta1, beta2 = group["betas"]
+        return dict(
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            grad_mul=scale,
+            maximize=group["maximize"],
+            param_sr=self.param_sr,
+            backend=self.backend,
+        )
+
+    def _step_group(self, gi: int, group, masked, scale, flag, keep: dict) -> None:
+        """:meth:`step` of one param group: one launch per (device, mask use) list, and per
+        distinct step count when the counts live on the host."""
+        counter = group["sr_step"] = group.get("sr_step", 0) + 1
+        with_mask, without = self._split(group, masked)
+        kw = self._group_kwargs(group, scale)
+        calls = [(pl, True) for pl in _by_device(with_mask)]
+        calls += [(pl, False) for pl in _by_device(without)]
+        n_call = 0
+        for plist, use_mask in calls:
+            idx = dict(
+                masks=[self.state[p]["mask"] for p in plist] if use_mask else None,
+                mask_index=[self._mask_index_of(p) for p in plist] if use_mask else None,
+                compact=self.compact_state and use_mask,
+            )
+            if flag is not None:  # device step counts, one launch per dtype pair
+                n_call += 1
+                self._launch_device_counts(plist, idx, kw, flag, keep, gi, counter, n_call)
+                continue
+            n_call = self._launch_host_counts(plist, use_mask, kw, gi, counter, n_call)
+
+    def _launch_device_counts(
+        self, plist, idx: dict, kw: dict, flag, keep: dict, gi: int, counter: int, n_call: int
+    ) -> None:
+        """One launch over ``plist`` with the step counts on the device, advanced by
+        ``keep[device]`` (0.0 where ``flag`` skips the step); ``n_call``: this launch's number."""
+        sts = [self.init_state(p) for p in plist]
+        locs = [local_shard(p) for p in plist]
+        steps = [self._device_step(st, x) for st, x in zip(sts, locs)]
+        dev = locs[0].device
+        if dev not in keep:
+            keep[dev] = (flag.to(dev) == 0).to(torch.float32)
+        torch._foreach_add_(steps, [keep[dev]] * len(steps))
+        masked_adamw_(
+            locs,
+            [local_shard(p.grad) for p in plist],
+            [s["exp_avg"] for s in sts],
+            [s["exp_avg_sq"] for s in sts],
+            step=steps,
+            found_inf=flag.to(dev),
+            sr_seed=self._call_seed(gi, counter, n_call),
+            **idx,
+            **kw,
+        )
+
+    def _launch_host_counts(
+        self, plist, use_mask: bool, kw: dict, gi: int, counter: int, n_call: int
+    ) -> int:
+        """Launches over ``plist`` with host step counts: one per distinct step count (normally
+        one). Returns the number of the last launch made."""
+        by_step: dict[float, list] = {}
+        for p in plist:
+            st = self.init_state(p)
+            st["step"] += 1
+            by_step.setdefault(float(st["step"]), []).append(p)
+        for step, ps in by_step.items():
+            sts = [self.state[p] for p in ps]
+            n_call += 1
+            masked_adamw_(
+                [local_shard(p) for p in ps],
+                [local_shard(p.grad) for p in ps],
+                [s["exp_avg"] for s in sts],
+                [s["exp_avg_sq"] for s in sts],
+                masks=[s["mask"] for s in sts] if use_mask else None,
+                mask_index=[self._mask_index_of(p) for p in ps] if use_mask else None,
+                compact=self.compact_state and use_mask,
+                step=int(step),
+                sr_seed=self._call_seed(gi, counter, n_call),
+                **kw,
+            )
+        return n_call
+
     @torch.no_grad()
     def step(
         self,
@@ -283,71 +370,7 @@ class MaskedAdamW(_MaskedOptimizer):
         scale, flag = self._prepare(max_grad_norm, masked, found_inf)
         keep: dict = {}  # device → 1.0 where the step is taken, 0.0 where it is skipped
         for gi, group in enumerate(self.param_groups):
-            beta1, beta2 = group["betas"]
-            counter = group["sr_step"] = group.get("sr_step", 0) + 1
-            with_mask, without = self._split(group, masked)
-            kw = dict(
-                lr=float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                grad_mul=scale,
-                maximize=group["maximize"],
-                param_sr=self.param_sr,
-                backend=self.backend,
-            )
-            calls = [(pl, True) for pl in _by_device(with_mask)]
-            calls += [(pl, False) for pl in _by_device(without)]
-            n_call = 0
-            for plist, use_mask in calls:
-                idx = dict(
-                    masks=[self.state[p]["mask"] for p in plist] if use_mask else None,
-                    mask_index=[self._mask_index_of(p) for p in plist] if use_mask else None,
-                    compact=self.compact_state and use_mask,
-                )
-                if flag is not None:  # device step counts, one launch per dtype pair
-                    sts = [self.init_state(p) for p in plist]
-                    locs = [local_shard(p) for p in plist]
-                    steps = [self._device_step(st, x) for st, x in zip(sts, locs)]
-                    dev = locs[0].device
-                    if dev not in keep:
-                        keep[dev] = (flag.to(dev) == 0).to(torch.float32)
-                    torch._foreach_add_(steps, [keep[dev]] * len(steps))
-                    n_call += 1
-                    masked_adamw_(
-                        locs,
-                        [local_shard(p.grad) for p in plist],
-                        [s["exp_avg"] for s in sts],
-                        [s["exp_avg_sq"] for s in sts],
-                        step=steps,
-                        found_inf=flag.to(dev),
-                        sr_seed=self._call_seed(gi, counter, n_call),
-                        **idx,
-                        **kw,
-                    )
-                    continue
-                # one launch per distinct step count (normally one)
-                by_step: dict[float, list] = {}
-                for p in plist:
-                    st = self.init_state(p)
-                    st["step"] += 1
-                    by_step.setdefault(float(st["step"]), []).append(p)
-                for step, ps in by_step.items():
-                    sts = [self.state[p] for p in ps]
-                    n_call += 1
-                    masked_adamw_(
-                        [local_shard(p) for p in ps],
-                        [local_shard(p.grad) for p in ps],
-                        [s["exp_avg"] for s in sts],
-                        [s["exp_avg_sq"] for s in sts],
-                        masks=[s["mask"] for s in sts] if use_mask else None,
-                        mask_index=[self._mask_index_of(p) for p in ps] if use_mask else None,
-                        compact=self.compact_state and use_mask,
-                        step=int(step),
-                        sr_seed=self._call_seed(gi, counter, n_call),
-                        **kw,
-                    )
+            self._step_group(gi, group, masked, scale, flag, keep)
         return loss
 
 
