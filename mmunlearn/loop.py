@@ -50,6 +50,7 @@ from mmunlearn.stepper import (
     EvalHook,
     LogHook,
     NonFiniteLossError,
+    PreemptHook,
     Stepper,
 )
 
@@ -225,6 +226,7 @@ def unlearn(
     callback=None,
     monitor: Callable | None = None,
     on_best: Callable | None = None,
+    preemption=None,
 ) -> dict:
     """Unlearn ``forget`` from ``model`` in place with ``method`` (a name, whose loss forms
     come from ``config``, or a :class:`~mmunlearn.methods.Method`).
@@ -239,7 +241,9 @@ def unlearn(
     ``callback(step, kind, loss)`` runs after every applied step whose loss is read back
     (every ``log_every`` steps). ``monitor(model, step)`` (every ``eval_every`` steps and at
     the end) returns a metrics dict with a ``"score"`` (higher is better); ``on_best(model,
-    step, metrics)`` runs when the score improves.
+    step, metrics)`` runs when the score improves. ``preemption``: a
+    :class:`~mmunlearn.runctl.Preemption`; a signal it caught stops the run after the current
+    step with a checkpoint (:class:`~mmunlearn.runctl.PreemptedError`).
     Returns ``{"history": [{"step", "kind", "loss"}...], "steps": n, "resumed_from": k,
     "evals": [...], "best": {...} | None, "finished": bool}`` (``finished``: ``resume`` found
     the run already complete and did nothing). A resume whose settings, data or masks differ
@@ -265,12 +269,13 @@ def unlearn(
         if is_sharded(model) and not is_rank0():
             cfg = replace(cfg, progress=False)  # one progress bar per run, rank 0's
         steps = Stepper(model, method, opt, sched, cfg, ref_model, plan, ends, ckpts)
-        out.update(_run(steps, start, history, (forget, retain), callback, monitor, on_best))
+        hooks = (callback, monitor, on_best, preemption)
+        out.update(_run(steps, start, history, (forget, retain), *hooks))
     model.eval()
     return out
 
 
-def _run(steps: Stepper, start: int, history: list, data, callback, monitor, on_best) -> dict:
+def _run(steps: Stepper, start, history, data, callback, monitor, on_best, preemption) -> dict:
     """Steps ``start..`` of the plan through the stepper and the hooks; the final checkpoint."""
     model, opt, cfg, ckpts = steps.model, steps.opt, steps.cfg, steps.checkpoints
     total = steps.total
@@ -283,6 +288,8 @@ def _run(steps: Stepper, start: int, history: list, data, callback, monitor, on_
     evals = EvalHook(model, monitor, cfg.eval_every, log, on_best) if monitor else None
     saver = CheckpointHook(ckpts, opt, steps.sched, cfg, history) if ckpts else None
     hooks += [h for h in (evals, saver) if h] + ([CallbackHook(callback)] if callback else [])
+    if preemption is not None:
+        hooks.append(PreemptHook(preemption, saver, total, steps.device))
     try:
         for step in range(start, total):
             r = steps(step)

@@ -238,6 +238,7 @@ class CheckpointHook:
     def __init__(self, checkpoints: Checkpoints, opt, sched, cfg: RunConfig, history: list):
         self.checkpoints, self.opt, self.sched = checkpoints, opt, sched
         self.cfg, self.history = cfg, history
+        self.saved_step: int | None = None  # the step of the last checkpoint written
 
     def after_step(self, r: StepResult) -> None:
         every = self.cfg.checkpoint_every
@@ -245,7 +246,36 @@ class CheckpointHook:
             self.save(r.step + 1)
 
     def save(self, step: int) -> None:
-        self.checkpoints.save(self.opt, self.sched, step, self.history, self.cfg)
+        if self.saved_step != step:
+            self.checkpoints.save(self.opt, self.sched, step, self.history, self.cfg)
+            self.saved_step = step
+
+
+class PreemptHook:
+    """Stops the run after the step in which a signal arrived (:class:`~mmunlearn.runctl.
+    Preemption`): writes the checkpoint of that step, then raises
+    :class:`~mmunlearn.runctl.PreemptedError`. Checked after every step in one process; under
+    torchrun at log points (the ranks agree through an all-reduce, a sync not paid per step)."""
+
+    def __init__(self, preemption, saver: CheckpointHook | None, total: int, device):
+        self.preemption, self.saver, self.total, self.device = preemption, saver, total, device
+
+    def after_step(self, r: StepResult) -> None:
+        if world_size() > 1 and not r.logged:
+            return
+        if not self.preemption.requested(self.device):
+            return
+        from mmunlearn.runctl import PreemptedError
+
+        where = "no checkpoint (no output directory)"
+        if self.saver is not None:
+            self.saver.save(r.step + 1)
+            where = f"checkpoint {self.saver.checkpoints.path}"
+        raise PreemptedError(
+            f"stopped on {self.preemption.signal or 'a signal on another rank'} after step "
+            f"{r.step + 1} of {self.total}; {where}; rerun the same command with --resume "
+            "to continue"
+        )
 
 
 class CallbackHook:
@@ -264,6 +294,7 @@ __all__ = [
     "CheckpointHook",
     "EvalHook",
     "LogHook",
+    "PreemptHook",
     "NonFiniteLossError",
     "StepResult",
     "Stepper",

@@ -66,7 +66,7 @@ def test_saliency_then_unlearn_with_config_file(tmp_path):
         ("lrr: 0.1\n", "unknown option 'lrr'; did you mean 'lr'?"),
         ("lr: fast\n", "lr: 'fast' is not valid"),
         ("method: gd\n", "is not one of ga, ga_diff"),
-        ("resume: 3\n", "is not true or false"),
+        ("fisher_offload: 3\n", "is not true or false"),
     ],
 )
 def test_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, message):

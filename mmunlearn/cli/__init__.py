@@ -2,7 +2,9 @@
 (``register(subparsers)`` in its module), errors as one line.
 
 Exit codes: 0 success; 2 a usage error (a bad flag, config key or value, input path: the
-message names it); 1 a runtime failure (corrupt data, a non-finite loss, a failed write).
+message names it); 1 a runtime failure (corrupt data, a non-finite loss, a failed write, an
+output folder held by another live run); 75 preempted (SIGTERM / SIGUSR1 / SIGINT: the current
+step finished and a checkpoint was written; rerun the same command with ``--resume``).
 ``--debug`` shows the traceback instead of the one line.
 """
 
@@ -58,6 +60,7 @@ def main(argv=None) -> int:
     from mmunlearn.data.parquet import DataFormatError
     from mmunlearn.distributed import finish
     from mmunlearn.loop import NonFiniteLossError
+    from mmunlearn.runctl import PreemptedError
 
     raw = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in raw
@@ -67,6 +70,9 @@ def main(argv=None) -> int:
         rc = _run(raw)
     except SystemExit as e:  # argparse: --help (0) or a one-line usage error (2), already printed
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+    except PreemptedError as e:
+        print(f"{prefix}: {_one_line(e)}", file=sys.stderr)
+        rc = e.exit_code
     except UsageError as e:
         if debug:
             raise

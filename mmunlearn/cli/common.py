@@ -152,7 +152,8 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
     for v in values:
         if isinstance(v, (dict, list)) or v is None:
             raise bad("is not a single value")
-        if isinstance(v, bool) and action.type not in (None, str, boolean):
+        takes_bool = action.type is boolean or getattr(action.type, "accepts_bool", False)
+        if isinstance(v, bool) and action.type not in (None, str) and not takes_bool:
             raise bad("is a boolean")
         try:
             v = action.type(str(v)) if action.type is not None else str(v)

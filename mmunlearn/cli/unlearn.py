@@ -121,6 +121,20 @@ def _data_options(c) -> None:
     d.add_argument("--people", type=int, default=40, help="synthetic people (default 40)")
 
 
+def _resume(text: str):
+    """``--resume [auto]`` (a config file may say ``resume: true`` / ``auto`` / ``false``)."""
+    t = str(text).strip().lower()
+    if t in ("auto", "true", "yes", "1", "on"):
+        return "auto"
+    if t in ("false", "no", "0", "off"):
+        return None
+    raise ValueError(f"{text!r} is not auto, true or false")
+
+
+_resume.__name__ = "auto"
+_resume.accepts_bool = True
+
+
 def _unlearn_options(c) -> None:
     u = c.add_argument_group("unlearning")
     u.add_argument(
@@ -129,7 +143,16 @@ def _unlearn_options(c) -> None:
     u.add_argument("--mask", help="a mask file from `mmunlearn saliency` (else computed)")
     u.add_argument("--mask-group", default="both", choices=["vision", "language", "both"])
     u.add_argument("--reference-model", help="KL_Min / NPO reference (default: the start model)")
-    u.add_argument("--resume", action="store_true", help="continue from --out/run")
+    u.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        type=_resume,
+        default=None,
+        metavar="auto",
+        help="continue from --out/run/checkpoint when one of the same run is there, else start "
+        "fresh (so a requeued job reruns the same command; --resume and --resume auto agree)",
+    )
     u.add_argument(
         "--eval-items",
         type=int,
@@ -294,10 +317,16 @@ def _masks(args, cfg, model, adapter, data):
 
 
 def run_saliency(args) -> int:
+
+    distributed = start_distributed(args)
+    with _held(args, distributed):
+        return _saliency(args, distributed)
+
+
+def _saliency(args, distributed: bool) -> int:
     from mmunlearn.distributed import is_rank0
     from mmunlearn.io import atomic_write_json
 
-    distributed = start_distributed(args)
     cfg, data, model, adapter, dev, _ = _prepare(args, distributed)
     masks = _masks(args, cfg, model, adapter, data)
     if is_rank0():
@@ -370,14 +399,33 @@ def _held_out(args, cfg, adapter, proc, distributed, forget, retain, kw):
     return forget[k:], retain[k:]
 
 
+def _held(args, distributed: bool):
+    """The run lock of ``--out`` (rank 0; the other ranks of the same run share it), taken
+    once the folder is known to be usable."""
+    from contextlib import nullcontext
+
+    from mmunlearn.distributed import is_rank0
+    from mmunlearn.runctl import RunLock
+
+    check_out(args.out)
+    return RunLock(args.out) if is_rank0() else nullcontext()
+
+
 def run_unlearn(args) -> int:
+    from mmunlearn.runctl import Preemption
+
+    distributed = start_distributed(args)
+    with _held(args, distributed), Preemption() as preemption:
+        return _unlearn(args, distributed, preemption)
+
+
+def _unlearn(args, distributed: bool, preemption) -> int:
     from dataclasses import replace
 
     from mmunlearn.data.batching import BatchSource
     from mmunlearn.distributed import is_rank0
     from mmunlearn.loop import unlearn
 
-    distributed = start_distributed(args)
     cfg, data, model, adapter, dev, ref = _prepare(args, distributed)
     proc = adapter.processor if adapter.processor is not None else adapter.tokenizer
     kw = {"ref_model": ref} if ref is not None else {}
@@ -395,7 +443,8 @@ def run_unlearn(args) -> int:
 
     run_dir = os.path.join(args.out, "run")
     result = unlearn(model, args.method, source(forget, 0), source(retain, 1), config=cfg,
-                     output_dir=run_dir, resume=args.resume, **kw)  # fmt: skip
+                     output_dir=run_dir, resume=bool(args.resume), preemption=preemption,
+                     **kw)  # fmt: skip
     if result["finished"]:
         say(f"{args.out}/run: this run is already finished (step {result['steps']} of "
             f"{result['steps']}); nothing to resume, {args.out}/model left as it is")  # fmt: skip
