@@ -109,6 +109,27 @@ def llava_next(folder):
     return _save(folder, M, cfg, tok, proc)
 
 
+def vipllava(folder):
+    """VipLlava (visual prompts): CLIP features of several layers concatenated into its
+    projector, served by the LLaVA processor."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaProcessor, VipLlavaConfig
+    from transformers import VipLlavaForConditionalGeneration as M
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    tok = _tok(["<image>"])
+    cfg = VipLlavaConfig(
+        vision_config=CLIPVisionConfig(**VISION, projection_dim=32),
+        text_config=LlamaConfig(**_text(tok)),
+        vision_feature_layers=[-2, -1],
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    ip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    proc = LlavaProcessor(ip, tok, patch_size=8, vision_feature_select_strategy="default",
+                          num_additional_image_tokens=1,
+                          chat_template=template("<image>\n"))  # fmt: skip
+    return _save(folder, M, cfg, tok, proc)
+
+
 def llava_onevision(folder):
     from transformers import (
         LlavaOnevisionConfig,
@@ -300,6 +321,7 @@ def blip_2(folder):
 BUILDERS = {
     "llava_next": llava_next,
     "llava_onevision": llava_onevision,
+    "vipllava": vipllava,
     "gemma3": gemma3,
     "idefics3": idefics3,
     "internvl": internvl,

@@ -34,6 +34,8 @@ EXPECTED = {
     "llava_onevision": ("LlavaOnevisionForConditionalGeneration",
                         ["model.vision_tower", "model.multi_modal_projector",
                          "model.image_newline"]),
+    "vipllava": ("VipLlavaForConditionalGeneration",
+                 ["model.vision_tower", "model.multi_modal_projector"]),
     "gemma3": ("Gemma3ForConditionalGeneration",
                ["model.vision_tower", "model.multi_modal_projector"]),
     "idefics3": ("Idefics3ForConditionalGeneration", ["model.vision_model", "model.connector"]),
