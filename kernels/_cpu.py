@@ -78,9 +78,16 @@ def cache_dir() -> str:
             return d
     except OSError:
         pass
-    d = os.path.join(tempfile.gettempdir(), f"mmunlearn-{os.getuid()}")
+    getuid = getattr(os, "getuid", None)  # absent on Windows
+    if getuid is None:
+        import getpass
+
+        who = getpass.getuser()
+    else:
+        who = str(getuid())
+    d = os.path.join(tempfile.gettempdir(), f"mmunlearn-{who}")
     os.makedirs(d, mode=0o700, exist_ok=True)
-    if os.stat(d).st_uid != os.getuid():
+    if getuid is not None and os.stat(d).st_uid != getuid():
         raise RuntimeError(f"{d} belongs to another user; set MMUNLEARN_CACHE_DIR")
     return d
 
@@ -112,10 +119,17 @@ _FLAGS = [
 ]
 
 
+# how to get the fast path, said with every build failure
+_FAST_PATH = (
+    "The PyTorch twins are used instead (correct, slower); for the C kernels install gcc or "
+    "clang (any C11 compiler) or point CC at one, then run again"
+)
+
+
 def _build(path: str) -> str:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None:
-        raise RuntimeError("no C compiler found (set CC)")
+        raise RuntimeError(f"no C compiler found (looked for $CC or cc, gcc). {_FAST_PATH}")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
         src = os.path.join(tmp, "mmu_cpu.c")
@@ -129,8 +143,13 @@ def _build(path: str) -> str:
             if proc.returncode == 0:
                 os.replace(out, path)  # atomic: concurrent builders write the same bytes
                 return " ".join(cmd)
-            errors.append(proc.stderr.strip()[-2000:])
-    raise RuntimeError("building the CPU kernels failed:\n" + "\n".join(errors))
+            errors.append(proc.stderr.strip() or f"exit status {proc.returncode}")
+    first = next((ln for ln in errors[-1].splitlines() if "error" in ln.lower()), None)
+    first = first or errors[-1].splitlines()[0]
+    raise RuntimeError(
+        f"building the CPU kernels failed: {cc} {' '.join(_FLAGS)} (with and without "
+        f"-march=native): {first.strip()}. {_FAST_PATH}"
+    )
 
 
 def _declare(lib) -> None:

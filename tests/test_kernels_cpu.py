@@ -298,3 +298,40 @@ def test_c_source_is_package_data_without_float16():
     with open(os.path.join(root, "pyproject.toml")) as f:
         assert '"mmunlearn.kernels" = ["mmu_cpu.c"]' in f.read()
     assert os.path.basename(_cpu._SOURCE_PATH) == "mmu_cpu.c"
+
+
+def test_a_failed_build_says_why_once_and_how_to_get_the_fast_path(monkeypatch, tmp_path):
+    """A compiler that fails: the warning names the compiler, its flags and the first error
+    line, and says how to get the C kernels; said once, then the twins run."""
+    cc = tmp_path / "badcc"
+    cc.write_text(
+        "#!/bin/sh\necho 'mmu_cpu.c:1:1: error: unknown type name _Float16' >&2\nexit 1\n"
+    )
+    cc.chmod(0o755)
+    saved = dict(_cpu._STATE)
+    try:
+        _cpu._STATE.clear()
+        monkeypatch.setenv("MMUNLEARN_CACHE_DIR", str(tmp_path / "cache"))
+        monkeypatch.setenv("CC", str(cc))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert resolve_backend("auto", [torch.zeros(3)]) == "torch"
+            assert resolve_backend("auto", [torch.zeros(3)]) == "torch"
+        msgs = [str(x.message) for x in w if "CPU kernels" in str(x.message)]
+        assert len(msgs) == 1, msgs
+        assert str(cc) in msgs[0] and "-O3 -std=gnu11" in msgs[0], msgs[0]
+        assert "error: unknown type name _Float16" in msgs[0] and "install gcc or clang" in msgs[0]
+    finally:
+        _cpu._STATE.clear()
+        _cpu._STATE.update(saved)
+
+
+def test_cache_dir_without_getuid(monkeypatch, tmp_path):
+    """Where os.getuid does not exist (Windows) the private temp dir is named by the user."""
+    monkeypatch.delenv("MMUNLEARN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "ro"))
+    monkeypatch.setattr(_cpu.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(_cpu.os, "access", lambda path, mode: False)
+    monkeypatch.delattr(_cpu.os, "getuid")
+    monkeypatch.setattr("getpass.getuser", lambda: "ada")
+    assert _cpu.cache_dir() == str(tmp_path / "tmp" / "mmunlearn-ada")
