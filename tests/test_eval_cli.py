@@ -388,3 +388,17 @@ def test_eval_progress_bars_on_the_long_loops(model_dirs, tmp_path, monkeypatch)
     bars.clear()
     assert _run(argv + ["--no-progress", "--out", str(tmp_path / "q")]) == 0
     assert bars and all(off is True for d, off in bars if d != "eval")
+
+
+def test_eval_on_an_empty_forget_split_is_an_error_naming_it(model_dirs, tmp_path, capsys):
+    """An MLLMU-Bench folder whose forget split holds no rows: one line naming the split, exit
+    1 (not a table without the forget columns)."""
+    from realformat import mllmu_root
+
+    root = mllmu_root(tmp_path / "MLLMU", n_forget=0, n_people=3)
+    rc = main(["eval", "--model", model_dirs[0], "--mllmu", str(root),
+               "--out", str(tmp_path / "ev")])  # fmt: skip
+    err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert rc == 1 and len(err) == 1, err
+    assert "forget_5" in err[0] and "forget split has no items" in err[0]
+    assert not (tmp_path / "ev" / "results.json").exists()

@@ -54,6 +54,16 @@ def _read(fn, path, *args, **kw):
         raise DataFormatError(path, None, "*", f"cannot read it ({type(e).__name__}: {e})") from e
 
 
+def _not_empty(tasks: dict, folder, what: str) -> None:
+    """An unlearning report needs its forget items: a split whose files hold none is an error
+    naming it (not a table without the forget columns)."""
+    if not any(len(v) for v in tasks.values()):
+        raise ValueError(
+            f"{folder}: the {what} has no items (its files hold no rows); an unlearning report "
+            "needs the forget set"
+        )
+
+
 def _limit(items, n):
     return list(items) if n is None else list(items)[:n]
 
@@ -67,6 +77,7 @@ def mllmu_sets(root, split: int = 5, seed: int = 0, limit: int | None = None) ->
         raise FileNotFoundError(f"MLLMU-Bench root {root}: no forget split folder {forget_dir}")
     kw = {"image_choice": "random", "seed": seed}
     sets = {"forget": _read(read_mllmu_eval, forget_dir, **kw)}
+    _not_empty(sets["forget"], forget_dir, "MLLMU-Bench forget split")
     forget_ids = {s.meta.get("id") for v in sets["forget"].values() for s in v} - {None}
     for name, folder in (
         ("forget_test", "Test_Set"),
@@ -100,6 +111,8 @@ def clear_sets(root, split: int = 5, seed: int = 0, limit: int | None = None) ->
             s["faces"] = _read(read_clear_name_mcq, root / faces, seed=seed)
         if (root / caps).is_dir():
             s["captions"] = _read(read_clear, root / caps, "caption", seed=seed, include_text=False)
+        if s and name == "forget":
+            _not_empty(s, root / (faces if (root / faces).is_dir() else caps), "CLEAR forget split")
         if s:
             sets[name] = s
         else:
