@@ -402,3 +402,17 @@ def test_eval_on_an_empty_forget_split_is_an_error_naming_it(model_dirs, tmp_pat
     assert rc == 1 and len(err) == 1, err
     assert "forget_5" in err[0] and "forget split has no items" in err[0]
     assert not (tmp_path / "ev" / "results.json").exists()
+
+
+def test_truncated_weights_of_a_tiny_format_model_are_one_line(model_dirs, tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dirs[0], bad)
+    f = next(Path(bad).glob("*.safetensors"))
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    rc = main(_argv(str(bad), tmp_path / "ev"))
+    err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    assert str(bad) in err[0] and "cannot load the weights" in err[0]

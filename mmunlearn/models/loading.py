@@ -280,7 +280,7 @@ def load_checkpoint(path, *, processor=None, dtype=None, device=None, vision_mod
         marker.get("collation") == "builtin" or (has_tok and not has_ip and not marker)
     )
     if builtin:
-        model, tok = load_model(folder, dtype=dtype, device=device)
+        model, tok = _load_weights(folder, dtype, device, tokenizer=True)
         return _vision_side(model, vision_modules, folder), adapter_for(model, tok)
     flag = "--processor" if processor is None else f"--processor {processor}: it"
     chat_proc = load_processor(src, family, flag=flag)
@@ -303,15 +303,17 @@ def _vision_side(model, vision_modules, folder: Path):
     return model
 
 
-def _load_weights(folder: Path, dtype, device):
+def _load_weights(folder: Path, dtype, device, tokenizer: bool = False):
+    """``load_model``'s model (and tokenizer when asked), every failure one ValueError naming
+    the folder (truncated or corrupt weights included)."""
     try:
-        model, _ = load_model(folder, dtype=dtype, device=device, tokenizer=False)
+        model, tok = load_model(folder, dtype=dtype, device=device, tokenizer=tokenizer)
     except Exception as e:  # safetensors' SafetensorError, torch / transformers errors
         if isinstance(e, (KeyboardInterrupt, MemoryError)):
             raise
         msg = " ".join(str(e).split())[:300]
         raise ValueError(f"{folder}: cannot load the weights ({type(e).__name__}: {msg})") from e
-    return model
+    return (model, tok) if tokenizer else model
 
 
 __all__ = ["load_checkpoint", "load_model", "load_processor", "resolve", "save_model"]
