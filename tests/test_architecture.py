@@ -66,7 +66,13 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("eval", ["mmunlearn.eval", "mmunlearn.eval.*"]),
     (
         "applications",
-        ["mmunlearn.tinyrun", "mmunlearn.demo", "mmunlearn.demo_linked", "mmunlearn.estimate"],
+        [
+            "mmunlearn.tinyrun",
+            "mmunlearn.modelcard",
+            "mmunlearn.demo",
+            "mmunlearn.demo_linked",
+            "mmunlearn.estimate",
+        ],
     ),
     ("cli", ["mmunlearn.cli", "mmunlearn.cli.*"]),
     ("api", ["mmunlearn"]),

@@ -443,3 +443,20 @@ def _write(args, results: dict, plan, benchmark: str) -> None:
             f"{100 * gap['level']:.0f} % CI [{best['lo']:.3f}, {best['hi']:.3f}])"
         )
     print("wrote " + ", ".join(paths.values()) + (", outputs.json" if outputs else ""))
+    _update_cards(args, results, plan, benchmark)
+
+
+def _update_cards(args, results: dict, plan, benchmark: str) -> None:
+    """The eval table in the model card of every evaluated folder that has one (written by
+    ``mmunlearn unlearn``), replacing the previous one."""
+    from mmunlearn.eval.report import markdown_table
+    from mmunlearn.modelcard import add_eval
+
+    note = (
+        f"`mmunlearn eval` on {benchmark} ({args.protocol} protocol, seed {args.seed}, "
+        f"data {args.mllmu or args.clear or 'built-in'}):\n"
+    )
+    table = markdown_table(results, plan.columns)
+    for path in args.model or []:
+        if os.path.isdir(path) and add_eval(path, table, note):
+            print(f"updated the model card {os.path.join(path, 'README.md')}")

@@ -442,31 +442,43 @@ def _unlearn(args, distributed: bool, preemption) -> int:
                            loss_tokens=cfg.loss_tokens)  # fmt: skip
 
     run_dir = os.path.join(args.out, "run")
-    result = unlearn(model, args.method, source(forget, 0), source(retain, 1), config=cfg,
+    f_src, r_src = source(forget, 0), source(retain, 1)
+    fingerprints = {
+        "forget fingerprint": f_src.fingerprint(),
+        "retain fingerprint": r_src.fingerprint(),
+    }
+    result = unlearn(model, args.method, f_src, r_src, config=cfg,
                      output_dir=run_dir, resume=bool(args.resume), preemption=preemption,
                      **kw)  # fmt: skip
     if result["finished"]:
         say(f"{args.out}/run: this run is already finished (step {result['steps']} of "
             f"{result['steps']}); nothing to resume, {args.out}/model left as it is")  # fmt: skip
         return 0
-    _write_outputs(args, cfg, model, proc, mask, data, result, distributed)
+    _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fingerprints)
     return 0
 
 
-def _write_outputs(args, cfg, model, proc, mask, data, result, distributed) -> None:
+def _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fingerprints) -> None:
     """The model (a world-size-independent folder: full tensors gathered one at a time to rank
     0), the mask and ``unlearn.json``, written only now that the run worked."""
     from mmunlearn import fsdp
     from mmunlearn.distributed import is_rank0
     from mmunlearn.io import atomic_write_json
+    from mmunlearn.modelcard import write_card
     from mmunlearn.models import save_model
 
     state = fsdp.full_state_dict(model) if distributed else None
     if not is_rank0():
         return
+    mask_file = os.path.join(args.out, "mask.safetensors") if mask is not None else None
     if mask is not None:
-        mask.save(os.path.join(args.out, "mask.safetensors"))
+        mask.save(mask_file)
     path = save_model(model, proc, os.path.join(args.out, "model"), state_dict=state)
+    card = dict(
+        base_model=args.model or "mmunlearn tiny LLaVA", method=args.method, steps=result["steps"]
+    )
+    write_card(path, config=cfg.to_dict(), data={**data.sizes(), **fingerprints}, mask=mask,
+               mask_file=mask_file, **card)  # fmt: skip
     summary = {
         "config": cfg.to_dict(),
         "method": args.method,
