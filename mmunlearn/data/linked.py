@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mmunlearn.data.portraits import appearance, draw_portrait, seeded_rng, variant
+from mmunlearn.data.portraits import seeded_rng
 from mmunlearn.data.recipe import UnlearningSets
 from mmunlearn.data.schema import Sample
 from mmunlearn.data.synthetic import (
@@ -39,6 +39,7 @@ from mmunlearn.data.synthetic import (
     SYLLABLES,
     People,
     Person,
+    draw_people,
 )
 
 IMAGE_ATTRIBUTES: tuple[str, ...] = ("birthplace", "occupation")
@@ -246,7 +247,13 @@ def make_linked_world(
         brightness=brightness,
         noise=noise,
     )
-    people = _linked_people(attrs, **config)
+    people = draw_people(
+        attrs,
+        **config,
+        streams=(_S_NAMES, _S_ATTRS, _S_SPLIT, _S_LOOK, _S_VARIANT),
+        min_retain=2,
+        make_names=_names,
+    )
     text, identity, grounding = _linked_items(people, attrs)
     swap = _swap_partners(people, seed, n_test_images)
     return LinkedWorld(
@@ -260,52 +267,6 @@ def make_linked_world(
         grounding=grounding,
         swap_partner=swap,
     )
-
-
-def _linked_people(
-    attrs: dict[str, tuple[str, ...]],
-    *,
-    n_people: int,
-    forget_ratio: float,
-    seed: int,
-    image_size: int,
-    n_train_images: int,
-    n_test_images: int,
-    max_shift: int,
-    brightness: float,
-    noise: float,
-) -> list[Person]:
-    """The seeded people of :func:`make_linked_world` (its arguments; values drawn from
-    ``attrs``): names, attribute values, forget/retain split, training and held-out pictures."""
-    names = _names(seeded_rng(seed, _S_NAMES), n_people)
-    arng = seeded_rng(seed, _S_ATTRS)
-    values = [{a: v[int(arng.integers(len(v)))] for a, v in attrs.items()} for _ in names]
-    n_forget = min(n_people - 2, max(1, round(n_people * forget_ratio)))
-    forget_idx = {int(i) for i in seeded_rng(seed, _S_SPLIT).permutation(n_people)[:n_forget]}
-
-    people = []
-    for i, name in enumerate(names):
-        look = appearance(seeded_rng(seed, _S_LOOK, i))
-        base = draw_portrait(look, image_size, max_shift)
-
-        def pics(which: int, n: int, base=base, i=i):
-            return [
-                variant(
-                    base,
-                    image_size,
-                    max_shift,
-                    seeded_rng(seed, _S_VARIANT, i, which, k),
-                    brightness,
-                    noise,
-                )
-                for k in range(n)
-            ]
-
-        split = "forget" if i in forget_idx else "retain"
-        people.append(
-            Person(i, name, values[i], split, look, pics(0, n_train_images), pics(1, n_test_images))
-        )
-    return people
 
 
 def _linked_items(

@@ -310,7 +310,7 @@ def make_benchmark(
     )
     _check_benchmark_args(attrs, **config)
     image_attrs = tuple(a for a in attrs if a not in text_only)
-    people = _benchmark_people(attrs, **config)
+    people = draw_people(attrs, **config)
     L = _benchmark_items(people, attrs, image_attrs, text_only, seed, n_options)
 
     n_vqa = n_train_images * (len(image_attrs) + 1)  # the image attributes + recognition
@@ -367,7 +367,7 @@ def _check_benchmark_args(
         raise ValueError("text_repeats must be >= 1")
 
 
-def _benchmark_people(
+def draw_people(
     attrs: dict[str, tuple[str, ...]],
     *,
     n_people: int,
@@ -379,26 +379,33 @@ def _benchmark_people(
     max_shift: int,
     brightness: float,
     noise: float,
+    streams: tuple[int, int, int, int, int] = (_S_NAMES, _S_ATTRS, _S_SPLIT, _S_LOOK, _S_VARIANT),
+    min_retain: int = 1,
+    make_names=None,
     **_,
 ) -> list[Person]:
-    """The seeded people of :func:`make_benchmark` (its arguments, as in its ``config``;
-    values drawn from ``attrs``): names, attribute values, forget/retain split, training and
-    held-out pictures."""
-    names = _names(seeded_rng(seed, _S_NAMES), n_people)
-    arng = seeded_rng(seed, _S_ATTRS)
+    """The seeded people of a built-in world (:func:`make_benchmark`'s arguments, as in its
+    ``config``; values drawn from ``attrs``): names, attribute values, the forget/retain split
+    (at least ``min_retain`` people kept), training and held-out pictures. ``streams``: the
+    world's random-stream ids for names, values, split, looks and picture variants (each world
+    draws from its own); ``make_names(rng, n)``: the world's name generator (default: two-word
+    names)."""
+    s_names, s_attrs, s_split, s_look, s_variant = streams
+    names = (make_names or _names)(seeded_rng(seed, s_names), n_people)
+    arng = seeded_rng(seed, s_attrs)
     values = [
         {a: vals[int(arng.integers(len(vals)))] for a, vals in attrs.items()}
         for _ in range(n_people)
     ]
-    n_forget = min(n_people - 1, max(1, round(n_people * forget_ratio)))
-    forget_idx = set(int(i) for i in seeded_rng(seed, _S_SPLIT).permutation(n_people)[:n_forget])
+    n_forget = min(n_people - min_retain, max(1, round(n_people * forget_ratio)))
+    forget_idx = set(int(i) for i in seeded_rng(seed, s_split).permutation(n_people)[:n_forget])
 
     def vrng(*stream: int) -> np.random.Generator:
-        return seeded_rng(seed, _S_VARIANT, *stream)
+        return seeded_rng(seed, s_variant, *stream)
 
     people = []
     for i, name in enumerate(names):
-        look = appearance(seeded_rng(seed, _S_LOOK, i))
+        look = appearance(seeded_rng(seed, s_look, i))
         base = draw_portrait(look, image_size, max_shift)
         train = [
             variant(base, image_size, max_shift, vrng(i, 0, k), brightness, noise)
