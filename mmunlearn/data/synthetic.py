@@ -384,12 +384,9 @@ def draw_people(
     make_names=None,
     **_,
 ) -> list[Person]:
-    """The seeded people of a built-in world (:func:`make_benchmark`'s arguments, as in its
-    ``config``; values drawn from ``attrs``): names, attribute values, the forget/retain split
-    (at least ``min_retain`` people kept), training and held-out pictures. ``streams``: the
-    world's random-stream ids for names, values, split, looks and picture variants (each world
-    draws from its own); ``make_names(rng, n)``: the world's name generator (default: two-word
-    names)."""
+    """The seeded people of a built-in world (:func:`make_benchmark`'s arguments): names, values
+    from ``attrs``, the split (≥ ``min_retain`` kept), pictures. ``streams``: the world's stream
+    ids (names, values, split, looks, variants); ``make_names(rng, n)``: its name generator."""
     s_names, s_attrs, s_split, s_look, s_variant = streams
     names = (make_names or _names)(seeded_rng(seed, s_names), n_people)
     arng = seeded_rng(seed, s_attrs)
