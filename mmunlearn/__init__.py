@@ -20,6 +20,7 @@ _API = {
     # optimizer (usable in any PyTorch training code)
     "MaskedAdamW": "mmunlearn.optim",
     "MaskedSGD": "mmunlearn.optim",
+    "GradRelease": "mmunlearn.optim",
     # saliency
     "collect_fisher": "mmunlearn.fisher",
     "save_fisher": "mmunlearn.fisher",

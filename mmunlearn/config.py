@@ -76,6 +76,9 @@ class RunConfig:
                                "(default: on with bf16 state)")  # fmt: skip
     compact_state: bool = _f(False, "optimizer", "keep moments only for the masked elements "
                              "(only for runs where every step is masked)")  # fmt: skip
+    grad_release: bool = _f(False, "optimizer", "step each parameter as soon as its gradient "
+                            "is complete and free the gradient (one gradient alive; clipping "
+                            "becomes per parameter; needs grad_accum 1, no FSDP2)")  # fmt: skip
     backend: str = _f("auto", "system", "kernel backend (auto: Triton on CUDA, the C kernels "
                       "on the CPU; torch: the PyTorch twins)",
                       choices=("auto", "torch", "triton", "cpu"), identity=False)  # fmt: skip
@@ -158,6 +161,12 @@ class RunConfig:
             if isinstance(r, str):
                 raise ValueError(f"retain_max_grad_norm must be a number, None or 'same': {r!r}")
             _positive("retain_max_grad_norm", r)
+        if self.grad_release and (self.grad_accum != 1 or self.mask_mode == "zero_grad"):
+            raise ValueError(
+                "grad_release steps each parameter inside backward: it needs grad_accum 1 "
+                f"(got {self.grad_accum}) and mask_mode masked_step (got {self.mask_mode!r}, "
+                "whose mask multiply and global clip need every gradient first)"
+            )
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 

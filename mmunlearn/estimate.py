@@ -99,15 +99,25 @@ def _text_dims(cfg):
     )
 
 
-def count_parameters(cfg) -> tuple[int, int]:
-    """(total parameters, parameters of the largest repeated block) of a config's model."""
+def _meta_model(cfg):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     with torch.device("meta"):
         try:
-            model = AutoModelForImageTextToText.from_config(cfg)
+            return AutoModelForImageTextToText.from_config(cfg)
         except ValueError:
-            model = AutoModelForCausalLM.from_config(cfg)
+            return AutoModelForCausalLM.from_config(cfg)
+
+
+def largest_parameter(cfg) -> int:
+    """Elements of the config's largest parameter tensor (usually the embedding or the LM
+    head): the gradient memory of a run with ``--grad-release``."""
+    return max(p.numel() for p in _meta_model(cfg).parameters())
+
+
+def count_parameters(cfg) -> tuple[int, int]:
+    """(total parameters, parameters of the largest repeated block) of a config's model."""
+    model = _meta_model(cfg)
     total = sum(p.numel() for p in model.parameters())
     largest = 0
     for m in model.modules():
@@ -293,6 +303,7 @@ def estimate(
     fisher_offload: bool = False,
     state_dtype: str = "fp32",
     compact_fraction: float | None = None,
+    grad_release: bool = False,
 ) -> list[Estimate]:
     """Per-rank byte estimates for the saliency and unlearning phases.
 
@@ -303,8 +314,12 @@ def estimate(
     so one set of fp32 accumulators is on the device at a time. ``state_dtype``: the AdamW
     moments' dtype (``"fp32"``, or ``"bf16"`` with stochastic rounding: half the bytes);
     ``compact_fraction``: moments kept only for this fraction of the elements
-    (``MaskedAdamW(compact_state=True)`` with a mask selecting it).
+    (``MaskedAdamW(compact_state=True)`` with a mask selecting it). ``grad_release``: the
+    unlearning step runs inside backward (``unlearn --grad-release``), so one parameter's
+    gradient — the largest — is alive at a time instead of all of them (one rank only).
     """
+    if grad_release and world_size > 1:
+        raise ValueError("grad_release runs on one rank (FSDP2 is not supported with it)")
     b = _DTYPE_BYTES[dtype]
     P, block = count_parameters(cfg)
     d = _text_dims(cfg)
@@ -328,6 +343,9 @@ def estimate(
         per *= compact_fraction
         label = f"AdamW moments ({state_dtype}, compacted to {100 * compact_fraction:g} %)"
     unl_terms = {**common, label: per * P / N, "mask (1 bit)": P / 8 / N}
+    if grad_release:
+        del unl_terms["grads (sharded)"]
+        unl_terms["grads (one tensor at a time: step in backward)"] = largest_parameter(cfg) * b
     if method in ("kl_min", "npo"):
         unl_terms["reference model (frozen)"] = P * b / N
         unl_terms["reference logits (fp32)"] = 4 * batch * seq * V

@@ -147,6 +147,11 @@ def _prepare_model(model, method: Method, masks, ref_model, cfg: RunConfig):
 
 
 def _optimizer(model, method: Method, cfg: RunConfig, masks) -> MaskedAdamW:
+    if cfg.grad_release and is_sharded(model):
+        raise ValueError(
+            "grad_release needs plain parameters: FSDP2 reduce-scatters gradients outside the "
+            "hooks that step them; run without --grad-release under torchrun"
+        )
     if cfg.compact_state and (method.has_retain or not method.uses_mask):
         raise ValueError(
             f"compact_state keeps moments for masked elements only, but method {method.name} "
@@ -270,7 +275,11 @@ def unlearn(
             cfg = replace(cfg, progress=False)  # one progress bar per run, rank 0's
         steps = Stepper(model, method, opt, sched, cfg, ref_model, plan, ends, ckpts)
         hooks = (callback, monitor, on_best, preemption)
-        out.update(_run(steps, start, history, (forget, retain), *hooks))
+        try:
+            out.update(_run(steps, start, history, (forget, retain), *hooks))
+        finally:
+            if steps.release is not None:
+                steps.release.close()  # the model's parameters keep no hooks of this run
     model.eval()
     return out
 

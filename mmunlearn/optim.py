@@ -33,8 +33,8 @@ import torch
 from mmunlearn.distributed import local as local_shard
 from mmunlearn.kernels import STATE_DTYPES, masked_adamw_, masked_sgd_, unpack_bits
 from mmunlearn.kernels._common import mix32
+from mmunlearn.optim_base import GradRelease, _by_device
 from mmunlearn.optim_base import MaskedOptimizer as _MaskedOptimizer
-from mmunlearn.optim_base import _by_device
 
 
 class MaskedAdamW(_MaskedOptimizer):
@@ -337,6 +337,21 @@ class MaskedAdamW(_MaskedOptimizer):
             )
         return n_call
 
+    def _launch_one(self, p, gi, pi, use_mask, scale, flag, counter) -> None:
+        """:class:`~mmunlearn.optim_base.GradRelease`'s launch over one parameter (its
+        stochastic-rounding call number is its index in the group, so the bits do not depend
+        on the order in which backward completes the gradients)."""
+        kw = self._group_kwargs(self.param_groups[gi], scale)
+        idx = dict(
+            masks=[self.state[p]["mask"]] if use_mask else None,
+            mask_index=[self._mask_index_of(p)] if use_mask else None,
+            compact=self.compact_state and use_mask,
+        )
+        if flag is not None:
+            self._launch_device_counts([p], idx, kw, flag, {}, gi, counter, 1 + pi)
+        else:
+            self._launch_host_counts([p], use_mask, kw, gi, counter, pi)
+
     @torch.no_grad()
     def step(
         self,
@@ -401,6 +416,20 @@ class MaskedSGD(_MaskedOptimizer):
             backend=backend,
         )
 
+    def _launch_one(self, p, gi, pi, use_mask, scale, flag, counter) -> None:
+        group = self.param_groups[gi]
+        masked_sgd_(
+            [local_shard(p)],
+            [local_shard(p.grad)],
+            [self.state[p]["mask"]] if use_mask else None,
+            lr=float(group["lr"]),
+            weight_decay=group["weight_decay"],
+            grad_mul=scale,
+            found_inf=flag,
+            maximize=group["maximize"],
+            backend=self.backend,
+        )
+
     @torch.no_grad()
     def step(
         self,
@@ -435,3 +464,6 @@ class MaskedSGD(_MaskedOptimizer):
                     backend=self.backend,
                 )
         return loss
+
+
+__all__ = ["GradRelease", "MaskedAdamW", "MaskedSGD"]

@@ -280,3 +280,135 @@ class MaskedOptimizer(torch.optim.Optimizer):
                 stacklevel=3,
             )
         return bool(masked)
+
+    # ------------------------------------------------------------------ step in backward
+    def _release_step(self, p, gi: int, pi: int, armed: dict) -> torch.Tensor | None:
+        """:class:`GradRelease`'s step of one parameter whose gradient is complete: its own
+        clip coefficient (``armed["max_grad_norm"]`` against this gradient's norm alone), the
+        masked/unmasked policy of :meth:`step`, then one launch; returns the gradient's squared
+        norm on the device when it was computed (clipping, or ``armed["norm"]``), else None."""
+        masked = armed["masked"]
+        use_mask = masked and "mask" in self.state.get(p, {})
+        moves = use_mask or not masked or self.unmasked == "update"
+        grad = local_shard(p.grad)
+        sq = None
+        if armed["max_grad_norm"] is not None or armed["norm"]:
+            g = grad
+            if use_mask and self.clip_order == "mask_then_clip":
+                g = grad * unpack_bits(self.state[p]["mask"], grad.shape, backend=self.backend)
+            sq = grad_sq_norm([g], backend=self.backend)
+        if not moves:
+            return sq
+        scale = None
+        if armed["max_grad_norm"] is not None:
+            scale = torch.clamp(armed["max_grad_norm"] / (sq.sqrt() + 1e-6), max=1.0)
+        flag = armed["found_inf"]
+        if flag is not None:
+            flag = flag.to(grad.device)
+            if sq is not None:
+                flag = torch.maximum(flag, (~torch.isfinite(sq)).to(torch.float32))
+        self._launch_one(p, gi, pi, use_mask, scale, flag, armed["counters"][gi])
+        return sq
+
+    def _launch_one(self, p, gi, pi, use_mask, scale, flag, counter) -> None:
+        raise NotImplementedError(f"{type(self).__name__} has no step in backward")
+
+
+class GradRelease:
+    """Optimizer step in backward: every parameter is updated as soon as its gradient is
+    complete and the gradient is freed at once, so at most one parameter's gradient (plus
+    autograd's in-flight buffers) is alive instead of all of them.
+
+    ``rel = GradRelease(opt)`` hooks every parameter of ``opt`` (torch's
+    ``register_post_accumulate_grad_hook``); then, per step::
+
+        with rel.armed(masked=True, max_grad_norm=1.0, found_inf=~torch.isfinite(loss)):
+            loss.backward()          # the step happens here; no opt.step(), no zero_grad()
+
+    What it changes against ``backward(); opt.step(...)``: clipping is per parameter (each
+    gradient against its own norm; the global norm is not known until backward ends), so with
+    ``max_grad_norm`` the result differs from global clipping; without clipping an fp32-state
+    step is bit-identical to :meth:`step` (bf16 state draws its stochastic-rounding bits per
+    parameter instead of per launch: equally reproducible, not the same bits). A gradient
+    that is non-finite skips only its own parameter (``found_inf`` from the loss skips all).
+    It needs one backward per step (no gradient accumulation) and plain parameters: FSDP2's
+    DTensor parameters are refused (FSDP2 reduce-scatters gradients outside these hooks).
+    Outside ``armed()`` the hooks do nothing and gradients accumulate as usual.
+    ``last_sq_norm``: Σ‖g‖² of the last armed backward (a device tensor) when clipping or
+    ``norm=True`` asked for it. ``close()`` removes the hooks.
+    """
+
+    def __init__(self, opt: MaskedOptimizer):
+        if not isinstance(opt, MaskedOptimizer):
+            raise TypeError("GradRelease needs a MaskedAdamW / MaskedSGD optimizer")
+        self.opt = opt
+        self._where: dict = {}
+        for gi, g in enumerate(opt.param_groups):
+            for pi, p in enumerate(g["params"]):
+                if hasattr(p, "to_local"):
+                    raise ValueError(
+                        f"GradRelease: group {gi} param {pi} is a DTensor (FSDP2): the step in "
+                        "backward needs plain parameters"
+                    )
+                self._where[p] = (gi, pi)
+        self._armed: dict | None = None
+        self.last_sq_norm: torch.Tensor | None = None
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._hook) for p in self._where if p.requires_grad
+        ]
+
+    def armed(self, *, masked: bool | None = None, max_grad_norm: float | None = None,
+              found_inf: torch.Tensor | None = None, norm: bool = False):  # fmt: skip
+        """A context in which each completed gradient is stepped and freed (arguments as
+        :meth:`MaskedAdamW.step`, clipping per parameter; ``norm=True``: also sum the squared
+        gradient norms into :attr:`last_sq_norm`)."""
+        from contextlib import contextmanager
+
+        opt = self.opt
+        resolved = opt._resolve_masked(masked)
+        if found_inf is not None:
+            if not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1:
+                raise ValueError("found_inf must be a 1-element tensor (nonzero: skip the step)")
+            found_inf = found_inf.detach().reshape(()).to(torch.float32)
+        if getattr(opt, "compact_state", False):  # (step() checks the params with a grad)
+            for p, (gi, pi) in self._where.items():
+                has = "mask" in opt.state.get(p, {})
+                if p.requires_grad and not (resolved and (has or opt.unmasked == "freeze")):
+                    raise ValueError(
+                        f"compact_state: group {gi} param {pi} would take an unmasked step "
+                        f"(masked={resolved}, unmasked={opt.unmasked!r}, has a mask: {has})"
+                    )
+        counters = []
+        for group in opt.param_groups:  # one stochastic-rounding counter per step, as step()
+            group["sr_step"] = group.get("sr_step", 0) + 1
+            counters.append(group["sr_step"])
+
+        @contextmanager
+        def ctx():
+            self._armed = dict(masked=resolved, max_grad_norm=max_grad_norm,
+                               found_inf=found_inf, norm=norm, counters=counters)  # fmt: skip
+            self.last_sq_norm = None
+            try:
+                yield self
+            finally:
+                self._armed = None
+                opt._opt_called = True  # a step was taken (torch's LR schedulers check this)
+
+        return ctx()
+
+    @torch.no_grad()
+    def _hook(self, p) -> None:
+        armed = self._armed
+        if armed is None or p.grad is None:
+            return
+        gi, pi = self._where[p]
+        sq = self.opt._release_step(p, gi, pi, armed)
+        if sq is not None:
+            sq = sq.float()
+            self.last_sq_norm = sq if self.last_sq_norm is None else self.last_sq_norm + sq
+        p.grad = None
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

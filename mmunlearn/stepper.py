@@ -21,6 +21,7 @@ from mmunlearn.data.batching import to_device
 from mmunlearn.distributed import all_reduce_sum_, local, world_size
 from mmunlearn.losses import local_batch
 from mmunlearn.methods import Method
+from mmunlearn.optim_base import GradRelease
 from mmunlearn.runlog import RunLog, grad_norm
 
 
@@ -80,35 +81,58 @@ class Stepper:
         self.streams: dict = {}  # kind -> iterator of batches, set before the first step
         self.takes_flag = cfg.log_every > 1  # device-side flags instead of a sync per step
         self.pending: list = []  # (step, kind, index, flag) of steps whose loss is unread
+        # grad_release: every parameter steps inside backward (optim_base.GradRelease)
+        self.release = GradRelease(opt) if cfg.grad_release else None
 
     def __call__(self, step: int) -> StepResult:
         t0 = time.perf_counter()
         kind, idx = self.plan[step]
-        loss = self._backward(kind)
         logged = (step + 1) % self.cfg.log_every == 0 or step + 1 == self.total
-        flag = self._flag(step, kind, idx, loss)
-        if logged:
-            self._check_pending(step)
-        value = self._read(step, kind, idx, loss) if (logged or not self.takes_flag) else None
-        gnorm = grad_norm(self.params) if logged else None
         masked = kind == "forget" and self.method.uses_mask
-        self._apply(kind, masked, flag)
+        if self.release is not None:
+            value, gnorm = self._released_step(step, kind, idx, masked, logged)
+        else:
+            loss = self._backward(kind)
+            flag = self._flag(step, kind, idx, loss)
+            if logged:
+                self._check_pending(step)
+            value = self._read(step, kind, idx, loss) if (logged or not self.takes_flag) else None
+            gnorm = grad_norm(self.params) if logged else None
+            self._apply(kind, masked, flag)
         lr = self.opt.param_groups[0]["lr"]
         if self.cfg.schedule_unit == "step" or step in self.epoch_ends:
             self.sched.step()
         dt = time.perf_counter() - t0
         return StepResult(step, kind, idx, value, gnorm, lr, masked, logged, dt)
 
+    def _loss(self, kind: str) -> torch.Tensor:
+        """The loss of the next ``kind`` batch (this rank's slice of the global batch)."""
+        batch = local_batch(self.model, to_device(next(self.streams[kind]), self.device))
+        if kind == "forget":
+            return self.method.forget_loss(self.model, batch, self.ref_model)
+        return self.method.retain_loss(self.model, batch, self.ref_model)
+
+    def _released_step(self, step, kind, idx, masked, logged):
+        """``grad_release``: the loss first (checked, read back at log points, before anything
+        moves), then one backward in which every parameter steps and frees its gradient.
+        Returns (loss value or None, global gradient norm or None)."""
+        loss = self._loss(kind)
+        flag = self._flag(step, kind, idx, loss.detach())
+        if logged:
+            self._check_pending(step)
+        value = self._read(step, kind, idx, loss) if (logged or not self.takes_flag) else None
+        clip = self.cfg.max_grad_norm if kind == "forget" else self.cfg.retain_clip
+        with self.release.armed(masked=masked, max_grad_norm=clip, found_inf=flag, norm=logged):
+            loss.backward()
+        sq = self.release.last_sq_norm
+        return value, (float(sq.sqrt()) if logged and sq is not None else None)
+
     def _backward(self, kind: str) -> torch.Tensor:
         """Forward + backward over ``grad_accum`` batches; the summed (detached) loss."""
         ga, total = self.cfg.grad_accum, None
         for _ in range(ga):
             # under torchrun every rank computes its slice of the same global batch
-            batch = local_batch(self.model, to_device(next(self.streams[kind]), self.device))
-            if kind == "forget":
-                loss = self.method.forget_loss(self.model, batch, self.ref_model)
-            else:
-                loss = self.method.retain_loss(self.model, batch, self.ref_model)
+            loss = self._loss(kind)
             (loss / ga).backward()
             d = loss.detach() / ga
             total = d if total is None else total + d

@@ -283,3 +283,38 @@ def test_moment_bytes_match_a_real_optimizer(state_dtype, compact):
                                         compact_fraction=frac if compact else None)}  # fmt: skip
     term = next(v for k, v in est["unlearning"].terms.items() if k.startswith("AdamW moments"))
     assert measured == pytest.approx(term, rel=0.01), (measured, term)
+
+
+def test_grad_release_bytes_match_the_live_gradients_of_a_real_run():
+    """With ``grad_release`` the estimate's gradient term is the largest tensor's bytes; on a
+    LLaVA of the scaled config the most gradient bytes alive at any hook of a real backward
+    with :class:`~mmunlearn.optim.GradRelease` equal it (fp32 here: b = 4), and the term is
+    far below the all-gradients term it replaces."""
+    from mmunlearn.optim import GradRelease, MaskedAdamW
+
+    cfg = _cfg()
+    torch.manual_seed(SEED)
+    model = LlavaForConditionalGeneration(cfg)
+    opt = MaskedAdamW(model.parameters(), lr=1e-3)
+    rel = GradRelease(opt)
+    peak = [0]
+    orig = opt._release_step
+
+    def spy(p, gi, pi, armed):
+        live = sum(q.grad.numel() * q.grad.element_size() for q in model.parameters()
+                   if q.grad is not None)  # fmt: skip
+        peak[0] = max(peak[0], live)
+        return orig(p, gi, pi, armed)
+
+    opt._release_step = spy
+    ids = torch.randint(0, cfg.text_config.vocab_size, (1, 16))
+    ids[ids == cfg.image_token_index] = 1
+    with rel.armed(masked=False):
+        model(input_ids=ids, labels=ids).loss.backward()
+    est = {e.phase: e for e in estimate(cfg, 1, dtype="fp32", grad_release=True)}
+    full = {e.phase: e for e in estimate(cfg, 1, dtype="fp32")}
+    term = est["unlearning"].terms["grads (one tensor at a time: step in backward)"]
+    assert peak[0] == term
+    assert term < full["unlearning"].terms["grads (sharded)"] / 5
+    with pytest.raises(ValueError, match="one rank"):
+        estimate(cfg, 2, grad_release=True)

@@ -47,6 +47,12 @@ def register(sub):
         help="moments only for this selected fraction (MaskedAdamW(compact_state=True))",
     )
     e.add_argument(
+        "--grad-release",
+        action="store_true",
+        help="unlearning steps inside backward, one gradient alive at a time (unlearn "
+        "--grad-release; one rank)",
+    )
+    e.add_argument(
         "--gpu-memory",
         type=float,
         default=None,
@@ -73,6 +79,8 @@ def run_estimate(args) -> int:
         raise UsageError("give --model (a checkpoint folder, config.json or cached Hub id)")
     if args.compact_state is not None and not 0.0 < args.compact_state <= 1.0:
         raise UsageError(f"--compact-state {args.compact_state}: a fraction in (0, 1]")
+    if args.grad_release and args.world_size > 1:
+        raise UsageError("--grad-release runs on one rank: drop it or use --world-size 1")
     cfg = est.load_config(args.model)
     dtype = "bf16" if args.dtype == "auto" else args.dtype
     ests = est.estimate(
@@ -88,6 +96,7 @@ def run_estimate(args) -> int:
         fisher_offload=args.fisher_offload,
         state_dtype=args.state_dtype,
         compact_fraction=args.compact_state,
+        grad_release=args.grad_release,
     )
     params, _ = est.count_parameters(cfg)
     print(est.format_report(ests, params, args.world_size))
@@ -98,6 +107,8 @@ def run_estimate(args) -> int:
             hints.append("--fisher-offload (saliency)")
         if args.state_dtype == "fp32":
             hints.append("--state-dtype bf16 (unlearning)")
+        if not args.grad_release and args.world_size == 1:
+            hints.append("--grad-release (unlearning)")
         hints += ["a smaller --batch-size", "more ranks under torchrun (--world-size)"]
         for e in ests:
             ok = e.total <= args.gpu_memory * gib
