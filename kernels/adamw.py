@@ -57,6 +57,7 @@ from ._common import (
     group_by_dtype,
     load_ptr,
     mix32,
+    numels_of,
     open_chunk,
     resolve_backend,
     salt,
@@ -133,15 +134,16 @@ def _check_step_inputs(params, grads, masks, states=(), step=None, mask_index=No
     if bad:
         raise ValueError(f"params[{bad[0]}] has unsupported dtype {params[bad[0]].dtype}")
     check_contiguous("params", params)
+    pn = numels_of(params)
     if masks is not None:
-        check_masks(masks, [p.numel() for p in params])
+        check_masks(masks, pn)
     if mask_index is not None:
         if masks is None:
             raise ValueError("mask_index needs masks")
         if len(mask_index) != len(params):
             raise ValueError(f"got {len(mask_index)} mask indexes for {len(params)} params")
-        for i, (ix, p) in enumerate(zip(mask_index, params)):
-            if not isinstance(ix, MaskIndex) or ix.numel != p.numel():
+        for i, (ix, n) in enumerate(zip(mask_index, pn)):
+            if not isinstance(ix, MaskIndex) or ix.numel != n:
                 raise ValueError(f"mask_index[{i}] is not a MaskIndex of params[{i}]'s mask")
     if compact and mask_index is None:
         raise ValueError("compact state needs masks and a mask_index (the selected elements)")
@@ -149,12 +151,14 @@ def _check_step_inputs(params, grads, masks, states=(), step=None, mask_index=No
         if compact:
             if len(st) != len(params):
                 raise ValueError(f"{name} has {len(st)} tensors but params has {len(params)}")
-            for i, (s, ix) in enumerate(zip(st, mask_index)):
-                if s.numel() != ix.count:
-                    raise ValueError(
-                        f"{name}[{i}] has {s.numel()} elements; compacted state of a mask "
-                        f"selecting {ix.count} needs {ix.count}"
-                    )
+            counts = [ix.count for ix in mask_index]
+            have = numels_of(st)
+            if have != counts:
+                i = next(i for i, (a, b) in enumerate(zip(have, counts)) if a != b)
+                raise ValueError(
+                    f"{name}[{i}] has {have[i]} elements; compacted state of a mask "
+                    f"selecting {counts[i]} needs {counts[i]}"
+                )
         else:
             check_same_numel("params", params, name, st)
         bad = [i for i, s in enumerate(st) if s.dtype not in STATE_DTYPES]
@@ -162,7 +166,7 @@ def _check_step_inputs(params, grads, masks, states=(), step=None, mask_index=No
             got = st[bad[0]].dtype
             raise ValueError(f"{name}[{bad[0]}] must be float32 or bfloat16, got {got}")
         check_contiguous(name, st)
-    if len(states) == 2:
+    if len(states) == 2 and any(m.dtype != v.dtype for m, v in zip(states[0][1], states[1][1])):
         for i, (m, v) in enumerate(zip(states[0][1], states[1][1])):
             if m.dtype != v.dtype:
                 raise ValueError(f"exp_avgs[{i}] is {m.dtype} but exp_avg_sqs[{i}] {v.dtype}")

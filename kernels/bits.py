@@ -24,6 +24,12 @@ def check_masks(masks: Sequence[torch.Tensor], numels: Sequence[int]) -> None:
     """Packed masks must be uint8 with exactly ``packed_size(n)`` bytes for n elements."""
     if len(masks) != len(numels):
         raise ValueError(f"got {len(masks)} masks for {len(numels)} tensors")
+    if (
+        all(m.dtype == torch.uint8 for m in masks)
+        and list(map(torch.Tensor.numel, masks)) == [(n + 7) // 8 for n in numels]
+        and all(map(torch.Tensor.is_contiguous, masks))
+    ):
+        return  # the common case in one bulk pass; the loop below names the first bad mask
     for i, (m, n) in enumerate(zip(masks, numels)):
         if m.dtype != torch.uint8:
             raise ValueError(f"masks[{i}] must be a packed uint8 mask (pack_bits), got {m.dtype}")
