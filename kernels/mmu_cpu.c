@@ -79,6 +79,8 @@ static inline uint32_t mix32(uint32_t x) {
 /* the per-element and per-chunk bodies must be inlined into each (SRS, SRP) call site: their
    flags then are constants and the element loops vectorise */
 #define INLINE static inline __attribute__((always_inline))
+/* selected elements per tile of the compacted-state step (its buffers live on the stack) */
+#define CTILE 512
 
 /* ---------------------------------------------------------------- parallel driver */
 typedef void (*range_fn)(const void *ctx, int64_t c0, int64_t c1, int th);
@@ -152,6 +154,72 @@ INLINE void adamw_elem_##PN##_##GN##_##SN(const step_ctx *ctx, PS *restrict p,  
     m[k] = BLEND_##SN(on, st_##SN(mn, am), mold);                                             \
     v[k] = BLEND_##SN(on, st_##SN(vn, av), vold);                                             \
 }                                                                                             \
+/* compacted state: a tile of n selected elements at indices jj[], parameters and gradients \
+   already gathered (widened to fp32) into pf[] / gf[], moments contiguous at m[k..k+n): the \
+   loop runs over contiguous lanes and vectorises (the divisions and the square root, which \
+   bound this step on a CPU, run for the selected elements only); new parameter bits -> pb[]. \
+   The same operations as adamw_elem, so results are bit-identical to the dense masked step. */ \
+INLINE void adamw_tile_##PN##_##GN##_##SN(const step_ctx *ctx, const int64_t *restrict jj,    \
+        const float *restrict pf, const float *restrict gf, uint32_t *restrict pb,            \
+        SS *restrict m, SS *restrict v, int n, int small, float w1s, uint32_t key,            \
+        const int SRS, const int SRP) {                                                       \
+    for (int i = 0; i < n; i++) {                                                             \
+        float gg = gf[i] * ctx->gmul;                                                         \
+        float pp = pf[i] * ctx->decay;                                                        \
+        float mo = ld_##SN(m[i]), vo = ld_##SN(v[i]), d = gg - mo;                            \
+        float mn = small ? fmaf(ctx->w1, d, mo) : fmaf(w1s, d, gg);                           \
+        float vn = fmaf(ctx->omb2 * gg, gg, vo * ctx->beta2);                                 \
+        float den = sqrtf(vn) / ctx->bc2s + ctx->eps;                                         \
+        float pn = pp + (ctx->nss * mn) / den;                                                \
+        uint32_t u = (SRS || SRP) ? mix32((uint32_t)jj[i] ^ key) : 0u;                        \
+        uint32_t am = SRS ? (u & 0xffffu) : rne_add(mn), av = SRS ? (u >> 16) : rne_add(vn);  \
+        uint32_t ap = SRP ? ((u * PARAM_MUL) >> 16) : rne_add(pn);                            \
+        m[i] = st_##SN(mn, am); v[i] = st_##SN(vn, av); pb[i] = (uint32_t)st_##PN(pn, ap);    \
+    }                                                                                         \
+}                                                                                             \
+/* compacted state over one chunk [j, e): collect the selected indices (64 mask bits per word) \
+   into a tile; gather, compute (adamw_tile), scatter the parameters back when it fills. A word \
+   selecting all 64 is contiguous in the moments too: the pending tile is flushed (moments stay \
+   in element order) and the 64 run through the vector loop of the dense step. */            \
+INLINE int64_t adamw_flush_##PN##_##GN##_##SN(const step_ctx *ctx, PS *restrict p,            \
+        const GS *restrict g, SS *restrict m, SS *restrict v, const int64_t *restrict jj,     \
+        int n, int64_t k, int small, float w1s, uint32_t key, const int SRS, const int SRP) { \
+    float pf[CTILE], gf[CTILE]; uint32_t pb[CTILE];                                           \
+    for (int i = 0; i < n; i++) { pf[i] = ld_##PN(p[jj[i]]); gf[i] = ld_##GN(g[jj[i]]); }     \
+    adamw_tile_##PN##_##GN##_##SN(ctx, jj, pf, gf, pb, m + k, v + k, n, small, w1s, key,      \
+                                  SRS, SRP);                                                  \
+    for (int i = 0; i < n; i++) p[jj[i]] = (PS)pb[i];                                         \
+    return k + n;                                                                             \
+}                                                                                             \
+INLINE void adamw_compact_##PN##_##GN##_##SN(const step_ctx *ctx, PS *restrict p,             \
+        const GS *restrict g, SS *restrict m, SS *restrict v, const uint8_t *restrict kb,     \
+        int64_t j, int64_t e, int64_t k, int small, float w1s, uint32_t key,                  \
+        const int SRS, const int SRP) {                                                       \
+    int64_t jj[CTILE]; int n = 0;                                                             \
+    for (; j < e; j += 64) {                                                                  \
+        uint64_t bits = 0;                                                                    \
+        if (j + 64 <= e) memcpy(&bits, kb + (j >> 3), 8);                                     \
+        else for (int64_t t = j; t < e; t++)                                                  \
+            bits |= (uint64_t)((kb[t >> 3] >> (t & 7)) & 1u) << (t - j);                      \
+        if (bits == ~(uint64_t)0) {                                                           \
+            if (n) k = adamw_flush_##PN##_##GN##_##SN(ctx, p, g, m, v, jj, n, k, small, w1s,  \
+                                                      key, SRS, SRP);                         \
+            n = 0;                                                                            \
+            for (int l = 0; l < 64; l++)                                                      \
+                adamw_elem_##PN##_##GN##_##SN(ctx, p, g, m, v, j + l, k + l, 1, small, w1s,   \
+                                              key, SRS, SRP);                                 \
+            k += 64;                                                                          \
+            continue;                                                                         \
+        }                                                                                     \
+        while (bits) { jj[n++] = j + __builtin_ctzll(bits); bits &= bits - 1u; }              \
+        if (n + 64 > CTILE) {                                                                 \
+            k = adamw_flush_##PN##_##GN##_##SN(ctx, p, g, m, v, jj, n, k, small, w1s, key,    \
+                                               SRS, SRP);                                     \
+            n = 0;                                                                            \
+        }                                                                                     \
+    }                                                                                         \
+    if (n) adamw_flush_##PN##_##GN##_##SN(ctx, p, g, m, v, jj, n, k, small, w1s, key, SRS, SRP); \
+}                                                                                             \
 INLINE void adamw_range_##PN##_##GN##_##SN(const step_ctx *ctx, int64_t c, int small,  \
         float w1s, const int SRS, const int SRP) {                                            \
     const int64_t *numel = ctx->ptrs + 6 * ctx->T, *salt = ctx->ptrs + 7 * ctx->T;            \
@@ -163,26 +231,8 @@ INLINE void adamw_range_##PN##_##GN##_##SN(const step_ctx *ctx, int64_t c, int s
     const uint32_t key = mix32(ctx->seed ^ (uint32_t)salt[i]);                                \
     int64_t j = s;                                                                            \
     if (ctx->compact) { /* the selected elements only, in order; moments at cbase[c] + rank */ \
-        int64_t k = ctx->cbase[c];                                                            \
-        for (; j + 16 <= e; j += 16) {                                                        \
-            uint32_t bits = (uint32_t)kb[j >> 3] | ((uint32_t)kb[(j >> 3) + 1] << 8);         \
-            if (bits == 0xffffu) { /* 16 selected: contiguous moments, a vector loop */       \
-                for (int l = 0; l < 16; l++)                                                  \
-                    adamw_elem_##PN##_##GN##_##SN(ctx, p, g, m, v, j + l, k + l, 1, small, w1s, \
-                                                  key, SRS, SRP);                             \
-                k += 16;                                                                      \
-                continue;                                                                     \
-            }                                                                                 \
-            while (bits) {                                                                    \
-                int l = __builtin_ctz(bits); bits &= bits - 1u;                               \
-                adamw_elem_##PN##_##GN##_##SN(ctx, p, g, m, v, j + l, k++, 1, small, w1s, key, \
-                                              SRS, SRP);                                      \
-            }                                                                                 \
-        }                                                                                     \
-        for (; j < e; j++)                                                                    \
-            if ((kb[j >> 3] >> (j & 7)) & 1)                                                  \
-                adamw_elem_##PN##_##GN##_##SN(ctx, p, g, m, v, j, k++, 1, small, w1s, key,    \
-                                              SRS, SRP);                                      \
+        adamw_compact_##PN##_##GN##_##SN(ctx, p, g, m, v, kb, j, e, ctx->cbase[c], small, w1s, \
+                                         key, SRS, SRP);                                      \
     } else if (ctx->has_mask) {                                                               \
         for (; j + 16 <= e; j += 16) {                                                        \
             uint32_t bits = (uint32_t)kb[j >> 3] | ((uint32_t)kb[(j >> 3) + 1] << 8);         \

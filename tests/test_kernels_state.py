@@ -177,12 +177,24 @@ def _compact(t, d):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("clustered", [False, True])
-def test_compact_state_bit_identical_to_dense(backend, sdt, clustered):
+@pytest.mark.parametrize("layout", ["scattered", "clustered", "runs"])
+def test_compact_state_bit_identical_to_dense(backend, sdt, layout):
     """Compacted moments (selected elements only) and sparse chunk tables give exactly the
-    dense masked step's parameters and (gathered) moments, SR included."""
+    dense masked step's parameters and (gathered) moments, SR included. ``runs``: 60 % of the
+    elements plus selected runs of 40–400 elements at odd offsets, so the C kernel meets whole
+    selected 64-element words (its contiguous path) between partial ones (its gathered tiles)."""
     _need(backend)
-    params, grads, m, v, dense = _inputs(torch.bfloat16, sdt, frac=0.05, clustered=clustered)
+    frac = 0.6 if layout == "runs" else 0.05
+    params, grads, m, v, dense = _inputs(
+        torch.bfloat16, sdt, frac=frac, clustered=layout == "clustered"
+    )
+    if layout == "runs":
+        g = torch.Generator().manual_seed(5)
+        for d in dense:
+            flat = d.view(-1)
+            for _ in range(max(1, flat.numel() // 500)):
+                a = int(torch.randint(0, flat.numel(), (1,), generator=g))
+                flat[a : a + int(torch.randint(40, 400, (1,), generator=g))] = True
     masks = [K.pack_bits(d) for d in dense]
     index = [MaskIndex(k, d.numel()) for k, d in zip(masks, dense)]
     sr = dict(sr=True, param_sr=True) if sdt == torch.bfloat16 else {}
