@@ -79,7 +79,7 @@ def test_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, messag
 
 
 def test_shipped_configs_are_valid_for_saliency_and_unlearn():
-    """Every configs/**/*.yaml reads cleanly (each key an option, each value of its type) for
+    """Every mmunlearn/configs/*/*.yaml reads cleanly (each key an option, each value of its type) for
     both commands that take it."""
     from pathlib import Path
 
@@ -87,7 +87,7 @@ def test_shipped_configs_are_valid_for_saliency_and_unlearn():
     from mmunlearn.cli.common import load_config
 
     _, commands = _build()
-    files = sorted(Path(__file__).resolve().parents[1].glob("configs/*/*.yaml"))
+    files = sorted(Path(__file__).resolve().parents[1].glob("mmunlearn/configs/*/*.yaml"))
     assert len(files) >= 4
     for f in files:
         for cmd in ("saliency", "unlearn"):
@@ -96,3 +96,22 @@ def test_shipped_configs_are_valid_for_saliency_and_unlearn():
             assert values["recipe"] == "official" and values["split"] == 5, f
             assert ("mllmu" in values) != ("clear" in values), f
         assert load_config(str(f), commands["unlearn"])["lr"] == 1e-5
+
+
+def test_builtin_configs_by_name(capsys):
+    """``--config mllmu/llava-1.5-7b`` (no path, no suffix) finds the packaged config; an
+    unknown name is one line listing the built-in ones; ``estimate --model`` takes the packaged
+    7B model configs by name."""
+    from mmunlearn.cli.common import builtin_configs, config_path
+
+    names = builtin_configs()
+    assert {"mllmu/llava-1.5-7b", "clear/qwen2-vl-7b", "models/llava-1.5-7b-hf"} <= set(names)
+    assert config_path("mllmu/llava-1.5-7b").endswith("mllmu/llava-1.5-7b.yaml")
+    assert config_path("configs/clear/qwen2-vl-7b.yaml").endswith("clear/qwen2-vl-7b.yaml")
+    assert main(["unlearn", "--tiny", "--synthetic", "--config", "mllmu/llava-1.5-7b-typo"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mllmu/llava-1.5-7b-typo" in err and "built-in:" in err
+    rc = main(["estimate", "--config", "mllmu/llava-1.5-7b", "--model", "models/llava-1.5-7b-hf",
+               "--gpu-memory", "80"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "unlearning:" in out and "fits in 80 GiB" in out

@@ -179,6 +179,44 @@ def _config_keys(parser: Parser) -> dict:
     return out
 
 
+def builtin_configs(suffixes=(".yaml", ".yml", ".json")) -> list[str]:
+    """Names of the configs shipped with the package (``mllmu/llava-1.5-7b``, …)."""
+    from importlib import resources
+
+    root = resources.files("mmunlearn") / "configs"
+    out: list[str] = []
+
+    def walk(node, prefix):
+        for child in sorted(node.iterdir(), key=lambda c: c.name):
+            if child.is_dir():
+                walk(child, f"{prefix}{child.name}/")
+            elif child.name.endswith(suffixes):
+                out.append(prefix + child.name.rsplit(".", 1)[0])
+
+    if root.is_dir():
+        walk(root, "")
+    return out
+
+
+def config_path(name: str, flag: str = "--config", suffixes=(".yaml", ".yml", ".json")) -> str:
+    """A config file's path: ``name`` itself when it exists, else the package's built-in config
+    of that name (``mllmu/llava-1.5-7b``, with or without its suffix). A name that is neither
+    is a :class:`UsageError` listing the built-in names."""
+    from importlib import resources
+
+    if os.path.exists(name):
+        return name
+    root = resources.files("mmunlearn") / "configs"
+    stem = name.removeprefix("configs/")
+    for cand in [stem] + [stem + s for s in suffixes]:
+        node = root.joinpath(*cand.split("/"))
+        if cand.endswith(suffixes) and node.is_file():
+            return str(node)
+    known = ", ".join(builtin_configs(suffixes))
+    raise UsageError(f"{flag} {name}: no such file, and no built-in config of that name "
+                     f"(built-in: {known})")  # fmt: skip
+
+
 def load_config(path: str, parser: Parser, siblings: tuple = ()) -> dict:
     """Option values from a YAML or JSON mapping (``key: value``, dashes or underscores), each
     converted and checked as the command-line option would be. An unknown key (a typo) or a
@@ -189,6 +227,7 @@ def load_config(path: str, parser: Parser, siblings: tuple = ()) -> dict:
 
     import yaml
 
+    path = config_path(path)
     try:
         with open(path) as f:
             data = yaml.safe_load(f) if path.endswith((".yaml", ".yml")) else json.load(f)

@@ -4,6 +4,8 @@ never imports them.)"""
 
 from __future__ import annotations
 
+import os
+
 from mmunlearn.methods import METHODS
 
 
@@ -16,10 +18,15 @@ def register(sub):
     )
     e.add_argument(
         "--config",
-        help="the run's YAML/JSON config (configs/*): model, batch size, dtype, method, "
+        help="the run's YAML/JSON config (a file or a built-in name, e.g. mllmu/llava-1.5-7b): "
+        "model, batch size, dtype, method, "
         "gradient checkpointing are read from it",
     )
-    e.add_argument("--model", help="checkpoint folder, config.json, or a cached Hub id")
+    e.add_argument(
+        "--model",
+        help="checkpoint folder, config.json, a cached Hub id, or a built-in 7B config "
+        "(models/llava-1.5-7b-hf, models/qwen2-vl-7b-instruct)",
+    )
     e.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks (default 1)")
     e.add_argument("--dtype", default="bf16", choices=["auto", "bf16", "fp16", "fp32"])
     e.add_argument(
@@ -73,7 +80,7 @@ def register(sub):
 
 def run_estimate(args) -> int:
     from mmunlearn import estimate as est
-    from mmunlearn.cli.common import UsageError
+    from mmunlearn.cli.common import UsageError, config_path
 
     if not args.model:
         raise UsageError("give --model (a checkpoint folder, config.json or cached Hub id)")
@@ -81,7 +88,10 @@ def run_estimate(args) -> int:
         raise UsageError(f"--compact-state {args.compact_state}: a fraction in (0, 1]")
     if args.grad_release and args.world_size > 1:
         raise UsageError("--grad-release runs on one rank: drop it or use --world-size 1")
-    cfg = est.load_config(args.model)
+    model = args.model
+    if not os.path.exists(model) and model.removeprefix("configs/").startswith("models/"):
+        model = config_path(model, "--model", (".json",))  # a built-in 7B config by name
+    cfg = est.load_config(model)
     dtype = "bf16" if args.dtype == "auto" else args.dtype
     ests = est.estimate(
         cfg,
