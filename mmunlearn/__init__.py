@@ -55,6 +55,8 @@ _API = {
     "UnlearningSets": "mmunlearn.data.recipe",
     "mllmu_sets": "mmunlearn.data.recipe",
     "clear_sets": "mmunlearn.data.recipe",
+    "read_custom": "mmunlearn.data.custom",
+    "custom_sets": "mmunlearn.data.custom",
     # evaluation
     "EvalConfig": "mmunlearn.eval",
     "evaluate": "mmunlearn.eval",

@@ -86,7 +86,7 @@ def load_config(model: str):
         folder = resolve(model, "--model")
     except FileNotFoundError as e:
         raise ValueError(str(e)) from e
-    return AutoConfig.from_pretrained(folder, local_files_only=True)
+    return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
 
 
 def _text_dims(cfg):

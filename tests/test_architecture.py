@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "mmunlearn.data.linked",
             "mmunlearn.data.linked_probes",
             "mmunlearn.data.eval_sets",
+            "mmunlearn.data.custom",
         ],
     ),
     ("losses and models", ["mmunlearn.losses", "mmunlearn.models", "mmunlearn.models.*"]),

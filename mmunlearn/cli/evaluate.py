@@ -36,6 +36,7 @@ import os
 from pathlib import Path
 
 from mmunlearn.cli.common import UsageError, add_vision_modules
+from mmunlearn.cli.data import add_own_data, check_own, image_policy, own_files, own_record
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -160,6 +161,7 @@ def _data_options(e) -> None:
         default=None,
         help="at most N items per task and set (first N; --protocol clear: 300, its ds_size)",
     )
+    add_own_data(d, "eval")
 
 
 def _protocol_options(e) -> None:
@@ -291,22 +293,25 @@ def _plan(args, cfg):
         from mmunlearn.data.synthetic import make_benchmark
 
         bench = make_benchmark(n_people=args.people, seed=args.seed)
+    own = own_files(args)
     benchmark = "synthetic" if args.synthetic else "MLLMU-Bench" if args.mllmu else "CLEAR"
+    benchmark = "custom" if own else benchmark
     if args.protocol == "mllmu" and not args.mllmu:
         raise UsageError("--protocol mllmu evaluates MLLMU-Bench files: give --mllmu DIR")
     if args.protocol == "clear" and not args.clear:
         raise UsageError("--protocol clear evaluates CLEAR files: give --clear DIR")
     try:
-        plan = make_plan(
-            args.protocol,
-            benchmark,
-            cfg,
-            data=args.mllmu or args.clear,
-            bench=bench,
-            split=args.split,
-            limit=args.limit,
-            shots=_shots(args.shots),
-        )
+        with image_policy(args):
+            plan = make_plan(
+                args.protocol,
+                benchmark,
+                cfg,
+                data=own or args.mllmu or args.clear,
+                bench=bench,
+                split=args.split,
+                limit=args.limit,
+                shots=_shots(args.shots),
+            )
     except (DataFormatError, FileNotFoundError) as e:
         raise UsageError(f"cannot read the data: {e}") from e
     return plan, bench, benchmark
@@ -318,9 +323,13 @@ def _check(args) -> None:
         raise UsageError("give --model DIR (one or more) or --tiny")
     given = [f for f, v in (("--synthetic", args.synthetic), ("--mllmu", args.mllmu),
                             ("--clear", args.clear)) if v]  # fmt: skip
+    given += ["--forget"] if check_own(args, needs_retain=False) else []
     if len(given) != 1:
         which = "not together: " + ", ".join(given) if given else "none given"
-        raise UsageError(f"give one data source, --synthetic, --mllmu DIR or --clear DIR ({which})")
+        raise UsageError(
+            "give one data source, --synthetic, --mllmu DIR, --clear DIR or --forget FILE "
+            f"({which})"
+        )
     if args.n_boot < 1:
         raise UsageError(f"--n-boot {args.n_boot}: must be >= 1")
 
@@ -399,7 +408,7 @@ def run(args) -> int:
         **{k: v for k, v in proto.items() if k not in ("benchmark",)},
         "name": args.protocol,
         "benchmark": benchmark,
-        "data": args.mllmu or args.clear,
+        "data": own_record(args) or args.mllmu or args.clear,
         "split": None if args.synthetic else args.split,
         "limit": args.limit,
         "dtype": args.dtype,
@@ -454,7 +463,7 @@ def _update_cards(args, results: dict, plan, benchmark: str) -> None:
 
     note = (
         f"`mmunlearn eval` on {benchmark} ({args.protocol} protocol, seed {args.seed}, "
-        f"data {args.mllmu or args.clear or 'built-in'}):\n"
+        f"data {', '.join(own_files(args).values()) or args.mllmu or args.clear or 'built-in'}):\n"
     )
     table = markdown_table(results, plan.columns)
     for path in args.model or []:

@@ -1,5 +1,6 @@
 """``mmunlearn saliency`` (the MMUnlearner masks) and ``mmunlearn unlearn`` (one method), on a
-real checkpoint and MLLMU-Bench / CLEAR files, or on the built-in tiny model and benchmark.
+real checkpoint and MLLMU-Bench / CLEAR files or the user's own files (``--forget`` /
+``--retain``: :mod:`mmunlearn.cli.data`), or on the built-in tiny model and benchmark.
 
 Order of work: options are checked, then every data file is read (a bad file, row or column
 fails here, before any model is loaded), then the model and its processor, then the run.
@@ -24,6 +25,7 @@ from mmunlearn.cli.common import (
     say,
     start_distributed,
 )
+from mmunlearn.cli.data import add_data_options, data_source, own_record, read_sets
 from mmunlearn.methods import METHODS
 from mmunlearn.presets import RECIPES
 
@@ -60,7 +62,7 @@ def register(sub):
         )
         c.add_argument("--config", help="YAML/JSON file of option: value defaults")
         _model_options(c)
-        _data_options(c)
+        add_data_options(c, name)
         r = c.add_argument_group("recipe")
         r.add_argument(
             "--recipe",
@@ -112,15 +114,6 @@ def _model_options(c) -> None:
     add_vision_modules(m)
 
 
-def _data_options(c) -> None:
-    d = c.add_argument_group("data (one of)")
-    d.add_argument("--mllmu", metavar="DIR", help="MLLMU-Bench root (forget_5/, ...)")
-    d.add_argument("--clear", metavar="DIR", help="CLEAR root (forget05/, full+tofu/, ...)")
-    d.add_argument("--synthetic", action="store_true", help="the built-in benchmark")
-    d.add_argument("--split", type=int, default=5, help="forget %%: MLLMU 5|10|15, CLEAR 1|5|10")
-    d.add_argument("--people", type=int, default=40, help="synthetic people (default 40)")
-
-
 def _resume(text: str):
     """``--resume [auto]`` (a config file may say ``resume: true`` / ``auto`` / ``false``)."""
     t = str(text).strip().lower()
@@ -167,32 +160,6 @@ def _unlearn_options(c) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _benchmark(args) -> str:
-    given = [k for k in ("mllmu", "clear") if getattr(args, k)] + (
-        ["synthetic"] if args.synthetic else []
-    )
-    if len(given) != 1:
-        raise UsageError("give exactly one of --mllmu DIR, --clear DIR or --synthetic")
-    if bool(args.tiny) == bool(args.model):
-        raise UsageError("give --model DIR (a checkpoint) or --tiny (the built-in tiny model)")
-    if args.tiny and not args.synthetic:
-        raise UsageError("--tiny knows only the --synthetic benchmark's words; use --model")
-    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
-        raise UsageError(f"--fraction {args.fraction}: must be in (0, 1]")
-    if not args.gamma > 0 or args.gamma != args.gamma or args.gamma == float("inf"):
-        raise UsageError(f"--gamma {args.gamma}: must be a positive finite number")
-    from mmunlearn.data.recipe import SPLITS
-
-    splits = SPLITS.get(given[0])
-    if splits and args.split not in splits:
-        ok = "|".join(map(str, splits))
-        raise UsageError(f"--split {args.split}: --{given[0]} has forget splits {ok} (percent)")
-    if args.synthetic and args.people < 2:
-        raise UsageError(f"--people {args.people}: the synthetic benchmark needs at least 2")
-    check_out(args.out)
-    return given[0]
-
-
 def _run_config(args, benchmark: str):
     """The run's :class:`~mmunlearn.config.RunConfig`: the recipe's for this method and
     benchmark, with every run option given (flag or ``--config`` key)."""
@@ -200,24 +167,6 @@ def _run_config(args, benchmark: str):
 
     base = presets.resolve(args.recipe, getattr(args, "method", "mmunlearner"), benchmark)
     return run_config(args, args.cmd, base)
-
-
-def _data(args, benchmark: str, cfg):
-    from mmunlearn.data.recipe import benchmark_sets, synthetic_sets
-    from mmunlearn.data.synthetic import make_benchmark
-
-    if benchmark == "synthetic":
-        bench = make_benchmark(n_people=args.people, seed=cfg.seed)
-        return synthetic_sets(bench), bench
-    try:
-        return benchmark_sets(
-            mllmu=args.mllmu,
-            clear=args.clear,
-            split=args.split,
-            language_preserve=cfg.language_preserve,
-        ), None
-    except FileNotFoundError as e:
-        raise UsageError(str(e)) from e
 
 
 def _dtype(args, dev):
@@ -237,9 +186,9 @@ def _prepare(args, distributed: bool = False):
     from mmunlearn.models import load_checkpoint
     from mmunlearn.train import finetune
 
-    benchmark = _benchmark(args)
-    cfg = _run_config(args, benchmark)
-    data, bench = _data(args, benchmark, cfg)  # every file read before any model
+    source = data_source(args)
+    cfg = _run_config(args, "mllmu" if source == "custom" else source)  # own data: MLLMU's
+    data, bench = read_sets(args, source, cfg)  # every file read before any model
     dev = device(args, distributed)
     dtype = _dtype(args, dev)
     if args.tiny:
@@ -336,7 +285,8 @@ def _saliency(args, distributed: bool) -> int:
             cov = m.coverage()["total"]
             pct = 100 * cov["fraction"]
             print(f"{k}: {cov['selected']:,}/{cov['total']:,} selected ({pct:.1f} %)")
-        info = {"config": cfg.to_dict(), "data": data.sizes(), "model": args.model or "tiny"}
+        info = {"config": cfg.to_dict(), "data": {**data.sizes(), **own_record(args)},
+                "model": args.model or "tiny"}  # fmt: skip
         atomic_write_json(os.path.join(args.out, "saliency.json"), info)
         print(f"wrote {args.out}/mask_{{vision,language,both}}.safetensors, saliency.json")
     return 0
@@ -442,10 +392,11 @@ def _unlearn(args, distributed: bool, preemption) -> int:
                            loss_tokens=cfg.loss_tokens)  # fmt: skip
 
     run_dir = os.path.join(args.out, "run")
-    f_src, r_src = source(forget, 0), source(retain, 1)
+    f_src, r_src = source(forget, 0), (source(retain, 1) if retain else [])  # GA, NPO: none
     fingerprints = {
         "forget fingerprint": f_src.fingerprint(),
-        "retain fingerprint": r_src.fingerprint(),
+        "retain fingerprint": r_src.fingerprint() if retain else None,
+        **own_record(args),
     }
     result = unlearn(model, args.method, f_src, r_src, config=cfg,
                      output_dir=run_dir, resume=bool(args.resume), preemption=preemption,
@@ -482,7 +433,7 @@ def _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fing
     summary = {
         "config": cfg.to_dict(),
         "method": args.method,
-        "data": data.sizes(),
+        "data": {**data.sizes(), **fingerprints},
         "steps": result["steps"],
         "best": result["best"],
     }

@@ -145,8 +145,10 @@ def make_plan(
 ) -> Plan:
     """The plan of ``protocol`` on ``benchmark`` ("synthetic" with ``bench`` = a
     :class:`~mmunlearn.data.synthetic.SyntheticBenchmark`, "MLLMU-Bench" / "CLEAR" with
-    ``data`` = the root folder). Reads the data now (errors name the missing folder or the bad
-    file). ``shots``: ``--protocol mllmu``'s profiles per task (default the official 1 / 2)."""
+    ``data`` = the root folder, "custom" with ``data`` = ``{"forget": path[, "retain",
+    "forget_test"]}``: own files, :func:`mmunlearn.data.custom.custom_eval_sets`). Reads the
+    data now (errors name the missing folder or the bad file). ``shots``: ``--protocol
+    mllmu``'s profiles per task (default the official 1 / 2)."""
     from mmunlearn.data import eval_sets
 
     if protocol not in PROTOCOLS:
@@ -177,6 +179,11 @@ def make_plan(
         cols, extra = report.EVAL_COLUMNS, []
     elif benchmark == "MLLMU-Bench":
         sets = eval_sets.mllmu_sets(data, split, cfg.seed, limit)
+        cols, extra = report.EVAL_COLUMNS, []
+    elif benchmark == "custom":
+        from mmunlearn.data.custom import custom_eval_sets
+
+        sets = custom_eval_sets(**data, limit=limit)
         cols, extra = report.EVAL_COLUMNS, []
     else:
         sets = eval_sets.clear_sets(data, split, cfg.seed, limit)

@@ -23,6 +23,10 @@ from mmunlearn.io import replace_dir, temp_dir_for
 MARKER = "mmunlearn.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+# every from_pretrained: local files only, and never code from the checkpoint's folder (a
+# tokenizer / processor / model class named in an ``auto_map``): transformers refuses such a
+# folder with a message instead of running its code (or, with the default, asking on a terminal)
+LOCAL = {"local_files_only": True, "trust_remote_code": False}
 FAMILIES = {"llava": "llava", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl"}
 SUPPORTED_TEXT = (
     "LLaVA-1.5 (llava-hf), Qwen2-VL, Qwen2.5-VL and every other image-text-to-text model "
@@ -84,13 +88,13 @@ def load_model(
     path = Path(path_or_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"not a model directory: {path}")
-    kw: dict[str, Any] = {"local_files_only": True}
+    kw: dict[str, Any] = dict(LOCAL)
     if dtype is not None:
         kw["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kw)
     except (ValueError, KeyError):
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, **LOCAL)
         archs = getattr(config, "architectures", None) or []
         cls = getattr(transformers, archs[0], None) if archs else None
         if cls is None:
@@ -99,7 +103,7 @@ def load_model(
     tok = None
     if tokenizer:
         try:
-            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tok = AutoTokenizer.from_pretrained(path, **LOCAL)
         except (ValueError, OSError):
             from transformers import PreTrainedTokenizerFast
 
@@ -195,7 +199,7 @@ def _processor_without_video(folder: Path):
     cls = processor_class_from_name(name) if name else None
     if cls is None:
         raise ValueError("AutoProcessor could not build it and no processor_class names one")
-    return without_video(cls).from_pretrained(folder, local_files_only=True)
+    return without_video(cls).from_pretrained(folder, **LOCAL)
 
 
 def load_processor(folder: Path, family: str, model_config=None, flag: str = "--processor"):
@@ -218,7 +222,7 @@ def load_processor(folder: Path, family: str, model_config=None, flag: str = "--
         )
     proc = None
     try:
-        p = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        p = AutoProcessor.from_pretrained(folder, **LOCAL)
         if getattr(p, "image_processor", None) is not None and getattr(p, "tokenizer", None):
             proc = p
     except Exception:  # e.g. Qwen2-VL's processor needs torchvision (its video processor)
@@ -230,8 +234,8 @@ def load_processor(folder: Path, family: str, model_config=None, flag: str = "--
             if family != "qwen2vl":
                 proc = _processor_without_video(folder)
             else:
-                tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-                ip = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+                tok = AutoTokenizer.from_pretrained(folder, **LOCAL)
+                ip = AutoImageProcessor.from_pretrained(folder, **LOCAL)
                 template = _chat_template(folder, tok)
                 proc = ComposedProcessor(ip, tok, template or "", "<|image_pad|>")
     except (ValueError, OSError, ImportError) as e:
