@@ -79,8 +79,8 @@ def test_bad_config_file_is_one_line_naming_it(tmp_path, capsys, content, messag
 
 
 def test_shipped_configs_are_valid_for_saliency_and_unlearn():
-    """Every mmunlearn/configs/*/*.yaml reads cleanly (each key an option, each value of its type) for
-    both commands that take it."""
+    """Every mmunlearn/configs/*/*.yaml reads cleanly (each key an option, each value of its
+    type) for both commands that take it."""
     from pathlib import Path
 
     from mmunlearn.cli import _build
