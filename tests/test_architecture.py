@@ -64,6 +64,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("eval", ["mmunlearn.eval", "mmunlearn.eval.*"]),
+    ("attack", ["mmunlearn.attack", "mmunlearn.attack.*"]),
     (
         "applications",
         [
