@@ -65,6 +65,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         ],
     ),
     ("eval", ["mmunlearn.eval", "mmunlearn.eval.*"]),
+    ("attack", ["mmunlearn.attack", "mmunlearn.attack.*"]),
     (
         "applications",
         [
