@@ -15,7 +15,8 @@ Each field's ``metadata`` says how it is exposed:
 - ``help``: the option's help text;
 - ``flag``: the option name when it is not the field's (``max_steps`` is ``--steps``);
 - ``choices``: the accepted values (checked here too, for the API);
-- ``identity``: False for settings a resume may change (logging, workers, backend, ...).
+- ``identity``: False for settings a resume may change (logging, workers, backend, ...);
+- ``many``: a comma-separated list; the option may be repeated (``--report-to a --report-to b``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from mmunlearn.methods import KL_FORMS, METHODS, NPO_FORMS
 
 RECIPES = ("mmunlearn", "official")
+REPORTERS = ("tensorboard", "wandb", "mlflow")
 
 # option groups: (title in --help, commands that have it)
 GROUPS = {
@@ -40,8 +42,9 @@ GROUPS = {
 }
 
 
-def _f(default, group: str, help: str, *, flag=None, choices=None, identity=True, cli=True):
-    meta = {"group": group, "help": help, "identity": identity, "cli": cli}
+def _f(default, group: str, help: str, *, flag=None, choices=None, identity=True, cli=True,
+       many=False):  # fmt: skip
+    meta = {"group": group, "help": help, "identity": identity, "cli": cli, "many": many}
     if flag:
         meta["flag"] = flag
     if choices:
@@ -131,11 +134,14 @@ class RunConfig:
     log_every: int = _f(1, "watch", "steps between reading the loss back (a host sync) and "
                         "logging it", identity=False)  # fmt: skip
     eval_every: int = _f(0, "watch", "steps between evaluations (0: never)", identity=False)
-    report_to: str = _f("none", "watch", "where to log besides log.jsonl",
-                        choices=("none", "tensorboard"), identity=False)  # fmt: skip
+    report_to: str = _f("none", "watch", "where to log besides log.jsonl: none, or any of "
+                        "tensorboard, wandb (offline unless WANDB_MODE is set), mlflow (a file "
+                        "store under the run folder unless MLFLOW_TRACKING_URI is set), comma-"
+                        "separated or repeated", identity=False, many=True)  # fmt: skip
     progress: bool = _f(True, "watch", "a progress bar", identity=False, cli=False)
 
     def __post_init__(self):
+        object.__setattr__(self, "report_to", ",".join(report_targets(self.report_to)) or "none")
         for f in fields(self):
             v, ok = getattr(self, f.name), f.metadata.get("choices")
             if ok and v not in ok:
@@ -196,6 +202,22 @@ class RunConfig:
         return cls(**d)
 
 
+def report_targets(value) -> tuple[str, ...]:
+    """The reporters of a ``report_to`` value (``"tensorboard,wandb"``, a list, ``"none"``), in
+    order, each once; ValueError naming an unknown one."""
+    items = value if isinstance(value, (list, tuple)) else str(value or "none").split(",")
+    names = [str(x).strip().lower() for x in items if str(x).strip()]
+    out = []
+    for n in names:
+        if n not in (*REPORTERS, "none"):
+            raise ValueError(f"report_to must name none or {', '.join(REPORTERS)}, got {n!r}")
+        if n != "none" and n not in out:
+            out.append(n)
+    if "none" in names and out:
+        raise ValueError(f"report_to: none together with {', '.join(out)}")
+    return tuple(out)
+
+
 def _positive(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a positive finite number, got {v!r}")
@@ -215,4 +237,4 @@ def cli_fields(command: str) -> list:
     ]
 
 
-__all__ = ["GROUPS", "METHODS", "RECIPES", "RunConfig", "cli_fields"]
+__all__ = ["GROUPS", "METHODS", "RECIPES", "REPORTERS", "RunConfig", "cli_fields", "report_targets"]

@@ -280,7 +280,8 @@ def _run(steps: Stepper, start, history, data, callback, monitor, on_best, preem
     model, opt, cfg, ckpts = steps.model, steps.opt, steps.cfg, steps.checkpoints
     total = steps.total
     steps.streams = _streams(*data, steps.plan, start, cfg, steps.device)
-    log = RunLog(ckpts.output_dir if ckpts else None, cfg.report_to)
+    config = {"method": steps.method.name, **cfg.to_dict()}
+    log = RunLog(ckpts.output_dir if ckpts else None, cfg.report_to, config)
     fraction = mask_fraction(opt) if steps.method.uses_mask else None
     bar = tqdm(total=total, initial=start, desc=f"unlearn[{steps.method.name}]",
                disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
@@ -297,6 +298,7 @@ def _run(steps: Stepper, start, history, data, callback, monitor, on_best, preem
                 hook.after_step(r)
         if evals:
             evals.finish(total)
+            log.table("evals", evals.evals, total - 1)
     finally:
         bar.close()
         log.close()

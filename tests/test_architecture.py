@@ -55,6 +55,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     (
         "loop",
         [
+            "mmunlearn.reporters",
             "mmunlearn.runlog",
             "mmunlearn.runctl",
             "mmunlearn.stepper",

@@ -197,9 +197,15 @@ def _run_config(args, benchmark: str):
     """The run's :class:`~mmunlearn.config.RunConfig`: the recipe's for this method and
     benchmark, with every run option given (flag or ``--config`` key)."""
     from mmunlearn import presets
+    from mmunlearn.reporters import check_installed
 
     base = presets.resolve(args.recipe, getattr(args, "method", "mmunlearner"), benchmark)
-    return run_config(args, args.cmd, base)
+    cfg = run_config(args, args.cmd, base)
+    try:
+        check_installed(cfg.report_to)
+    except ImportError as e:
+        raise UsageError(str(e)) from e
+    return cfg
 
 
 def _data(args, benchmark: str, cfg):
