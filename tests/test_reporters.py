@@ -127,9 +127,7 @@ def test_every_reporter_holds_what_the_loop_logged(tmp_path, offline):
     (table,) = tables
     data = json.loads(table.read_text())
     evals = [r for r in rows if r["phase"] == "eval"]
-    assert [r[data["columns"].index("score")] for r in data["data"]] == [
-        r["score"] for r in evals
-    ]
+    assert [r[data["columns"].index("score")] for r in data["data"]] == [r["score"] for r in evals]
 
     ml, params, arts = read_mlflow(run)
     assert ml == pytest.approx(want)
