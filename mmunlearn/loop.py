@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmunlearn.checkpoint import Checkpoints, run_identity
+from mmunlearn.checkpoint import Checkpoints, read_state, run_identity
 from mmunlearn.config import RunConfig
 from mmunlearn.distributed import is_rank0, is_sharded, require_reduced_grads
 from mmunlearn.methods import Method
@@ -269,6 +269,9 @@ def unlearn(
         if is_sharded(model) and not is_rank0():
             cfg = replace(cfg, progress=False)  # one progress bar per run, rank 0's
         steps = Stepper(model, method, opt, sched, cfg, ref_model, plan, ends, ckpts)
+        scaled = read_state(found).get("grad_scaler") if found else None
+        if steps.scaler is not None and scaled:
+            steps.scaler.load_state_dict(scaled)  # the fp16 loss scale where it stopped
         hooks = (callback, monitor, on_best, preemption)
         out.update(_run(steps, start, history, (forget, retain), *hooks))
     model.eval()
@@ -287,7 +290,7 @@ def _run(steps: Stepper, start, history, data, callback, monitor, on_best, preem
                disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
     hooks: list = [LogHook(log, history, bar, steps.epoch_ends, fraction)]
     evals = EvalHook(model, monitor, cfg.eval_every, log, on_best) if monitor else None
-    saver = CheckpointHook(ckpts, opt, steps.sched, cfg, history) if ckpts else None
+    saver = CheckpointHook(ckpts, opt, steps.sched, cfg, history, steps.scaler) if ckpts else None
     hooks += [h for h in (evals, saver) if h] + ([CallbackHook(callback)] if callback else [])
     if preemption is not None:
         hooks.append(PreemptHook(preemption, saver, total, steps.device))

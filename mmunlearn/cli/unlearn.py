@@ -101,7 +101,8 @@ def _model_options(c) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "bf16", "fp16", "fp32"],
-        help="weights' dtype (auto: bf16 on CUDA, fp32 on the CPU)",
+        help="weights' dtype (auto: bf16 on CUDA, fp32 on the CPU; fp16 weights train with "
+        "torch.amp.GradScaler loss scaling: steps with inf/NaN gradients are skipped)",
     )
     m.add_argument(
         "--vanilla-steps",
