@@ -38,6 +38,7 @@ GROUPS = {
     "mask": ("masked steps", ("unlearn",)),
     "method": ("method's loss", ("unlearn",)),
     "watch": ("watching the run", ("unlearn",)),
+    "lora": ("LoRA (baselines only; PEFT)", ("unlearn",)),
     "system": ("system", ("saliency", "unlearn")),
 }
 
@@ -139,6 +140,18 @@ class RunConfig:
                         "store under the run folder unless MLFLOW_TRACKING_URI is set), comma-"
                         "separated or repeated", identity=False, many=True)  # fmt: skip
     progress: bool = _f(True, "watch", "a progress bar", identity=False, cli=False)
+    # LoRA (the official baselines'; MLLMU-Bench's values are the defaults)
+    lora: bool = _f(False, "lora", "train a LoRA adapter, not every weight (GA, GA_Diff, "
+                    "KL_Min, NPO; not MMUnlearner: its mask is over base weights)")  # fmt: skip
+    lora_r: int = _f(16, "lora", "LoRA rank (MLLMU-Bench: 16)")
+    lora_alpha: float = _f(16.0, "lora", "LoRA α (MLLMU-Bench: 16)")
+    lora_dropout: float = _f(0.05, "lora", "LoRA dropout (MLLMU-Bench: 0.05)")
+    lora_targets: str = _f("mllmu", "lora", "modules to adapt: mllmu (MLLMU-Bench's rule: "
+                           "every linear layer named like one outside the projector and "
+                           "vision model, but lm_head), or names (PEFT suffixes), A,B")  # fmt: skip
+    lora_save: str = _f("merged", "lora", "write the model with the adapter merged in, or the "
+                        "adapter alone (loads onto its base)", choices=("merged", "adapter"),
+                        identity=False)  # fmt: skip
 
     def __post_init__(self):
         object.__setattr__(self, "report_to", ",".join(report_targets(self.report_to)) or "none")
@@ -146,9 +159,10 @@ class RunConfig:
             v, ok = getattr(self, f.name), f.metadata.get("choices")
             if ok and v not in ok:
                 raise ValueError(f"{f.name} must be one of {', '.join(ok)}, got {v!r}")
-        for name in ("lr", "alpha", "beta", "eps"):
+        for name in ("lr", "alpha", "beta", "eps", "lora_alpha"):
             _positive(name, getattr(self, name))
-        for name in ("batch_size", "grad_accum", "epochs", "log_every", "fisher_batch_size"):
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "fisher_batch_size",
+                     "lora_r"):  # fmt: skip
             _at_least(name, getattr(self, name), 1)
         for name in ("forget_freq", "max_steps"):
             if getattr(self, name) is not None:
@@ -164,6 +178,10 @@ class RunConfig:
             if isinstance(r, str):
                 raise ValueError(f"retain_max_grad_norm must be a number, None or 'same': {r!r}")
             _positive("retain_max_grad_norm", r)
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not str(self.lora_targets).strip(","):
+            raise ValueError("lora_targets must be mllmu or module names, got nothing")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 

@@ -127,6 +127,9 @@ def _prepare_model(model, method: Method, masks, ref_model, cfg: RunConfig):
     """Seeds, gradient checkpointing, checks; the frozen reference model (or None)."""
     if method.uses_mask and not masks:
         raise ValueError("MMUnlearner needs saliency masks (masks={param: mask})")
+    if method.uses_mask and cfg.lora:
+        raise ValueError("lora: MMUnlearner's saliency mask selects base weights, which LoRA "
+                         "freezes; use LoRA with ga, ga_diff, kl_min or npo")  # fmt: skip
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
