@@ -9,7 +9,7 @@ PY     := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml constraints.txt setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[test,plot,eval]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test,plot,eval,track,lora]"
 	touch $@
 
 demo: $(VENV)/.installed

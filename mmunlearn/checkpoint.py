@@ -206,14 +206,16 @@ class Checkpoints:
         self.identity = identity
         self.sharded = is_sharded(model)
 
-    def save(self, opt, sched, step: int, history: list, config) -> str:
+    def save(self, opt, sched, step: int, history: list, config, extra=None) -> str:
         """Atomically write the checkpoint of ``step``; returns its path. ``config``: the
-        run's :class:`~mmunlearn.config.RunConfig` (stored as JSON)."""
+        run's :class:`~mmunlearn.config.RunConfig` (stored as JSON); ``extra``: more JSON
+        state (the loss scaler's), read back with :func:`read_state`."""
         state = {
             "step": step,
             "history": history,
             "config": config.to_dict(),
             "identity": self.identity,
+            **(extra or {}),
         }
         if self.sharded:
             return self._save_sharded(opt, sched, state)

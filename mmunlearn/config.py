@@ -15,7 +15,8 @@ Each field's ``metadata`` says how it is exposed:
 - ``help``: the option's help text;
 - ``flag``: the option name when it is not the field's (``max_steps`` is ``--steps``);
 - ``choices``: the accepted values (checked here too, for the API);
-- ``identity``: False for settings a resume may change (logging, workers, backend, ...).
+- ``identity``: False for settings a resume may change (logging, workers, backend, ...);
+- ``many``: a comma-separated list; the option may be repeated (``--report-to a --report-to b``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from mmunlearn.methods import KL_FORMS, METHODS, NPO_FORMS
 
 RECIPES = ("mmunlearn", "official")
+REPORTERS = ("tensorboard", "wandb", "mlflow")
 
 # option groups: (title in --help, commands that have it)
 GROUPS = {
@@ -36,12 +38,14 @@ GROUPS = {
     "mask": ("masked steps", ("unlearn",)),
     "method": ("method's loss", ("unlearn",)),
     "watch": ("watching the run", ("unlearn",)),
+    "lora": ("LoRA (baselines only; PEFT)", ("unlearn",)),
     "system": ("system", ("saliency", "unlearn")),
 }
 
 
-def _f(default, group: str, help: str, *, flag=None, choices=None, identity=True, cli=True):
-    meta = {"group": group, "help": help, "identity": identity, "cli": cli}
+def _f(default, group: str, help: str, *, flag=None, choices=None, identity=True, cli=True,
+       many=False):  # fmt: skip
+    meta = {"group": group, "help": help, "identity": identity, "cli": cli, "many": many}
     if flag:
         meta["flag"] = flag
     if choices:
@@ -134,18 +138,34 @@ class RunConfig:
     log_every: int = _f(1, "watch", "steps between reading the loss back (a host sync) and "
                         "logging it", identity=False)  # fmt: skip
     eval_every: int = _f(0, "watch", "steps between evaluations (0: never)", identity=False)
-    report_to: str = _f("none", "watch", "where to log besides log.jsonl",
-                        choices=("none", "tensorboard"), identity=False)  # fmt: skip
+    report_to: str = _f("none", "watch", "where to log besides log.jsonl: none, or any of "
+                        "tensorboard, wandb (offline unless WANDB_MODE is set), mlflow (a file "
+                        "store under the run folder unless MLFLOW_TRACKING_URI is set), comma-"
+                        "separated or repeated", identity=False, many=True)  # fmt: skip
     progress: bool = _f(True, "watch", "a progress bar", identity=False, cli=False)
+    # LoRA (the official baselines'; MLLMU-Bench's values are the defaults)
+    lora: bool = _f(False, "lora", "train a LoRA adapter, not every weight (GA, GA_Diff, "
+                    "KL_Min, NPO; not MMUnlearner: its mask is over base weights)")  # fmt: skip
+    lora_r: int = _f(16, "lora", "LoRA rank (MLLMU-Bench: 16)")
+    lora_alpha: float = _f(16.0, "lora", "LoRA α (MLLMU-Bench: 16)")
+    lora_dropout: float = _f(0.05, "lora", "LoRA dropout (MLLMU-Bench: 0.05)")
+    lora_targets: str = _f("mllmu", "lora", "modules to adapt: mllmu (MLLMU-Bench's rule: "
+                           "every linear layer named like one outside the projector and "
+                           "vision model, but lm_head), or names (PEFT suffixes), A,B")  # fmt: skip
+    lora_save: str = _f("merged", "lora", "write the model with the adapter merged in, or the "
+                        "adapter alone (loads onto its base)", choices=("merged", "adapter"),
+                        identity=False)  # fmt: skip
 
     def __post_init__(self):
+        object.__setattr__(self, "report_to", ",".join(report_targets(self.report_to)) or "none")
         for f in fields(self):
             v, ok = getattr(self, f.name), f.metadata.get("choices")
             if ok and v not in ok:
                 raise ValueError(f"{f.name} must be one of {', '.join(ok)}, got {v!r}")
-        for name in ("lr", "alpha", "beta", "eps"):
+        for name in ("lr", "alpha", "beta", "eps", "lora_alpha"):
             _positive(name, getattr(self, name))
-        for name in ("batch_size", "grad_accum", "epochs", "log_every", "fisher_batch_size"):
+        for name in ("batch_size", "grad_accum", "epochs", "log_every", "fisher_batch_size",
+                     "lora_r"):  # fmt: skip
             _at_least(name, getattr(self, name), 1)
         for name in ("forget_freq", "max_steps"):
             if getattr(self, name) is not None:
@@ -167,6 +187,10 @@ class RunConfig:
                 f"(got {self.grad_accum}) and mask_mode masked_step (got {self.mask_mode!r}, "
                 "whose mask multiply and global clip need every gradient first)"
             )
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not str(self.lora_targets).strip(","):
+            raise ValueError("lora_targets must be mllmu or module names, got nothing")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
@@ -205,6 +229,22 @@ class RunConfig:
         return cls(**d)
 
 
+def report_targets(value) -> tuple[str, ...]:
+    """The reporters of a ``report_to`` value (``"tensorboard,wandb"``, a list, ``"none"``), in
+    order, each once; ValueError naming an unknown one."""
+    items = value if isinstance(value, (list, tuple)) else str(value or "none").split(",")
+    names = [str(x).strip().lower() for x in items if str(x).strip()]
+    out = []
+    for n in names:
+        if n not in (*REPORTERS, "none"):
+            raise ValueError(f"report_to must name none or {', '.join(REPORTERS)}, got {n!r}")
+        if n != "none" and n not in out:
+            out.append(n)
+    if "none" in names and out:
+        raise ValueError(f"report_to: none together with {', '.join(out)}")
+    return tuple(out)
+
+
 def _positive(name: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a positive finite number, got {v!r}")
@@ -224,4 +264,4 @@ def cli_fields(command: str) -> list:
     ]
 
 
-__all__ = ["GROUPS", "METHODS", "RECIPES", "RunConfig", "cli_fields"]
+__all__ = ["GROUPS", "METHODS", "RECIPES", "REPORTERS", "RunConfig", "cli_fields", "report_targets"]

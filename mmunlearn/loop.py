@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mmunlearn.checkpoint import Checkpoints, run_identity
+from mmunlearn.checkpoint import Checkpoints, read_state, run_identity
 from mmunlearn.config import RunConfig
 from mmunlearn.distributed import is_rank0, is_sharded, require_reduced_grads
 from mmunlearn.methods import Method
@@ -127,6 +127,9 @@ def _prepare_model(model, method: Method, masks, ref_model, cfg: RunConfig):
     """Seeds, gradient checkpointing, checks; the frozen reference model (or None)."""
     if method.uses_mask and not masks:
         raise ValueError("MMUnlearner needs saliency masks (masks={param: mask})")
+    if method.uses_mask and cfg.lora:
+        raise ValueError("lora: MMUnlearner's saliency mask selects base weights, which LoRA "
+                         "freezes; use LoRA with ga, ga_diff, kl_min or npo")  # fmt: skip
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -274,6 +277,9 @@ def unlearn(
         if is_sharded(model) and not is_rank0():
             cfg = replace(cfg, progress=False)  # one progress bar per run, rank 0's
         steps = Stepper(model, method, opt, sched, cfg, ref_model, plan, ends, ckpts)
+        scaled = read_state(found).get("grad_scaler") if found else None
+        if steps.scaler is not None and scaled:
+            steps.scaler.load_state_dict(scaled)  # the fp16 loss scale where it stopped
         hooks = (callback, monitor, on_best, preemption)
         try:
             out.update(_run(steps, start, history, (forget, retain), *hooks))
@@ -289,13 +295,14 @@ def _run(steps: Stepper, start, history, data, callback, monitor, on_best, preem
     model, opt, cfg, ckpts = steps.model, steps.opt, steps.cfg, steps.checkpoints
     total = steps.total
     steps.streams = _streams(*data, steps.plan, start, cfg, steps.device)
-    log = RunLog(ckpts.output_dir if ckpts else None, cfg.report_to)
+    config = {"method": steps.method.name, **cfg.to_dict()}
+    log = RunLog(ckpts.output_dir if ckpts else None, cfg.report_to, config)
     fraction = mask_fraction(opt) if steps.method.uses_mask else None
     bar = tqdm(total=total, initial=start, desc=f"unlearn[{steps.method.name}]",
                disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
     hooks: list = [LogHook(log, history, bar, steps.epoch_ends, fraction)]
     evals = EvalHook(model, monitor, cfg.eval_every, log, on_best) if monitor else None
-    saver = CheckpointHook(ckpts, opt, steps.sched, cfg, history) if ckpts else None
+    saver = CheckpointHook(ckpts, opt, steps.sched, cfg, history, steps.scaler) if ckpts else None
     hooks += [h for h in (evals, saver) if h] + ([CallbackHook(callback)] if callback else [])
     if preemption is not None:
         hooks.append(PreemptHook(preemption, saver, total, steps.device))
@@ -306,6 +313,7 @@ def _run(steps: Stepper, start, history, data, callback, monitor, on_best, preem
                 hook.after_step(r)
         if evals:
             evals.finish(total)
+            log.table("evals", evals.evals, total - 1)
     finally:
         bar.close()
         log.close()

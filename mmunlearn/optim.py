@@ -18,6 +18,11 @@ Three-line use in any training loop::
     # or, never reading the loss back: skip the step on the device if it is not finite
     opt.step(max_grad_norm=1.0, found_inf=~torch.isfinite(loss.detach()))
 
+fp16 training: ``torch.amp.GradScaler`` works as with torch's fused AdamW (``scaler.scale(loss)
+.backward(); scaler.step(opt, max_grad_norm=1.0); scaler.update()``): the scale is divided out
+inside the kernel, clipping sees the unscaled norm, and a step with an inf/NaN gradient is
+skipped on the device (``MaskedOptimizer`` in :mod:`mmunlearn.optim_base`).
+
 Policy for parameters without a mask during a masked step (``unmasked=``): ``"freeze"``
 (default: they do not move at all) or ``"update"`` (a full step). The official MMUnlearner code
 behaves like ``"update"`` — silently, because its mask is keyed by names that do not cover norms,

@@ -53,7 +53,17 @@ def _sq_norm(parts, backend) -> torch.Tensor:
 
 
 class MaskedOptimizer(torch.optim.Optimizer):
-    """Shared machinery: masks kept in per-parameter state, clipping, masked/unmasked split."""
+    """Shared machinery: masks kept in per-parameter state, clipping, masked/unmasked split.
+
+    ``torch.amp.GradScaler`` support (the contract of torch's fused optimizers): with
+    ``_step_supports_amp_scaling``, ``scaler.step(opt, ...)`` sets ``opt.grad_scale`` (None
+    when ``scaler.unscale_(opt)`` already ran) and ``opt.found_inf`` and calls :meth:`step`
+    directly; the step divides the gradients by the scale inside the kernel (``grad_mul``:
+    no unscaled copy, and fp16 gradients are never unscaled in fp16), clips on the unscaled
+    norm, and where ``found_inf`` is set (an inf/NaN gradient) is a no-op on the device:
+    weights, moments and step counts untouched. ``scaler.update()`` then adapts the scale."""
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, defaults, *, unmasked, clip_order, backend):
         if unmasked not in _UNMASKED:
@@ -214,8 +224,10 @@ class MaskedOptimizer(torch.optim.Optimizer):
         coef, _ = self._clip_scale_and_norm(max_grad_norm, masked)
         return coef
 
-    def _clip_scale_and_norm(self, max_grad_norm, masked):
-        """(clip coefficient, squared norm) as device 0-dim tensors, or (None, None)."""
+    def _clip_scale_and_norm(self, max_grad_norm, masked, inv_scale=None):
+        """(clip coefficient, squared norm) as device 0-dim tensors, or (None, None);
+        ``inv_scale``: the gradients are scaled by its inverse (a loss scale), the coefficient
+        is that of the unscaled norm (the squared norm returned is the scaled one)."""
         # parts keyed by the process groups their shard sums are reduced over (a plain tensor:
         # none; an FSDP2 DTensor: its mesh's shard dimension(s), never the default group)
         parts: dict[tuple, list] = {}
@@ -239,17 +251,31 @@ class MaskedOptimizer(torch.optim.Optimizer):
             for pg in groups:
                 part = all_reduce_sum_(part, group=pg)
             sq = part if sq is None else sq + part.to(sq.device)
-        return torch.clamp(max_grad_norm / (sq.sqrt() + 1e-6), max=1.0), sq
+        norm = sq.sqrt() if inv_scale is None else sq.sqrt() * inv_scale.to(sq.device)
+        return torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0), sq
 
     def _prepare(self, max_grad_norm, masked, found_inf):
         """Clip coefficient and skip flag for a step, both on the device (no host sync).
 
         With ``found_inf`` given and clipping on, a non-finite gradient norm also skips the step
-        (the norm is computed anyway)."""
+        (the norm is computed anyway). Under ``torch.amp.GradScaler.step`` (the class
+        docstring) the scaler's ``grad_scale`` and ``found_inf`` join in: the returned
+        multiplier includes ``1 / grad_scale`` and the flag the scaler's."""
+        inv = getattr(self, "grad_scale", None)
+        inv = None if inv is None else torch.reciprocal(inv.detach().reshape(()).float())
+        amp_inf = getattr(self, "found_inf", None)
+        if amp_inf is not None:
+            amp_inf = amp_inf.detach().reshape(()).float()
+            if found_inf is not None:
+                given = found_inf.detach().reshape(()).float().to(amp_inf.device)
+                amp_inf = torch.maximum(amp_inf, given)
+            found_inf = amp_inf
         if max_grad_norm is None:
-            scale, sq = None, None
+            scale, sq = inv, None
         else:
-            scale, sq = self._clip_scale_and_norm(max_grad_norm, masked)
+            scale, sq = self._clip_scale_and_norm(max_grad_norm, masked, inv)
+            if inv is not None:
+                scale = inv if scale is None else scale * inv.to(scale.device)
         if found_inf is None:
             return scale, None
         if not isinstance(found_inf, torch.Tensor) or found_inf.numel() != 1:

@@ -1,6 +1,7 @@
-"""What a run reports while it runs: the JSON-lines log (``log.jsonl``), TensorBoard scalars,
-and the two per-step numbers worth watching besides the loss (the global gradient norm and the
-masked fraction of the weights a masked step may move)."""
+"""What a run reports while it runs: the JSON-lines log (``log.jsonl``), the reporters
+(TensorBoard, W&B, MLflow: :mod:`mmunlearn.reporters`), and the two per-step numbers worth
+watching besides the loss (the global gradient norm and the masked fraction of the weights a
+masked step may move)."""
 
 from __future__ import annotations
 
@@ -15,37 +16,49 @@ from mmunlearn.kernels import grad_sq_norm
 LOG = "log.jsonl"
 
 
+def scalars_of(row: dict) -> dict[str, float]:
+    """The scalars of a ``log.jsonl`` row as reporters get them: every number but ``step`` and
+    ``epoch``, tagged ``<phase>/<name>`` (``forget/loss``, ``eval/score``), ``lr`` as is."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("step", "epoch"):
+            out[f"{row.get('phase', 'eval')}/{k}" if k != "lr" else "lr"] = v
+    return out
+
+
 class RunLog:
     """The run's JSON-lines log (``output_dir/log.jsonl``, rank 0, appended: a resumed run
-    continues it) and, with ``report_to="tensorboard"``, TensorBoard scalars."""
+    continues it) and the reporters of ``report_to`` (:mod:`mmunlearn.reporters`: TensorBoard,
+    W&B, MLflow; rank 0), which get ``config`` once, every row's scalars and the tables."""
 
-    def __init__(self, output_dir: str | None, report_to: str | None):
+    def __init__(self, output_dir: str | None, report_to: str | None, config: dict | None = None,
+                 name: str | None = None):  # fmt: skip
+        from mmunlearn.reporters import open_reporters
+
         self.path = os.path.join(output_dir, LOG) if (output_dir and is_rank0()) else None
-        self.tb = None
-        if report_to == "tensorboard" and is_rank0():
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ValueError(
-                    "report_to='tensorboard' needs the tensorboard package "
-                    "(pip install tensorboard)"
-                ) from e
-            self.tb = SummaryWriter(os.path.join(output_dir or ".", "tensorboard"))
+        on = report_to if is_rank0() else None
+        self.reporters = open_reporters(on, output_dir or ".", name)
+        for r in self.reporters:
+            r.log_config(config or {})
 
     def write(self, row: dict) -> None:
         if self.path is not None:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, (int, float)) and k not in ("step", "epoch"):
-                    tag = f"{row.get('phase', 'eval')}/{k}" if k != "lr" else "lr"
-                    self.tb.add_scalar(tag, v, row["step"])
+        scalars = scalars_of(row)
+        for r in self.reporters:
+            r.log_scalars(scalars, row["step"])
+
+    def table(self, name: str, rows: list[dict], step: int) -> None:
+        """A table of ``rows`` (e.g. the evaluations) to every reporter."""
+        for r in self.reporters:
+            r.log_table(name, rows, step)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        for r in self.reporters:
+            r.close()
+        self.reporters = []
 
 
 def grad_norm(params) -> float:
@@ -68,4 +81,4 @@ def mask_fraction(opt) -> float | None:
     return float(t[0] / t[1]) if t[1] else None
 
 
-__all__ = ["LOG", "RunLog", "grad_norm", "mask_fraction"]
+__all__ = ["LOG", "RunLog", "grad_norm", "mask_fraction", "scalars_of"]

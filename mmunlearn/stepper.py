@@ -83,6 +83,12 @@ class Stepper:
         self.pending: list = []  # (step, kind, index, flag) of steps whose loss is unread
         # grad_release: every parameter steps inside backward (optim_base.GradRelease)
         self.release = GradRelease(opt) if cfg.grad_release else None
+        self.scaler = loss_scaler(self.params, self.device, method, cfg)
+        if self.release is not None and self.scaler is not None:
+            raise ValueError(
+                "grad_release with fp16 weights is not supported: the loss scaler must see every "
+                "gradient before any parameter steps; use bf16, or drop --grad-release"
+            )
 
     def __call__(self, step: int) -> StepResult:
         t0 = time.perf_counter()
@@ -98,6 +104,8 @@ class Stepper:
                 self._check_pending(step)
             value = self._read(step, kind, idx, loss) if (logged or not self.takes_flag) else None
             gnorm = grad_norm(self.params) if logged else None
+            if gnorm is not None and self.scaler is not None:
+                gnorm /= self.scaler.get_scale()  # the gradients are scaled
             self._apply(kind, masked, flag)
         lr = self.opt.param_groups[0]["lr"]
         if self.cfg.schedule_unit == "step" or step in self.epoch_ends:
@@ -133,7 +141,8 @@ class Stepper:
         for _ in range(ga):
             # under torchrun every rank computes its slice of the same global batch
             loss = self._loss(kind)
-            (loss / ga).backward()
+            part = loss / ga
+            (part if self.scaler is None else self.scaler.scale(part)).backward()
             d = loss.detach() / ga
             total = d if total is None else total + d
         return total
@@ -181,9 +190,28 @@ class Stepper:
         clip = self.cfg.max_grad_norm if kind == "forget" else self.cfg.retain_clip
         if masked and self.cfg.mask_mode == "zero_grad":
             zero_grad_mask_step(self.opt, self.params, clip, flag)
+        elif self.scaler is not None:  # skips on inf/NaN gradients, then adapts the scale
+            self.scaler.step(self.opt, masked=masked, max_grad_norm=clip, found_inf=flag)
+            self.scaler.update()
         else:
             self.opt.step(masked=masked, max_grad_norm=clip, found_inf=flag)
         self.opt.zero_grad(set_to_none=True)
+
+
+def loss_scaler(params, device, method: Method, cfg: RunConfig):
+    """A ``torch.amp.GradScaler`` (torch's defaults: scale 2¹⁶, halved on an inf/NaN gradient,
+    whose step is skipped, doubled after 2000 good steps) when a trained weight is fp16: fp16
+    gradients underflow without one. ValueError where it cannot apply: the official
+    ``zero_grad`` masked step (it clips and masks the scaled gradient itself) and FSDP2."""
+    if not any(local(p).dtype == torch.float16 for p in params):
+        return None
+    if method.uses_mask and cfg.mask_mode == "zero_grad":
+        raise ValueError("fp16 weights need loss scaling, which mask_mode 'zero_grad' (the "
+                         "official masked step) does not do; use bf16 or fp32 weights")  # fmt: skip
+    if world_size() > 1:
+        raise ValueError("fp16 weights under torchrun are not supported; use bf16 (FSDP2's "
+                         "--mixed-precision bf16) or fp32")  # fmt: skip
+    return torch.amp.GradScaler(device.type)
 
 
 def zero_grad_mask_step(opt, params, max_grad_norm, found_inf=None) -> None:
@@ -259,9 +287,10 @@ class EvalHook:
 class CheckpointHook:
     """A checkpoint every ``every`` steps (0: only the final one, written by :func:`unlearn`)."""
 
-    def __init__(self, checkpoints: Checkpoints, opt, sched, cfg: RunConfig, history: list):
+    def __init__(self, checkpoints: Checkpoints, opt, sched, cfg: RunConfig, history: list,
+                 scaler=None):  # fmt: skip
         self.checkpoints, self.opt, self.sched = checkpoints, opt, sched
-        self.cfg, self.history = cfg, history
+        self.cfg, self.history, self.scaler = cfg, history, scaler
         self.saved_step: int | None = None  # the step of the last checkpoint written
 
     def after_step(self, r: StepResult) -> None:
@@ -271,7 +300,8 @@ class CheckpointHook:
 
     def save(self, step: int) -> None:
         if self.saved_step != step:
-            self.checkpoints.save(self.opt, self.sched, step, self.history, self.cfg)
+            extra = {"grad_scaler": self.scaler.state_dict()} if self.scaler else None
+            self.checkpoints.save(self.opt, self.sched, step, self.history, self.cfg, extra)
             self.saved_step = step
 
 
@@ -323,5 +353,6 @@ __all__ = [
     "StepResult",
     "Stepper",
     "global_value",
+    "loss_scaler",
     "zero_grad_mask_step",
 ]

@@ -56,6 +56,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     (
         "loop",
         [
+            "mmunlearn.reporters",
             "mmunlearn.runlog",
             "mmunlearn.runctl",
             "mmunlearn.stepper",

@@ -144,7 +144,8 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
         if not isinstance(value, bool):
             raise bad("is not true or false")
         return action.const if value else action.default
-    many = action.nargs in ("*", "+") or isinstance(action.default, list)  # append: default []
+    joins = isinstance(action, JoinAction)  # a comma-separated list option: a list is fine
+    many = joins or action.nargs in ("*", "+") or isinstance(action.default, list)
     values = value if isinstance(value, list) else [value]
     if not many and isinstance(value, list):
         raise bad("is a list; one value expected")
@@ -162,6 +163,8 @@ def _config_value(path: str, key: str, action: argparse.Action, value):
         if action.choices is not None and v not in action.choices:
             raise bad(f"is not one of {', '.join(map(str, action.choices))}")
         out.append(v)
+    if joins:
+        return _config_value(path, key, action, ",".join(out)) if len(out) > 1 else out[0]
     return out if many else out[0]
 
 
@@ -298,6 +301,19 @@ def _checked(conv, name: str):
     return check
 
 
+class JoinAction(argparse.Action):
+    """A comma-separated list option that may also be repeated: ``--report-to a,b`` and
+    ``--report-to a --report-to b`` give ``"a,b"`` (a repeat on the command line extends the
+    command line's value, never a ``--config`` default)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = f"_{self.dest}_given"
+        prev = getattr(namespace, self.dest, None) if getattr(namespace, seen, False) else None
+        value = values if prev is None else self.type(f"{prev},{values}")
+        setattr(namespace, self.dest, value)
+        setattr(namespace, seen, True)
+
+
 def _option_kwargs(f) -> dict:
     """argparse keywords of the option of RunConfig field ``f`` (default None: the recipe's)."""
     meta, t = f.metadata, str(f.type)
@@ -310,7 +326,24 @@ def _option_kwargs(f) -> dict:
         kw["type"] = _checked(_number(kind, none="None" in t, same="str" in t), f.name)
     if meta.get("choices"):
         kw["choices"] = list(meta["choices"])
+    if meta.get("many"):
+        kw.update(action=JoinAction, type=_joined(f.name), metavar="A,B")
     return kw
+
+
+def _joined(name: str):
+    """A converter normalising a comma-separated list field (``RunConfig`` does the check)."""
+
+    def conv(text: str) -> str:
+        from mmunlearn.config import RunConfig
+
+        try:
+            return getattr(RunConfig(**{name: text}), name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    conv.__name__ = "list"
+    return conv
 
 
 def add_run_options(p, command: str) -> None:

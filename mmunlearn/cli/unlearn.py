@@ -26,6 +26,7 @@ from mmunlearn.cli.common import (
     start_distributed,
 )
 from mmunlearn.cli.data import add_data_options, data_source, own_record, read_sets
+from mmunlearn.cli.extras import save_trained
 from mmunlearn.methods import METHODS
 from mmunlearn.presets import RECIPES
 
@@ -103,7 +104,8 @@ def _model_options(c) -> None:
         "--dtype",
         default="auto",
         choices=["auto", "bf16", "fp16", "fp32"],
-        help="weights' dtype (auto: bf16 on CUDA, fp32 on the CPU)",
+        help="weights' dtype (auto: bf16 on CUDA, fp32 on the CPU; fp16 weights train with "
+        "torch.amp.GradScaler loss scaling: steps with inf/NaN gradients are skipped)",
     )
     m.add_argument(
         "--vanilla-steps",
@@ -164,9 +166,12 @@ def _run_config(args, benchmark: str):
     """The run's :class:`~mmunlearn.config.RunConfig`: the recipe's for this method and
     benchmark, with every run option given (flag or ``--config`` key)."""
     from mmunlearn import presets
+    from mmunlearn.cli.extras import check_extras
 
     base = presets.resolve(args.recipe, getattr(args, "method", "mmunlearner"), benchmark)
-    return run_config(args, args.cmd, base)
+    cfg = run_config(args, args.cmd, base)
+    check_extras(args, cfg)
+    return cfg
 
 
 def _dtype(args, dev):
@@ -333,7 +338,6 @@ def _held_out(args, cfg, adapter, proc, distributed, forget, retain, kw):
     ``--out/best``; returns the remaining (forget, retain)."""
     from mmunlearn import fsdp
     from mmunlearn.distributed import is_rank0
-    from mmunlearn.models import save_model
 
     k = args.eval_items
     if len(forget) <= k or len(retain) <= k:
@@ -342,8 +346,8 @@ def _held_out(args, cfg, adapter, proc, distributed, forget, retain, kw):
 
     def on_best(m, step, metrics):
         state = fsdp.full_state_dict(m) if distributed else None
-        if is_rank0():
-            save_model(m, proc, best_dir, state_dict=state)
+        if is_rank0():  # LoRA: the adapter (merging would unwrap the model in training)
+            save_trained(m, proc, best_dir, cfg, state, mode="adapter")
 
     kw.update(monitor=_monitor(args, adapter, forget[:k], retain[:k]), on_best=on_best)
     return forget[k:], retain[k:]
@@ -378,6 +382,10 @@ def _unlearn(args, distributed: bool, preemption) -> int:
 
     cfg, data, model, adapter, dev, ref = _prepare(args, distributed)
     proc = adapter.processor if adapter.processor is not None else adapter.tokenizer
+    if cfg.lora:
+        from mmunlearn.cli.extras import wrap_lora
+
+        model = wrap_lora(args, cfg, model)
     kw = {"ref_model": ref} if ref is not None else {}
     mask = _mask(args, cfg, model, adapter, data) if args.method == "mmunlearner" else None
     if mask is not None:
@@ -416,7 +424,6 @@ def _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fing
     from mmunlearn.distributed import is_rank0
     from mmunlearn.io import atomic_write_json
     from mmunlearn.modelcard import write_card
-    from mmunlearn.models import save_model
 
     state = fsdp.full_state_dict(model) if distributed else None
     if not is_rank0():
@@ -424,7 +431,7 @@ def _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fing
     mask_file = os.path.join(args.out, "mask.safetensors") if mask is not None else None
     if mask is not None:
         mask.save(mask_file)
-    path = save_model(model, proc, os.path.join(args.out, "model"), state_dict=state)
+    path = save_trained(model, proc, os.path.join(args.out, "model"), cfg, state)
     card = dict(
         base_model=args.model or "mmunlearn tiny LLaVA", method=args.method, steps=result["steps"]
     )

@@ -265,11 +265,20 @@ def load_checkpoint(path, *, processor=None, dtype=None, device=None, vision_mod
     ``--vision-modules``): the vision side by module name, recorded in ``model.config`` (so
     :func:`mmunlearn.params.module_groups`, the adapter and a saved copy use it); without it
     the vision side is found from the model (``adapter.vision_module_names()``), checked
-    here. Everything but the weights is checked first; errors are ValueError /
+    here. A LoRA adapter folder (``adapter_config.json``) loads its base checkpoint with the
+    adapter merged in. Everything but the weights is checked first; errors are ValueError /
     FileNotFoundError naming the folder and what to pass."""
     from mmunlearn.models.generic import adapter_for
+    from mmunlearn.models.lora import adapter_base, is_adapter, load_adapter
 
     folder = resolve(path, "model")
+    if is_adapter(folder):  # a LoRA adapter: its base (with the adapter's processor), merged
+        own = processor or (
+            folder if any((folder / f).is_file() for f in TOKENIZER_FILES) else None
+        )
+        model, adapter = load_checkpoint(adapter_base(folder), processor=own, dtype=dtype,
+                                         device=device, vision_modules=vision_modules)  # fmt: skip
+        return load_adapter(model, folder), adapter
     family = family_of(folder)
     marker = {}
     if (folder / MARKER).is_file():
