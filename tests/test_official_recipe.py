@@ -112,8 +112,12 @@ def test_official_forget_step_moves_what_the_official_code_moves(real):
                 names[n].grad.mul_(mask.dense(n).to(names[n].grad.dtype))
         opt.step()
         opt.zero_grad()
+    # atol 1e-6 (a thousandth of one step at lr 1e-3): the clip norm is summed in another order
+    # than clip_grad_norm_'s (the kernel's per-chunk partials), and an element whose gradient is
+    # near ε = 1e-6 turns that last-bit difference into up to ~2.5e-7 over four steps (seen on an
+    # AVX2 EPYC; an AVX-512 Xeon stayed under 1e-7)
     for (n, p), q in zip(run.named_parameters(), oracle.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=n)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
     # the second forget step (after a retain step): masked-out elements of masked tensors move
     # by momentum, and tensors outside the mask take the full ascent
     before, after = snaps[1], snaps[2]
