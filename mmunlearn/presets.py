@@ -83,11 +83,11 @@ def finetune(name: str = "mmunlearn", benchmark: str = "mllmu") -> RunConfig:
     """The fine-tuning settings (``mmunlearn finetune``: vanilla and reference models) of recipe
     ``name``. ``mmunlearn``: the :class:`RunConfig` defaults (lr 1e-5, batch 4, one epoch, lr
     decaying linearly per step, clip 1.0, loss on the answer tokens). ``official``: the public
-    vanilla fine-tunes ``MLLMU_finetune.py`` / ``CLEAR_finetune.py``
-    (docs/reference/official_recipe.md §8): the same lr, batch, epoch and schedule, no
-    clipping, loss on every token but the pads (image placeholders included), ε 1e-6 (the
-    unlearning drivers' ``transformers.AdamW``; §8 does not name the fine-tune's AdamW) — but
-    all weights are trained, not the LoRA adapters (r 8 / 16) those scripts train."""
+    MLLMU / CLEAR vanilla fine-tunes (docs/reference/official_recipe.md §8): the same lr,
+    batch, epoch and schedule, no clipping, loss on every token but the pads (image
+    placeholders included), ε 1e-6 (the unlearning drivers' ``transformers.AdamW``; §8 does not
+    name the fine-tune's AdamW) — but all weights are trained, not the LoRA adapters (r 8 / 16)
+    those scripts train."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
     if benchmark not in BENCHMARKS:

@@ -141,11 +141,11 @@ def training_set(which: str, *, mllmu=None, clear=None, bench=None, split: int =
 
     - MLLMU-Bench: vanilla = ``ft_Data`` when the root has it (the official fine-tune set), else
       ``forget_{split}`` + ``retain_{100-split}`` (every profile's training QA); reference =
-      ``retain_{100-split}`` (as the official ``MLLMU_reference.py``).
+      ``retain_{100-split}`` (as the official MLLMU reference).
     - CLEAR: vanilla = ``full+tofu``: a caption item per image row and the TOFU QA rows (once;
-      the official ``CLEAR_finetune.py`` reads them twice); reference = the same without the
+      the official fine-tune reads them twice); reference = the same without the
       forget persons' image rows (their TOFU text stays, as unlearning keeps it; the official
-      ``CLEAR_reference.py`` trains on the retain captions only).
+      CLEAR reference trains on the retain captions only).
     - synthetic: vanilla = ``bench.train``; reference = without the forget people's pictures
       (the demo's reference)."""
     if which not in TRAIN_SETS:
