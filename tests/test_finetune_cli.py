@@ -127,6 +127,7 @@ def test_finetune_learns_its_set_and_the_folder_loads_in_eval(files, vanilla, tm
     assert "Not evaluated yet" not in (vanilla / "model" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_vanilla_reference_saliency_unlearn_eval(files, vanilla, tmp_path):
     data = ["--mllmu", str(files["mllmu"]), "--split", "5"]
     ref = tmp_path / "ref"
@@ -169,6 +170,7 @@ def _steps_logged(out: Path) -> int:
     return sum(1 for _ in log.open()) if log.exists() else 0
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_auto_gives_the_uninterrupted_weights(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
@@ -266,3 +268,43 @@ def test_the_shipped_finetune_configs_parse():
         values = load_config(str(f), commands["finetune"])
         assert values["train_set"] in ("vanilla", "reference") and values["model"], f
         assert values.get("mllmu") or values.get("clear"), f
+
+
+# ------------------------------------------------------------------------------ torchrun
+
+
+def _launch(out: Path, nproc: int) -> str:
+    import socket
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("WORLD_SIZE", None)
+    cli = ["-m", "mmunlearn.cli", "finetune", *TINY, "--people", "8", "--steps", "2"]
+    cli += ["--checkpoint-every", "2", "--out", str(out)]
+    cmd = [sys.executable, *cli]
+    if nproc > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+        cmd += ["--master-port", str(port), *cli, "--fsdp"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_matches_one_process(tmp_path):
+    """2 gloo ranks (FSDP2, each its rows of every global batch) end where 1 process does; the
+    model folder is world-size independent, the checkpoint is DCP shards, rank 0 alone writes."""
+    stdout = _launch(tmp_path / "two", 2)
+    _launch(tmp_path / "one", 1)
+    assert stdout.count("wrote") == 1
+    one = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    two = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert one.keys() == two.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5, msg=k)
+    ckpt = tmp_path / "two" / "run" / "checkpoint"
+    assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
+    assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2
+    assert json.loads((tmp_path / "two" / "finetune.json").read_text())["steps"] == 2
