@@ -12,6 +12,8 @@ CLI, a config file and the Python API with no other edit. Overrides are
 Each field's ``metadata`` says how it is exposed:
 
 - ``group``: where its option sits in ``--help`` and which commands have it (:data:`GROUPS`);
+- ``commands``: the commands that have it when not all of its group's (``forget_freq`` is in
+  the schedule group but means nothing to ``finetune``);
 - ``help``: the option's help text;
 - ``flag``: the option name when it is not the field's (``max_steps`` is ``--steps``);
 - ``choices``: the accepted values (checked here too, for the API);
@@ -33,19 +35,21 @@ REPORTERS = ("tensorboard", "wandb", "mlflow")
 GROUPS = {
     "recipe": ("recipe", ("saliency", "unlearn")),
     "fisher": ("saliency (Fisher pass)", ("saliency", "unlearn")),
-    "optimizer": ("optimizer", ("unlearn",)),
-    "schedule": ("schedule", ("unlearn",)),
+    "optimizer": ("optimizer", ("unlearn", "finetune")),
+    "schedule": ("schedule", ("unlearn", "finetune")),
     "mask": ("masked steps", ("unlearn",)),
     "method": ("method's loss", ("unlearn",)),
-    "watch": ("watching the run", ("unlearn",)),
+    "watch": ("watching the run", ("unlearn", "finetune")),
     "lora": ("LoRA (baselines only; PEFT)", ("unlearn",)),
-    "system": ("system", ("saliency", "unlearn")),
+    "system": ("system", ("saliency", "unlearn", "finetune")),
 }
 
 
 def _f(default, group: str, help: str, *, flag=None, choices=None, identity=True, cli=True,
-       many=False):  # fmt: skip
+       many=False, commands=None):  # fmt: skip
     meta = {"group": group, "help": help, "identity": identity, "cli": cli, "many": many}
+    if commands:
+        meta["commands"] = tuple(commands)
     if flag:
         meta["flag"] = flag
     if choices:
@@ -68,9 +72,13 @@ class RunConfig:
     betas: tuple = _f((0.9, 0.999), "optimizer", "Adam β1 β2", cli=False)
     eps: float = _f(1e-8, "optimizer", "Adam ε (the official code: transformers' AdamW, 1e-6)")
     max_grad_norm: float | None = _f(1.0, "optimizer", "clip the global gradient norm of "
-                                     "forget steps (none: no clipping)")  # fmt: skip
+                                     "forget steps (finetune: of every step; none: no "
+                                     "clipping)")  # fmt: skip
     retain_max_grad_norm: float | str | None = _f(
-        "same", "optimizer", "clip of retain steps: a number, none, or same (as --max-grad-norm)"
+        "same",
+        "optimizer",
+        "clip of retain steps: a number, none, or same (as --max-grad-norm)",
+        commands=("unlearn",),
     )
     state_dtype: str = _f("fp32", "optimizer", "Adam moments' dtype: fp32, or bf16 written "
                           "with stochastic rounding (half the optimizer memory)",
@@ -79,7 +87,8 @@ class RunConfig:
                                "rounding, so updates below half an ulp are not lost "
                                "(default: on with bf16 state)")  # fmt: skip
     compact_state: bool = _f(False, "optimizer", "keep moments only for the masked elements "
-                             "(only for runs where every step is masked)")  # fmt: skip
+                             "(only for runs where every step is masked)",
+                             commands=("unlearn",))  # fmt: skip
     grad_release: bool = _f(False, "optimizer", "step each parameter as soon as its gradient "
                             "is complete and free the gradient (one gradient alive; clipping "
                             "becomes per parameter; needs grad_accum 1, no FSDP2)")  # fmt: skip
@@ -89,11 +98,13 @@ class RunConfig:
     # schedule
     batch_size: int = _f(4, "schedule", "samples per batch")
     grad_accum: int = _f(1, "schedule", "batches per optimizer step")
-    epochs: int = _f(1, "schedule", "passes over the retain set (forget set for GA / NPO)")
+    epochs: int = _f(1, "schedule", "passes over the retain set (forget set for GA / "
+                     "NPO; finetune: the training set)")  # fmt: skip
     forget_freq: int | None = _f(None, "schedule", "a forget step every N retain steps "
-                                 "(default: len(retain) // len(forget))")  # fmt: skip
+                                 "(default: len(retain) // len(forget))",
+                                 commands=("unlearn",))  # fmt: skip
     forget_cap: bool = _f(False, "schedule", "each forget batch at most once per epoch "
-                          "(the official loop)")  # fmt: skip
+                          "(the official loop)", commands=("unlearn",))  # fmt: skip
     lr_schedule: str = _f("linear", "schedule", "lr decays linearly to 0, or stays",
                           choices=("linear", "constant"))  # fmt: skip
     schedule_unit: str = _f("step", "schedule", "the lr scheduler steps every step or every "
@@ -114,7 +125,8 @@ class RunConfig:
                        "or updated", choices=("freeze", "update"))  # fmt: skip
     # loss
     loss_tokens: str = _f("answer", "method", "tokens that carry the loss",
-                          choices=("answer", "all", "all_with_image"))  # fmt: skip
+                          choices=("answer", "all", "all_with_image"),
+                          commands=("unlearn", "finetune"))  # fmt: skip
     alpha: float = _f(1.0, "method", "ascent weight α of the forget loss")
     beta: float = _f(0.4, "method", "NPO's β")
     kl: str = _f("answer_mean", "method", "KL_Min's KL term", choices=KL_FORMS)
@@ -137,7 +149,8 @@ class RunConfig:
                                identity=False)  # fmt: skip
     log_every: int = _f(1, "watch", "steps between reading the loss back (a host sync) and "
                         "logging it", identity=False)  # fmt: skip
-    eval_every: int = _f(0, "watch", "steps between evaluations (0: never)", identity=False)
+    eval_every: int = _f(0, "watch", "steps between evaluations (0: never)", identity=False,
+                         commands=("unlearn",))  # fmt: skip
     report_to: str = _f("none", "watch", "where to log besides log.jsonl: none, or any of "
                         "tensorboard, wandb (offline unless WANDB_MODE is set), mlflow (a file "
                         "store under the run folder unless MLFLOW_TRACKING_URI is set), comma-"
@@ -256,11 +269,13 @@ def _at_least(name: str, v, lo: int) -> None:
 
 
 def cli_fields(command: str) -> list:
-    """The fields that are options of ``command`` (``saliency`` / ``unlearn``), in order."""
+    """The fields that are options of ``command`` (``saliency`` / ``unlearn`` / ``finetune``),
+    in order."""
     return [
         f
         for f in fields(RunConfig)
-        if f.metadata.get("cli", True) and command in GROUPS[f.metadata["group"]][1]
+        if f.metadata.get("cli", True)
+        and command in f.metadata.get("commands", GROUPS[f.metadata["group"]][1])
     ]
 
 

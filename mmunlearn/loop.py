@@ -202,17 +202,15 @@ def _scheduler(opt, cfg: RunConfig, total: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lam)
 
 
-def _streams(forget, retain, plan, start: int, cfg: RunConfig, device) -> dict:
-    """The batches of steps ``start..`` of ``plan``, per kind, through DataLoaders."""
+def _streams(sources: Mapping, plan, start: int, cfg: RunConfig, device) -> dict:
+    """The batches of steps ``start..`` of ``plan``, per kind (``sources``: ``{kind:
+    source}``), through DataLoaders."""
     ga, pin = cfg.grad_accum, device.type == "cuda"
-    micro = {
-        k: [m * ga + j for kind, m in plan[start:] if kind == k for j in range(ga)]
-        for k in ("forget", "retain")
-    }
-    return {
-        "forget": _stream(forget, micro["forget"], cfg.workers, pin),
-        "retain": _stream(retain, micro["retain"], cfg.workers, pin),
-    }
+    out = {}
+    for k, source in sources.items():
+        micro = [m * ga + j for kind, m in plan[start:] if kind == k for j in range(ga)]
+        out[k] = _stream(source, micro, cfg.workers, pin)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,13 +260,28 @@ def unlearn(
     cfg = config or RunConfig()
     method = cfg.method_for(method) if isinstance(method, str) else method
     ref_model = _prepare_model(model, method, masks, ref_model, cfg)
-    opt = _optimizer(model, method, cfg, masks)
     plan, ends = _plan(method, forget, retain, cfg)
+    identity = run_identity(method, cfg, forget, retain, model, masks) if output_dir else None
+    return run_plan(
+        model, method, {"forget": forget, "retain": retain}, plan, ends, cfg,
+        masks=masks, ref_model=ref_model, identity=identity, output_dir=output_dir,
+        resume=resume, desc=f"unlearn[{method.name}]", callback=callback, monitor=monitor,
+        on_best=on_best, preemption=preemption,
+    )  # fmt: skip
+
+
+def run_plan(model, method, sources: Mapping, plan, ends, cfg: RunConfig, *, masks=None,
+             ref_model=None, identity=None, output_dir=None, resume=False, desc="train",
+             callback=None, monitor=None, on_best=None, preemption=None) -> dict:  # fmt: skip
+    """The steps of ``plan`` (``[(kind, batch index), ...]``, ``ends``: each epoch's last step)
+    on ``sources`` (``{kind: source}``) with ``method``'s losses: the optimizer, the lr
+    schedule, the run's :class:`~mmunlearn.checkpoint.Checkpoints` (``identity``: what a resume
+    must match) and resume, the :class:`Stepper` and its hooks. What :func:`unlearn` and
+    :func:`mmunlearn.train.train` share; their docstrings say what the arguments mean and
+    what is returned."""
+    opt = _optimizer(model, method, cfg, masks)
     sched = _scheduler(opt, cfg, len(plan))
-    ckpts = None
-    if output_dir:
-        identity = run_identity(method, cfg, forget, retain, model, masks)
-        ckpts = Checkpoints(output_dir, model, identity)
+    ckpts = Checkpoints(output_dir, model, identity) if output_dir else None
     found = ckpts.latest() if (resume and ckpts) else None
     start, history = ckpts.restore(found, opt, sched) if found else (0, [])
     out = {"history": history, "steps": len(plan), "resumed_from": start, "evals": []}
@@ -282,7 +295,7 @@ def unlearn(
             steps.scaler.load_state_dict(scaled)  # the fp16 loss scale where it stopped
         hooks = (callback, monitor, on_best, preemption)
         try:
-            out.update(_run(steps, start, history, (forget, retain), *hooks))
+            out.update(_run(steps, start, history, sources, desc, *hooks))
         finally:
             if steps.release is not None:
                 steps.release.close()  # the model's parameters keep no hooks of this run
@@ -290,16 +303,17 @@ def unlearn(
     return out
 
 
-def _run(steps: Stepper, start, history, data, callback, monitor, on_best, preemption) -> dict:
+def _run(steps: Stepper, start, history, sources, desc, callback, monitor, on_best,
+         preemption) -> dict:  # fmt: skip
     """Steps ``start..`` of the plan through the stepper and the hooks; the final checkpoint."""
     model, opt, cfg, ckpts = steps.model, steps.opt, steps.cfg, steps.checkpoints
     total = steps.total
-    steps.streams = _streams(*data, steps.plan, start, cfg, steps.device)
+    steps.streams = _streams(sources, steps.plan, start, cfg, steps.device)
     config = {"method": steps.method.name, **cfg.to_dict()}
     log = RunLog(ckpts.output_dir if ckpts else None, cfg.report_to, config)
     fraction = mask_fraction(opt) if steps.method.uses_mask else None
-    bar = tqdm(total=total, initial=start, desc=f"unlearn[{steps.method.name}]",
-               disable=not cfg.progress, dynamic_ncols=True)  # fmt: skip
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not cfg.progress,
+               dynamic_ncols=True)  # fmt: skip
     hooks: list = [LogHook(log, history, bar, steps.epoch_ends, fraction)]
     evals = EvalHook(model, monitor, cfg.eval_every, log, on_best) if monitor else None
     saver = CheckpointHook(ckpts, opt, steps.sched, cfg, history, steps.scaler) if ckpts else None
@@ -322,4 +336,4 @@ def _run(steps: Stepper, start, history, data, callback, monitor, on_best, preem
     return {"evals": evals.evals if evals else [], "best": evals.best if evals else None}
 
 
-__all__ = ["NonFiniteLossError", "RunConfig", "build_schedule", "epoch_ends", "unlearn"]
+__all__ = ["NonFiniteLossError", "RunConfig", "build_schedule", "epoch_ends", "run_plan", "unlearn"]

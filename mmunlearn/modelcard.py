@@ -1,9 +1,11 @@
-"""A model card in every model folder ``mmunlearn unlearn`` writes: ``README.md`` with the YAML
-metadata block the Hugging Face Hub reads (``base_model``, ``library_name``, ``pipeline_tag``,
-``tags``) and the provenance a shared model needs — what was forgotten, with which method,
-mask (its file's hash, rule and coverage per group), recipe (the whole run config), data
-fingerprint and steps. ``mmunlearn eval`` adds its table to the card of every model folder it
-evaluates that has one, replacing its previous table (never appending a second one).
+"""A model card in every model folder ``mmunlearn unlearn`` and ``mmunlearn finetune`` write:
+``README.md`` with the YAML metadata block the Hugging Face Hub reads (``base_model``,
+``library_name``, ``pipeline_tag``, ``tags``) and the provenance a shared model needs — what was
+forgotten, with which method, mask (its file's hash, rule and coverage per group), recipe (the
+whole run config), data fingerprint and steps (a fine-tuned model: vanilla or reference, its
+training set and where it came from, the run config, data fingerprint and steps).
+``mmunlearn eval`` adds its table to the card of every model folder it evaluates that has one,
+replacing its previous table (never appending a second one).
 """
 
 from __future__ import annotations
@@ -37,10 +39,6 @@ def write_card(model_dir: str, *, base_model: str, method: str, config: dict, da
     ``RunConfig.to_dict()``; ``data``: the data sets' sizes (and fingerprints when known);
     ``mask``: the :class:`~mmunlearn.saliency.SaliencyMask` written to ``mask_file``."""
     tags = ["mmunlearn", "machine-unlearning", method, f"recipe-{config.get('recipe')}"]
-    meta = (
-        f"---\nbase_model: {json.dumps(str(base_model))}\nlibrary_name: transformers\n"
-        f"pipeline_tag: image-text-to-text\ntags:{_yaml_list(tags)}\n---\n"
-    )
     lines = [
         f"# {os.path.basename(os.path.abspath(model_dir))}: unlearned with mmunlearn",
         "",
@@ -62,6 +60,43 @@ def write_card(model_dir: str, *, base_model: str, method: str, config: dict, da
             f"| {g} | {c['selected']:,} | {c['total']:,} | {100 * c['fraction']:.2f} % |"
             for g, c in groups.items()
         ]
+    return _write(model_dir, base_model, tags, lines, config)
+
+
+def write_finetune_card(model_dir: str, *, base_model: str, train_set: str, source: str,
+                        config: dict, data: dict, steps: int) -> str:  # fmt: skip
+    """Write the card of a model ``mmunlearn finetune`` trained (atomically); returns its path.
+    ``train_set``: "vanilla" or "reference"; ``source``: where its items came from; ``data``:
+    sizes and fingerprint; ``config``: the fine-tuning settings."""
+    what = {
+        "vanilla": "the vanilla model: it has learnt every person of the benchmark, the "
+        "starting point of unlearning",
+        "reference": "the reference model: the vanilla recipe without the forget set, what "
+        "an unlearned model is compared with (`mmunlearn eval --reference`)",
+    }[train_set]
+    tags = ["mmunlearn", "machine-unlearning", f"finetuned-{train_set}",
+            f"recipe-{config.get('recipe')}"]  # fmt: skip
+    lines = [
+        f"# {os.path.basename(os.path.abspath(model_dir))}: fine-tuned ({train_set}) with "
+        "mmunlearn",
+        "",
+        f"`{base_model}` fine-tuned on {source} ({steps} optimizer steps, recipe "
+        f"`{config.get('recipe')}`) with mmunlearn: {what}.",
+        "",
+        "| data | value |",
+        "|---|---:|",
+        *[f"| {k} | {v} |" for k, v in data.items()],
+    ]
+    return _write(model_dir, base_model, tags, lines, config)
+
+
+def _write(model_dir: str, base_model: str, tags: list, lines: list, config: dict) -> str:
+    """The card: the Hub's metadata, ``lines``, the run settings, the evaluation section."""
+    meta = (
+        f"---\nbase_model: {json.dumps(str(base_model))}\nlibrary_name: transformers\n"
+        f"pipeline_tag: image-text-to-text\ntags:{_yaml_list(tags)}\n---\n"
+    )
+    lines = list(lines)
     lines += ["", "## Run settings", "", "```json", json.dumps(config, indent=1), "```"]
     lines += [
         "",
@@ -92,4 +127,4 @@ def add_eval(model_dir: str, table: str, note: str = "") -> bool:
     return True
 
 
-__all__ = ["CARD", "add_eval", "file_hash", "write_card"]
+__all__ = ["CARD", "add_eval", "file_hash", "write_card", "write_finetune_card"]

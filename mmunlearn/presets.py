@@ -79,6 +79,25 @@ def official(method: str, benchmark: str = "mllmu") -> RunConfig:
 _RECIPE_FNS = {"mmunlearn": mmunlearn, "official": official}
 
 
+def finetune(name: str = "mmunlearn", benchmark: str = "mllmu") -> RunConfig:
+    """The fine-tuning settings (``mmunlearn finetune``: vanilla and reference models) of recipe
+    ``name``. ``mmunlearn``: the :class:`RunConfig` defaults (lr 1e-5, batch 4, one epoch, lr
+    decaying linearly per step, clip 1.0, loss on the answer tokens). ``official``: the public
+    MLLMU / CLEAR vanilla fine-tunes (docs/reference/official_recipe.md §8): the same lr,
+    batch, epoch and schedule, no clipping, loss on every token but the pads (image
+    placeholders included), ε 1e-6 (the unlearning drivers' ``transformers.AdamW``; §8 does not
+    name the fine-tune's AdamW) — but all weights are trained, not the LoRA adapters (r 8 / 16)
+    those scripts train."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose one of {', '.join(BENCHMARKS)}")
+    if name == "mmunlearn":
+        return RunConfig(recipe="mmunlearn")
+    return RunConfig(recipe="official", eps=1e-6, max_grad_norm=None,
+                     loss_tokens="all_with_image")  # fmt: skip
+
+
 def resolve(name: str, method: str, benchmark: str = "mllmu", **overrides) -> RunConfig:
     """The :class:`RunConfig` of recipe ``name`` (:data:`RECIPES`) for ``method`` on
     ``benchmark`` (:data:`BENCHMARKS`; the synthetic one follows MLLMU-Bench), with
@@ -108,4 +127,4 @@ def differences(method: str, benchmark: str = "mllmu") -> dict[str, tuple]:
     return {k: (a[k], b[k]) for k in a if k != "recipe" and a[k] != b[k]}
 
 
-__all__ = ["BENCHMARKS", "RECIPES", "differences", "mmunlearn", "official", "resolve"]
+__all__ = ["BENCHMARKS", "RECIPES", "differences", "finetune", "mmunlearn", "official", "resolve"]

@@ -1,9 +1,10 @@
 """One step of the unlearning loop and the hooks that run after it.
 
-:class:`Stepper` takes one forget or retain step (the ``grad_accum`` batches, the non-finite
-guard, clipping, the masked or plain optimizer step, the scheduler); :class:`StepResult` is
-what it reports; :class:`LogHook`, :class:`EvalHook`, :class:`CheckpointHook` and
-:class:`CallbackHook` act on that report. :func:`mmunlearn.loop.unlearn` wires them together.
+:class:`Stepper` takes one forget or retain step, or a fine-tuning ``train`` step
+(:func:`mmunlearn.train.train`): the ``grad_accum`` batches, the non-finite guard, clipping,
+the masked or plain optimizer step, the scheduler. :class:`StepResult` is what it reports;
+:class:`LogHook`, :class:`EvalHook`, :class:`CheckpointHook` and :class:`CallbackHook` act on
+that report. :func:`mmunlearn.loop.unlearn` wires them together.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class StepResult:
     at log points (``logged``; None between them, so no host sync there)."""
 
     step: int
-    kind: str  # "forget" | "retain"
+    kind: str  # "forget" | "retain" | "train" (fine-tuning)
     index: int  # the batch index of the plan
     loss: float | None
     grad_norm: float | None
@@ -129,7 +130,7 @@ class Stepper:
         if logged:
             self._check_pending(step)
         value = self._read(step, kind, idx, loss) if (logged or not self.takes_flag) else None
-        clip = self.cfg.max_grad_norm if kind == "forget" else self.cfg.retain_clip
+        clip = self.cfg.retain_clip if kind == "retain" else self.cfg.max_grad_norm
         with self.release.armed(masked=masked, max_grad_norm=clip, found_inf=flag, norm=logged):
             loss.backward()
         sq = self.release.last_sq_norm
@@ -187,7 +188,7 @@ class Stepper:
         return value
 
     def _apply(self, kind: str, masked: bool, flag) -> None:
-        clip = self.cfg.max_grad_norm if kind == "forget" else self.cfg.retain_clip
+        clip = self.cfg.retain_clip if kind == "retain" else self.cfg.max_grad_norm
         if masked and self.cfg.mask_mode == "zero_grad":
             zero_grad_mask_step(self.opt, self.params, clip, flag)
         elif self.scaler is not None:  # skips on inf/NaN gradients, then adapts the scale

@@ -1,6 +1,13 @@
 """Ordinary fine-tuning: how a vanilla model learns the benchmark before anything is unlearned
 (and how the reference model learns it without the forget set).
 
+:func:`train` is the fine-tuning run of ``mmunlearn finetune``: the unlearning loop's machinery
+(:func:`mmunlearn.loop.run_plan`: the optimizer and lr schedule of a
+:class:`~mmunlearn.config.RunConfig`, gradient accumulation, streamed batches, the non-finite
+guard, ``log.jsonl``, checkpoints with a checked resume, preemption, FSDP2 under torchrun) with
+one kind of step, descent on the mean token cross-entropy (:data:`DESCENT`), over a seeded
+shuffle of the batches in every epoch.
+
 Plain AdamW (:class:`~mmunlearn.optim.MaskedAdamW` with no mask), global-norm clipping at 1.0,
 the loss of each global batch from :func:`~mmunlearn.losses.batch_loss` (this rank's rows under
 FSDP2). :func:`finetune` draws batches with :func:`~mmunlearn.data.batching.make_batches` in
@@ -12,13 +19,92 @@ and its own seeded stream, so a stage's result depends only on the model it star
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
+import numpy as np
+import torch
 from tqdm.auto import tqdm
 
+from mmunlearn.checkpoint import fingerprint
+from mmunlearn.config import RunConfig
 from mmunlearn.data.batching import make_batches
-from mmunlearn.distributed import is_rank0
-from mmunlearn.losses import batch_loss
+from mmunlearn.distributed import is_rank0, require_reduced_grads
+from mmunlearn.loop import run_plan
+from mmunlearn.losses import batch_loss, mean_ce
 from mmunlearn.optim import MaskedAdamW
+
+
+@dataclass(frozen=True)
+class Descent:
+    """Fine-tuning as the loop's :class:`~mmunlearn.stepper.Stepper` sees a method: every step
+    is a ``train`` step minimising the mean token cross-entropy of the batch's label tokens."""
+
+    name: str = "finetune"
+    uses_mask: bool = False
+    has_retain: bool = True  # unmasked steps (so no compact optimizer state)
+    needs_reference: bool = False
+
+    def retain_loss(self, model, batch, ref_model=None) -> torch.Tensor:
+        return mean_ce(model(**batch), batch)
+
+    def forget_loss(self, model, batch, ref_model=None) -> torch.Tensor:
+        raise ValueError("fine-tuning has no forget steps")
+
+
+DESCENT = Descent()
+
+
+def train_plan(n_batches: int, cfg: RunConfig) -> tuple[list, set[int]]:
+    """The steps of a fine-tuning run over ``n_batches`` batches: ``cfg.epochs`` passes, each
+    over the ``n_batches // grad_accum`` steps in an order drawn from ``random.Random(seed)``;
+    cut at ``max_steps``. Returns ``([("train", i), ...], indices of each epoch's last step)``."""
+    per = n_batches // cfg.grad_accum
+    if per < 1:
+        raise ValueError(f"{n_batches} batches make no step of grad_accum {cfg.grad_accum}")
+    rng = random.Random(cfg.seed)
+    plan: list = []
+    for _ in range(cfg.epochs):
+        order = list(range(per))
+        rng.shuffle(order)
+        plan += [("train", i) for i in order]
+    if cfg.max_steps is not None:
+        plan = plan[: cfg.max_steps]
+    ends = {(e + 1) * per - 1 for e in range(cfg.epochs)}
+    return plan, {i for i in ends if i < len(plan)}
+
+
+def train(model, source, *, config: RunConfig | None = None, output_dir: str | None = None,
+          resume: bool = False, identity: dict | None = None, callback=None,
+          preemption=None) -> dict:  # fmt: skip
+    """Fine-tune ``model`` in place on ``source`` (a sized, indexable source of model-ready
+    batches: a list, or a :class:`~mmunlearn.data.batching.BatchSource`) with the optimizer,
+    schedule, clipping (``max_grad_norm``) and system settings of ``config``
+    (:func:`train_plan` says which batches each step takes).
+
+    ``output_dir``: checkpoints (every ``checkpoint_every`` steps and at the end) and
+    ``log.jsonl``; ``resume=True`` continues from its checkpoint when it holds the same run:
+    the config's :meth:`~mmunlearn.config.RunConfig.identity`, the data's fingerprint and
+    ``identity`` (more settings a resume must match, e.g. which training set) — else
+    :class:`~mmunlearn.checkpoint.ResumeMismatchError`. ``callback`` and ``preemption`` as in
+    :func:`mmunlearn.loop.unlearn`; on an FSDP2-sharded model every rank takes its rows of each
+    global batch. Returns :func:`mmunlearn.loop.unlearn`'s dict (``history`` rows have kind
+    ``"train"``); the model is left in eval mode."""
+    cfg = config or RunConfig()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    require_reduced_grads(model, "finetune")
+    model.train()
+    plan, ends = train_plan(len(source), cfg)
+    ident = None
+    if output_dir:
+        ident = {"task": "finetune", "config": cfg.identity(), "data": fingerprint(source)}
+        ident.update(identity or {})
+    return run_plan(model, DESCENT, {"train": source}, plan, ends, cfg, identity=ident,
+                    output_dir=output_dir, resume=resume, desc="finetune", callback=callback,
+                    preemption=preemption)  # fmt: skip
 
 
 def finetune(model, adapter, samples, steps, lr, bs, seed, dev, progress=True):
@@ -115,4 +201,4 @@ def _same_stage(a, b) -> bool:
     ]
 
 
-__all__ = ["finetune", "finetune_stages", "finetune_twins"]
+__all__ = ["DESCENT", "finetune", "finetune_stages", "finetune_twins", "train", "train_plan"]

@@ -6,6 +6,9 @@ benchmark (the synthetic one, MLLMU-Bench, CLEAR):
 - ``vision_preserve``: the vision group's preserve set (multimodal retain data);
 - ``language_preserve``: the language group's preserve set (text-only QA of the forget
   entities, their knowledge to keep, plus multimodal retain data).
+
+And the fine-tuning sets before unlearning (:func:`training_set`): the vanilla model's (every
+person) and the reference model's (without the forget set).
 """
 
 from __future__ import annotations
@@ -126,6 +129,66 @@ def clear_sets(root, split: int = 5, *, language_preserve: str = "forget_text") 
     return _checked(forget, retain, text, forget_dir, retain_dir, text_dir, "image rows")
 
 
+TRAIN_SETS = ("vanilla", "reference")
+
+
+def training_set(which: str, *, mllmu=None, clear=None, bench=None, split: int = 5
+                 ) -> tuple[list[Sample], str]:  # fmt: skip
+    """The fine-tuning set of a ``"vanilla"`` model (it knows every person) or of the
+    ``"reference"`` (the vanilla set without the forget set of ``split``), from an MLLMU-Bench
+    root, a CLEAR root or a synthetic benchmark ``bench``; returns ``(samples, where they came
+    from)``.
+
+    - MLLMU-Bench: vanilla = ``ft_Data`` when the root has it (the official fine-tune set), else
+      ``forget_{split}`` + ``retain_{100-split}`` (every profile's training QA); reference =
+      ``retain_{100-split}`` (as the official MLLMU reference).
+    - CLEAR: vanilla = ``full+tofu``: a caption item per image row and the TOFU QA rows (once;
+      the official fine-tune reads them twice); reference = the same without the
+      forget persons' image rows (their TOFU text stays, as unlearning keeps it; the official
+      CLEAR reference trains on the retain captions only).
+    - synthetic: vanilla = ``bench.train``; reference = without the forget people's pictures
+      (the demo's reference)."""
+    if which not in TRAIN_SETS:
+        raise ValueError(f"the training set must be one of {', '.join(TRAIN_SETS)}, got {which!r}")
+    if bench is not None:
+        gone = {id(s) for s in bench.forget_vqa}
+        if which == "vanilla":
+            return list(bench.train), "synthetic: every training item"
+        return [s for s in bench.train if id(s) not in gone], "synthetic: without forget pictures"
+    if mllmu is not None:
+        return _mllmu_training_set(which, mllmu, split)
+    from mmunlearn.data.clear import read_clear
+
+    root = _root(clear, "clear", split, "forget_text")
+    full = read_clear(_split_dir(root, "full+tofu", "CLEAR root"), "caption")
+    if which == "vanilla":
+        return full, "CLEAR full+tofu (captions + TOFU QA)"
+    forget_dir = _split_dir(root, f"forget{split:02d}", "CLEAR root")
+    names = {s.entity for s in read_clear(forget_dir, "caption", include_text=False)}
+    if "" in names or not names:
+        raise ValueError(f"{forget_dir}: forget rows without a name; cannot tell them apart")
+    kept = [s for s in full if s.image is None or s.entity not in names]
+    if len(kept) == len(full):
+        raise ValueError(
+            f"{root / 'full+tofu'}: no image row of the forget persons {sorted(names)}"
+        )
+    return kept, f"CLEAR full+tofu without the image rows of {forget_dir.name}"
+
+
+def _mllmu_training_set(which: str, root, split: int) -> tuple[list[Sample], str]:
+    from mmunlearn.data.mllmu import read_mllmu_split
+
+    root = _root(root, "mllmu", split, "forget_text")
+    retain_dir = _split_dir(root, f"retain_{100 - split}", "MLLMU-Bench root")
+    if which == "reference":
+        return read_mllmu_split(retain_dir), f"MLLMU-Bench {retain_dir.name}"
+    if (root / "ft_Data").is_dir():
+        return read_mllmu_split(root / "ft_Data"), "MLLMU-Bench ft_Data"
+    forget_dir = _split_dir(root, f"forget_{split}", "MLLMU-Bench root")
+    items = read_mllmu_split(forget_dir) + read_mllmu_split(retain_dir)
+    return items, f"MLLMU-Bench {forget_dir.name} + {retain_dir.name}"
+
+
 def benchmark_sets(
     *, mllmu=None, clear=None, split: int = 5, language_preserve: str = "forget_text"
 ) -> UnlearningSets:
@@ -140,9 +203,11 @@ def benchmark_sets(
 __all__ = [
     "LANGUAGE_PRESERVE",
     "SPLITS",
+    "TRAIN_SETS",
     "UnlearningSets",
     "benchmark_sets",
     "clear_sets",
     "mllmu_sets",
     "synthetic_sets",
+    "training_set",
 ]
