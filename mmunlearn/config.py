@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from mmunlearn.methods import KL_FORMS, METHODS, NPO_FORMS
+from mmunlearn.methods import KL_FORMS, METHODS, NPO_FORMS, check_method_options
 
 RECIPES = ("mmunlearn", "official")
 
@@ -115,6 +115,13 @@ class RunConfig:
     beta: float = _f(0.4, "method", "NPO's β")
     kl: str = _f("answer_mean", "method", "KL_Min's KL term", choices=KL_FORMS)
     npo: str = _f("sequence", "method", "NPO's log-ratio", choices=NPO_FORMS)
+    rmu_layer: int = _f(7, "method", "RMU: the language model's decoder layer whose output is "
+                        "steered (0-based; negative: from the end)")  # fmt: skip
+    rmu_coeff: float = _f(20.0, "method", "RMU: steering coefficient c, the norm of the "
+                          "random target of forget activations")  # fmt: skip
+    rmu_alpha: float = _f(100.0, "method", "RMU: weight α of the retain activation loss")
+    undial_strength: float = _f(10.0, "method", "UNDIAL: γ, how far the true token's logit is "
+                                "lowered in the reference's target")  # fmt: skip
     # Fisher pass (saliency)
     fisher_batch_size: int = _f(16, "fisher", "samples per Fisher batch")
     fisher_loss_tokens: str = _f("answer", "fisher", "tokens that carry the Fisher pass's loss",
@@ -167,6 +174,7 @@ class RunConfig:
                 f"(got {self.grad_accum}) and mask_mode masked_step (got {self.mask_mode!r}, "
                 "whose mask multiply and global clip need every gradient first)"
             )
+        check_method_options(self.rmu_layer, self.rmu_coeff, self.rmu_alpha, self.undial_strength)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
@@ -180,7 +188,10 @@ class RunConfig:
         """The :class:`~mmunlearn.methods.Method` ``name`` with this config's loss forms."""
         from mmunlearn.methods import Method
 
-        return Method(name, alpha=self.alpha, beta=self.beta, kl=self.kl, npo=self.npo)
+        return Method(name, alpha=self.alpha, beta=self.beta, kl=self.kl, npo=self.npo,
+                      rmu_layer=self.rmu_layer, rmu_coeff=self.rmu_coeff,
+                      rmu_alpha=self.rmu_alpha, undial_strength=self.undial_strength,
+                      seed=self.seed)  # fmt: skip
 
     def to_dict(self) -> dict:
         """Every setting, JSON-able (tuples as lists)."""

@@ -127,6 +127,7 @@ def _prepare_model(model, method: Method, masks, ref_model, cfg: RunConfig):
     """Seeds, gradient checkpointing, checks; the frozen reference model (or None)."""
     if method.uses_mask and not masks:
         raise ValueError("MMUnlearner needs saliency masks (masks={param: mask})")
+    method.check_model(model)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -239,8 +240,8 @@ def unlearn(
     ``forget`` / ``retain``: sized, indexable sources of model-ready batches (dicts with
     ``labels``): lists, or :class:`~mmunlearn.data.batching.BatchSource`; batches are moved
     to the model's device as they are used. ``masks``: ``{param: bool or packed mask}`` for
-    MMUnlearner (required for it). ``ref_model``: the frozen reference for KL_Min / NPO
-    (default: a frozen copy of ``model`` taken before the first step). ``config``: the
+    MMUnlearner (required for it). ``ref_model``: the frozen reference for KL_Min / NPO / RMU /
+    UNDIAL (default: a frozen copy of ``model`` taken before the first step). ``config``: the
     :class:`~mmunlearn.config.RunConfig` (default: ours). ``output_dir``: where checkpoints and
     ``log.jsonl`` go; ``resume=True`` continues from ``output_dir/checkpoint`` when present.
     ``callback(step, kind, loss)`` runs after every applied step whose loss is read back

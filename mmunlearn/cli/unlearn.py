@@ -142,7 +142,10 @@ def _unlearn_options(c) -> None:
     )
     u.add_argument("--mask", help="a mask file from `mmunlearn saliency` (else computed)")
     u.add_argument("--mask-group", default="both", choices=["vision", "language", "both"])
-    u.add_argument("--reference-model", help="KL_Min / NPO reference (default: the start model)")
+    u.add_argument(
+        "--reference-model",
+        help="the frozen reference of KL_Min, NPO, RMU, UNDIAL (default: the start model)",
+    )
     u.add_argument(
         "--resume",
         nargs="?",
