@@ -260,3 +260,53 @@ def test_bad_options_are_one_line_errors(files, tmp_path, capsys):
         assert main([*argv, "--out", str(tmp_path / "x")]) == rc, (flag, value)
         err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
         assert len(err) == 1 and text in err[0], err
+
+
+def _llama_batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 64, (2, 10), generator=g)
+        labels = ids.clone()
+        labels[:, :5] = -100
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def test_rmu_gradient_is_the_same_with_gradient_checkpointing_and_stops_at_the_layer():
+    from helpers import tiny_llama
+
+    b = _llama_batches(1, 0)[0]
+    m = Method("rmu", rmu_layer=0)
+    grads = []
+    for gc in (False, True):
+        model = tiny_llama(0).train()
+        if gc:  # the layer runs again in backward: the capture hook must leave it alone
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        m.forget_loss(model, b).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.equal(grads[0][k], grads[1][k]) for k in grads[0])
+    # only what precedes layer 0's output has a gradient: the embeddings and layer 0
+    assert all(k.startswith(("model.embed_tokens.", "model.layers.0.")) for k in grads[0])
+
+
+@pytest.mark.parametrize("name", ["rmu", "undial"])
+def test_grad_release_matches_the_ordinary_loop(name):
+    from mmunlearn.loop import unlearn
+
+    from helpers import tiny_llama
+
+    forget, retain = _llama_batches(2, 1), _llama_batches(4, 2)
+    states = []
+    for release in (False, True):
+        model = tiny_llama(0)
+        cfg = RunConfig(lr=1e-3, progress=False, rmu_layer=0, max_grad_norm=None,
+                        grad_release=release)  # fmt: skip
+        unlearn(model, name, forget, retain, config=cfg)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    start = tiny_llama(0).state_dict()
+    assert any(not torch.equal(start[k], states[0][k]) for k in start)  # the run moved weights
