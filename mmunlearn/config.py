@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from mmunlearn.methods import KL_FORMS, METHODS, NPO_FORMS, check_method_options
+from mmunlearn.methods import KL_FORMS, METHODS, NPO_FORMS, OPTION_RANGES, check_method_options
 
 RECIPES = ("mmunlearn", "official")
 
@@ -122,6 +122,10 @@ class RunConfig:
     rmu_alpha: float = _f(100.0, "method", "RMU: weight α of the retain activation loss")
     undial_strength: float = _f(10.0, "method", "UNDIAL: γ, how far the true token's logit is "
                                 "lowered in the reference's target")  # fmt: skip
+    manu_percent: float = _f(10.0, "method", "MANU: percent of each modality's MLP neurons "
+                             "pruned (the top by forget/retain activation ratio)")  # fmt: skip
+    manu_layers: int = _f(3, "method", "MANU: its neurons are the MLPs' of the last N blocks of "
+                          "the vision encoder and of the language model")  # fmt: skip
     # Fisher pass (saliency)
     fisher_batch_size: int = _f(16, "fisher", "samples per Fisher batch")
     fisher_loss_tokens: str = _f("answer", "fisher", "tokens that carry the Fisher pass's loss",
@@ -174,7 +178,7 @@ class RunConfig:
                 f"(got {self.grad_accum}) and mask_mode masked_step (got {self.mask_mode!r}, "
                 "whose mask multiply and global clip need every gradient first)"
             )
-        check_method_options(self.rmu_layer, self.rmu_coeff, self.rmu_alpha, self.undial_strength)
+        check_method_options(**{k: getattr(self, k) for k in OPTION_RANGES})
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
@@ -191,6 +195,7 @@ class RunConfig:
         return Method(name, alpha=self.alpha, beta=self.beta, kl=self.kl, npo=self.npo,
                       rmu_layer=self.rmu_layer, rmu_coeff=self.rmu_coeff,
                       rmu_alpha=self.rmu_alpha, undial_strength=self.undial_strength,
+                      manu_percent=self.manu_percent, manu_layers=self.manu_layers,
                       seed=self.seed)  # fmt: skip
 
     def to_dict(self) -> dict:

@@ -235,7 +235,8 @@ def unlearn(
     preemption=None,
 ) -> dict:
     """Unlearn ``forget`` from ``model`` in place with ``method`` (a name, whose loss forms
-    come from ``config``, or a :class:`~mmunlearn.methods.Method`).
+    come from ``config``, or a :class:`~mmunlearn.methods.Method`). MANU is one edit without
+    steps (:func:`_one_shot`: no optimizer, no checkpoint; ``"manu"`` in the result).
 
     ``forget`` / ``retain``: sized, indexable sources of model-ready batches (dicts with
     ``labels``): lists, or :class:`~mmunlearn.data.batching.BatchSource`; batches are moved
@@ -259,6 +260,8 @@ def unlearn(
     """
     cfg = config or RunConfig()
     method = cfg.method_for(method) if isinstance(method, str) else method
+    if method.one_shot:
+        return _one_shot(model, method, forget, retain, cfg, output_dir)
     ref_model = _prepare_model(model, method, masks, ref_model, cfg)
     opt = _optimizer(model, method, cfg, masks)
     plan, ends = _plan(method, forget, retain, cfg)
@@ -283,6 +286,23 @@ def unlearn(
                 steps.release.close()  # the model's parameters keep no hooks of this run
     model.eval()
     return out
+
+
+def _one_shot(model, method: Method, forget, retain, cfg: RunConfig, output_dir) -> dict:
+    """MANU: one edit of ``model`` from activation statistics, no gradient step; its report
+    is the one row of ``log.jsonl`` (phase "manu") and the result's ``"manu"``."""
+    from mmunlearn.methods import manu
+
+    torch.manual_seed(cfg.seed)
+    report = manu.prune(model, forget, retain, method.manu_percent, method.manu_layers)
+    log = RunLog(output_dir, cfg.report_to)
+    try:
+        log.write({"step": 0, "phase": "manu", **report})
+    finally:
+        log.close()
+    model.eval()
+    out = {"history": [], "steps": 0, "resumed_from": 0, "evals": [], "best": None}
+    return {**out, "finished": False, "manu": report}
 
 
 def _run(steps: Stepper, start, history, data, callback, monitor, on_best, preemption) -> dict:

@@ -56,7 +56,7 @@ def test_loss_primitives_agree_with_hf_loss():
     assert torch.allclose((ce * n_tok).sum() / n_tok.sum(), out.loss, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "manu"])  # MANU: a vision side
 def test_every_method_runs_and_ascends_on_forget(name):
     model = _model()
     if name == "rmu":  # RMU's objective is its layer's activations, not the forget CE

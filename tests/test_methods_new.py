@@ -310,3 +310,109 @@ def test_grad_release_matches_the_ordinary_loop(name):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     start = tiny_llama(0).state_dict()
     assert any(not torch.equal(start[k], states[0][k]) for k in start)  # the run moved weights
+
+
+# ------------------------------------------------------------------------------------------------
+# MANU
+# ------------------------------------------------------------------------------------------------
+
+
+def test_manu_statistics_importance_selection_and_pruning_hand_computed():
+    from mmunlearn.methods import manu
+
+    # neuron 0 fires 1, 3 → mean |a| 2, std 1, RMS √5; neuron 1 fires −2, 0 → 1, 1, √2
+    st = manu.neuron_stats(torch.tensor([[1.0, -2.0], [3.0, 0.0]]))
+    assert torch.allclose(st["abs"], torch.tensor([2.0, 1.0]))
+    assert torch.allclose(st["std"], torch.tensor([1.0, 1.0]))
+    assert torch.allclose(st["rms"], torch.tensor([math.sqrt(5), math.sqrt(2)]))
+    assert manu.neuron_stats(torch.tensor([[5000.0], [-3000.0]]))["abs"].item() == 1000.0
+    # retain: abs [1, 1], std [1, 2], RMS equal → s₀ = 2(2−1) + 2(1−1) + 0 = 2,
+    # s₁ = 2(1−1) + 2(0.5−1) + 0 = −1 (ε = 0)
+    r = {"abs": torch.tensor([1.0, 1.0]), "std": torch.tensor([1.0, 2.0]), "rms": st["rms"]}
+    s = manu.importance({"a": st}, {"a": r}, eps=0.0)["a"]
+    assert torch.allclose(s, torch.tensor([2.0, -1.0]))
+    # top 40 % of 5 neurons = 2; the second largest (2) is tied: all three ≥ 2 are chosen
+    masks = manu.select({"a": s, "b": torch.tensor([5.0, 0.0, 2.0])}, 40.0)
+    assert masks["a"].tolist() == [True, False] and masks["b"].tolist() == [True, False, True]
+    assert manu.select({"a": s}, 1.0)["a"].tolist() == [True, False]  # at least one
+    lin = torch.nn.Linear(2, 3)
+    keep = lin.weight[1].detach().clone()
+    assert manu.zero_rows({"b": lin}, {"b": masks["b"]}) == 2
+    assert lin.weight[[0, 2]].abs().sum() == 0 and lin.bias[[0, 2]].abs().sum() == 0
+    assert torch.equal(lin.weight[1], keep) and lin.bias[1] != 0
+
+
+class _Lin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(1, 1, bias=False)
+        self.lin.weight.data.fill_(1.0)
+
+    def forward(self, x, attention_mask):
+        return self.lin(x)
+
+
+def test_manu_language_statistics_skip_padding():
+    from mmunlearn.methods import manu
+
+    # batch 1: positions 3 (kept), 100 (padding) → |a| 3; batch 2: −1 → 1; mean over batches 2
+    b1 = {"x": torch.tensor([[[3.0], [100.0]]]), "attention_mask": torch.tensor([[1, 0]])}
+    b2 = {"x": torch.tensor([[[-1.0]]]), "attention_mask": torch.tensor([[1]])}
+    model = _Lin()
+    st = manu.collect_stats(model, [b1, b2], 2, {"language": {"lin": model.lin}}, "cpu")
+    assert torch.allclose(st["lin"]["abs"], torch.tensor([2.0]))
+    assert torch.allclose(st["lin"]["rms"], torch.tensor([2.0]))  # (3 + 1) / 2
+    # the vision side counts every position: (3 + 100)/2 = 51.5, then (51.5 + 1)/2
+    st = manu.collect_stats(model, [b1, b2], 2, {"vision": {"lin": model.lin}}, "cpu")
+    assert torch.allclose(st["lin"]["abs"], torch.tensor([26.25]))
+
+
+_VISION = re.compile(r"vision_tower|visual")
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_manu_unlearn_then_eval(files, tmp_path, family):
+    model = ["--model", str(files[family])]
+    data = ["--mllmu", str(files["mllmu"]), "--split", "5", "--batch-size", "2"]
+    out = tmp_path / "manu"
+    argv = ["unlearn", "--method", "manu", "--manu-layers", "1", "--manu-percent", "25"]
+    assert main([*argv, *model, *data, "--out", str(out)]) == 0
+    summary = json.loads((out / "unlearn.json").read_text())
+    rep = summary["manu"]
+    assert summary["steps"] == 0 and rep["batches"] >= 1
+    log = [json.loads(x) for x in (out / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["phase"] for r in log] == ["manu"] and log[0]["vision"] == rep["vision"]
+    before, after = _weights(files[family]), _weights(out / "model")
+    changed = _changed(before, after)
+    # only MLP linears of the last block of each side move, and only to whole zero rows
+    assert changed and all(".mlp." in k for k in changed), sorted(changed)
+    zero = {"vision": 0, "language": 0}
+    for k in changed:
+        side = "vision" if _VISION.search(k) else "language"
+        assert _layer(0).search(k) is None  # the language model's first layer: not the last
+        w, w0 = after[k], before[k]
+        rows = (w != w0).reshape(w.shape[0], -1).any(-1)
+        assert bool((w[rows] == 0).all())
+        if k.endswith(".weight"):
+            zero[side] += int(rows.sum())
+    for side in ("vision", "language"):
+        n, k = rep[side]["neurons"], rep[side]["pruned"]
+        assert k >= max(1, int(0.25 * n)) and zero[side] == k, (side, rep, zero)
+    ev = tmp_path / "ev"
+    argv = ["eval", "--model", str(out / "model"), "--mllmu", str(files["mllmu"]), "--split"]
+    assert main([*argv, "5", "--limit", "2", "--max-new-tokens", "2", "--out", str(ev)]) == 0
+
+
+def test_manu_bad_options_are_one_line_errors(files, tmp_path, capsys):
+    base = ["unlearn", "--model", str(files["llava"]), "--mllmu", str(files["mllmu"])]
+    for flag, value, rc, text in (
+        ("--manu-percent", "0", 2, "--manu-percent: manu_percent must be a finite number in"),
+        ("--manu-percent", "101", 2, "manu_percent must be a finite number in (0, 100]"),
+        ("--manu-layers", "0", 2, "--manu-layers: manu_layers must be an integer ≥ 1"),
+        ("--manu-layers", "3", 1, "manu_layers 3: the vision side has 2 blocks"),
+    ):
+        capsys.readouterr()
+        argv = [*base, "--method", "manu", flag, value, "--out", str(tmp_path / "x")]
+        assert main(argv) == rc, (flag, value)
+        err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+        assert len(err) == 1 and text in err[0], err

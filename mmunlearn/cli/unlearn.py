@@ -489,5 +489,7 @@ def _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fing
         "steps": result["steps"],
         "best": result["best"],
     }
+    if "manu" in result:
+        summary["manu"] = result["manu"]  # what the one-shot edit pruned
     atomic_write_json(os.path.join(args.out, "unlearn.json"), summary)
     say(f"wrote {path}, {args.out}/unlearn.json, {args.out}/run/log.jsonl")

@@ -1,4 +1,4 @@
-"""Unlearning objectives: GA, GA_Diff, KL_Min, NPO, MMUnlearner, RMU and UNDIAL.
+"""Unlearning objectives: GA, GA_Diff, KL_Min, NPO, MMUnlearner, RMU and UNDIAL; MANU's edit.
 
 Every method is a pair of losses over batches of a causal (multimodal) LM whose forward takes
 ``**batch`` (with ``labels``, -100 where no loss is taken) and returns ``.loss`` and ``.logits``:
@@ -13,6 +13,7 @@ NPO            −(2/β)·mean log σ(−β·(log π_θ − log π_ref))  — (`
 MMUnlearner    −α·CE(θ; forget), masked step                CE(θ; retain), unmasked step
 RMU            MSE(h_ℓ(θ), c·u) on label tokens             α_rmu·MSE(h_ℓ(θ), h_ℓ(ref))
 UNDIAL         CE(softmax(z_ref − γ·onehot(y)), p_θ)        —
+MANU           no steps: one edit (:mod:`mmunlearn.methods.manu`) prunes MLP neurons
 =============  ===========================================  ==================================
 
 CE is the mean token cross-entropy over label tokens (answer-only with ``ans_only``); log π is a
@@ -38,9 +39,9 @@ import torch.nn.functional as F
 
 from mmunlearn.distributed import global_mean
 from mmunlearn.losses import kl_ref_to_model, mean_ce, sequence_logprob
-from mmunlearn.methods import rmu, undial
+from mmunlearn.methods import rmu, undial  # manu: imported by the loop, which runs it
 
-METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner", "rmu", "undial")
+METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner", "rmu", "undial", "manu")
 # the methods the MMUnlearner paper compares: what the built-in demo and the sweep run
 PAPER_METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")
 KL_FORMS = ("answer_mean", "all_batchmean")
@@ -73,6 +74,8 @@ class Method:
     rmu_coeff: float = 20.0  # RMU's steering coefficient c
     rmu_alpha: float = 100.0  # RMU's retain weight α
     undial_strength: float = 10.0  # UNDIAL's γ
+    manu_percent: float = 10.0  # MANU: % of each modality's MLP neurons pruned
+    manu_layers: int = 3  # MANU: the last N blocks of each side
     seed: int = 0  # draws RMU's random direction
 
     def __post_init__(self):
@@ -83,7 +86,12 @@ class Method:
             raise ValueError(f"kl must be one of {KL_FORMS}, got {self.kl!r}")
         if self.npo not in NPO_FORMS:
             raise ValueError(f"npo must be one of {NPO_FORMS}, got {self.npo!r}")
-        check_method_options(self.rmu_layer, self.rmu_coeff, self.rmu_alpha, self.undial_strength)
+        check_method_options(**{k: getattr(self, k) for k in OPTION_RANGES})
+
+    @property
+    def one_shot(self) -> bool:
+        """An edit without gradient steps (MANU: :func:`mmunlearn.methods.manu.prune`)."""
+        return self.name == "manu"
 
     def check_model(self, model) -> None:
         """ValueError when this method's options do not fit ``model`` (RMU's layer)."""
@@ -105,6 +113,8 @@ class Method:
         )
 
     def forget_loss(self, model, batch, ref_model=None) -> torch.Tensor:
+        if self.one_shot:
+            raise ValueError(f"{self.name} is a one-shot edit without a loss; run it by unlearn()")
         if self.name == "rmu":
             return rmu.forget_loss(model, batch, self.rmu_layer, self.rmu_coeff, self.seed)
         if self.name == "undial":
@@ -138,16 +148,34 @@ class Method:
         return mean_ce(out, batch)
 
 
-def check_method_options(rmu_layer, rmu_coeff, rmu_alpha, undial_strength) -> None:
-    """ValueError naming the first bad RMU / UNDIAL option (the layer's range is checked
-    against the model when the run starts)."""
-    if isinstance(rmu_layer, bool) or not isinstance(rmu_layer, int):
-        raise ValueError(f"rmu_layer must be an integer (a decoder layer), got {rmu_layer!r}")
-    for name, v, lo in (
-        ("rmu_coeff", rmu_coeff, "> 0"),
-        ("rmu_alpha", rmu_alpha, "≥ 0"),
-        ("undial_strength", undial_strength, "> 0"),
-    ):
-        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-        if not ok or (v < 0 if lo == "≥ 0" else v <= 0):
-            raise ValueError(f"{name} must be a finite number {lo}, got {v!r}")
+# the options of RMU, UNDIAL and MANU: name → the values accepted
+OPTION_RANGES = {
+    "rmu_layer": "an integer (a decoder layer)",
+    "rmu_coeff": "> 0",
+    "rmu_alpha": "≥ 0",
+    "undial_strength": "> 0",
+    "manu_percent": "in (0, 100]",
+    "manu_layers": "an integer ≥ 1",
+}
+
+
+def _ok(name: str, v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if name in ("rmu_layer", "manu_layers"):
+        return isinstance(v, int) and (name == "rmu_layer" or v >= 1)
+    if not math.isfinite(v):
+        return False
+    if name == "manu_percent":
+        return 0 < v <= 100
+    return v >= 0 if name == "rmu_alpha" else v > 0
+
+
+def check_method_options(**options) -> None:
+    """ValueError naming the first bad RMU / UNDIAL / MANU option (:data:`OPTION_RANGES`;
+    RMU's layer and MANU's layer count are checked against the model when the run starts)."""
+    for name, v in options.items():
+        if not _ok(name, v):
+            what = OPTION_RANGES[name]
+            kind = what if what.startswith("an ") else f"a finite number {what}"
+            raise ValueError(f"{name} must be {kind}, got {v!r}")
