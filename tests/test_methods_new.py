@@ -416,3 +416,28 @@ def test_manu_bad_options_are_one_line_errors(files, tmp_path, capsys):
         assert main(argv) == rc, (flag, value)
         err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
         assert len(err) == 1 and text in err[0], err
+
+
+def test_estimate_counts_each_methods_reference_and_state():
+    from transformers import LlamaConfig
+
+    from mmunlearn.estimate import count_parameters, estimate
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    P, _ = count_parameters(cfg)
+
+    def terms(method):
+        return estimate(cfg, 1, dtype="bf16", batch=2, seq=8, method=method)[1].terms
+
+    # bf16: 2 bytes; UNDIAL keeps the reference and its fp32 logits (4·B·T·V = 4·2·8·100)
+    assert terms("undial")["reference model (frozen)"] == 2 * P
+    assert terms("undial")["reference logits (fp32)"] == 6400
+    # RMU: the reference's hidden states at its layer only (B·T·d·2 = 2·8·16·2)
+    assert terms("rmu")["reference hidden states at the RMU layer"] == 512
+    assert "reference logits (fp32)" not in terms("rmu")
+    # MANU: no gradients, moments, mask or reference
+    t = terms("manu")
+    assert "weights (sharded)" in t and not any(
+        k.startswith(("grads", "AdamW", "mask", "ref")) for k in t
+    )
