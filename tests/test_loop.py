@@ -110,7 +110,7 @@ class _Kill(Exception):
     pass
 
 
-@pytest.mark.parametrize("name", ["mmunlearner", "npo"])
+@pytest.mark.parametrize("name", ["mmunlearner", "npo", "rmu"])
 def test_kill_and_resume_gives_the_same_weights(tmp_path, name):
     masks_of = lambda m: (
         {
