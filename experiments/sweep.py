@@ -13,7 +13,7 @@ step count; a cell with fewer steps uses the first batches of those lists, which
 with ``--seed``, ``unlearn.lr = lr``, ``unlearn_steps = steps``. Both pin torch to 2 CPU threads
 by default: the vanilla model (and so every cell) depends on the thread count.
 
-Methods are :data:`mmunlearn.methods.METHODS` plus three MMUnlearner variants for the
+Methods are :data:`mmunlearn.methods.PAPER_METHODS` plus three MMUnlearner variants for the
 investigation of what the mask does:
 
 - ``mmunlearner:vision`` / ``mmunlearner:language``: only the vision (resp. language) mask;
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from mmunlearn.tinyrun import TinyRunConfig
 
 # torch and the demo's pieces are imported inside the functions: --help stays instant.
-METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")  # = mmunlearn.methods.METHODS
+METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")  # = mmunlearn.methods.PAPER_METHODS
 VANILLA_STEPS = 2500  # = TinyRunConfig.vanilla_steps (both checked by tests/test_sweep.py)
 
 VARIANTS = ("mmunlearner:vision", "mmunlearner:language", "mmunlearner:random")

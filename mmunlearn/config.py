@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from mmunlearn.methods import KL_FORMS, METHODS, NPO_FORMS
+from mmunlearn.methods import KL_FORMS, METHODS, NPO_FORMS, OPTION_RANGES, check_method_options
 
 RECIPES = ("mmunlearn", "official")
 REPORTERS = ("tensorboard", "wandb", "mlflow")
@@ -131,6 +131,17 @@ class RunConfig:
     beta: float = _f(0.4, "method", "NPO's β")
     kl: str = _f("answer_mean", "method", "KL_Min's KL term", choices=KL_FORMS)
     npo: str = _f("sequence", "method", "NPO's log-ratio", choices=NPO_FORMS)
+    rmu_layer: int = _f(7, "method", "RMU: the language model's decoder layer whose output is "
+                        "steered (0-based; negative: from the end)")  # fmt: skip
+    rmu_coeff: float = _f(20.0, "method", "RMU: steering coefficient c, the norm of the "
+                          "random target of forget activations")  # fmt: skip
+    rmu_alpha: float = _f(100.0, "method", "RMU: weight α of the retain activation loss")
+    undial_strength: float = _f(10.0, "method", "UNDIAL: γ, how far the true token's logit is "
+                                "lowered in the reference's target")  # fmt: skip
+    manu_percent: float = _f(10.0, "method", "MANU: percent of each modality's MLP neurons "
+                             "pruned (the top by forget/retain activation ratio)")  # fmt: skip
+    manu_layers: int = _f(3, "method", "MANU: its neurons are the MLPs' of the last N blocks of "
+                          "the vision encoder and of the language model")  # fmt: skip
     # Fisher pass (saliency)
     fisher_batch_size: int = _f(16, "fisher", "samples per Fisher batch")
     fisher_loss_tokens: str = _f("answer", "fisher", "tokens that carry the Fisher pass's loss",
@@ -204,6 +215,7 @@ class RunConfig:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if not str(self.lora_targets).strip(","):
             raise ValueError("lora_targets must be mllmu or module names, got nothing")
+        check_method_options(**{k: getattr(self, k) for k in OPTION_RANGES})
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
@@ -217,7 +229,11 @@ class RunConfig:
         """The :class:`~mmunlearn.methods.Method` ``name`` with this config's loss forms."""
         from mmunlearn.methods import Method
 
-        return Method(name, alpha=self.alpha, beta=self.beta, kl=self.kl, npo=self.npo)
+        return Method(name, alpha=self.alpha, beta=self.beta, kl=self.kl, npo=self.npo,
+                      rmu_layer=self.rmu_layer, rmu_coeff=self.rmu_coeff,
+                      rmu_alpha=self.rmu_alpha, undial_strength=self.undial_strength,
+                      manu_percent=self.manu_percent, manu_layers=self.manu_layers,
+                      seed=self.seed)  # fmt: skip
 
     def to_dict(self) -> dict:
         """Every setting, JSON-able (tuples as lists)."""

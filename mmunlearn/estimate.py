@@ -346,9 +346,15 @@ def estimate(
     if grad_release:
         del unl_terms["grads (sharded)"]
         unl_terms["grads (one tensor at a time: step in backward)"] = largest_parameter(cfg) * b
-    if method in ("kl_min", "npo"):
+    if method in ("kl_min", "npo", "undial", "rmu"):
         unl_terms["reference model (frozen)"] = P * b / N
+    if method in ("kl_min", "npo", "undial"):
         unl_terms["reference logits (fp32)"] = 4 * batch * seq * V
+    elif method == "rmu":  # the forward stops at its layer: the reference's hidden states only
+        unl_terms["reference hidden states at the RMU layer"] = batch * seq * d["hidden"] * b
+    elif method == "manu":  # one forward-only edit: no gradients, moments or mask
+        unl_terms = {k: v for k, v in unl_terms.items() if not k.startswith(("grads", "AdamW"))}
+        unl_terms.pop("mask (1 bit)", None)
     return [sal, Estimate("unlearning", unl_terms)]
 
 

@@ -130,6 +130,7 @@ def _prepare_model(model, method: Method, masks, ref_model, cfg: RunConfig):
     if method.uses_mask and cfg.lora:
         raise ValueError("lora: MMUnlearner's saliency mask selects base weights, which LoRA "
                          "freezes; use LoRA with ga, ga_diff, kl_min or npo")  # fmt: skip
+    method.check_model(model)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -235,13 +236,14 @@ def unlearn(
     preemption=None,
 ) -> dict:
     """Unlearn ``forget`` from ``model`` in place with ``method`` (a name, whose loss forms
-    come from ``config``, or a :class:`~mmunlearn.methods.Method`).
+    come from ``config``, or a :class:`~mmunlearn.methods.Method`). MANU is one edit without
+    steps (:func:`_one_shot`: no optimizer, no checkpoint; ``"manu"`` in the result).
 
     ``forget`` / ``retain``: sized, indexable sources of model-ready batches (dicts with
     ``labels``): lists, or :class:`~mmunlearn.data.batching.BatchSource`; batches are moved
     to the model's device as they are used. ``masks``: ``{param: bool or packed mask}`` for
-    MMUnlearner (required for it). ``ref_model``: the frozen reference for KL_Min / NPO
-    (default: a frozen copy of ``model`` taken before the first step). ``config``: the
+    MMUnlearner (required for it). ``ref_model``: the frozen reference for KL_Min / NPO / RMU /
+    UNDIAL (default: a frozen copy of ``model`` taken before the first step). ``config``: the
     :class:`~mmunlearn.config.RunConfig` (default: ours). ``output_dir``: where checkpoints and
     ``log.jsonl`` go; ``resume=True`` continues from ``output_dir/checkpoint`` when present.
     ``callback(step, kind, loss)`` runs after every applied step whose loss is read back
@@ -259,6 +261,8 @@ def unlearn(
     """
     cfg = config or RunConfig()
     method = cfg.method_for(method) if isinstance(method, str) else method
+    if method.one_shot:
+        return _one_shot(model, method, forget, retain, cfg, output_dir)
     ref_model = _prepare_model(model, method, masks, ref_model, cfg)
     plan, ends = _plan(method, forget, retain, cfg)
     identity = run_identity(method, cfg, forget, retain, model, masks) if output_dir else None
@@ -301,6 +305,23 @@ def run_plan(model, method, sources: Mapping, plan, ends, cfg: RunConfig, *, mas
                 steps.release.close()  # the model's parameters keep no hooks of this run
     model.eval()
     return out
+
+
+def _one_shot(model, method: Method, forget, retain, cfg: RunConfig, output_dir) -> dict:
+    """MANU: one edit of ``model`` from activation statistics, no gradient step; its report
+    is the one row of ``log.jsonl`` (phase "manu") and the result's ``"manu"``."""
+    from mmunlearn.methods import manu
+
+    torch.manual_seed(cfg.seed)
+    report = manu.prune(model, forget, retain, method.manu_percent, method.manu_layers)
+    log = RunLog(output_dir, cfg.report_to)
+    try:
+        log.write({"step": 0, "phase": "manu", **report})
+    finally:
+        log.close()
+    model.eval()
+    out = {"history": [], "steps": 0, "resumed_from": 0, "evals": [], "best": None}
+    return {**out, "finished": False, "manu": report}
 
 
 def _run(steps: Stepper, start, history, sources, desc, callback, monitor, on_best,

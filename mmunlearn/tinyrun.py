@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from mmunlearn.config import RunConfig
-from mmunlearn.methods import METHODS
+from mmunlearn.methods import PAPER_METHODS
 from mmunlearn.models import adapter_for, build_tokenizer, tiny_llava
 
 
@@ -38,7 +38,7 @@ class TinyRunConfig:
     )
     gamma: float = 1.0
     fraction: float | None = None  # exact top-k mask fraction per group instead of γ
-    methods: list = field(default_factory=lambda: list(METHODS))
+    methods: list = field(default_factory=lambda: list(PAPER_METHODS))
     # the reference an unlearned model is measured against: the vanilla recipe (same init,
     # steps, lr, seed) trained without the forget people's pictures (their text QA kept)
     reference: bool = True

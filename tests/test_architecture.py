@@ -49,7 +49,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("saliency", ["mmunlearn.saliency"]),
     ("masks", ["mmunlearn.masks"]),
     ("optimizer", ["mmunlearn.optim_base", "mmunlearn.optim"]),
-    ("methods", ["mmunlearn.methods"]),
+    ("methods", ["mmunlearn.methods", "mmunlearn.methods.*"]),
     ("run config", ["mmunlearn.config"]),
     ("fsdp", ["mmunlearn.fsdp"]),
     ("checkpoint", ["mmunlearn.checkpoint"]),

@@ -116,7 +116,7 @@ def test_demo_under_torchrun_matches_one_process(tmp_path):
     tolerance of the 1-process demo; rank 0 alone evaluates and writes."""
     import json
 
-    from mmunlearn.methods import METHODS
+    from mmunlearn.methods import PAPER_METHODS as METHODS
 
     stdout = _demo(tmp_path / "two", 2)
     _demo(tmp_path / "one", 1)

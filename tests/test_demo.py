@@ -7,7 +7,7 @@ import json
 import torch
 
 from mmunlearn.demo import run_demo
-from mmunlearn.methods import METHODS
+from mmunlearn.methods import PAPER_METHODS as METHODS
 from mmunlearn.models import load_model
 from mmunlearn.saliency import SaliencyMask
 from mmunlearn.tinyrun import TinyRunConfig

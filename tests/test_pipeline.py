@@ -41,7 +41,7 @@ def test_saliency_and_every_method(family):
         + masks["language"].coverage()["total"]["selected"]
     )
     forget, retain = b(bench.forget_vqa, 2), b(bench.retain_vqa + bench.retain_text, 2)
-    cfg = RunConfig(lr=1e-3, forget_freq=1, progress=False)
+    cfg = RunConfig(lr=1e-3, forget_freq=1, progress=False, rmu_layer=0, manu_layers=1)
     for name in METHODS:
         m = copy.deepcopy(model)
         start = {n: p.detach().clone() for n, p in m.named_parameters()}

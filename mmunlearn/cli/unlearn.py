@@ -137,7 +137,10 @@ def _unlearn_options(c) -> None:
     )
     u.add_argument("--mask", help="a mask file from `mmunlearn saliency` (else computed)")
     u.add_argument("--mask-group", default="both", choices=["vision", "language", "both"])
-    u.add_argument("--reference-model", help="KL_Min / NPO reference (default: the start model)")
+    u.add_argument(
+        "--reference-model",
+        help="the frozen reference of KL_Min, NPO, RMU, UNDIAL (default: the start model)",
+    )
     u.add_argument(
         "--resume",
         nargs="?",
@@ -444,5 +447,7 @@ def _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fing
         "steps": result["steps"],
         "best": result["best"],
     }
+    if "manu" in result:
+        summary["manu"] = result["manu"]  # what the one-shot edit pruned
     atomic_write_json(os.path.join(args.out, "unlearn.json"), summary)
     say(f"wrote {path}, {args.out}/unlearn.json, {args.out}/run/log.jsonl")

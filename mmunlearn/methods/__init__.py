@@ -1,4 +1,4 @@
-"""Unlearning objectives: GA, GA_Diff, KL_Min, NPO and MMUnlearner.
+"""Unlearning objectives: GA, GA_Diff, KL_Min, NPO, MMUnlearner, RMU and UNDIAL; MANU's edit.
 
 Every method is a pair of losses over batches of a causal (multimodal) LM whose forward takes
 ``**batch`` (with ``labels``, -100 where no loss is taken) and returns ``.loss`` and ``.logits``:
@@ -11,11 +11,16 @@ GA_Diff        −CE(θ; forget)                               CE(θ; retain)
 KL_Min         −CE(θ; forget)                               CE(θ; retain) + KL(p_ref ‖ p_θ)
 NPO            −(2/β)·mean log σ(−β·(log π_θ − log π_ref))  — (``npo_retain=True``: CE retain)
 MMUnlearner    −α·CE(θ; forget), masked step                CE(θ; retain), unmasked step
+RMU            MSE(h_ℓ(θ), c·u) on label tokens             α_rmu·MSE(h_ℓ(θ), h_ℓ(ref))
+UNDIAL         CE(softmax(z_ref − γ·onehot(y)), p_θ)        —
+MANU           no steps: one edit (:mod:`mmunlearn.methods.manu`) prunes MLP neurons
 =============  ===========================================  ==================================
 
 CE is the mean token cross-entropy over label tokens (answer-only with ``ans_only``); log π is a
 sample's summed label-token log-probability; KL is averaged over label tokens. The reference
-model (KL_Min, NPO) is a frozen copy of the vanilla model unless given.
+model (KL_Min, NPO, RMU, UNDIAL) is a frozen copy of the vanilla model unless given. RMU
+(:mod:`mmunlearn.methods.rmu`) and UNDIAL (:mod:`mmunlearn.methods.undial`) have their own
+modules; docs/methods.md gives their sources and options.
 
 The official code's forms (``--recipe official``, docs/reference/official_recipe.md §7):
 ``kl="all_batchmean"`` is ``kl_div(log_softmax(θ), softmax(ref), reduction="batchmean")`` over
@@ -26,6 +31,7 @@ CEs of the two models (one sigmoid per batch, not per sample).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +39,11 @@ import torch.nn.functional as F
 
 from mmunlearn.distributed import global_mean
 from mmunlearn.losses import kl_ref_to_model, mean_ce, sequence_logprob
+from mmunlearn.methods import rmu, undial  # manu: imported by the loop, which runs it
 
-METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")
+METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner", "rmu", "undial", "manu")
+# the methods the MMUnlearner paper compares: what the built-in demo and the sweep run
+PAPER_METHODS = ("ga", "ga_diff", "kl_min", "npo", "mmunlearner")
 KL_FORMS = ("answer_mean", "all_batchmean")
 NPO_FORMS = ("sequence", "batch_mean")
 
@@ -61,6 +70,13 @@ class Method:
     npo_retain: bool = False
     kl: str = "answer_mean"  # KL_Min's KL term, KL_FORMS
     npo: str = "sequence"  # NPO's log-ratio, NPO_FORMS
+    rmu_layer: int = 7  # RMU's decoder layer ℓ (negative: from the end)
+    rmu_coeff: float = 20.0  # RMU's steering coefficient c
+    rmu_alpha: float = 100.0  # RMU's retain weight α
+    undial_strength: float = 10.0  # UNDIAL's γ
+    manu_percent: float = 10.0  # MANU: % of each modality's MLP neurons pruned
+    manu_layers: int = 3  # MANU: the last N blocks of each side
+    seed: int = 0  # draws RMU's random direction
 
     def __post_init__(self):
         self.name = self.name.lower()
@@ -70,10 +86,21 @@ class Method:
             raise ValueError(f"kl must be one of {KL_FORMS}, got {self.kl!r}")
         if self.npo not in NPO_FORMS:
             raise ValueError(f"npo must be one of {NPO_FORMS}, got {self.npo!r}")
+        check_method_options(**{k: getattr(self, k) for k in OPTION_RANGES})
+
+    @property
+    def one_shot(self) -> bool:
+        """An edit without gradient steps (MANU: :func:`mmunlearn.methods.manu.prune`)."""
+        return self.name == "manu"
+
+    def check_model(self, model) -> None:
+        """ValueError when this method's options do not fit ``model`` (RMU's layer)."""
+        if self.name == "rmu":
+            rmu.decoder_layer(model, self.rmu_layer)
 
     @property
     def needs_reference(self) -> bool:
-        return self.name in ("kl_min", "npo")
+        return self.name in ("kl_min", "npo", "rmu", "undial")
 
     @property
     def uses_mask(self) -> bool:
@@ -81,11 +108,17 @@ class Method:
 
     @property
     def has_retain(self) -> bool:
-        return self.name in ("ga_diff", "kl_min", "mmunlearner") or (
+        return self.name in ("ga_diff", "kl_min", "mmunlearner", "rmu") or (
             self.name == "npo" and self.npo_retain
         )
 
     def forget_loss(self, model, batch, ref_model=None) -> torch.Tensor:
+        if self.one_shot:
+            raise ValueError(f"{self.name} is a one-shot edit without a loss; run it by unlearn()")
+        if self.name == "rmu":
+            return rmu.forget_loss(model, batch, self.rmu_layer, self.rmu_coeff, self.seed)
+        if self.name == "undial":
+            return undial.forget_loss(model, ref_model, batch, self.undial_strength)
         if self.name == "npo":
             out = model(**batch)
             with torch.no_grad():
@@ -103,6 +136,8 @@ class Method:
     def retain_loss(self, model, batch, ref_model=None) -> torch.Tensor | None:
         if not self.has_retain:
             return None
+        if self.name == "rmu":
+            return rmu.retain_loss(model, ref_model, batch, self.rmu_layer, self.rmu_alpha)
         out = model(**batch)
         if self.name == "kl_min":
             with torch.no_grad():
@@ -111,3 +146,36 @@ class Method:
                 return mean_ce(out, batch) + kl_all_batchmean(out.logits, ref.logits)
             return mean_ce(out, batch) + kl_ref_to_model(out.logits, ref.logits, batch["labels"])
         return mean_ce(out, batch)
+
+
+# the options of RMU, UNDIAL and MANU: name → the values accepted
+OPTION_RANGES = {
+    "rmu_layer": "an integer (a decoder layer)",
+    "rmu_coeff": "> 0",
+    "rmu_alpha": "≥ 0",
+    "undial_strength": "> 0",
+    "manu_percent": "in (0, 100]",
+    "manu_layers": "an integer ≥ 1",
+}
+
+
+def _ok(name: str, v) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if name in ("rmu_layer", "manu_layers"):
+        return isinstance(v, int) and (name == "rmu_layer" or v >= 1)
+    if not math.isfinite(v):
+        return False
+    if name == "manu_percent":
+        return 0 < v <= 100
+    return v >= 0 if name == "rmu_alpha" else v > 0
+
+
+def check_method_options(**options) -> None:
+    """ValueError naming the first bad RMU / UNDIAL / MANU option (:data:`OPTION_RANGES`;
+    RMU's layer and MANU's layer count are checked against the model when the run starts)."""
+    for name, v in options.items():
+        if not _ok(name, v):
+            what = OPTION_RANGES[name]
+            kind = what if what.startswith("an ") else f"a finite number {what}"
+            raise ValueError(f"{name} must be {kind}, got {v!r}")
