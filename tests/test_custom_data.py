@@ -478,3 +478,47 @@ def test_the_python_example_of_docs_data_md_runs(tmp_path, monkeypatch, llava):
     scope: dict = {}
     exec(compile(blocks[0], "docs/data.md", "exec"), scope)
     assert scope["result"]["steps"] == 4
+
+
+def test_finetune_then_saliency_unlearn_eval_with_reference_on_own_jsonl(llava, data, tmp_path):
+    """The whole job from own files (#23): finetune the vanilla model (forget + retain rows)
+    and the reference (retain rows only), then saliency → unlearn from the vanilla model and
+    eval with --reference, all through the CLI on a real-format LLaVA checkpoint."""
+    own = ["--forget", data["forget"], "--retain", data["retain"]]
+    common = ["--lr", "1e-3", "--batch-size", "2", "--epochs", "2"]
+    runs = {}
+    for which in ("vanilla", "reference"):
+        out = tmp_path / f"ft-{which}"
+        argv = ["finetune", "--model", llava, *own, "--preserve-text", data["text"],
+                "--train-set", which, *common, "--out", out]  # fmt: skip
+        assert main([str(a) for a in argv]) == 0
+        runs[which] = json.loads((out / "finetune.json").read_text())
+        assert runs[which]["forget file sha256"] == file_fingerprint(data["forget"])
+    # the reference never saw the forget rows: 3 forget rows fewer than the vanilla set
+    assert runs["vanilla"]["data"]["items"] - runs["reference"]["data"]["items"] == 3
+    assert "forget" not in runs["reference"]["source"].split("own files: ")[1].split(" ")[0]
+    vanilla, ref = tmp_path / "ft-vanilla" / "model", tmp_path / "ft-reference" / "model"
+    sal = tmp_path / "sal"
+    argv = ["saliency", "--model", vanilla, *own, "--preserve-text", data["text"], "--out", sal]
+    assert main([str(a) for a in argv]) == 0
+    u = tmp_path / "u"
+    argv = ["unlearn", "--model", vanilla, *own, "--mask", sal / "mask_both.safetensors",
+            "--lr", "1e-3", "--out", u]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    ev = tmp_path / "ev"
+    argv = ["eval", "--model", vanilla, "--model", u / "model", "--reference", ref, *own,
+            "--forget-test", data["forget"], "--max-new-tokens", "4", "--no-progress",
+            "--out", ev]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    res = json.loads((ev / "results.json").read_text())
+    assert set(res["methods"]) >= {"model"} and len(res["methods"]) >= 2
+    assert "gap" in json.dumps(res).lower()
+
+
+def test_finetune_reference_on_own_files_needs_retain(llava, data, tmp_path, capsys):
+    argv = ["finetune", "--model", str(llava), "--forget", str(data["forget"]),
+            "--train-set", "reference", "--out", str(tmp_path / "x")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--retain" in err and "reference" in err
+    assert not (tmp_path / "x").exists()

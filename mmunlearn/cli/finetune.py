@@ -26,6 +26,7 @@ from mmunlearn.cli.common import (
     say,
     start_distributed,
 )
+from mmunlearn.cli.data import add_own_data, check_own, image_policy, own_files, own_record
 from mmunlearn.data.recipe import TRAIN_SETS
 from mmunlearn.presets import RECIPES
 
@@ -68,6 +69,7 @@ def register(sub):
     d.add_argument("--split", type=int, default=5, help="forget %% that --train-set reference "
                    "leaves out: MLLMU 5|10|15, CLEAR 1|5|10")  # fmt: skip
     d.add_argument("--people", type=int, default=40, help="synthetic people (default 40)")
+    add_own_data(d, "finetune")
     d.add_argument("--train-set", default="vanilla", choices=list(TRAIN_SETS),
                    help="vanilla: every person; reference: without the forget set of --split "
                    "(docs/finetune.md says which files each is)")  # fmt: skip
@@ -98,10 +100,15 @@ def _resume_option(c) -> None:
 
 
 def _benchmark(args) -> str:
-    given = [k for k in ("mllmu", "clear") if getattr(args, k)]
-    given += ["synthetic"] if args.synthetic else []
+    needs = "--train-set reference" if args.train_set == "reference" else None
+    if check_own(args, needs):  # own files: vanilla = forget + retain, reference = retain
+        given = ["custom"]
+    else:
+        given = [k for k in ("mllmu", "clear") if getattr(args, k)]
+        given += ["synthetic"] if args.synthetic else []
     if len(given) != 1:
-        raise UsageError("give exactly one of --mllmu DIR, --clear DIR or --synthetic")
+        raise UsageError("give exactly one of --mllmu DIR, --clear DIR or --synthetic, or your "
+                         "own --forget FILE --retain FILE")  # fmt: skip
     if bool(args.tiny) == bool(args.model):
         raise UsageError("give --model DIR (a checkpoint) or --tiny (the built-in tiny model)")
     if args.tiny and not args.synthetic:
@@ -124,6 +131,8 @@ def training_data(args, benchmark: str, seed: int):
     from mmunlearn.data.recipe import training_set
     from mmunlearn.data.synthetic import make_benchmark
 
+    if benchmark == "custom":
+        return _own_training_data(args) + (None,)
     bench = make_benchmark(n_people=args.people, seed=seed) if benchmark == "synthetic" else None
     try:
         samples, source = training_set(args.train_set, mllmu=args.mllmu, clear=args.clear,
@@ -131,6 +140,29 @@ def training_data(args, benchmark: str, seed: int):
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
     return samples, source, bench
+
+
+def _own_training_data(args) -> tuple[list, str]:
+    """(samples, source) from own files: the vanilla model learns the forget and the retain
+    rows (and the text-only ``--preserve-text`` rows); the reference learns all but the forget
+    rows. Read under ``--max-image-pixels`` / ``--data-root``; a bad row is one line."""
+    from mmunlearn.data.custom import read_custom
+    from mmunlearn.data.parquet import DataFormatError
+
+    files = own_files(args)
+    parts = [("forget", False)] if args.train_set == "vanilla" else []
+    parts += [("retain", False), ("preserve_text", True)]
+    samples, used = [], []
+    with image_policy(args):
+        for name, text_only in parts:
+            if name not in files:
+                continue
+            try:
+                samples += read_custom(files[name], text_only=text_only)
+            except DataFormatError as e:
+                raise UsageError(str(e)) from e
+            used.append(f"{name.replace('_', '-')} {files[name]}")
+    return samples, "own files: " + " + ".join(used)
 
 
 def _model(args, bench, cfg, dev, distributed: bool):
@@ -182,7 +214,8 @@ def _finetune(args, distributed: bool, preemption) -> int:
     from mmunlearn.train import train
 
     benchmark = _benchmark(args)
-    cfg = run_config(args, "finetune", presets.finetune(args.recipe, benchmark))
+    base = presets.finetune(args.recipe, "mllmu" if benchmark == "custom" else benchmark)
+    cfg = run_config(args, "finetune", base)
     samples, source, bench = training_data(args, benchmark, cfg.seed)
     dev = device(args, distributed)
     model, adapter = _model(args, bench, cfg, dev, distributed)
@@ -245,6 +278,7 @@ def _write_outputs(args, cfg, model, proc, source, data, result, distributed) ->
         "steps": result["steps"],
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
+        **own_record(args),
     }
     atomic_write_json(os.path.join(args.out, "finetune.json"), record)
     say(f"wrote {path}, {args.out}/finetune.json, {args.out}/run/log.jsonl")
