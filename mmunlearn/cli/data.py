@@ -126,16 +126,13 @@ def image_policy(args):
     return policy(args.max_image_pixels, args.data_root)
 
 
-def data_source(args) -> str:
-    """``saliency`` / ``unlearn``: the checked data source, ``"mllmu"``, ``"clear"``,
-    ``"synthetic"`` or ``"custom"``, and the model and mask-rule options beside it."""
-    from mmunlearn.methods import Method
-
-    method = getattr(args, "method", None)
-    needs = "saliency" if args.cmd == "saliency" else None
-    if method and Method(method).has_retain:
-        needs = f"--method {method}"
-    if check_own(args, needs):
+def choose_source(args, needs_retain) -> str:
+    """The one data source of a command (``"mllmu"``, ``"clear"``, ``"synthetic"`` or
+    ``"custom"``) checked with the model options beside it: exactly one source, --model or
+    --tiny (the tiny model only with --synthetic), a split the benchmark has, enough synthetic
+    people, an ``--out`` that can be a folder. ``needs_retain``: why own files need --retain
+    (None: they do not). UsageError otherwise."""
+    if check_own(args, needs_retain):
         given = ["custom"]
     else:
         given = [k for k in ("mllmu", "clear") if getattr(args, k)]
@@ -149,10 +146,6 @@ def data_source(args) -> str:
         raise UsageError("give --model DIR (a checkpoint) or --tiny (the built-in tiny model)")
     if args.tiny and not args.synthetic:
         raise UsageError("--tiny knows only the --synthetic benchmark's words; use --model")
-    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
-        raise UsageError(f"--fraction {args.fraction}: must be in (0, 1]")
-    if not args.gamma > 0 or args.gamma != args.gamma or args.gamma == float("inf"):
-        raise UsageError(f"--gamma {args.gamma}: must be a positive finite number")
     from mmunlearn.data.recipe import SPLITS
 
     splits = SPLITS.get(given[0])
@@ -163,6 +156,21 @@ def data_source(args) -> str:
         raise UsageError(f"--people {args.people}: the synthetic benchmark needs at least 2")
     check_out(args.out)
     return given[0]
+
+
+def data_source(args) -> str:
+    """``saliency`` / ``unlearn``: :func:`choose_source`, and the mask-rule options."""
+    from mmunlearn.methods import Method
+
+    method = getattr(args, "method", None)
+    needs = "saliency" if args.cmd == "saliency" else None
+    if method and Method(method).has_retain:
+        needs = f"--method {method}"
+    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
+        raise UsageError(f"--fraction {args.fraction}: must be in (0, 1]")
+    if not args.gamma > 0 or args.gamma != args.gamma or args.gamma == float("inf"):
+        raise UsageError(f"--gamma {args.gamma}: must be a positive finite number")
+    return choose_source(args, needs)
 
 
 def read_sets(args, source: str, cfg):

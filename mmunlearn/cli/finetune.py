@@ -19,14 +19,13 @@ from mmunlearn.cli.common import (
     add_run_options,
     add_torchrun,
     add_vision_modules,
-    check_out,
     device,
     mixed_precision,
     run_config,
     say,
     start_distributed,
 )
-from mmunlearn.cli.data import add_own_data, check_own, image_policy, own_files, own_record
+from mmunlearn.cli.data import add_own_data, choose_source, image_policy, own_files, own_record
 from mmunlearn.data.recipe import TRAIN_SETS
 from mmunlearn.presets import RECIPES
 
@@ -100,29 +99,8 @@ def _resume_option(c) -> None:
 
 
 def _benchmark(args) -> str:
-    needs = "--train-set reference" if args.train_set == "reference" else None
-    if check_own(args, needs):  # own files: vanilla = forget + retain, reference = retain
-        given = ["custom"]
-    else:
-        given = [k for k in ("mllmu", "clear") if getattr(args, k)]
-        given += ["synthetic"] if args.synthetic else []
-    if len(given) != 1:
-        raise UsageError("give exactly one of --mllmu DIR, --clear DIR or --synthetic, or your "
-                         "own --forget FILE --retain FILE")  # fmt: skip
-    if bool(args.tiny) == bool(args.model):
-        raise UsageError("give --model DIR (a checkpoint) or --tiny (the built-in tiny model)")
-    if args.tiny and not args.synthetic:
-        raise UsageError("--tiny knows only the --synthetic benchmark's words; use --model")
-    from mmunlearn.data.recipe import SPLITS
-
-    splits = SPLITS.get(given[0])
-    if splits and args.split not in splits:
-        ok = "|".join(map(str, splits))
-        raise UsageError(f"--split {args.split}: --{given[0]} has forget splits {ok} (percent)")
-    if args.synthetic and args.people < 2:
-        raise UsageError(f"--people {args.people}: the synthetic benchmark needs at least 2")
-    check_out(args.out)
-    return given[0]
+    """The checked data source (own files: vanilla = forget + retain, reference = retain)."""
+    return choose_source(args, "--train-set reference" if args.train_set == "reference" else None)
 
 
 def training_data(args, benchmark: str, seed: int):

@@ -101,7 +101,9 @@ def load_adapter(model, folder):
         raise ValueError(str(e)) from e
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
+    from mmunlearn.models.loading import LOCAL  # no download, no code from the folder
+
+    return PeftModel.from_pretrained(model, str(folder), **LOCAL).merge_and_unload()
 
 
 __all__ = ["adapter_base", "apply_lora", "is_adapter", "load_adapter", "mllmu_targets"]
