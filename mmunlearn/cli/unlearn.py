@@ -120,7 +120,7 @@ def _data_options(c) -> None:
     d.add_argument("--clear", metavar="DIR", help="CLEAR root (forget05/, full+tofu/, ...)")
     d.add_argument("--synthetic", action="store_true", help="the built-in benchmark")
     d.add_argument("--split", type=int, default=5, help="forget %%: MLLMU 5|10|15, CLEAR 1|5|10")
-    d.add_argument("--people", type=at_least(2), default=40, help="synthetic people (default 40)")
+    d.add_argument("--people", type=int, default=40, help="synthetic people (default 40)")
 
 
 def _resume(text: str):
