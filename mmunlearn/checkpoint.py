@@ -278,7 +278,7 @@ class Checkpoints:
         try:
             st_load_model(self.model, os.path.join(path, "model.safetensors"))
             _restore_trainer(path, opt, sched)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        except Exception as e:  # safetensors' own SafetensorError included
             msg = " ".join(str(e).split())[:300]
             raise ValueError(f"cannot resume from {path}: {type(e).__name__}: {msg}") from e
         return int(state["step"]), list(state["history"])

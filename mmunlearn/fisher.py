@@ -14,12 +14,20 @@ at other thresholds without a forward pass; under FSDP2 the accumulators are loc
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmunlearn.distributed import full_tensor, local, rank, require_reduced_grads
+from mmunlearn.distributed import (
+    all_reduce_sum_,
+    full_tensor,
+    local,
+    rank,
+    require_reduced_grads,
+    world_size,
+)
 from mmunlearn.io import read_safetensors, save_safetensors
 from mmunlearn.kernels import FisherBuckets
 from mmunlearn.losses import batch_loss
@@ -56,18 +64,29 @@ def _select_params(model, params) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def _accumulators(selected, official_parity: bool) -> dict[str, torch.Tensor]:
-    """Zeroed Fisher accumulators of the selected parameters (local-shard shapes): fp32 on
-    the parameter's device, or the parameter's dtype on the CPU with ``official_parity``."""
+def _accumulators(selected, official_parity: bool, sums=None) -> dict[str, torch.Tensor]:
+    """Fisher accumulators of the selected parameters (local-shard shapes): fp32 on the
+    parameter's device, or the parameter's dtype on the CPU with ``official_parity``; zeroed,
+    or copies of ``sums`` (a resumed pass: ValueError naming a missing or misshapen tensor)."""
     accs: dict[str, torch.Tensor] = {}
     for name, p in selected.items():
         if not p.requires_grad:
             raise ValueError(f"collect_fisher: parameter {name!r} does not require grad")
         loc = local(p.detach())
         if official_parity:
-            accs[name] = torch.zeros(loc.shape, dtype=p.dtype, device="cpu")
+            dtype, device = p.dtype, torch.device("cpu")
         else:
-            accs[name] = torch.zeros(loc.shape, dtype=torch.float32, device=loc.device)
+            dtype, device = torch.float32, loc.device
+        accs[name] = torch.zeros(loc.shape, dtype=dtype, device=device)
+        if sums is not None:
+            s = sums.get(name)
+            if s is None or tuple(s.shape) != tuple(loc.shape) or s.dtype != dtype:
+                got = "missing" if s is None else f"{tuple(s.shape)} {s.dtype}"
+                raise ValueError(
+                    f"collect_fisher: the partial sums of {name!r} are {got}, expected "
+                    f"{tuple(loc.shape)} {dtype}"
+                )
+            accs[name].copy_(s)
     return accs
 
 
@@ -122,21 +141,83 @@ def _fisher_batch_loss(model, batch, loss_fn: Callable | None, device) -> torch.
         raise ValueError(f"collect_fisher: {e}") from e
 
 
+class FisherInterrupted(Exception):
+    """``stop()`` asked :func:`collect_fisher` to stop after batch ``done``: ``sums`` are the
+    undivided Fisher sums of batches ``0..done-1`` (pass them back as ``start=done,
+    sums=sums`` to continue to the same result, bit for bit)."""
+
+    def __init__(self, done: int, total: int | None, sums: dict[str, torch.Tensor]):
+        super().__init__(f"stopped after Fisher batch {done} of {total}")
+        self.done, self.total, self.sums = done, total, sums
+
+
+class NonFiniteFisherError(ValueError):
+    """A Fisher accumulator became NaN/inf; the message names the first batch that made it."""
+
+
+def _finite_flag(accs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """One device bool: every accumulator is finite (their largest magnitude, no host sync;
+    sums of squares never leave inf / NaN, so the first bad batch is the first False)."""
+    if not accs:
+        return torch.ones((), dtype=torch.bool)
+    peaks = torch._foreach_norm(list(accs.values()), float("inf"))
+    return torch.isfinite(torch.stack([p.float().to(peaks[0].device) for p in peaks])).all()
+
+
+def _check_finite(flags: list, start: int, total, name: str) -> None:
+    """Raise :class:`NonFiniteFisherError` naming the first batch whose flag is False."""
+    if not flags:
+        return
+    ok = torch.stack([f.to(flags[-1].device) for f in flags])
+    if world_size() > 1:
+        ok = all_reduce_sum_((~ok).float()) == 0
+    ok = ok.cpu()
+    if not bool(ok.all()):
+        i = start + int((~ok).nonzero()[0])
+        what = f"{name} " if name else ""
+        raise NonFiniteFisherError(
+            f"non-finite Fisher value after {what}Fisher batch {i} (0-based) of {total}: the "
+            "loss or a gradient overflowed there (try fp32 weights, --dtype fp32)"
+        )
+
+
+def _batches_from(batches: Iterable, start: int) -> Iterable:
+    """``batches`` from batch ``start`` on (by index when it is indexable, else skipped)."""
+    if not start:
+        return batches
+    if hasattr(batches, "__getitem__") and hasattr(batches, "__len__"):
+        return (batches[i] for i in range(start, len(batches)))
+    import itertools
+
+    return itertools.islice(batches, start, None)
+
+
 def _backward_passes(
-    model, batches: Iterable, loss_fn, device, seen: set[int], buckets, progress: bool
+    model, batches: Iterable, loss_fn, device, seen: set[int], buckets, run: dict
 ) -> int:
-    """One backward per batch (the hooks accumulate), each bucket flushed after it. Returns the
-    number of batches."""
+    """One backward per batch (the hooks accumulate), each bucket flushed after it; a finite
+    flag per batch, checked at the end and before stopping. Returns the number of batches
+    (those skipped by ``start`` included)."""
     from tqdm.auto import tqdm
 
-    n_batches = 0
+    start, accs, stop, name = run["start"], run["accs"], run["stop"], run["name"]
+    n_batches = start
     total = len(batches) if hasattr(batches, "__len__") else None
-    for batch in tqdm(batches, total=total, desc="fisher", disable=not progress):
+    flags: list = []
+    desc = f"fisher[{name}]" if name else "fisher"
+    todo = _batches_from(batches, start)
+    bar = tqdm(todo, total=total, initial=start, desc=desc, disable=not run["progress"])
+    for batch in bar:
         seen.clear()
         loss = _fisher_batch_loss(model, batch, loss_fn, device)
         loss.backward()
         buckets.flush()
         n_batches += 1
+        flags.append(_finite_flag(accs))
+        if stop is not None and (total is None or n_batches < total) and stop():
+            _check_finite(flags, start, total, name)
+            raise FisherInterrupted(n_batches, total, accs)
+    _check_finite(flags, start, total, name)
     return n_batches
 
 
@@ -150,6 +231,10 @@ def collect_fisher(
     progress: bool = True,
     official_parity: bool = False,
     backend: str = "auto",
+    start: int = 0,
+    sums: Mapping[str, torch.Tensor] | None = None,
+    stop: Callable[[], bool] | None = None,
+    name: str = "",
 ) -> dict[str, torch.Tensor]:
     """Diagonal Fisher ``F[i] = (1/B) Σ_batches (∂L_b/∂θ_i)²`` of the selected parameters.
 
@@ -170,6 +255,11 @@ def collect_fisher(
     Activation checkpointing: use ``use_reentrant=False`` (the transformers default); a hook that
     fires twice for one parameter in one backward (reentrant checkpointing of a shared weight)
     raises RuntimeError, because the squares of partial gradients are not the Fisher.
+    Stopping and resuming: ``stop()`` is asked after every batch but the last; when it says
+    True, :class:`FisherInterrupted` carries the undivided sums so far; ``start=k, sums=those``
+    skips the first ``k`` batches and continues from them to the same result, bit for bit.
+    A NaN/inf accumulator raises :class:`NonFiniteFisherError` naming the first batch that made
+    it (``name``: the data set's name, in messages and the progress bar).
     Returns ``{canonical name: Fisher tensor}`` (fp32 unless ``official_parity``), in the order
     of ``model.named_parameters()`` / of ``params``.
     """
@@ -178,19 +268,31 @@ def collect_fisher(
     selected = _select_params(model, params)
     if loss_fn is None:
         require_reduced_grads(model, "the Fisher pass")
-    trainable = canonical_parameters(model, trainable_only=True)
-    sel_ids = {id(p) for p in selected.values()}
-    accs = _accumulators(selected, official_parity)
+    accs = _accumulators(selected, official_parity, sums)
     device = next((local(p.detach()).device for p in selected.values()), None)
-
     seen: set[int] = set()
     # one accumulate launch per ~25 MiB bucket of gradients, not one per parameter (#16);
     # each gradient is released as soon as its bucket is squared
     buckets = FisherBuckets(mode=mode, backend=backend)
+    run = dict(start=start, accs=accs, stop=stop, name=name, progress=progress)
+    with _hooks(model, selected, accs, seen, buckets, mode, official_parity):
+        n_batches = _backward_passes(model, batches, loss_fn, device, seen, buckets, run)
+    if n_batches == 0:
+        raise ValueError("collect_fisher: no batches")
+    for a in accs.values():
+        a.div_(n_batches)
+    return accs
+
+
+@contextmanager
+def _hooks(model, selected, accs, seen, buckets, mode: str, official_parity: bool):
+    """The Fisher hooks on the selected parameters (and grad-dropping hooks on the other
+    trainable ones) while the block runs; removed, and every ``.grad`` cleared, after it."""
+    trainable = canonical_parameters(model, trainable_only=True)
+    sel_ids = {id(p) for p in selected.values()}
     for p in trainable.values():
         p.grad = None
     handles = []
-    n_batches = 0
     try:
         for name, p in selected.items():
             hook = _fisher_hook(name, accs[name], seen, buckets, mode, official_parity)
@@ -198,20 +300,13 @@ def collect_fisher(
         for p in trainable.values():
             if id(p) not in sel_ids:
                 handles.append(p.register_post_accumulate_grad_hook(_drop_grad))
-        n_batches = _backward_passes(model, batches, loss_fn, device, seen, buckets, progress)
+        yield
     finally:
         buckets.clear()
         for h in handles:
             h.remove()
-        for p in trainable.values():
+        for p in [*trainable.values(), *selected.values()]:
             p.grad = None
-        for p in selected.values():
-            p.grad = None
-    if n_batches == 0:
-        raise ValueError("collect_fisher: no batches")
-    for a in accs.values():
-        a.div_(n_batches)
-    return accs
 
 
 def save_fisher(path, fishers: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> Path:
@@ -249,4 +344,11 @@ def full_fishers(
     return out if (to_all or rank() == 0) else None
 
 
-__all__ = ["collect_fisher", "full_fishers", "load_fisher", "save_fisher"]
+__all__ = [
+    "FisherInterrupted",
+    "NonFiniteFisherError",
+    "collect_fisher",
+    "full_fishers",
+    "load_fisher",
+    "save_fisher",
+]

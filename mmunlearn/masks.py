@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mmunlearn.distributed import full_tensor, is_sharded
-from mmunlearn.fisher import collect_fisher, full_fishers, save_fisher
+from mmunlearn.fisher import FisherInterrupted, collect_fisher, full_fishers, save_fisher
 from mmunlearn.kernels import pack_bits
 from mmunlearn.params import canonical_parameters, model_class, module_groups
 from mmunlearn.saliency import SaliencyMask
@@ -98,21 +98,35 @@ def _to_cpu(f: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: (v.cpu().pin_memory() if pin and v.is_cuda else v.cpu()) for k, v in f.items()}
 
 
+FISHER_SETS = ("forget", "vision_preserve", "language_preserve")
+
+
 def _mask_fishers(
-    model: torch.nn.Module, batches: tuple, vision: list[str], language: list[str], kw, offload
-) -> tuple[dict, dict, dict]:
+    model: torch.nn.Module, batches: tuple, vision: list[str], language: list[str], kw, offload,
+    resume: Mapping | None = None,
+) -> tuple[dict, dict, dict]:  # fmt: skip
     """The forget Fisher over both groups, then the vision and language preserve Fishers
-    (``{}`` for an empty group), each moved to the CPU as soon as it is done with ``offload``."""
-
-    def fisher(batches, names):
-        f = collect_fisher(model, batches, names, **kw)
-        return _to_cpu(f) if offload else f
-
-    forget_batches, vision_preserve_batches, language_preserve_batches = batches
-    f_forget = fisher(forget_batches, vision + language)
-    f_vp = fisher(vision_preserve_batches, vision) if vision else {}
-    f_lp = fisher(language_preserve_batches, language) if language else {}
-    return f_forget, f_vp, f_lp
+    (``{}`` for an empty group), each moved to the CPU as soon as it is done with ``offload``.
+    ``resume``: ``{"finished": {set: Fisher}, "set": name, "start": k, "sums": {...}}`` of an
+    interrupted pass. A stop (:class:`~mmunlearn.fisher.FisherInterrupted`) leaves with
+    ``.set`` (the set it stopped in) and ``.finished`` (the finished sets' Fishers) added."""
+    resume = resume or {}
+    done: dict[str, dict] = dict(resume.get("finished", {}))
+    names = {"forget": vision + language, "vision_preserve": vision, "language_preserve": language}
+    for set_name, set_batches in zip(FISHER_SETS, batches):
+        if set_name in done or not names[set_name]:
+            done.setdefault(set_name, {})
+            continue
+        at = {}
+        if resume.get("set") == set_name:
+            at = {"start": resume["start"], "sums": resume["sums"]}
+        try:
+            f = collect_fisher(model, set_batches, names[set_name], name=set_name, **kw, **at)
+        except FisherInterrupted as e:
+            e.set, e.finished = set_name, done
+            raise
+        done[set_name] = _to_cpu(f) if offload else f
+    return done["forget"], done["vision_preserve"], done["language_preserve"]
 
 
 def _save_fishers(
@@ -156,6 +170,8 @@ def build_masks(
     backend: str = "auto",
     fisher_dir: str | os.PathLike | None = None,
     offload: bool = False,
+    stop: Callable[[], bool] | None = None,
+    resume: Mapping | None = None,
 ) -> dict[str, SaliencyMask]:
     """MMUnlearner's masks (method.md §2).
 
@@ -169,9 +185,12 @@ def build_masks(
     so that :func:`masks_from_fishers` can redo the masks at other thresholds. ``offload``
     (unsharded models): each finished Fisher moves to the CPU (pinned) and the masks are
     computed there, so only one set of fp32 accumulators is ever on the GPU (a 7B model:
-    26 GiB instead of 53). Coverage is logged
-    (``logging``, this module's logger). Returns ``{"vision", "language", "both"}`` masks
-    (both = vision | language).
+    26 GiB instead of 53). ``stop()`` (asked after every Fisher batch) interrupts the passes
+    with :class:`~mmunlearn.fisher.FisherInterrupted` (``.set``, ``.done``, ``.sums`` of the
+    set it stopped in, ``.finished``: the finished sets' Fishers); ``resume`` (those, as
+    ``{"finished", "set", "start", "sums"}``) continues to the same masks, bit for bit.
+    Coverage is logged (``logging``, this module's logger). Returns ``{"vision", "language",
+    "both"}`` masks (both = vision | language).
     """
     groups = module_groups(model, rules)
     vision, language = list(groups.get("vision", [])), list(groups.get("language", []))
@@ -183,12 +202,13 @@ def build_masks(
         progress=progress,
         official_parity=official_parity,
         backend=backend,
+        stop=stop,
     )
     sharded = is_sharded(model)
     if offload and sharded:
         raise ValueError("build_masks: offload is for unsharded models (FSDP2 shards the Fisher)")
     batches = (forget_batches, vision_preserve_batches, language_preserve_batches)
-    f_forget, f_vp, f_lp = _mask_fishers(model, batches, vision, language, kw, offload)
+    f_forget, f_vp, f_lp = _mask_fishers(model, batches, vision, language, kw, offload, resume)
     cls = model_class(model)
     if fisher_dir is not None:
         meta = {"model_class": cls, "mode": mode, "official_parity": official_parity}
@@ -213,4 +233,4 @@ def build_masks(
     return masks
 
 
-__all__ = ["build_masks", "full_mask", "masks_from_fishers"]
+__all__ = ["FISHER_SETS", "build_masks", "full_mask", "masks_from_fishers"]

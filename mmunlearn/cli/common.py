@@ -21,6 +21,33 @@ def add_fast(p: argparse.ArgumentParser, what: str = "") -> None:
     )
 
 
+def at_least(minimum: int):
+    """An argparse type: an integer ≥ ``minimum`` (argparse's message names the flag)."""
+
+    def conv(text: str) -> int:
+        try:
+            v = int(str(text).strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {minimum}, got {v}")
+        return v
+
+    conv.__name__ = "int"
+    return conv
+
+
+def positive(text: str) -> float:
+    """An argparse type: a positive finite number."""
+    try:
+        v = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {v}")
+    return v
+
+
 def add_device(p, help_: str = "cpu or cuda (under torchrun: cuda:LOCAL_RANK)") -> None:
     p.add_argument("--device", default="cpu", help=help_)
 

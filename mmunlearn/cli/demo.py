@@ -8,6 +8,7 @@ from mmunlearn.cli.common import (
     add_fast,
     add_mask_rule,
     add_seed,
+    at_least,
     device,
     mixed_precision,
     start_distributed,
@@ -49,7 +50,7 @@ def register(sub):
     add_mask_rule(d)
     d.add_argument(
         "--threads",
-        type=int,
+        type=at_least(0),
         default=None,
         help="torch CPU threads (default 2 in one process: the table depends on the thread "
         "count; under torchrun OMP_NUM_THREADS, so its table can differ from the "

@@ -35,7 +35,7 @@ import json
 import os
 from pathlib import Path
 
-from mmunlearn.cli.common import UsageError, add_vision_modules
+from mmunlearn.cli.common import UsageError, add_vision_modules, at_least
 from mmunlearn.cli.data import add_own_data, check_own, image_policy, own_files, own_record
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -130,7 +130,7 @@ def _model_options(e) -> None:
     add_vision_modules(m)
     m.add_argument(
         "--vanilla-steps",
-        type=int,
+        type=at_least(0),
         metavar="N",
         default=0,
         help="--tiny: fine-tune this many steps on the synthetic benchmark first (default 0)",
@@ -152,11 +152,11 @@ def _data_options(e) -> None:
         help="forget percentage: MLLMU forget_R/retain_{100-R}, CLEAR forgetRR (default 5)",
     )
     d.add_argument(
-        "--people", type=int, metavar="N", default=40, help="synthetic people (default 40)"
+        "--people", type=at_least(2), metavar="N", default=40, help="synthetic people (default 40)"
     )
     d.add_argument(
         "--limit",
-        type=int,
+        type=at_least(1),
         metavar="N",
         default=None,
         help="at most N items per task and set (first N; --protocol clear: 300, its ds_size)",
@@ -181,7 +181,7 @@ def _protocol_options(e) -> None:
         help="--protocol mllmu: few-shot profiles per question (official: 1 for classification, "
         "2 for cloze; 0 = zero-shot); drawn with --seed",
     )
-    p.add_argument("--batch-size", type=int, metavar="N", default=16, help="default 16")
+    p.add_argument("--batch-size", type=at_least(1), metavar="N", default=16, help="default 16")
     p.add_argument(
         "--seed",
         type=int,
@@ -191,7 +191,7 @@ def _protocol_options(e) -> None:
     )
     p.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=at_least(1),
         metavar="N",
         default=None,
         help="greedy generation length (default: the protocol's, mmunlearn 16, mllmu 50, "
@@ -218,7 +218,7 @@ def _protocol_options(e) -> None:
     )
     p.add_argument(
         "--n-boot",
-        type=int,
+        type=at_least(1),
         metavar="N",
         default=1000,
         help="bootstrap draws of every interval (default 1000)",
@@ -336,8 +336,11 @@ def _check(args) -> None:
 
 def _models(args, labels, plan, bench, dev) -> tuple:
     """Evaluate every model in turn → ``(results, stats, templates, last adapter, record)``."""
+    import functools
+
     import torch
 
+    from mmunlearn.cli import oom
     from mmunlearn.eval.mllmu_protocol import MultiImageUnsupported
     from mmunlearn.eval.suite import evaluate_model
 
@@ -362,9 +365,11 @@ def _models(args, labels, plan, bench, dev) -> tuple:
             model, tok, adapter = _load(path, flag, args.processor, dev, dtype, args.vision_modules)
         results["models"][label] = path or "tiny"
         try:
-            res, st, proto = evaluate_model(
-                model, adapter, tok, plan, unlearning=not args.no_unlearning_metrics
-            )
+            est = functools.partial(oom.estimate_line, model, "eval", args.batch_size, 1024)
+            with oom.guard("eval", est):
+                res, st, proto = evaluate_model(
+                    model, adapter, tok, plan, unlearning=not args.no_unlearning_metrics
+                )
         except MultiImageUnsupported as e:
             raise UsageError(f"--shots {args.shots}: {e}; use --shots 0") from e
         except ImportError as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 
+from mmunlearn.cli.common import at_least, positive
 from mmunlearn.methods import METHODS
 
 
@@ -27,12 +28,16 @@ def register(sub):
         help="checkpoint folder, config.json, a cached Hub id, or a built-in 7B config "
         "(models/llava-1.5-7b-hf, models/qwen2-vl-7b-instruct)",
     )
-    e.add_argument("--world-size", type=int, default=1, help="FSDP2 ranks (default 1)")
+    e.add_argument("--world-size", type=at_least(1), default=1, help="FSDP2 ranks (default 1)")
     e.add_argument("--dtype", default="bf16", choices=["auto", "bf16", "fp16", "fp32"])
     e.add_argument(
-        "--batch-size", "--batch", type=int, default=4, help="per-rank batch size (default 4)"
+        "--batch-size",
+        "--batch",
+        type=at_least(1),
+        default=4,
+        help="per-rank batch size (default 4)",
     )
-    e.add_argument("--seq", type=int, default=1024, help="sequence length (default 1024)")
+    e.add_argument("--seq", type=at_least(1), default=1024, help="sequence length (default 1024)")
     e.add_argument("--method", default="mmunlearner", choices=list(METHODS))
     e.add_argument("--gradient-checkpointing", "--grad-checkpointing", action="store_true")
     e.add_argument(
@@ -61,7 +66,7 @@ def register(sub):
     )
     e.add_argument(
         "--gpu-memory",
-        type=float,
+        type=positive,
         default=None,
         metavar="GIB",
         help="say whether each phase fits in this much memory per GPU (e.g. 80 for an H100)",
@@ -73,7 +78,9 @@ def register(sub):
         help="attention implementation (default: the config's, else sdpa); eager stores the "
         "s² softmax",
     )
-    e.add_argument("--images", type=int, default=1, help="images per sequence (multimodal configs)")
+    e.add_argument(
+        "--images", type=at_least(0), default=1, help="images per sequence (multimodal configs)"
+    )
     e.set_defaults(fn=run_estimate)
     return e
 

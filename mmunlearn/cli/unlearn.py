@@ -18,6 +18,7 @@ from mmunlearn.cli.common import (
     add_run_options,
     add_torchrun,
     add_vision_modules,
+    at_least,
     check_out,
     device,
     mixed_precision,
@@ -82,6 +83,7 @@ def register(sub):
         )
         if name == "unlearn":
             _unlearn_options(c)
+        _resume_option(c, name)
         add_run_options(c, name)
         add_device(c)
         add_torchrun(c)
@@ -109,7 +111,7 @@ def _model_options(c) -> None:
     )
     m.add_argument(
         "--vanilla-steps",
-        type=int,
+        type=at_least(0),
         default=300,
         help="--tiny: fine-tune steps before unlearning (default 300)",
     )
@@ -130,6 +132,20 @@ _resume.__name__ = "auto"
 _resume.accepts_bool = True
 
 
+def _resume_option(c, name: str) -> None:
+    what = "--out/run/checkpoint" if name == "unlearn" else "the partial Fisher sums in --out"
+    c.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        type=_resume,
+        default=None,
+        metavar="auto",
+        help=f"continue from {what} when they are of the same run, else start fresh (so a "
+        "requeued job reruns the same command; --resume and --resume auto agree)",
+    )
+
+
 def _unlearn_options(c) -> None:
     u = c.add_argument_group("unlearning")
     u.add_argument(
@@ -142,18 +158,8 @@ def _unlearn_options(c) -> None:
         help="the frozen reference of KL_Min, NPO, RMU, UNDIAL (default: the start model)",
     )
     u.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        type=_resume,
-        default=None,
-        metavar="auto",
-        help="continue from --out/run/checkpoint when one of the same run is there, else start "
-        "fresh (so a requeued job reruns the same command; --resume and --resume auto agree)",
-    )
-    u.add_argument(
         "--eval-items",
-        type=int,
+        type=at_least(1),
         default=16,
         help="with --eval-every: items held out per set to evaluate; the best checkpoint "
         "(largest forget CE − retain CE) is kept in --out/best (default 16)",
@@ -246,23 +252,20 @@ def _prepare(args, distributed: bool = False):
     return cfg, data, model, adapter, dev, ref
 
 
-def _masks(args, cfg, model, adapter, data):
-    from mmunlearn.data.batching import BatchSource
+def _masks(args, cfg, model, adapter, data, src=None, stop=None, resume=None):
+    """The three masks (``src``: the Fisher batch sources, made here when not given;
+    ``stop`` / ``resume``: see :func:`mmunlearn.masks.build_masks`)."""
+    from mmunlearn.cli.saliency import sources
     from mmunlearn.distributed import is_rank0, is_sharded
     from mmunlearn.masks import build_masks
 
-    kw = {"loss_tokens": cfg.fisher_loss_tokens}
-    bs = cfg.fisher_batch_size
-
-    def src(items, k):
-        return BatchSource(items, adapter.collate, bs, seed=cfg.seed + k, **kw)
-
+    src = src or sources(args, cfg, adapter, data)
     fisher_dir = os.path.join(args.out, "fisher") if getattr(args, "save_fisher", False) else None
     return build_masks(
         model,
-        src(data.forget, 0),
-        src(data.vision_preserve, 1),
-        src(data.language_preserve, 2),
+        src["forget"],
+        src["vision_preserve"],
+        src["language_preserve"],
         gamma=args.gamma,
         fraction=args.fraction,
         progress=is_rank0(),
@@ -270,34 +273,20 @@ def _masks(args, cfg, model, adapter, data):
         backend=cfg.backend,
         fisher_dir=fisher_dir,
         offload=args.fisher_offload and not is_sharded(model),
+        stop=stop,
+        resume=resume,
     )
 
 
 def run_saliency(args) -> int:
+    from contextlib import nullcontext
+
+    from mmunlearn.cli import saliency
+    from mmunlearn.runctl import Preemption
 
     distributed = start_distributed(args)
-    with _held(args, distributed):
-        return _saliency(args, distributed)
-
-
-def _saliency(args, distributed: bool) -> int:
-    from mmunlearn.distributed import is_rank0
-    from mmunlearn.io import atomic_write_json
-
-    cfg, data, model, adapter, dev, _ = _prepare(args, distributed)
-    masks = _masks(args, cfg, model, adapter, data)
-    if is_rank0():
-        os.makedirs(args.out, exist_ok=True)
-        for k, m in masks.items():
-            m.save(os.path.join(args.out, f"mask_{k}.safetensors"))
-            cov = m.coverage()["total"]
-            pct = 100 * cov["fraction"]
-            print(f"{k}: {cov['selected']:,}/{cov['total']:,} selected ({pct:.1f} %)")
-        info = {"config": cfg.to_dict(), "data": {**data.sizes(), **own_record(args)},
-                "model": args.model or "tiny"}  # fmt: skip
-        atomic_write_json(os.path.join(args.out, "saliency.json"), info)
-        print(f"wrote {args.out}/mask_{{vision,language,both}}.safetensors, saliency.json")
-    return 0
+    with _held(args, distributed), nullcontext() if distributed else Preemption() as p:
+        return saliency.run(args, distributed, p, _prepare, _masks)
 
 
 def _monitor(args, adapter, forget_items, retain_items):
@@ -379,6 +368,7 @@ def run_unlearn(args) -> int:
 def _unlearn(args, distributed: bool, preemption) -> int:
     from dataclasses import replace
 
+    from mmunlearn.cli import oom
     from mmunlearn.data.batching import BatchSource
     from mmunlearn.distributed import is_rank0
     from mmunlearn.loop import unlearn
@@ -390,7 +380,9 @@ def _unlearn(args, distributed: bool, preemption) -> int:
 
         model = wrap_lora(args, cfg, model)
     kw = {"ref_model": ref} if ref is not None else {}
-    mask = _mask(args, cfg, model, adapter, data) if args.method == "mmunlearner" else None
+    est = oom.estimator(args, cfg, model, data.forget, adapter)
+    with oom.guard("saliency", lambda: est("saliency", cfg.fisher_batch_size)):
+        mask = _mask(args, cfg, model, adapter, data) if args.method == "mmunlearner" else None
     if mask is not None:
         kw["masks"] = mask.for_model(model)
     forget, retain = list(data.forget), list(data.retain)
@@ -409,9 +401,11 @@ def _unlearn(args, distributed: bool, preemption) -> int:
         "retain fingerprint": r_src.fingerprint() if retain else None,
         **own_record(args),
     }
-    result = unlearn(model, args.method, f_src, r_src, config=cfg,
-                     output_dir=run_dir, resume=bool(args.resume), preemption=preemption,
-                     **kw)  # fmt: skip
+    kept = lambda: oom.last_checkpoint(args.out)  # noqa: E731
+    with oom.guard("unlearning", lambda: est("unlearning", cfg.batch_size), kept):
+        result = unlearn(model, args.method, f_src, r_src, config=cfg,
+                         output_dir=run_dir, resume=bool(args.resume), preemption=preemption,
+                         **kw)  # fmt: skip
     if result["finished"]:
         say(f"{args.out}/run: this run is already finished (step {result['steps']} of "
             f"{result['steps']}); nothing to resume, {args.out}/model left as it is")  # fmt: skip

@@ -156,6 +156,8 @@ def family_of(folder: Path) -> str:
         cfg = json.loads(cfg_file.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{folder}: no readable config.json ({type(e).__name__}: {e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{folder}: config.json is a JSON {type(cfg).__name__}, not an object")
     mtype = cfg.get("model_type")
     if mtype not in FAMILIES and isinstance(mtype, str) and _image_text_to_text(mtype):
         return mtype
