@@ -29,6 +29,7 @@ COMMAND_OWN = {
     "saliency": ("forget", "retain", "preserve_text"),
     "unlearn": ("forget", "retain", "preserve_text"),
     "eval": ("forget", "retain", "forget_test"),
+    "compare": ("forget", "retain", "preserve_text", "forget_test"),
 }
 
 
