@@ -81,41 +81,78 @@ def _recipe_options(c, recipes) -> None:
     from mmunlearn.cli.common import add_mask_rule
 
     r = c.add_argument_group("recipe and mask")
-    r.add_argument("--recipe", default="mmunlearn", choices=list(recipes),
-                   help="ours (default) or the official code's semantics (docs/recipes.md)")
+    r.add_argument(
+        "--recipe",
+        default="mmunlearn",
+        choices=list(recipes),
+        help="ours (default) or the official code's semantics (docs/recipes.md)",
+    )
     add_mask_rule(r)
-    r.add_argument("--fisher-offload", action="store_true",
-                   help="keep finished Fishers on the CPU (one fp32 set on the GPU)")
-    r.add_argument("--save-fisher", action="store_true",
-                   help="also write the Fishers to --out/saliency/fisher")
-    r.add_argument("--mask", help="MMUnlearner's mask file (else computed once, in "
-                   "--out/saliency)")
+    r.add_argument(
+        "--fisher-offload",
+        action="store_true",
+        help="keep finished Fishers on the CPU (one fp32 set on the GPU)",
+    )
+    r.add_argument(
+        "--save-fisher", action="store_true", help="also write the Fishers to --out/saliency/fisher"
+    )
+    r.add_argument("--mask", help="MMUnlearner's mask file (else computed once, in --out/saliency)")
     r.add_argument("--mask-group", default="both", choices=["vision", "language", "both"])
-    r.add_argument("--reference-model", help="the frozen reference of KL_Min, NPO, RMU, "
-                   "UNDIAL during unlearning (default: the start model)")
+    r.add_argument(
+        "--reference-model",
+        help="the frozen reference of KL_Min, NPO, RMU, "
+        "UNDIAL during unlearning (default: the start model)",
+    )
     r.add_argument("--eval-items", type=int, default=16,
                    help="with --eval-every: items held out per set (as unlearn's)")  # fmt: skip
 
 
 def _eval_options(c) -> None:
     e = c.add_argument_group("evaluation (as mmunlearn eval's)")
-    e.add_argument("--protocol", choices=["mmunlearn", "mllmu", "clear"], default="mmunlearn",
-                   help="mmunlearn (ours, default), mllmu or clear (docs/eval_protocols.md)")
-    e.add_argument("--shots", default="official", metavar="N|official",
-                   help="--protocol mllmu: few-shot profiles per question")
-    e.add_argument("--eval-batch-size", type=int, default=16, metavar="N",
-                   help="the evaluation's batch size (default 16)")
-    e.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
-                   help="greedy generation length (default: the protocol's)")
-    e.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="at most N items per task and set")
-    e.add_argument("--n-boot", type=int, default=1000, metavar="N",
-                   help="bootstrap draws of every interval (default 1000)")
+    e.add_argument(
+        "--protocol",
+        choices=["mmunlearn", "mllmu", "clear"],
+        default="mmunlearn",
+        help="mmunlearn (ours, default), mllmu or clear (docs/eval_protocols.md)",
+    )
+    e.add_argument(
+        "--shots",
+        default="official",
+        metavar="N|official",
+        help="--protocol mllmu: few-shot profiles per question",
+    )
+    e.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=16,
+        metavar="N",
+        help="the evaluation's batch size (default 16)",
+    )
+    e.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="greedy generation length (default: the protocol's)",
+    )
+    e.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="at most N items per task and set"
+    )
+    e.add_argument(
+        "--n-boot",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="bootstrap draws of every interval (default 1000)",
+    )
     e.add_argument("--ci-method", choices=["percentile", "BCa"], default="percentile")
     e.add_argument("--no-generation", action="store_true", help="skip generation metrics")
     e.add_argument("--no-letter-mcq", action="store_true", help="MCQ by option likelihood only")
-    e.add_argument("--no-unlearning-metrics", action="store_true",
-                   help="skip truth ratio / forget quality / utility / MIA")
+    e.add_argument(
+        "--no-unlearning-metrics",
+        action="store_true",
+        help="skip truth ratio / forget quality / utility / MIA",
+    )
     e.add_argument("--no-progress", action="store_true", help="no progress bars")  # fmt: skip
 
 
@@ -248,7 +285,7 @@ def _eval_actions():
     return [a for a in p.options.values() if a.dest != "help"]
 
 
-def _record(args, methods: list[str]) -> None:
+def _record(args, plan: Plan) -> None:
     """``--out/compare.json``: the runs' options; a rerun with other ones is refused."""
     import json
 
@@ -261,10 +298,11 @@ def _record(args, methods: list[str]) -> None:
             old = json.load(f).get("options", {})
         diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
         if diff:
-            flags = ", ".join("--" + k.replace("_", "-") for k in diff)
+            opts = plan.parsers["unlearn"].options
+            flags = ", ".join(opts[k].option_strings[-1] if k in opts else k for k in diff)
             raise UsageError(f"--out {args.out}: holds a compare run with other options "
                              f"({flags}); use another --out or the same options")  # fmt: skip
-    atomic_write_json(path, {"options": ident, "methods": methods})
+    atomic_write_json(path, {"options": ident, "methods": plan.methods})
 
 
 def _vanilla(plan: Plan) -> None:
@@ -326,7 +364,7 @@ def run_compare(args) -> int:
                 raise PreemptedError(f"{outer.signal} before {what}; rerun the same command "
                                      "to continue (finished methods are kept)")  # fmt: skip
 
-        _record(args, methods)
+        _record(args, plan)
         if args.tiny:
             _vanilla(plan)
         if "mmunlearner" in methods and not args.mask:
