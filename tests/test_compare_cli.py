@@ -170,4 +170,8 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
             "--out", str(tmp_path / "o")], capsys, "--tiny")  # fmt: skip
     _fails([*base, "--methods", "mmunlearner", "--mask", str(tmp_path / "no.safetensors")],
            capsys, "--mask")  # fmt: skip
+    _fails([*base, "--methods", "ga", "--reference", str(tmp_path / "nope")], capsys,
+           "--reference")  # fmt: skip
+    _fails([*base, "--methods", "ga", "--protocol", "clear"], capsys, "--protocol clear")
+    _fails([*base, "--methods", "ga", "--n-boot", "0"], capsys, "--n-boot")
     assert not (tmp_path / "o").exists()  # nothing was made

@@ -266,10 +266,27 @@ def _check(args, plan: Plan) -> None:
         say("compare: no --reference: the report has no gap to the reference")
     if args.mask and not os.path.isfile(args.mask):
         raise UsageError(f"--mask {args.mask}: no such file")
+    _check_eval(args, plan)
     for m in plan.methods:  # data, model and mask-rule options, as unlearn checks them
         ns = plan.unlearn_args(m)
         ns.tiny, ns.model, ns.mask = args.tiny, args.model, None  # as given
         data_source(ns)
+
+
+def _check_eval(args, plan: Plan) -> None:
+    """The evaluation's inputs, checked now rather than after the training."""
+    from mmunlearn.cli import evaluate
+    from mmunlearn.models.loading import resolve
+
+    evaluate._check(plan.eval_args())
+    if args.protocol != "mmunlearn" and not getattr(args, args.protocol):
+        raise UsageError(f"--protocol {args.protocol} evaluates {args.protocol} files: give "
+                         f"--{args.protocol} DIR")  # fmt: skip
+    if args.reference:
+        try:
+            resolve(args.reference, "--reference")
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from e
 
 
 def _identity(args) -> dict:
