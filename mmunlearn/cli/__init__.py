@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from mmunlearn.cli import attack, common, demo, evaluate, finetune, tools, unlearn
+from mmunlearn.cli import attack, common, compare, demo, evaluate, finetune, tools, unlearn
 from mmunlearn.cli.common import Parser, UsageError
 
 
@@ -26,7 +26,7 @@ def _build() -> tuple[Parser, dict[str, Parser]]:
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     commands: dict[str, Parser] = {}
-    for module in (demo, finetune, unlearn, evaluate, attack, tools):
+    for module in (demo, finetune, unlearn, compare, evaluate, attack, tools):
         made = module.register(sub)
         for c in made if isinstance(made, list) else [made]:
             commands[c.prog.split()[-1]] = c

@@ -30,6 +30,7 @@ COMMAND_OWN = {
     "unlearn": ("forget", "retain", "preserve_text"),
     "eval": ("forget", "retain", "forget_test"),
     "finetune": ("forget", "retain", "preserve_text"),
+    "compare": ("forget", "retain", "preserve_text", "forget_test"),
 }
 
 
