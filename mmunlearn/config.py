@@ -205,11 +205,15 @@ class RunConfig:
             if isinstance(r, str):
                 raise ValueError(f"retain_max_grad_norm must be a number, None or 'same': {r!r}")
             _positive("retain_max_grad_norm", r)
-        if self.grad_release and (self.grad_accum != 1 or self.mask_mode == "zero_grad"):
+        if self.grad_release and self.grad_accum != 1:
             raise ValueError(
-                "grad_release steps each parameter inside backward: it needs grad_accum 1 "
-                f"(got {self.grad_accum}) and mask_mode masked_step (got {self.mask_mode!r}, "
-                "whose mask multiply and global clip need every gradient first)"
+                f"grad_release steps each parameter inside backward, so it cannot accumulate "
+                f"gradients: grad_accum must be 1 (got {self.grad_accum})"
+            )
+        if self.grad_release and self.mask_mode == "zero_grad":
+            raise ValueError(
+                "grad_release needs mask_mode masked_step: zero_grad's mask multiply and "
+                "global clip need every gradient before any parameter steps"
             )
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")

@@ -241,7 +241,7 @@ def test_loop_with_grad_release_matches_the_ordinary_loop(name, log_every):
 def test_grad_release_settings_are_checked():
     from mmunlearn.config import RunConfig
 
-    with pytest.raises(ValueError, match="grad_accum 1"):
+    with pytest.raises(ValueError, match="grad_accum must be 1"):
         RunConfig(grad_release=True, grad_accum=2)
     with pytest.raises(ValueError, match="masked_step"):
         RunConfig(grad_release=True, mask_mode="zero_grad")
