@@ -101,9 +101,9 @@ def load_adapter(model, folder):
         raise ValueError(str(e)) from e
     from peft import PeftModel
 
-    from mmunlearn.models.loading import LOCAL  # no download, no code from the folder
-
-    return PeftModel.from_pretrained(model, str(folder), **LOCAL).merge_and_unload()
+    # no download, no code from the folder (as every loader of mmunlearn.models.loading)
+    kw = {"local_files_only": True, "trust_remote_code": False}
+    return PeftModel.from_pretrained(model, str(folder), **kw).merge_and_unload()
 
 
 __all__ = ["adapter_base", "apply_lora", "is_adapter", "load_adapter", "mllmu_targets"]
