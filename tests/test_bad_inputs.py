@@ -160,7 +160,7 @@ def test_bad_config_file(F, capsys, tmp_path, name, text, names):
 
 def test_missing_config_file(F, capsys, tmp_path):
     argv = ["unlearn", "--tiny", "--synthetic", "--config", tmp_path / "nope.yaml"]
-    fails(argv, 2, ["nope.yaml", "cannot read it"], capsys, out=F["run"])
+    fails(argv, 2, ["nope.yaml", "no such file"], capsys, out=F["run"])
 
 
 # ------------------------------------------------------------------------------------------------
