@@ -48,6 +48,9 @@ CONFIGS: dict[str, tuple[str, str | None, str | None]] = {
 }
 NO_RETAIN = ("ga", "npo")  # no retain steps: the frequency does not apply
 MARGIN, N_BOOT = 0.03, 10_000  # the pre-registered equivalence margin on K
+# the pre-registered criteria (docs/fidelity.md, "v2 criteria")
+PREMISE_DROP, KEEP_TOL, BEAT_GA_DIFF, MIN_SEEDS = 0.15, 0.05, 0.15, 15
+PRIMARY = "language_official_saliency"  # what the official MMUnlearner runs
 
 
 def setting_name(lr: float, freq: int) -> str:
@@ -386,7 +389,7 @@ def versus_random(diffs) -> str:
     return "inconclusive"
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], vanilla: dict | None = None) -> dict:
     """Per configuration: interpolated F, F_img, F_link, R, K over the seeds where it reached
     matched forgetting (t and BCa intervals); per mask configuration, K − each random control,
     paired by seed, classified by :func:`versus_random`."""
@@ -412,7 +415,63 @@ def summarize(runs: list[dict]) -> dict:
                 d = [by[(a, s)]["interp"]["K"] - by[(b, s)]["interp"]["K"] for s in seeds]
                 if d:
                     versus[f"{a} vs {ctrl}"] = {"t": t_ci(d), "verdict": versus_random(d)}
-    return {"table": table, "versus_random": versus}
+    out = {"table": table, "versus_random": versus}
+    if vanilla is not None:
+        out["criteria"] = criteria(runs, vanilla, versus)
+    return out
+
+
+def _paired(by: dict, a: str, b: str, q: str) -> list[float]:
+    seeds = sorted({s for (lab, s) in by if lab == a} & {s for (lab, s) in by if lab == b})
+    return [by[(a, s)]["interp"][q] - by[(b, s)]["interp"][q] for s in seeds]
+
+
+def criteria(runs: list[dict], vanilla: dict, versus: dict) -> dict:
+    """The pre-registered criteria (docs/fidelity.md, v2) for every saliency configuration;
+    ``vanilla``: ``{seed: quantities}``; ``versus``: :func:`summarize`'s random comparisons.
+    A criterion with fewer than :data:`MIN_SEEDS` seeds does not hold."""
+    by = {(r["label"], r["seed"]): r for r in runs if r["reached"]}
+
+    def drops(label, q):
+        return [vanilla[s][q] - r["interp"][q] for (lab, s), r in by.items() if lab == label]
+
+    premise = {}
+    for b in ("ga", "ga_diff", "npo"):
+        d = drops(b, "F")
+        premise[b] = {"drop_F": t_ci(d) if d else None, "holds": len(d) >= MIN_SEEDS}
+        premise[b]["holds"] &= bool(d) and t_ci(d)["mean"] >= PREMISE_DROP
+    out = {"premise": premise, "premise_holds": all(v["holds"] for v in premise.values())}
+    for ms in MASK_SETS:
+        for sem in SEMANTICS:
+            x = f"{ms}_{sem}_saliency"
+            dF, dR, vs = drops(x, "F"), drops(x, "R"), _paired(by, x, "ga_diff", "F")
+            a_ok = len(dF) >= MIN_SEEDS and max(t_ci(dF)["mean"], t_ci(dR)["mean"]) <= KEEP_TOL
+            b_ci = t_ci(vs) if vs else None
+            b_ok = len(vs) >= MIN_SEEDS and b_ci["mean"] >= BEAT_GA_DIFF and b_ci["lo"] > 0
+            c = [versus.get(f"{x} vs {r}", {}) for r in ("random_tensor", "random_group")]
+            c_ok = all(v.get("verdict") == "better than random" for v in c)
+            c_ok &= all(v.get("t", {}).get("n", 0) >= MIN_SEEDS for v in c)
+            out[x] = {
+                "A": {"drop_F": t_ci(dF) if dF else None, "drop_R": t_ci(dR) if dR else None},
+                "B": {"F_minus_ga_diff": b_ci},
+                "holds": {"A": bool(a_ok), "B": bool(b_ok), "C": bool(c_ok)},
+            }
+    out["D"] = {}
+    for other in ("both_ours_saliency", "language_official_saliency"):
+        d = _paired(by, "vision_ours_saliency", other, "F")
+        ci = t_ci(d) if d else None
+        out["D"][other] = {"F_vision_minus": ci, "vision_keeps_more": bool(ci and ci["lo"] > 0)}
+    prim = out[PRIMARY]["holds"]
+    failed = [k for k, ok in (("premise", out["premise_holds"]), *prim.items()) if not ok]
+    if not any(v["holds"] for v in premise.values()):
+        out["verdict"] = "The premise fails for all three baselines: nothing to fix on this model."
+    elif not failed:
+        out["verdict"] = f"The paper's claim holds here ({PRIMARY}: premise, A, B, C hold)."
+    else:
+        out["verdict"] = (
+            f"The paper's claim does not hold here ({PRIMARY}): {', '.join(failed)} failed."
+        )
+    return out
 
 
 def markdown(summary: dict) -> str:
@@ -430,7 +489,23 @@ def markdown(summary: dict) -> str:
     for k, v in summary["versus_random"].items():
         c = v["t"]
         md.append(f"- {k}: {c['mean']:+.3f} [{c['lo']:+.3f}, {c['hi']:+.3f}] → {v['verdict']}")
+    crit = summary.get("criteria")
+    if crit:
+        md += ["", "Criteria (saliency configurations; A, B, C hold?):", ""]
+        md += [f"- premise, {b}: {v['holds']}" for b, v in crit["premise"].items()]
+        md += [f"- {x}: {crit[x]['holds']}" for x in crit if x.endswith("_saliency")]
+        md += ["", f"**Verdict.** {crit['verdict']}"]
     return "\n".join(md) + "\n"
+
+
+def _vanilla(out: str, seeds) -> dict:
+    """``{seed: quantities of the vanilla model}`` of the seeds with a ``seed.json``."""
+    out_ = {}
+    for s in seeds:
+        p = os.path.join(out, f"seed{s}", "seed.json")
+        if os.path.exists(p):
+            out_[s] = quantities(json.loads(open(p).read())["vanilla"])
+    return out_
 
 
 def cells(args, seeds_ok) -> list[tuple[int, str, str]]:
@@ -472,7 +547,7 @@ def main(argv=None) -> int:
         print(json.dumps(frozen, indent=1))
         return 0
     if args.summary:
-        summary = summarize(_runs(args.out, args.seeds))
+        summary = summarize(_runs(args.out, args.seeds), _vanilla(args.out, args.seeds))
         atomic_write_text(os.path.join(args.out, "summary.json"), json.dumps(summary, indent=1))
         atomic_write_text(os.path.join(args.out, "summary.md"), markdown(summary))
         print(markdown(summary))
