@@ -256,5 +256,10 @@ def test_v2_criteria_on_hand_made_records():
     few = [r for r in world(0.98, 0.8) if r["seed"] < 105]
     few_c = f2.summarize(few, vanilla)["criteria"]
     assert not few_c[f2.PRIMARY]["holds"]["A"] and few_c["verdict"].startswith("No verdict")
+    # GA never at matched forgetting on 16 seeds: its premise fails, the verdict still follows
+    no_ga = [dict(r, reached=False) if r["label"] == "ga" else r for r in world(0.98, 0.8)]
+    c = f2.summarize(no_ga, vanilla)["criteria"]
+    assert not c["premise"]["ga"]["holds"] and c["premise"]["ga_diff"]["holds"]
+    assert c["verdict"] == f"The paper's claim does not hold here ({f2.PRIMARY}): premise failed."
     json.dumps(out)
     assert "Verdict" in f2.markdown(out)
