@@ -39,7 +39,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import replace
 from multiprocessing import get_context
 
 from mmunlearn.io import atomic_write_text
@@ -82,7 +82,7 @@ def _setup(seed: int, fast: bool = False):
     if fast:  # the demo's smoke configuration: seconds, not a result
         from mmunlearn.cli.demo import FAST
 
-        cfg = TinyRunConfig(**{**asdict(cfg), **FAST})
+        cfg = replace(cfg, **FAST)  # asdict() would turn cfg.unlearn into a dict
     world = make_linked_world(n_people=cfg.n_people, forget_ratio=cfg.forget_ratio, seed=seed)
     return cfg, world, torch.device("cpu")
 

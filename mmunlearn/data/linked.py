@@ -20,6 +20,12 @@ ever taught by name:
 A model that passes the gates (:mod:`mmunlearn.data.linked_probes`) answers a link fact from a
 held-out picture by first naming the person, then recalling the fact it only learned by name.
 
+Two variants (``variant=``): ``"v1"`` (the default; the demo's and the first study's world) and
+``"v2"`` (issue #22): the same curriculum plus a *direct* pool in the grounding stage (picture
+questions answered "This person's occupation is baker.", MLLMU-Bench's form), a forget set that
+never restates a name-and-fact string (the forget people's identity and direct items), and a
+language preserve set of every profile's text QA (:meth:`LinkedWorld.unlearning_sets`).
+
 Every sample's ``meta`` holds ``attribute`` ("name" for identity items), ``person``, ``split``
 ("forget"/"retain"), ``stage`` ("text", "identity", "grounding") and ``view`` ("train3", or
 "name" for text items). Everything is seeded (numpy ``SeedSequence`` streams).
@@ -76,6 +82,13 @@ STAGE_POOLS: dict[str, tuple[tuple[str, float], ...]] = {
     "grounding": (("grounding", 2.0), ("identity", 1.0), ("text", 2.0)),
 }
 
+VARIANTS = ("v1", "v2")
+# v2: the grounding stage also draws the direct pool ("This person's occupation is baker.")
+STAGE_POOLS_V2: dict[str, tuple[tuple[str, float], ...]] = {
+    **STAGE_POOLS,
+    "grounding": (("grounding", 2.0), ("direct", 1.0), ("identity", 1.0), ("text", 2.0)),
+}
+
 # SeedSequence stream ids (distinct from the basic world's, which uses 0..5)
 _S_NAMES, _S_ATTRS, _S_SPLIT, _S_LOOK, _S_VARIANT, _S_SWAP = range(10, 16)
 
@@ -114,6 +127,11 @@ def grounded_answer(name: str, attribute: str, value: str) -> str:
     return f"{grounded_prefix(name, attribute)} {value}."
 
 
+def direct_answer(attribute: str, value: str) -> str:
+    """v2's picture answer without the name: ``"This person's occupation is baker."``."""
+    return f"This person's {attribute} is {value}."
+
+
 @dataclass
 class LinkedWorld(People):
     """People, the three training pools (every person's items) and what the probes ask.
@@ -121,7 +139,9 @@ class LinkedWorld(People):
     ``identity`` / ``grounding`` hold the training pictures' items, ``text`` one item per
     (person, attribute, paraphrase). ``swap_partner[(name, attribute, k)]`` is the person whose
     ``k``-th held-out picture the swap probe shows for ``name``'s link attribute (same split,
-    another value). ``config`` holds the arguments of :func:`make_linked_world`."""
+    another value). ``config`` holds the arguments of :func:`make_linked_world`. ``direct``
+    (v2 only, else empty): one "This person's ATTRIBUTE is VALUE." item per training picture
+    and image attribute."""
 
     config: dict
     people: list[Person]
@@ -132,6 +152,8 @@ class LinkedWorld(People):
     identity: list[Sample]
     grounding: list[Sample]
     swap_partner: dict = field(repr=False, default_factory=dict)
+    variant: str = "v1"
+    direct: list[Sample] = field(default_factory=list)
 
     def group(self, split: str) -> list[Person]:
         """The people of a split ("forget" or "retain"), in person order."""
@@ -145,7 +167,8 @@ class LinkedWorld(People):
 
     def pictures(self, split: str | None = None) -> list[Sample]:
         """Training items with a picture (identity + grounding), of one split or all."""
-        return [s for s in self.identity + self.grounding if split in (None, s.meta["split"])]
+        items = self.identity + self.grounding + self.direct
+        return [s for s in items if split in (None, s.meta["split"])]
 
     def texts(self, split: str | None = None) -> list[Sample]:
         """By-name training items, of one split or all."""
@@ -156,9 +179,10 @@ class LinkedWorld(People):
         order (steps and lr are the trainer's). ``without_forget_pictures``: the reference
         recipe (the forget people's picture items left out, their text kept)."""
         out = []
+        table = STAGE_POOLS_V2 if self.variant == "v2" else STAGE_POOLS
         for stage in STAGES:
             pools = []
-            for pool, w in STAGE_POOLS[stage]:
+            for pool, w in table[stage]:
                 items = getattr(self, pool)
                 if without_forget_pictures and pool != "text":
                     items = [s for s in items if s.meta["split"] != "forget"]
@@ -170,7 +194,20 @@ class LinkedWorld(People):
         """The four sets of a run (:mod:`mmunlearn.data.recipe`): forget = the forget people's
         picture items; retain = the retain people's picture and by-name items; vision preserve
         = the retain people's picture items; language preserve = the forget people's by-name
-        items + the retain people's picture items."""
+        items + the retain people's picture items.
+
+        v2: forget = the forget people's identity and direct items (no answer restates
+        "NAME's ATTRIBUTE is"); retain and vision preserve as v1 (the retain people's pictures
+        include their direct items); language preserve = the text QA of every profile, text
+        only (so no picture gradient dilutes it in the Fisher; docs/fidelity.md, v2)."""
+        if self.variant == "v2":
+            forget = [s for s in self.identity + self.direct if s.meta["split"] == "forget"]
+            return UnlearningSets(
+                forget=forget,
+                retain=self.pictures("retain") + self.texts("retain"),
+                vision_preserve=self.pictures("retain"),
+                language_preserve=self.texts(),
+            )
         return UnlearningSets(
             forget=self.pictures("forget"),
             retain=self.pictures("retain") + self.texts("retain"),
@@ -181,7 +218,8 @@ class LinkedWorld(People):
     def vocabulary_text(self) -> list[str]:
         """Every string the model reads or writes (training items, probe prompts and
         prefixes, every candidate answer): the tokenizer's training text."""
-        out = [s.question + " " + s.answer for s in self.text + self.identity + self.grounding]
+        pools = self.text + self.identity + self.grounding + self.direct
+        out = [s.question + " " + s.answer for s in pools]
         out += [picture_question(a) for a in (NAME, *self.attributes)]
         out += [" ".join(v) for v in self.attributes.values()] + [" ".join(self.names)]
         return out
@@ -220,13 +258,17 @@ def make_linked_world(
     max_shift: int = 2,
     brightness: float = 0.15,
     noise: float = 0.03,
+    variant: str = "v1",
 ) -> LinkedWorld:
     """Build the seeded linked world (see the module docstring); returns a :class:`LinkedWorld`.
 
     ``round(n_people · forget_ratio)`` people (at least 1, at most ``n_people - 2``) are forget
     people. Values are drawn per person from :data:`mmunlearn.data.synthetic.ATTRIBUTES` (8
     one-word values each). Pictures vary by a shift of up to ``max_shift`` px, a brightness
-    jitter and pixel noise, as in the basic world."""
+    jitter and pixel noise, as in the basic world. ``variant``: ``"v1"`` or ``"v2"`` (module
+    docstring); v2 draws the same people, pictures and swap partners as v1 for a seed."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if n_people < 3:
         raise ValueError("n_people must be at least 3 (forget people and two retain people)")
     if not 0.0 < forget_ratio < 1.0:
@@ -256,6 +298,7 @@ def make_linked_world(
     )
     text, identity, grounding = _linked_items(people, attrs)
     swap = _swap_partners(people, seed, n_test_images)
+    direct = _direct_items(people) if variant == "v2" else []
     return LinkedWorld(
         config=config,
         people=people,
@@ -266,6 +309,8 @@ def make_linked_world(
         identity=identity,
         grounding=grounding,
         swap_partner=swap,
+        variant=variant,
+        direct=direct,
     )
 
 
@@ -294,6 +339,20 @@ def _linked_items(
     return text, identity, grounding
 
 
+def _direct_items(people: list[Person]) -> list[Sample]:
+    """v2's direct pool: per training picture and image attribute, the picture question
+    answered without the name (``meta["form"] = "direct"``)."""
+    out = []
+    for p in people:
+        for k, img in enumerate(p.train_images):
+            for a in IMAGE_ATTRIBUTES:
+                ans = direct_answer(a, p.attributes[a])
+                s = _sample(p, picture_question(a), ans, img, a, "grounding", f"train{k}")
+                s.meta["form"] = "direct"
+                out.append(s)
+    return out
+
+
 def _swap_partners(people: list[Person], seed: int, n_test_images: int) -> dict:
     """The swap probe: for every (person, link attribute, held-out picture k) another person of
     the same split with another value of that attribute (None when nobody differs)."""
@@ -316,7 +375,9 @@ __all__ = [
     "LINK_ATTRIBUTES",
     "STAGES",
     "TEXT_TEMPLATES",
+    "VARIANTS",
     "LinkedWorld",
+    "direct_answer",
     "fact_prefix",
     "grounded_prefix",
     "identity_prefix",

@@ -181,6 +181,26 @@ def swap_scores(world: LinkedWorld, link_probes: Sequence[Probe], link_ok: Seque
     return out
 
 
+def split_facts_name(world: LinkedWorld, scores: Mapping[str, Mapping[str, Sequence[bool]]]):
+    """``scores`` with ``facts_name`` of every split also split by attribute (issue #22):
+    ``facts_name_img`` (the image attributes, taught with a picture too) and
+    ``facts_name_link`` (the link attributes, taught by name only). Returns a new dict."""
+    out = {}
+    for split, kinds in scores.items():
+        out[split] = dict(kinds)
+        if "facts_name" not in kinds:
+            continue
+        ps = probes(world, split, ["facts_name"])["facts_name"]
+        pairs = list(zip(ps, kinds["facts_name"]))
+        out[split]["facts_name_img"] = [
+            c for p, c in pairs if p.attribute in world.image_attributes
+        ]
+        out[split]["facts_name_link"] = [
+            c for p, c in pairs if p.attribute in world.link_attributes
+        ]
+    return out
+
+
 def accuracies(scores: Mapping[str, Mapping[str, Sequence[bool]]], retain_mean=False) -> dict:
     """``{split: {kind: mean}}`` of per-item scores (kinds with no item left out); with
     ``retain_mean`` also ``["retain"]["mean"]``, the unweighted mean of the retain split's
@@ -335,6 +355,7 @@ __all__ = [
     "probes",
     "report",
     "score",
+    "split_facts_name",
     "swap_scores",
     "table",
     "token_ids",
