@@ -125,13 +125,17 @@ def test_demo_under_torchrun_matches_one_process(tmp_path):
     r2 = json.loads((tmp_path / "two" / "results.json").read_text())
     assert r2["environment"]["world_size"] == 2 and r1["environment"]["world_size"] == 1
     assert r2["methods"].keys() == r1["methods"].keys() == {"vanilla", *METHODS, "reference"}
+    m1 = load_file(tmp_path / "one" / "mask_both.safetensors")
+    m2 = load_file(tmp_path / "two" / "mask_both.safetensors")
+    differing = sum(int((m1[k] != m2[k]).sum()) for k in m1)  # packed bytes
+    assert differing <= sum(m.numel() for m in m1.values()) * 1e-3, differing
     for name in r1["methods"]:
         one = load_file(tmp_path / "one" / name / "model.safetensors")
         two = load_file(tmp_path / "two" / name / "model.safetensors")
         assert one.keys() == two.keys()
-        for k in one:
-            torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-4, msg=f"{name} {k}")
-    m1 = load_file(tmp_path / "one" / "mask_both.safetensors")
-    m2 = load_file(tmp_path / "two" / "mask_both.safetensors")
-    differing = sum(int((m1[k] != m2[k]).sum()) for k in m1)
-    assert differing <= sum(m.numel() for m in m1.values()) * 1e-3, differing
+        beyond = {k: int(((two[k] - one[k]).abs() > 1e-4 + 1e-3 * one[k].abs()).sum()) for k in one}
+        # a Fisher ratio within reduction-order noise of γ flips its mask bit between the runs
+        # (one bit of 50,912 on an AVX2 EPYC): MMUnlearner may then move that element, and only
+        # such elements, differently; every other model and element stays within tolerance
+        allowed = 8 * differing if name == "mmunlearner" else 0
+        assert sum(beyond.values()) <= allowed, (name, {k: v for k, v in beyond.items() if v})
