@@ -34,6 +34,7 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -86,7 +87,10 @@ class Workload:
     def run(self, name: str) -> dict:
         """One timed run of method ``name`` from a fresh copy of the vanilla model."""
         m = copy.deepcopy(self.model)
-        run = self.cfg.run_config(progress=False)
+        layers = self.model.config.text_config.num_hidden_layers
+        # layer-indexed methods at the tiny model's depth (their 7B defaults name deeper layers)
+        run = replace(self.cfg.run_config(progress=False), rmu_layer=layers // 2,
+                      manu_layers=min(layers, 3))  # fmt: skip
         method = run.method_for(name)
         sync = torch.cuda.synchronize if self.dev.type == "cuda" else (lambda: None)
         sync()
