@@ -147,7 +147,6 @@ def _model(args, bench, cfg, dev, distributed: bool):
     """The base model and its adapter (FSDP2-sharded per block under torchrun)."""
     from mmunlearn import fsdp
     from mmunlearn.cli.unlearn import _dtype
-    from mmunlearn.models import load_checkpoint
 
     dtype = _dtype(args, dev)
     if args.tiny:
@@ -157,16 +156,9 @@ def _model(args, bench, cfg, dev, distributed: bool):
         if dtype is not None:
             model.to(dtype)
     else:
-        try:
-            model, adapter = load_checkpoint(
-                args.model,
-                processor=args.processor,
-                dtype=dtype,
-                device=dev,
-                vision_modules=args.vision_modules,
-            )
-        except FileNotFoundError as e:
-            raise UsageError(str(e)) from e
+        from mmunlearn.cli.unlearn import load_model_arg
+
+        model, adapter = load_model_arg(args, dtype, dev)
     if distributed:
         fsdp.broadcast_from_rank0(model)  # every rank starts from rank 0's weights
         mp = mixed_precision(args, dev, distributed)

@@ -217,16 +217,7 @@ def _prepare(args, distributed: bool = False):
         if dtype is not None:
             model.to(dtype)
     else:
-        try:
-            model, adapter = load_checkpoint(
-                args.model,
-                processor=args.processor,
-                dtype=dtype,
-                device=dev,
-                vision_modules=args.vision_modules,
-            )
-        except FileNotFoundError as e:
-            raise UsageError(str(e)) from e
+        model, adapter = load_model_arg(args, dtype, dev)
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     method = getattr(args, "method", None)
@@ -445,3 +436,15 @@ def _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fing
         summary["manu"] = result["manu"]  # what the one-shot edit pruned
     atomic_write_json(os.path.join(args.out, "unlearn.json"), summary)
     say(f"wrote {path}, {args.out}/unlearn.json, {args.out}/run/log.jsonl")
+
+
+def load_model_arg(args, dtype, dev):
+    """``--model`` (with ``--processor``, ``--vision-modules``) as ``(model, adapter)``; a
+    missing checkpoint is a UsageError naming it."""
+    from mmunlearn.models import load_checkpoint
+
+    try:
+        return load_checkpoint(args.model, processor=args.processor, dtype=dtype, device=dev,
+                               vision_modules=args.vision_modules)  # fmt: skip
+    except FileNotFoundError as e:
+        raise UsageError(str(e)) from e
