@@ -12,7 +12,9 @@ configuration re-does only what is missing): ``seed{S}/seed.json`` (the vanilla 
 models of the v2 world, their scores, the gates, every mask) and
 ``seed{S}/runs/{config}@{setting}.json`` (one unlearning run to matched forgetting).
 ``--configs`` and ``--settings`` filter the cells. Validation seeds (200-202) run every
-setting; other seeds run the setting frozen by ``--select`` (``frozen.json``), or
+setting of the baselines and saliency configurations (amendment 1: the random controls are not
+tuned; they run at their saliency configuration's frozen setting); other seeds run the
+setting frozen by ``--select`` (``frozen.json``), or
 ``--settings`` when given (a pilot). ``--summary`` writes ``summary.json`` / ``summary.md``
 (means over seeds, Student t and BCa intervals, the mask-vs-random classification).
 """
@@ -34,6 +36,7 @@ TEST_SEEDS = tuple(range(100, 120))
 VAL_SEEDS = (200, 201, 202)
 LRS, FREQS = (1e-4, 3e-4, 1e-3), (1, 4)
 MAX_FORGET, BATCH, TOL = 300, 16, 0.05
+FRACTION = 0.10  # amendment 1: top-10 % of each group (docs/fidelity.md), replacing γ = 1
 MASK_SETS, SEMANTICS = ("vision", "language", "both"), ("ours", "official")
 CONTROLS = ("saliency", "random_tensor", "random_group")
 # label -> (method, mask file stem or None, semantics or None)
@@ -51,6 +54,19 @@ MARGIN, N_BOOT = 0.03, 10_000  # the pre-registered equivalence margin on K
 # the pre-registered criteria (docs/fidelity.md, "v2 criteria")
 PREMISE_DROP, KEEP_TOL, BEAT_GA_DIFF, MIN_SEEDS = 0.15, 0.05, 0.15, 15
 PRIMARY = "language_official_saliency"  # what the official MMUnlearner runs
+FISHERS = ("forget", "vision_preserve", "language_preserve")
+
+
+def tuned(label: str) -> str:
+    """The configuration whose validated setting ``label`` runs at (amendment 1: a random
+    control runs at its saliency configuration's setting; everything else at its own)."""
+    for c in CONTROLS[1:]:
+        if label.endswith("_" + c):
+            return label[: -len(c)] + "saliency"
+    return label
+
+
+TUNED = tuple(lab for lab in CONFIGS if tuned(lab) == lab)  # the 4 baselines + 6 saliency
 
 
 def setting_name(lr: float, freq: int) -> str:
@@ -166,7 +182,8 @@ def _masks(d: str, model, world, adapter, seed: int) -> dict:
     import torch
 
     from mmunlearn.data.batching import make_batches
-    from mmunlearn.masks import build_masks
+    from mmunlearn.fisher import load_fisher
+    from mmunlearn.masks import build_masks, masks_from_fishers, module_groups
 
     rng = random.Random(seed)
     data = world.unlearning_sets()
@@ -174,7 +191,15 @@ def _masks(d: str, model, world, adapter, seed: int) -> dict:
         make_batches(adapter, s, BATCH, rng)
         for s in (data.forget, data.vision_preserve, data.language_preserve)
     ]
-    built = build_masks(model, *batches, gamma=1.0, progress=False)
+    fdir = os.path.join(d, "fishers")
+    gamma1 = build_masks(model, *batches, gamma=1.0, progress=False, fisher_dir=fdir)
+    # amendment 1: the masks are the top FRACTION of each group; γ = 1 is kept as a record
+    built = masks_from_fishers(
+        *(load_fisher(os.path.join(fdir, f"{k}.safetensors"))[0] for k in FISHERS),
+        module_groups(model),
+        fraction=FRACTION,
+        scope="global",
+    )
     g = torch.Generator().manual_seed(seed)
     params = dict(model.named_parameters())
     groups = adapter.param_groups()
@@ -188,7 +213,11 @@ def _masks(d: str, model, world, adapter, seed: int) -> dict:
     os.makedirs(os.path.join(d, "masks"), exist_ok=True)
     for k, m in out.items():
         m.save(os.path.join(d, "masks", f"{k}.safetensors"))
-    return {k: m.coverage()["total"]["fraction"] for k, m in out.items()}
+    cov = {k: m.coverage()["total"]["fraction"] for k, m in out.items()}
+    for ms in MASK_SETS:
+        cov[f"{ms}_ours_gamma1"] = gamma1[ms].coverage()["total"]["fraction"]
+        cov[f"{ms}_official_gamma1"] = gamma1[ms].official_filter().coverage()["total"]["fraction"]
+    return cov
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,11 +368,12 @@ def _runs(out: str, seeds) -> list[dict]:
 
 
 def select(runs: list[dict], labels=tuple(CONFIGS)) -> dict:
-    """Per configuration, the pre-registered choice: the setting reaching matched forgetting on
-    the most seeds, then the highest mean interpolated K (over the seeds reached); ties → the
-    smaller lr, then frequency 1. Returns ``{label: setting}``."""
+    """Per tuned configuration (:data:`TUNED`), the pre-registered choice: the setting reaching
+    matched forgetting on the most seeds, then the highest mean interpolated K (over the seeds
+    reached); ties → the smaller lr, then frequency 1. Each random control in ``labels`` takes
+    its saliency configuration's setting (amendment 1). Returns ``{label: setting}``."""
     frozen = {}
-    for label in labels:
+    for label in dict.fromkeys(tuned(lab) for lab in labels):
         cands = []
         for setting in settings_for(label):
             rs = [r for r in runs if r["label"] == label and r["setting"] == setting]
@@ -354,7 +384,10 @@ def select(runs: list[dict], labels=tuple(CONFIGS)) -> dict:
             cands.append((-len(ok), -(sum(ok) / len(ok) if ok else -1.0), lr, f, setting))
         if cands:
             frozen[label] = min(cands)[-1]
-    return frozen
+    for label in labels:
+        if tuned(label) in frozen:
+            frozen[label] = frozen[tuned(label)]
+    return {k: frozen[k] for k in labels if k in frozen}
 
 
 def t_ci(xs, level: float = 0.95) -> dict:
@@ -519,12 +552,12 @@ def cells(args, seeds_ok) -> list[tuple[int, str, str]]:
         for label in args.configs:
             if args.settings:
                 sets = [x for x in args.settings if x in settings_for(label)]
-            elif s in VAL_SEEDS:
-                sets = settings_for(label)
+            elif s in VAL_SEEDS:  # amendment 1: the controls are not tuned
+                sets = settings_for(label) if label in TUNED else []
             elif frozen is None:
                 raise SystemExit(f"seed {s}: no frozen.json under {args.out} (run --select)")
             else:
-                sets = [frozen[label]]
+                sets = [frozen.get(label, frozen.get(tuned(label)))]
             out += [(s, label, x) for x in sets]
     return out
 

@@ -160,6 +160,13 @@ def test_selection_and_random_verdicts():
     runs += [rec("lr1e-03_f1", 0.7) for _ in range(3)]
     runs += [rec("lr3e-04_f4", 0.7) for _ in range(3)]  # tie on K: the smaller lr wins
     assert select(runs, ["ga_diff", "ga"]) == {"ga_diff": "lr3e-04_f4"}
+    # amendment 1: a random control is not tuned; it runs at its saliency configuration's setting
+    sal = [rec("lr1e-04_f4", 0.8, label="vision_ours_saliency") for _ in range(3)]
+    ctrl = [rec("lr1e-03_f1", 0.99, label="vision_ours_random_group") for _ in range(3)]
+    assert select(sal + ctrl, ["vision_ours_random_group", "vision_ours_random_tensor"]) == {
+        "vision_ours_random_group": "lr1e-04_f4",
+        "vision_ours_random_tensor": "lr1e-04_f4",
+    }
     assert versus_random([0.05, 0.06, 0.04, 0.05]) == "better than random"
     assert versus_random([0.01, -0.01, 0.0, 0.005, -0.005]) == (
         "no better than random (equivalent)"
@@ -182,6 +189,14 @@ def test_runner_resumes(tmp_path, monkeypatch):
     assert os.path.exists(
         os.path.join(out, "seed7", "masks", "language_official_random_tensor.safetensors")
     )
+    # amendment 1: top-10 % per group (ties may add a few), the official filter a part of it,
+    # the controls have the same count; γ = 1's coverage is recorded beside them
+    cov = rec["coverage"]
+    for ms in f2.MASK_SETS:
+        assert 0.09 < cov[f"{ms}_ours_saliency"] < 0.12, (ms, cov)
+        assert 0.0 < cov[f"{ms}_official_saliency"] < 1.0  # of its (Linear) tensors
+        assert cov[f"{ms}_ours_random_group"] == cov[f"{ms}_ours_saliency"]
+        assert 0.0 < cov[f"{ms}_ours_gamma1"] <= 1.0
     run = f2.phase_b(out, 7, "ga_diff", "lr1e-03_f1", fast=True)
     assert set(run["interp"]) >= {"F", "F_img", "F_link", "R", "K", "w"}
 
@@ -202,6 +217,18 @@ def test_runner_resumes(tmp_path, monkeypatch):
         json.dump({"ga": "lr1e-04_f1", "ga_diff": "lr1e-03_f4"}, fh)
     assert f2.cells(args, [7]) == [(7, "ga", "lr1e-04_f1"), (7, "ga_diff", "lr1e-03_f4")]
     assert len(f2.cells(args, [200])) == 3 + 6
+    # validation: the controls are not run (amendment 1); test seeds run them at the frozen
+    # setting of their saliency configuration
+    args = Namespace(
+        out=out, configs=["vision_ours_saliency", "vision_ours_random_tensor"], settings=None
+    )
+    assert len(f2.cells(args, [200])) == 6
+    with open(os.path.join(out, "frozen.json"), "w") as fh:
+        json.dump({"vision_ours_saliency": "lr3e-04_f4"}, fh)
+    assert f2.cells(args, [7]) == [
+        (7, "vision_ours_saliency", "lr3e-04_f4"),
+        (7, "vision_ours_random_tensor", "lr3e-04_f4"),
+    ]
 
 
 @pytest.mark.slow
