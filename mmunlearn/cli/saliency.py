@@ -5,12 +5,14 @@ batch finish; the partial sums are then written to ``--out/fisher_partial`` (bui
 temporary sibling and swapped in whole, :func:`mmunlearn.io.replace_dir`) and the run exits
 with 75. ``--resume [auto]`` continues from them (a changed setting, data set or model is
 refused, naming it) to the masks and Fishers of an uninterrupted run, bit for bit; the folder is
-removed once the masks are written. One process only: under torchrun a signal ends the run as
-before (no partial sums).
+removed once the masks are written. Under torchrun (FSDP2) every rank agrees on the batch it
+stops after (the request is all-reduced), writes its own shard's sums, and rank 0 swaps the
+folder in after a barrier; a resume needs the same world size (it is part of the identity).
 
-``fisher_partial/``: ``sums.safetensors`` (the finished sets' Fishers ``finished.<set>.<name>``,
-the current set's undivided sums ``sums.<name>``, the RNG states ``rng.*``) and ``state.json``
-(written last: the set, the batches done, the run's identity).
+``fisher_partial/``: ``sums.safetensors`` (one process) or ``sums-rank{r}.safetensors`` (one
+per rank; the finished sets' Fishers ``finished.<set>.<name>``, the current set's undivided
+sums ``sums.<name>``, the RNG states ``rng.*``; local shards under FSDP2) and ``state.json``
+(written last, by rank 0: the set, the batches done, the run's identity).
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ def identity(args, cfg, model, sources: dict) -> dict:
     h = hashlib.sha256()
     for name, p in canonical_parameters(model, trainable_only=True).items():
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    from mmunlearn.distributed import world_size
+
     out.update(model=args.model or "tiny", dtype=args.dtype, parameters=h.hexdigest()[:16])
+    out.update(world_size=world_size())
     if args.tiny:
         out.update(vanilla_steps=args.vanilla_steps, people=args.people)
     out.update({f"{k} data": s.fingerprint() for k, s in sources.items()})
@@ -54,11 +59,17 @@ class FisherPartial:
     """The partial Fisher sums of a saliency run in ``out/fisher_partial``."""
 
     def __init__(self, out: str, ident: dict):
+        from mmunlearn.distributed import rank, world_size
+
         self.path = os.path.join(out, PARTIAL)
         self.identity = ident
+        self.world, self.rank = world_size(), rank()
+        one = self.world == 1
+        self.sums_file = "sums.safetensors" if one else f"sums-rank{self.rank}.safetensors"
 
     def save(self, e) -> str:
-        """Write what :class:`~mmunlearn.fisher.FisherInterrupted` ``e`` carries (+ RNG)."""
+        """Write what :class:`~mmunlearn.fisher.FisherInterrupted` ``e`` carries (+ RNG);
+        under torchrun every rank calls it together."""
         from mmunlearn.rng import rng_state
 
         tensors = {f"sums.{k}": v for k, v in e.sums.items()}
@@ -69,9 +80,11 @@ class FisherPartial:
         meta = {"rng": rng_meta, "finished": sorted(e.finished)}
         state = {"set": e.set, "batches_done": e.done, "batches": e.total}
         state.update(finished=sorted(e.finished), identity=self.identity)
+        if self.world > 1:
+            return self._save_ranks(tensors, meta, state)
         tmp = temp_dir_for(self.path)
         try:
-            save_safetensors(os.path.join(tmp, "sums.safetensors"), tensors, PARTIAL_FORMAT, meta)
+            save_safetensors(os.path.join(tmp, self.sums_file), tensors, PARTIAL_FORMAT, meta)
             atomic_write_json(os.path.join(tmp, "state.json"), state)
             return str(replace_dir(tmp, self.path))
         except BaseException:
@@ -79,6 +92,27 @@ class FisherPartial:
 
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def _save_ranks(self, tensors: dict, meta: dict, state: dict) -> str:
+        """Every rank writes its file into ``fisher_partial.tmp``; after a barrier rank 0
+        writes ``state.json`` and swaps the folder in (the previous one stays whole until
+        then); a last barrier, so no rank goes on before the folder is complete."""
+        import shutil
+
+        from mmunlearn.distributed import barrier
+
+        tmp = self.path + ".tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        save_safetensors(os.path.join(tmp, self.sums_file), tensors, PARTIAL_FORMAT, meta)
+        barrier()
+        if self.rank == 0:
+            atomic_write_json(os.path.join(tmp, "state.json"), state)
+            replace_dir(tmp, self.path)
+        barrier()
+        return self.path
 
     def load(self, device, offload: bool = False) -> dict | None:
         """``build_masks``' ``resume`` from the folder (None when there is none), after the
@@ -99,7 +133,7 @@ class FisherPartial:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"cannot resume from {found}: state.json: {e}") from e
         check_identity(str(found), saved, self.identity)
-        tensors, meta = read_safetensors(os.path.join(found, "sums.safetensors"), PARTIAL_FORMAT)
+        tensors, meta = read_safetensors(os.path.join(found, self.sums_file), PARTIAL_FORMAT)
         resume = {"set": name, "start": start, "finished": {}, "sums": {}}
         for k, v in tensors.items():
             kind, rest = k.split(".", 1)
@@ -117,8 +151,13 @@ class FisherPartial:
     def clear(self) -> None:
         import shutil
 
-        for d in (self.path, self.path + ".old"):
-            shutil.rmtree(d, ignore_errors=True)
+        from mmunlearn.distributed import barrier
+
+        if self.world > 1:
+            barrier()  # every rank has read its file
+        if self.rank == 0:
+            for d in (self.path, self.path + ".old", self.path + ".tmp"):
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def sources(args, cfg, adapter, data) -> dict:
@@ -143,11 +182,13 @@ def run(args, distributed: bool, preemption, prepare, make_masks) -> int:
 
     cfg, data, model, adapter, dev, _ = prepare(args, distributed)
     src = sources(args, cfg, adapter, data)
-    partial = None if distributed else FisherPartial(args.out, identity(args, cfg, model, src))
+    partial = FisherPartial(args.out, identity(args, cfg, model, src))
     resume = None
-    if partial is not None and args.resume:
+    if args.resume:
         resume = partial.load(dev, args.fisher_offload)
-    stop = preemption.requested if partial is not None else None
+
+    def stop() -> bool:  # under torchrun an all-reduce on the run's device: every rank agrees
+        return preemption.requested(dev)
 
     def estimate():
         seq = oom.first_seq(src["forget"])
@@ -164,8 +205,7 @@ def run(args, distributed: bool, preemption, prepare, make_masks) -> int:
             f"partial sums in {where}; rerun the same command with --resume to continue"
         ) from None
     _write(args, cfg, data, masks)
-    if partial is not None:
-        partial.clear()
+    partial.clear()
     return 0
 
 

@@ -270,13 +270,11 @@ def _masks(args, cfg, model, adapter, data, src=None, stop=None, resume=None):
 
 
 def run_saliency(args) -> int:
-    from contextlib import nullcontext
-
     from mmunlearn.cli import saliency
     from mmunlearn.runctl import Preemption
 
     distributed = start_distributed(args)
-    with _held(args, distributed), nullcontext() if distributed else Preemption() as p:
+    with _held(args, distributed), Preemption() as p:
         return saliency.run(args, distributed, p, _prepare, _masks)
 
 
