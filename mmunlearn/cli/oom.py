@@ -48,6 +48,26 @@ def is_oom(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in ALLOC_WORDS)
 
 
+# oneDNN (the CPU's matmul / conv library) reports a failed allocation as a failed primitive;
+# the same words can mean an unsupported shape, so a test allocation decides (below)
+ONEDNN_WORDS = ("could not create a primitive",)
+PROBE_BYTES = 256 * 2**20
+
+
+def starved(e: BaseException) -> bool:
+    """Whether ``e`` is a oneDNN primitive failure *and* memory is short now: a
+    :data:`PROBE_BYTES` test allocation fails too (found under a real address-space limit in
+    the eval phase, where no other error names the cause)."""
+    if not (isinstance(e, RuntimeError) and any(w in str(e).lower() for w in ONEDNN_WORDS)):
+        return False
+    try:
+        probe = torch.empty(PROBE_BYTES, dtype=torch.uint8)
+    except (MemoryError, RuntimeError):
+        return True
+    del probe
+    return False
+
+
 def estimate_line(model, phase: str, batch: int, seq: int, **kw) -> str:
     """``"X GiB per rank (mmunlearn estimate: …, batch B, seq S)"``: :mod:`mmunlearn.estimate`
     for ``model``'s config and dtype; ``phase`` "saliency", "unlearning" or "eval" (the
@@ -117,9 +137,12 @@ def guard(phase: str, estimate: Callable[[], str], kept: Callable[[], str] | Non
     try:
         yield
     except BaseException as e:
-        if not is_oom(e):
+        if is_oom(e):
+            why = " ".join(str(e).split())[:160] or type(e).__name__
+        elif starved(e):
+            why = f"oneDNN: {e}; a {PROBE_BYTES >> 20} MiB test allocation failed too"
+        else:
             raise
-        why = " ".join(str(e).split())[:160] or type(e).__name__
     if why is None:
         return
     gc.collect()
@@ -132,4 +155,13 @@ def guard(phase: str, estimate: Callable[[], str], kept: Callable[[], str] | Non
     )
 
 
-__all__ = ["LOWER", "OutOfMemory", "estimate_line", "estimator", "first_seq", "guard", "is_oom"]
+__all__ = [
+    "LOWER",
+    "OutOfMemory",
+    "estimate_line",
+    "estimator",
+    "first_seq",
+    "guard",
+    "is_oom",
+    "starved",
+]
