@@ -89,7 +89,20 @@ def parse_setting(name: str) -> tuple[float, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _setup(seed: int, fast: bool = False):
+# the scale check (issue #22 item 3, docs/fidelity.md): 11.4x the parameters (5.28 M vs
+# 0.46 M: widths 448 / 224 instead of 128 / 64, same depth), 5x the people, 5x the training
+# steps of every stage (the same passes over 5x the data); everything else as the study
+SCALE = {
+    "n_people": 200,
+    "hidden": 448,
+    "vision_hidden": 224,
+    "stage_steps": {"text": 2500, "identity": 4000, "grounding": 4000},
+}
+
+
+def _setup(seed: int, fast: bool = False, scale: bool = False, device: str = "cpu"):
+    from dataclasses import replace
+
     import torch
 
     from mmunlearn.data.linked import make_linked_world
@@ -97,16 +110,17 @@ def _setup(seed: int, fast: bool = False):
 
     torch.set_num_threads(1)
     cfg = TinyRunConfig(seed=seed, threads=None, progress=False, save_models=False)
+    if scale:
+        cfg = replace(cfg, **SCALE)
     if fast:  # the demo's smoke configuration: seconds, not a result
-        from dataclasses import replace
-
         from mmunlearn.cli.demo import FAST
 
-        cfg = replace(cfg, **FAST)
+        wide = {k: v for k, v in FAST.items() if k not in ("hidden", "vision_hidden")}
+        cfg = replace(cfg, **({**wide, "n_people": 3 * FAST["n_people"]} if scale else FAST))
     world = make_linked_world(
         n_people=cfg.n_people, forget_ratio=cfg.forget_ratio, seed=seed, variant="v2"
     )
-    return cfg, world, torch.device("cpu")
+    return replace(cfg, device=device), world, torch.device(device)
 
 
 def _acc(world, scores) -> dict:
@@ -115,7 +129,9 @@ def _acc(world, scores) -> dict:
     return lp.accuracies(lp.split_facts_name(world, scores), retain_mean=True)
 
 
-def phase_a(out: str, seed: int, fast: bool = False) -> dict:
+def phase_a(
+    out: str, seed: int, fast: bool = False, scale: bool = False, device: str = "cpu"
+) -> dict:
     """Train (or read back) the seed's v2 vanilla and reference models, score both, check the
     gates; if they pass, the Fishers and every mask. Returns the seed's record."""
     import torch
@@ -129,7 +145,7 @@ def phase_a(out: str, seed: int, fast: bool = False) -> dict:
         return json.loads(open(rec_path).read())
     os.makedirs(d, exist_ok=True)
     t0 = time.time()
-    cfg, world, dev = _setup(seed, fast)
+    cfg, world, dev = _setup(seed, fast, scale, device)
     vanilla, ref, tok, adapter = train_linked(world, cfg, dev)
     torch.save({"vanilla": vanilla.state_dict(), "reference": ref.state_dict()}, d + "/models.pt")
     t_train = time.time() - t0
@@ -142,6 +158,13 @@ def phase_a(out: str, seed: int, fast: bool = False) -> dict:
         "reference": _acc(world, lp.score(ref, adapter.collate, tok, world)),
         "train_seconds": round(t_train, 1),
         "enforced": cfg.enforce_gates,
+        "profile": {
+            "scale": scale,
+            "fast": fast,
+            "device": device,
+            "people": cfg.n_people,
+            "parameters": sum(p.numel() for p in vanilla.parameters()),
+        },  # fmt: skip
     }
     if rec["gates"]["passed"] or not cfg.enforce_gates:
         rec["coverage"] = _masks(d, vanilla, world, adapter, seed)
@@ -293,7 +316,15 @@ def run_to_match(model, method: str, forget, retain, gap, ucfg, **kw) -> dict:
     return st
 
 
-def phase_b(out: str, seed: int, label: str, setting: str, fast: bool = False) -> dict:
+def phase_b(
+    out: str,
+    seed: int,
+    label: str,
+    setting: str,
+    fast: bool = False,
+    scale: bool = False,
+    device: str = "cpu",
+) -> dict:
     """Run configuration ``label`` with ``setting`` on the seed's vanilla model to matched
     forgetting; score it (at the end and interpolated); save and return the record (read back
     if already there)."""
@@ -312,10 +343,10 @@ def phase_b(out: str, seed: int, label: str, setting: str, fast: bool = False) -
     if os.path.exists(path):
         return json.loads(open(path).read())
     t0 = time.time()
-    cfg, world, dev = _setup(seed, fast)
+    cfg, world, dev = _setup(seed, fast, scale, device)
     tok = build_tokenizer(world.vocabulary_text(), vocab_size=4096)
     model = tiny_model(tok, cfg, dev)
-    model.load_state_dict(torch.load(d + "/models.pt")["vanilla"])
+    model.load_state_dict(torch.load(d + "/models.pt", map_location=dev)["vanilla"])
     adapter = adapter_for(model, tok)
     ref = json.loads(open(os.path.join(d, "seed.json")).read())["reference"]["forget"]
     lr, freq = parse_setting(setting)
@@ -562,6 +593,18 @@ def cells(args, seeds_ok) -> list[tuple[int, str, str]]:
     return out
 
 
+def _check_profiles(args, recs: dict) -> None:
+    """Refuse to mix the study's and the scale check's seeds in one ``--out``."""
+    for s, rec in recs.items():
+        prof = rec.get("profile", {"scale": False, "fast": False})
+        if bool(prof.get("scale")) != args.scale or bool(prof.get("fast")) != args.fast:
+            raise SystemExit(
+                f"{args.out}/seed{s}: made with scale={prof.get('scale')} "
+                f"fast={prof.get('fast')}; this run asks scale={args.scale} fast={args.fast} "
+                "(use another --out)"
+            )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="experiments/fidelity_v2.py", description=__doc__.split("\n\n")[0]
@@ -572,6 +615,10 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes (one torch thread each)")
     ap.add_argument("--out", default="runs/fidelity_v2")
     ap.add_argument("--fast", action="store_true", help="smoke configuration: no result")
+    ap.add_argument(
+        "--scale", action="store_true", help="the scale check's world and model (SCALE); own --out"
+    )
+    ap.add_argument("--device", default="cpu", help="torch device of every run (e.g. cuda)")
     ap.add_argument("--select", action="store_true", help="write frozen.json from --seeds")
     ap.add_argument("--summary", action="store_true", help="write summary.{json,md} of --seeds")
     args = ap.parse_args(argv)
@@ -590,7 +637,9 @@ def main(argv=None) -> int:
     t0 = time.time()
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
         n = len(args.seeds)
-        recs = dict(zip(args.seeds, pool.map(phase_a, [args.out] * n, args.seeds, [args.fast] * n)))
+        same = [[x] * n for x in (args.fast, args.scale, args.device)]
+        recs = dict(zip(args.seeds, pool.map(phase_a, [args.out] * n, args.seeds, *same)))
+        _check_profiles(args, recs)
         ok = []
         for s, rec in recs.items():
             passed = rec["gates"]["passed"]
@@ -601,7 +650,8 @@ def main(argv=None) -> int:
             if passed or not rec["enforced"]:
                 ok.append(s)
         jobs = cells(args, ok)
-        futs = [pool.submit(phase_b, args.out, s, lab, x, args.fast) for s, lab, x in jobs]
+        more = (args.fast, args.scale, args.device)
+        futs = [pool.submit(phase_b, args.out, s, lab, x, *more) for s, lab, x in jobs]
         for f in futs:
             r = f.result()
             q = r["interp"]

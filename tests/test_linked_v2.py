@@ -290,3 +290,20 @@ def test_v2_criteria_on_hand_made_records():
     assert c["verdict"] == f"The paper's claim does not hold here ({f2.PRIMARY}): premise failed."
     json.dumps(out)
     assert "Verdict" in f2.markdown(out)
+
+
+@pytest.mark.slow
+def test_scale_profile_smoke_and_no_mixing(tmp_path, capsys):
+    """The scale check's profile (wider model, more people) runs end to end in its smoke form,
+    records its profile, and one --out never mixes it with the study's seeds."""
+    from experiments import fidelity_v2 as f2
+
+    out = str(tmp_path / "scale")
+    argv = ["--seeds", "9", "--configs", "ga_diff", "--settings", "lr1e-03_f1", "--out", out]
+    assert f2.main([*argv, "--fast", "--scale"]) == 0
+    rec = json.loads(open(os.path.join(out, "seed9", "seed.json")).read())
+    assert rec["profile"]["scale"] and rec["profile"]["people"] == 18
+    assert rec["profile"]["parameters"] > 5 * f2.SCALE["hidden"] ** 2  # the wide model
+    assert os.path.exists(os.path.join(out, "seed9", "runs", "ga_diff@lr1e-03_f1.json"))
+    with pytest.raises(SystemExit, match="scale=True"):
+        f2.main([*argv, "--fast"])
