@@ -1,10 +1,13 @@
-"""Saliency preempted under real torchrun (2 gloo ranks, FSDP2): a SIGTERM to *one* worker makes
-every rank stop after the same Fisher batch (the request is all-reduced), each rank writes its
-shard's partial sums, and ``--resume`` under torchrun gives the uninterrupted run's masks and
-Fishers bit for bit; a resume at another world size is refused in one line."""
+"""Preemption under real torchrun (2 gloo ranks, FSDP2), a SIGTERM sent to *one* worker only.
+Saliency: every rank stops after the same Fisher batch (the request is all-reduced), each rank
+writes its shard's partial sums, and ``--resume`` under torchrun gives the uninterrupted run's
+masks and Fishers bit for bit; a resume at another world size is refused in one line. Unlearn:
+every rank stops at the same step, the sharded checkpoint is written, and the same command
+ends on the uninterrupted run's weights bit for bit."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -136,3 +139,54 @@ def test_resume_at_another_world_size_is_refused_in_one_line(runs, tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "cannot resume" in lines[0] and "world_size" in lines[0], lines[0]
     assert {p.name: p.read_bytes() for p in (cut / "fisher_partial").iterdir()} == before
+
+
+# ------------------------------------------------------------------------------------------------
+# unlearn: the ranks agree on the step (at log points), the sharded checkpoint resumes bit for bit
+# ------------------------------------------------------------------------------------------------
+
+UNLEARN = ["--tiny", "--synthetic", "--people", "8", "--vanilla-steps", "3", "--method", "ga_diff",
+           "--steps", "24", "--lr", "1e-3", "--log-every", "1", "--resume"]  # fmt: skip
+
+
+def _unlearn_cmd(out: Path) -> list[str]:
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cli = ["-m", "mmunlearn.cli", "unlearn", *UNLEARN, "--out", str(out), "--fsdp"]
+    return [*run, "--master-port", str(_port()), *cli]
+
+
+def _logged(out: Path) -> int:
+    log = out / "run" / "log.jsonl"
+    return sum(1 for _ in log.open()) if log.exists() else 0
+
+
+def test_unlearn_sigterm_to_one_rank_then_the_same_command_gives_the_uninterrupted_weights(
+    tmp_path,
+):
+    env = {**_env(), "TQDM_DISABLE": "1"}
+    full = tmp_path / "full"
+    r = subprocess.run(_unlearn_cmd(full), env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+    cut = tmp_path / "cut"
+    p = subprocess.Popen(_unlearn_cmd(cut), env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    t0, sent = time.time(), False
+    while p.poll() is None and time.time() - t0 < 300:
+        pid = _worker(p.pid, 1)
+        if _logged(cut) >= 5 and pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            sent = True
+            break
+        time.sleep(0.02)
+    log, _ = p.communicate(timeout=300)
+    assert sent and "stopped on SIGTERM" in log, log[-3000:]
+    state = json.loads((cut / "run" / "checkpoint" / "state.json").read_text())
+    assert 5 <= state["step"] < 48 and state["world_size"] == 2
+    assert not (cut / "model").exists()
+
+    again = subprocess.run(_unlearn_cmd(cut), env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    a = load_file(full / "model" / "model.safetensors")
+    b = load_file(cut / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
