@@ -26,6 +26,10 @@ to the file's list). Generation and likelihood passes show tqdm bars on a termin
 Writes under ``--out``: ``results.json`` (``{"methods": {label: {set: metrics, with per-item
 "_items"}}, "intervals", "unlearning", "gap", "official", "_protocol", "models", "config"}``),
 ``outputs.json`` (every generation), ``report.md`` and, for several models, ``tradeoff.png``.
+
+Exit codes as in every command (:mod:`mmunlearn.cli`): 2 for a bad option or a path that is not
+there; 1 for an input that is there but unusable (a truncated or malformed data file, an empty
+split, a checkpoint that cannot be loaded).
 """
 
 from __future__ import annotations
@@ -255,7 +259,9 @@ def _labels(args) -> list[str]:
 
 def _load(path: str, flag: str, processor, dev, dtype, vision_modules=None):
     """``(model, tokenizer, adapter)`` of a checkpoint directory or a cached Hub id
-    (:func:`mmunlearn.models.loading.resolve`), or a UsageError naming it."""
+    (:func:`mmunlearn.models.loading.resolve`). As in every command (mmunlearn/cli/__init__.py):
+    a folder or id that is not there is a UsageError (exit 2); one that is there but cannot be
+    loaded (broken config, weights, processor) a ValueError naming it (exit 1)."""
     from mmunlearn.models import load_checkpoint
     from mmunlearn.models.loading import resolve
 
@@ -268,7 +274,7 @@ def _load(path: str, flag: str, processor, dev, dtype, vision_modules=None):
     except FileNotFoundError as e:
         raise UsageError(str(e)) from e
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{flag} {path}: cannot load it ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{flag} {path}: cannot load it ({type(e).__name__}: {e})") from e
     return model, adapter.tokenizer, adapter
 
 
@@ -285,7 +291,6 @@ def _shots(value: str) -> dict | None:
 
 
 def _plan(args, cfg):
-    from mmunlearn.data.parquet import DataFormatError
     from mmunlearn.eval.suite import make_plan
 
     bench = None
@@ -312,8 +317,10 @@ def _plan(args, cfg):
                 limit=args.limit,
                 shots=_shots(args.shots),
             )
-    except (DataFormatError, FileNotFoundError) as e:
+    except FileNotFoundError as e:  # a folder or file that is not there: usage (exit 2)
         raise UsageError(f"cannot read the data: {e}") from e
+    # a file that is there but unreadable (truncated, a bad row) raises DataFormatError naming
+    # file, row and column: a runtime failure (exit 1), as in saliency and unlearn
     return plan, bench, benchmark
 
 
