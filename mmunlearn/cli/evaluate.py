@@ -26,6 +26,8 @@ to the file's list). Generation and likelihood passes show tqdm bars on a termin
 Writes under ``--out``: ``results.json`` (``{"methods": {label: {set: metrics, with per-item
 "_items"}}, "intervals", "unlearning", "gap", "official", "_protocol", "models", "config"}``),
 ``outputs.json`` (every generation), ``report.md`` and, for several models, ``tradeoff.png``.
+With ``--lmms-tasks`` lmms-eval's tasks also run on every model (:mod:`mmunlearn.eval.lmms`),
+their results under ``"lmms"``.
 
 Exit codes as in every command (:mod:`mmunlearn.cli`): 2 for a bad option or a path that is not
 there; 1 for an input that is there but unusable (a truncated or malformed data file, an empty
@@ -39,6 +41,7 @@ import json
 import os
 from pathlib import Path
 
+from mmunlearn.cli import lmms_tasks
 from mmunlearn.cli.common import UsageError, add_vision_modules, at_least
 from mmunlearn.cli.data import add_own_data, check_own, image_policy, own_files, own_record
 
@@ -61,8 +64,13 @@ EPILOG = """examples:
   mmunlearn eval --config eval.yaml --model llava-hf/llava-1.5-7b-hf --dtype bfloat16 \\
       --ci-method BCa
 
+  # also lmms-eval's tasks on the same models (docs/eval_protocols.md §7)
+  mmunlearn eval --model runs/u/model --mllmu data/MLLMU-Bench --lmms-tasks mme,pope
+
 --protocol mllmu and clear, and the unlearning metrics, need the extra:
-  pip install mmunlearn[eval]      (rouge_score, nltk, scipy)"""
+  pip install mmunlearn[eval]      (rouge_score, nltk, scipy)
+--lmms-tasks needs the extra:
+  pip install 'mmunlearn[lmms]'    (lmms_eval 0.7.x)"""
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -85,6 +93,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     _model_options(e)
     _data_options(e)
     _protocol_options(e)
+    lmms_tasks.add_options(e)
     e.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     e.set_defaults(fn=run)
     return e
@@ -341,8 +350,10 @@ def _check(args) -> None:
         raise UsageError(f"--n-boot {args.n_boot}: must be >= 1")
 
 
-def _models(args, labels, plan, bench, dev) -> tuple:
-    """Evaluate every model in turn → ``(results, stats, templates, last adapter, record)``."""
+def _models(args, labels, plan, bench, dev, lmms_run=None) -> tuple:
+    """Evaluate every model in turn → ``(results, stats, templates, last adapter, record)``;
+    ``lmms_run(model, adapter)``, when given, runs the lmms-eval tasks on each model after our
+    protocol (its results under ``results["lmms_methods"][label]``)."""
     import functools
 
     import torch
@@ -383,6 +394,8 @@ def _models(args, labels, plan, bench, dev) -> tuple:
             raise UsageError(f"--protocol {args.protocol}: {e}") from e
         results["methods"][label], stats[label] = res, st
         templates[label] = adapter.template()
+        if lmms_run is not None:
+            results.setdefault("lmms_methods", {})[label] = lmms_run(model, adapter)
         print(f"eval: {label} done")
         del model
     return results, stats, templates, adapter, proto
@@ -398,6 +411,7 @@ def run(args) -> int:
 
     _check(args)
     labels = _labels(args)
+    lmms_tm, lmms_names = lmms_tasks.check(args)
     dev = torch.device(args.device)
     cfg = EvalConfig(
         batch_size=args.batch_size,
@@ -409,7 +423,9 @@ def run(args) -> int:
         rouge_stemmer=args.rouge_stemmer,
     )
     plan, bench, benchmark = _plan(args, cfg)
-    results, stats, templates, adapter, proto = _models(args, labels, plan, bench, dev)
+    lmms_run = lmms_tasks.runner(args, lmms_tm, lmms_names) if lmms_names else None
+    results, stats, templates, adapter, proto = _models(args, labels, plan, bench, dev, lmms_run)
+    lmms_methods = results.pop("lmms_methods", None)
     ref = "reference" if args.reference else None
     try:
         assemble(results, stats, plan, ref, args.n_boot, args.seed, method=args.ci_method)
@@ -426,6 +442,8 @@ def run(args) -> int:
         "dtype": args.dtype,
         "template": templates,
     }
+    if lmms_methods is not None:
+        results["lmms"] = lmms_tasks.record(args, lmms_names, lmms_methods)
     results["config"] = {k: v for k, v in vars(args).items() if k != "fn"}
     _write(args, results, plan, benchmark)
     return 0
@@ -456,6 +474,10 @@ def _write(args, results: dict, plan, benchmark: str) -> None:
     unl = unlearning_table(results)
     if unl:
         print("\n" + unl)
+    if results.get("lmms"):
+        from mmunlearn.eval.lmms import lmms_table
+
+        print("\nlmms-eval tasks:\n" + lmms_table(results))
     gap = results.get("gap")
     if gap:
         best = gap["methods"][gap["closest"]]["avg_gap"]
