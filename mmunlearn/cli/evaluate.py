@@ -269,10 +269,11 @@ def _labels(args) -> list[str]:
 def _load(path: str, flag: str, processor, dev, dtype, vision_modules=None):
     """``(model, tokenizer, adapter)`` of a checkpoint directory or a cached Hub id
     (:func:`mmunlearn.models.loading.resolve`). As in every command (mmunlearn/cli/__init__.py):
-    a folder or id that is not there is a UsageError (exit 2); one that is there but cannot be
-    loaded (broken config, weights, processor) a ValueError naming it (exit 1)."""
+    a folder or id that is not there, or a ``--vision-modules`` naming modules it lacks, is a
+    UsageError (exit 2); one that is there but cannot be loaded (broken config, weights,
+    processor) a ValueError naming it (exit 1)."""
     from mmunlearn.models import load_checkpoint
-    from mmunlearn.models.loading import resolve
+    from mmunlearn.models.loading import VisionModulesError, resolve
 
     try:
         resolve(path, flag)
@@ -280,7 +281,7 @@ def _load(path: str, flag: str, processor, dev, dtype, vision_modules=None):
             resolve(processor, "--processor")
         kw = {"vision_modules": vision_modules} if vision_modules else {}
         model, adapter = load_checkpoint(path, processor=processor, dtype=dtype, device=dev, **kw)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, VisionModulesError) as e:
         raise UsageError(str(e)) from e
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{flag} {path}: cannot load it ({type(e).__name__}: {e})") from e
