@@ -179,10 +179,10 @@ def test_eval_clear_files(model_dirs, tmp_path, capsys):
         assert 0.0 <= sets["forget"][key] <= 1.0
     assert res["_protocol"]["benchmark"] == "CLEAR"
     assert "Forget face ↓" in (out / "report.md").read_text()
-    # a corrupt file: the message names it
+    # a corrupt file: the message names it; exit 1 (there but unreadable), as in every command
     bad = root / "forget05" / "train-00000-of-00001.parquet"
     bad.write_bytes(b"not parquet")
-    _fails(argv + ["--out", str(tmp_path / "d")], capsys, "forget05")
+    _fails(argv + ["--out", str(tmp_path / "d")], capsys, "forget05", code=1)
 
 
 def test_help_reads_well():
