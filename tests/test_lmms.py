@@ -17,7 +17,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,6 +45,14 @@ def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf"))
+    yield
+    # importing lmms_eval sets PIL's LOAD_TRUNCATED_IMAGES for the process (and ignores every
+    # warning): mmunlearn.eval.lmms puts both back, or a truncated picture in our data would
+    # decode silently (here and in every test after this file)
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    assert ("ignore", None, Warning, None, 0) not in warnings.filters
 
 
 def write_tasks(folder: Path) -> Path:
@@ -163,12 +173,12 @@ def test_bad_lmms_options_are_usage_errors(F, capsys, tmp_path):
 
 @needs_lmms
 def test_the_model_class_is_registered_at_run_time(F):
+    from mmunlearn.eval import lmms
+
+    lmms.register()  # imports lmms_eval (first: then its globals are put back)
     from lmms_eval import models
     from lmms_eval.api.model import lmms as base
 
-    from mmunlearn.eval import lmms
-
-    lmms.register()
     cls = models.get_model(lmms.MODEL_NAME)
     assert issubclass(cls, base) and cls is lmms.model_class()
     assert cls.__module__ == "mmunlearn.eval.lmms"  # nothing written into lmms_eval's package
@@ -268,3 +278,23 @@ def test_unknown_task_is_one_line_and_nothing_is_written(F, tmp_path, capsys):
     assert "--lmms-tasks mmu_colour_gem: not a task of lmms-eval" in line
     assert GEN in line  # the nearest names
     assert snapshot(out) == before
+
+
+@needs_lmms
+def test_our_data_checks_hold_with_lmms_tasks(F, tmp_path, capsys):
+    """A cut PNG in the benchmark is still refused (exit 1, naming file, row and column) when
+    lmms-eval is loaded for --lmms-tasks, which otherwise makes PIL decode truncated images."""
+    import pyarrow.parquet as pq
+    from realformat import SHARD, write_parquet
+
+    root = tmp_path / "MLLMU"
+    shutil.copytree(F["mllmu"], root)
+    shard = root / "forget_5" / SHARD
+    rows = pq.read_table(shard).to_pylist()
+    rows[0]["image"] = {"bytes": rows[0]["image"]["bytes"][:60], "path": None}
+    write_parquet(shard, rows)
+    argv = ["eval", "--model", str(F["llava"]), "--mllmu", str(root), "--out", str(tmp_path / "o"),
+            "--lmms-tasks", GEN, "--lmms-include", str(F["tasks"])]  # fmt: skip
+    assert main(argv) == 1
+    line = one_error(capsys)
+    assert "forget_5" in line and "'image'" in line and "row 0" in line

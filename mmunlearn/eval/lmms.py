@@ -29,10 +29,12 @@ mmunlearn[lmms]``); an unknown task name is :class:`UnknownTask`.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
 import random
+import warnings
 from importlib import metadata
 
 import numpy as np
@@ -55,12 +57,33 @@ class UnknownTask(ValueError):
     """A task name lmms-eval does not know."""
 
 
+@contextlib.contextmanager
+def _lmms_globals(truncated_images: bool | None = None):
+    """Put back what importing lmms_eval changes for the whole process: PIL's
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` (its ``api/task.py`` sets it to True, so a truncated
+    picture in *our* data would decode silently instead of being refused) and the warning
+    filters (its ``utils.py`` ignores every warning). ``truncated_images``: the PIL setting
+    inside the block (lmms-eval's own True while its tasks run)."""
+    from PIL import ImageFile
+
+    before, filters = ImageFile.LOAD_TRUNCATED_IMAGES, list(warnings.filters)
+    if truncated_images is not None:
+        ImageFile.LOAD_TRUNCATED_IMAGES = truncated_images
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+        warnings.filters[:] = filters
+        getattr(warnings, "_filters_mutated", lambda: None)()
+
+
 def _import():
     """``lmms_eval``'s modules used here, or :class:`LmmsUnavailable`."""
     try:
-        import lmms_eval.api.model as api_model
-        from lmms_eval import evaluator, models
-        from lmms_eval.tasks import TaskManager
+        with _lmms_globals():
+            import lmms_eval.api.model as api_model
+            from lmms_eval import evaluator, models
+            from lmms_eval.tasks import TaskManager
     except ImportError as e:
         raise LmmsUnavailable(
             f"lmms-eval cannot be imported ({e}): install mmunlearn[lmms] ({INSTALL})"
@@ -327,22 +350,23 @@ def run_tasks(
     training = model.training
     state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
     try:
-        out = evaluator.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=tm,
-            limit=limit,
-            batch_size=batch_size,
-            log_samples=False,
-            bootstrap_iters=0,
-            verbosity="ERROR",
-            distributed_executor_backend="torchrun",  # one process: no Accelerator made
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            process_docs_parallel=1,
-        )
+        with _lmms_globals(truncated_images=True):  # lmms-eval's setting while it runs
+            out = evaluator.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=tm,
+                limit=limit,
+                batch_size=batch_size,
+                log_samples=False,
+                bootstrap_iters=0,
+                verbosity="ERROR",
+                distributed_executor_backend="torchrun",  # one process: no Accelerator made
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                process_docs_parallel=1,
+            )
     except Exception as e:  # lmms-eval's, or a task's own code: one line naming the tasks
         e = _cause(e)
         raise RuntimeError(f"lmms-eval on {', '.join(tasks)}: {type(e).__name__}: {e}") from e
