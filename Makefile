@@ -6,10 +6,13 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test bench lint
 
-$(VENV)/.installed: pyproject.toml constraints.txt setup.py
+# lmms_eval (--lmms-tasks) goes in without its torchvision, timm and wandb pin (lmms-requirements.txt)
+$(VENV)/.installed: pyproject.toml constraints.txt setup.py lmms-requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[test,plot,eval,track,lora]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps lmms_eval
+	$(PY) -m pip install -q -c constraints.txt -r lmms-requirements.txt
 	touch $@
 
 demo: $(VENV)/.installed

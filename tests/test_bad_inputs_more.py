@@ -130,6 +130,8 @@ DATA_CASES = [
     ("eval truncated test set", "eval", lambda r: _truncate(r, "Test_Set"), ["Test_Set"]),
     ("eval truncated forget", "eval", lambda r: _truncate(r, "forget_5"), ["forget_5"]),
     ("eval cut png", "eval", lambda r: _cut_png(r, "forget_5"), ["forget_5", "'image'"]),
+    ("attack truncated forget", "attack", lambda r: _truncate(r, "forget_5"), ["forget_5"]),
+    ("attack cut png", "attack", lambda r: _cut_png(r, "forget_5"), ["forget_5", "'image'"]),
     ("saliency truncated retain", "saliency", lambda r: _truncate(r, "retain_95"), ["retain_95"]),
     (
         "saliency retain no metadata",
@@ -145,9 +147,21 @@ def test_bad_data_file_in_every_command(F, capsys, tmp_path, name, cmd, spoil, n
     root = copy_root(F, "mllmu", tmp_path)
     spoil(root)
     argv = [cmd, "--model", F["llava"], "--mllmu", root, "--out", F["run"]]
-    # eval: an unreadable file is "cannot read the data" (usage, 2); an empty split is 1
-    rc = 2 if cmd == "eval" and name != "eval empty forget" else 1
-    fails(argv, rc, names, capsys, out=F["run"])
+    # a file that is there but unreadable or empty is a runtime failure (1) in every command,
+    # eval and attack included (2 is for a path that is not there: test_missing_data_paths)
+    fails(argv, 1, names, capsys, out=F["run"])
+
+
+@pytest.mark.parametrize("cmd", ["eval", "attack", "saliency", "unlearn"])
+def test_missing_data_paths_are_usage_errors(F, capsys, tmp_path, cmd):
+    """A benchmark folder, or a split folder in it, that is not there: exit 2 naming it, in
+    every command that reads data (the counterpart of the exit-1 cases above)."""
+    argv = [cmd, "--model", F["llava"], "--mllmu", tmp_path / "none", "--out", F["run"]]
+    fails(argv, 2, ["none"], capsys, out=F["run"])
+    root = copy_root(F, "mllmu", tmp_path)
+    shutil.rmtree(root / "forget_5")
+    argv = [cmd, "--model", F["llava"], "--mllmu", root, "--out", F["run"]]
+    fails(argv, 2, ["forget_5"], capsys, out=F["run"])
 
 
 def test_clear_empty_forget_split(F, capsys, tmp_path):
@@ -207,11 +221,17 @@ def test_bad_model_folder(F, capsys, tmp_path, name, spoil, names):
     fails(argv, 1, [str(ck), *names], capsys, out=F["run"])
 
 
-def test_bad_model_folder_in_eval(F, capsys, tmp_path):
+@pytest.mark.parametrize("cmd", ["eval", "attack"])
+def test_bad_model_folder_in_eval(F, capsys, tmp_path, cmd):
+    """A checkpoint folder that is there but cannot be loaded: exit 1 as in saliency / unlearn
+    (test_bad_model_folder); one that is not there: exit 2 (test_model_folder_problems)."""
     ck = copy_root(F, "llava", tmp_path)
     (ck / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:4000])
-    argv = ["eval", "--model", ck, "--mllmu", F["mllmu"], "--out", F["run"]]
-    fails(argv, 2, [str(ck)], capsys, out=F["run"])
+    argv = [cmd, "--model", ck, "--mllmu", F["mllmu"], "--out", F["run"]]
+    argv += ["--probes", "text"] if cmd == "attack" else []  # (too few items to relearn)
+    fails(argv, 1, [str(ck), "cannot load"], capsys, out=F["run"])
+    argv[2] = tmp_path / "nope"
+    fails(argv, 2, ["nope", "no such folder"], capsys, out=F["run"])
 
 
 # ------------------------------------------------------------------------------------------------

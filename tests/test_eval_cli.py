@@ -152,8 +152,8 @@ def test_eval_errors_name_the_path(model_dirs, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     _fails(_argv(str(missing), tmp_path / "x"), capsys, "no-such-model")
     empty = tmp_path / "empty-model"
-    empty.mkdir()
-    _fails(_argv(str(empty), tmp_path / "x"), capsys, "empty-model")
+    empty.mkdir()  # there, but not a checkpoint: 1, as in saliency / unlearn
+    _fails(_argv(str(empty), tmp_path / "x"), capsys, "empty-model", "config.json", code=1)
     for flag in ("--mllmu", "--clear"):
         argv = ["eval", "--model", model_dirs[0], flag, str(tmp_path / "no-such-data")]
         _fails(argv, capsys, "no-such-data")
@@ -179,10 +179,10 @@ def test_eval_clear_files(model_dirs, tmp_path, capsys):
         assert 0.0 <= sets["forget"][key] <= 1.0
     assert res["_protocol"]["benchmark"] == "CLEAR"
     assert "Forget face ↓" in (out / "report.md").read_text()
-    # a corrupt file: the message names it
+    # a corrupt file: the message names it; exit 1 (there but unreadable), as in every command
     bad = root / "forget05" / "train-00000-of-00001.parquet"
     bad.write_bytes(b"not parquet")
-    _fails(argv + ["--out", str(tmp_path / "d")], capsys, "forget05")
+    _fails(argv + ["--out", str(tmp_path / "d")], capsys, "forget05", code=1)
 
 
 def test_help_reads_well():
@@ -414,5 +414,6 @@ def test_truncated_weights_of_a_tiny_format_model_are_one_line(model_dirs, tmp_p
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     rc = main(_argv(str(bad), tmp_path / "ev"))
     err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
-    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0], err
+    # a folder that is there but cannot be loaded: a runtime failure (1), as in every command
+    assert rc == 1 and len(err) == 1 and "Traceback" not in err[0], err
     assert str(bad) in err[0] and "cannot load the weights" in err[0]

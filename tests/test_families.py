@@ -316,9 +316,12 @@ def test_unknown_architecture_one_line_error_then_vision_modules(folders, tmp_pa
     assert "eye" in json.dumps(saved) and "bridge" in json.dumps(saved)
 
 
-def test_eval_vision_modules_option(folders, tmp_path, capsys):
-    argv = ["eval", "--model", str(folders["idefics3"]), "--mllmu", str(folders["mllmu"])]
-    argv += ["--limit", "1", "--max-new-tokens", "1", "--no-unlearning-metrics"]
+@pytest.mark.parametrize("cmd", ["eval", "saliency"])
+def test_eval_vision_modules_option(folders, tmp_path, capsys, cmd):
+    """--vision-modules naming a module the model lacks: a bad option value, exit 2 in every
+    command (a model whose vision side is not found without it: exit 1, test above)."""
+    argv = [cmd, "--model", str(folders["idefics3"]), "--mllmu", str(folders["mllmu"])]
+    argv += ["--limit", "1", "--max-new-tokens", "1", "--no-unlearning-metrics"] * (cmd == "eval")
     assert main([*argv, "--vision-modules", "vision_model,nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--vision-modules" in err and "'nope'" in err, err

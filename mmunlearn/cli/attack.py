@@ -138,8 +138,9 @@ def _check(args) -> tuple:
 
 
 def _data(args):
+    """The probes' data. A folder or file that is not there is a UsageError (exit 2); one that
+    is there but unreadable raises DataFormatError naming it (exit 1), as in every command."""
     from mmunlearn.attack import probes as P
-    from mmunlearn.data.parquet import DataFormatError
 
     try:
         if args.synthetic:
@@ -148,7 +149,7 @@ def _data(args):
             return P.synthetic_data(make_benchmark(n_people=args.people, seed=args.seed),
                                     args.limit)  # fmt: skip
         return P.mllmu_data(args.mllmu, args.split, args.seed, args.limit)
-    except (DataFormatError, FileNotFoundError, ValueError) as e:
+    except FileNotFoundError as e:
         raise UsageError(f"cannot read the data: {e}") from e
 
 
@@ -171,6 +172,7 @@ def run(args) -> int:
     t0 = time.time()
     probes = _check(args)
     dev = device(args, False)
+    data = _data(args)
     try:
         opts = P.options(
             probes=probes, relearn_on=args.relearn_on, relearn_k=args.relearn_k,
@@ -179,7 +181,7 @@ def run(args) -> int:
             cka_items=args.cka_items, batch_size=args.batch_size, seed=args.seed,
             n_boot=args.n_boot, ci_method=args.ci_method, progress=not args.no_progress,
         )  # fmt: skip
-        plan = P.AttackPlan.build(_data(args), opts)
+        plan = P.AttackPlan.build(data, opts)
     except ValueError as e:
         flag = {"relearn": "--relearn-k", "images": "--probes", "text": "--probes",
                 "cka": "--cka-items"}.get(str(e).split(":")[0], "--probes")  # fmt: skip

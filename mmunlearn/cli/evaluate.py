@@ -26,6 +26,12 @@ to the file's list). Generation and likelihood passes show tqdm bars on a termin
 Writes under ``--out``: ``results.json`` (``{"methods": {label: {set: metrics, with per-item
 "_items"}}, "intervals", "unlearning", "gap", "official", "_protocol", "models", "config"}``),
 ``outputs.json`` (every generation), ``report.md`` and, for several models, ``tradeoff.png``.
+With ``--lmms-tasks`` lmms-eval's tasks also run on every model (:mod:`mmunlearn.eval.lmms`),
+their results under ``"lmms"``.
+
+Exit codes as in every command (:mod:`mmunlearn.cli`): 2 for a bad option or a path that is not
+there; 1 for an input that is there but unusable (a truncated or malformed data file, an empty
+split, a checkpoint that cannot be loaded).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import json
 import os
 from pathlib import Path
 
+from mmunlearn.cli import lmms_tasks
 from mmunlearn.cli.common import UsageError, add_vision_modules, at_least
 from mmunlearn.cli.data import add_own_data, check_own, image_policy, own_files, own_record
 
@@ -57,8 +64,13 @@ EPILOG = """examples:
   mmunlearn eval --config eval.yaml --model llava-hf/llava-1.5-7b-hf --dtype bfloat16 \\
       --ci-method BCa
 
+  # also lmms-eval's tasks on the same models (docs/eval_protocols.md §7)
+  mmunlearn eval --model runs/u/model --mllmu data/MLLMU-Bench --lmms-tasks mme,pope
+
 --protocol mllmu and clear, and the unlearning metrics, need the extra:
-  pip install mmunlearn[eval]      (rouge_score, nltk, scipy)"""
+  pip install mmunlearn[eval]      (rouge_score, nltk, scipy)
+--lmms-tasks needs the extra:
+  pip install 'mmunlearn[lmms]'    (lmms_eval 0.7.x)"""
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -81,6 +93,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     _model_options(e)
     _data_options(e)
     _protocol_options(e)
+    lmms_tasks.add_options(e)
     e.add_argument("--out", default="runs/eval", help="output directory (default runs/eval)")
     e.set_defaults(fn=run)
     return e
@@ -255,9 +268,12 @@ def _labels(args) -> list[str]:
 
 def _load(path: str, flag: str, processor, dev, dtype, vision_modules=None):
     """``(model, tokenizer, adapter)`` of a checkpoint directory or a cached Hub id
-    (:func:`mmunlearn.models.loading.resolve`), or a UsageError naming it."""
+    (:func:`mmunlearn.models.loading.resolve`). As in every command (mmunlearn/cli/__init__.py):
+    a folder or id that is not there, or a ``--vision-modules`` naming modules it lacks, is a
+    UsageError (exit 2); one that is there but cannot be loaded (broken config, weights,
+    processor) a ValueError naming it (exit 1)."""
     from mmunlearn.models import load_checkpoint
-    from mmunlearn.models.loading import resolve
+    from mmunlearn.models.loading import VisionModulesError, resolve
 
     try:
         resolve(path, flag)
@@ -265,10 +281,10 @@ def _load(path: str, flag: str, processor, dev, dtype, vision_modules=None):
             resolve(processor, "--processor")
         kw = {"vision_modules": vision_modules} if vision_modules else {}
         model, adapter = load_checkpoint(path, processor=processor, dtype=dtype, device=dev, **kw)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, VisionModulesError) as e:
         raise UsageError(str(e)) from e
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{flag} {path}: cannot load it ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{flag} {path}: cannot load it ({type(e).__name__}: {e})") from e
     return model, adapter.tokenizer, adapter
 
 
@@ -285,7 +301,6 @@ def _shots(value: str) -> dict | None:
 
 
 def _plan(args, cfg):
-    from mmunlearn.data.parquet import DataFormatError
     from mmunlearn.eval.suite import make_plan
 
     bench = None
@@ -312,8 +327,10 @@ def _plan(args, cfg):
                 limit=args.limit,
                 shots=_shots(args.shots),
             )
-    except (DataFormatError, FileNotFoundError) as e:
+    except FileNotFoundError as e:  # a folder or file that is not there: usage (exit 2)
         raise UsageError(f"cannot read the data: {e}") from e
+    # a file that is there but unreadable (truncated, a bad row) raises DataFormatError naming
+    # file, row and column: a runtime failure (exit 1), as in saliency and unlearn
     return plan, bench, benchmark
 
 
@@ -334,8 +351,10 @@ def _check(args) -> None:
         raise UsageError(f"--n-boot {args.n_boot}: must be >= 1")
 
 
-def _models(args, labels, plan, bench, dev) -> tuple:
-    """Evaluate every model in turn → ``(results, stats, templates, last adapter, record)``."""
+def _models(args, labels, plan, bench, dev, lmms_run=None) -> tuple:
+    """Evaluate every model in turn → ``(results, stats, templates, last adapter, record)``;
+    ``lmms_run(model, adapter)``, when given, runs the lmms-eval tasks on each model after our
+    protocol (its results under ``results["lmms_methods"][label]``)."""
     import functools
 
     import torch
@@ -376,6 +395,8 @@ def _models(args, labels, plan, bench, dev) -> tuple:
             raise UsageError(f"--protocol {args.protocol}: {e}") from e
         results["methods"][label], stats[label] = res, st
         templates[label] = adapter.template()
+        if lmms_run is not None:
+            results.setdefault("lmms_methods", {})[label] = lmms_run(model, adapter)
         print(f"eval: {label} done")
         del model
     return results, stats, templates, adapter, proto
@@ -391,6 +412,7 @@ def run(args) -> int:
 
     _check(args)
     labels = _labels(args)
+    lmms_tm, lmms_names = lmms_tasks.check(args)
     dev = torch.device(args.device)
     cfg = EvalConfig(
         batch_size=args.batch_size,
@@ -402,7 +424,9 @@ def run(args) -> int:
         rouge_stemmer=args.rouge_stemmer,
     )
     plan, bench, benchmark = _plan(args, cfg)
-    results, stats, templates, adapter, proto = _models(args, labels, plan, bench, dev)
+    lmms_run = lmms_tasks.runner(args, lmms_tm, lmms_names) if lmms_names else None
+    results, stats, templates, adapter, proto = _models(args, labels, plan, bench, dev, lmms_run)
+    lmms_methods = results.pop("lmms_methods", None)
     ref = "reference" if args.reference else None
     try:
         assemble(results, stats, plan, ref, args.n_boot, args.seed, method=args.ci_method)
@@ -419,6 +443,8 @@ def run(args) -> int:
         "dtype": args.dtype,
         "template": templates,
     }
+    if lmms_methods is not None:
+        results["lmms"] = lmms_tasks.record(args, lmms_names, lmms_methods)
     results["config"] = {k: v for k, v in vars(args).items() if k != "fn"}
     _write(args, results, plan, benchmark)
     return 0
@@ -449,6 +475,10 @@ def _write(args, results: dict, plan, benchmark: str) -> None:
     unl = unlearning_table(results)
     if unl:
         print("\n" + unl)
+    if results.get("lmms"):
+        from mmunlearn.eval.lmms import lmms_table
+
+        print("\nlmms-eval tasks:\n" + lmms_table(results))
     gap = results.get("gap")
     if gap:
         best = gap["methods"][gap["closest"]]["avg_gap"]

@@ -438,11 +438,13 @@ def _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fing
 
 def load_model_arg(args, dtype, dev):
     """``--model`` (with ``--processor``, ``--vision-modules``) as ``(model, adapter)``; a
-    missing checkpoint is a UsageError naming it."""
+    missing checkpoint, or a ``--vision-modules`` naming modules it lacks, is a UsageError
+    naming it (a checkpoint that is there but cannot be loaded: ValueError, exit 1)."""
     from mmunlearn.models import load_checkpoint
+    from mmunlearn.models.loading import VisionModulesError
 
     try:
         return load_checkpoint(args.model, processor=args.processor, dtype=dtype, device=dev,
                                vision_modules=args.vision_modules)  # fmt: skip
-    except FileNotFoundError as e:
+    except (FileNotFoundError, VisionModulesError) as e:
         raise UsageError(str(e)) from e

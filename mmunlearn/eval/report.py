@@ -393,6 +393,13 @@ def write_report(
         if mu and isinstance(mu.get("n"), dict):
             parts = ", ".join(f"{k} (n={v})" for k, v in mu["n"].items())
             md += [f"Model utility = harmonic mean of {parts}.", ""]
+    if results.get("lmms"):
+        from mmunlearn.eval.lmms import lmms_table
+
+        lm = results["lmms"]
+        md += ["## lmms-eval tasks", "", lmms_table(results), "",
+               f"lmms-eval {lm.get('lmms_eval')}; {lm.get('generation')}; loglikelihood: "
+               f"{lm.get('loglikelihood')}.", ""]  # fmt: skip
     md += gap_lines(results.get("gap") or {})
     if results.get("intervals") or unl:
         boot = results.get("bootstrap") or {}

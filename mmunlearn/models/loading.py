@@ -34,6 +34,11 @@ SUPPORTED_TEXT = (
 )
 
 
+class VisionModulesError(ValueError):
+    """``vision_modules`` (``--vision-modules``) names modules the model does not have: a bad
+    option value (the CLI's exit 2), unlike a model whose vision side is not found (exit 1)."""
+
+
 def save_model(model, tokenizer, directory, state_dict: dict | None = None) -> Path:
     """``save_pretrained`` of model (safetensors) and tokenizer into ``directory``, atomically:
     written to a temporary sibling, then renamed into place (an existing directory is replaced).
@@ -314,7 +319,8 @@ def _vision_side(model, vision_modules, folder: Path):
     try:
         vision_module_names(model)
     except ValueError as e:
-        raise ValueError(f"{folder}: {e}") from e
+        bad_names = VisionModulesError if vision_modules else ValueError
+        raise bad_names(f"{folder}: {e}") from e
     return model
 
 
