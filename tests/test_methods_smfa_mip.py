@@ -502,3 +502,28 @@ def test_bad_options_are_one_line_errors(files, tmp_path, capsys):
         assert main([*argv, "--steps", "1", "--out", str(tmp_path / "x")]) == rc, (flag, value)
         err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
         assert len(err) == 1 and text in err[0], err
+
+
+def test_compare_runs_both_and_resumes_a_preempted_smfa(files, tmp_path, capsys, monkeypatch):
+    from mmunlearn import runctl
+
+    out = tmp_path / "cmp"
+    argv = ["compare", "--model", str(files["qwen2vl"]), "--mllmu", str(files["mllmu"]),
+            "--split", "5", "--methods", "smfa,mip_editor", "--steps", "2", "--lr", "1e-3",
+            "--batch-size", "2", "--mip-batches", "1", "--n-boot", "10",
+            "--max-new-tokens", "2", "--no-progress", "--out", str(out)]  # fmt: skip
+    # preempted after SMFA's first step (as SIGTERM would): exit 75, the anchor's checkpoint
+    monkeypatch.setattr(runctl.Preemption, "requested", lambda self, device=None: True)
+    assert main(argv) == 75
+    assert (out / "smfa" / "run" / "smfa_anchor" / "checkpoint").is_dir()
+    assert not (out / "smfa" / "unlearn.json").exists()
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(argv) == 0
+    log = (out / "smfa" / "run" / "smfa_anchor" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in log] == [0, 1]  # resumed, not redone
+    assert json.loads((out / "smfa" / "unlearn.json").read_text())["steps"] == 6
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["methods"]) == ["vanilla", "smfa", "mip_editor"]
+    for m in ("smfa", "mip_editor"):
+        assert (out / m / "model").is_dir(), m
