@@ -7,12 +7,13 @@ The workload is the demo's basic world (mmunlearn.demo): the tiny LLaVA (``--hid
 ``--people`` synthetic people (20 % to forget), a short vanilla fine-tune (not timed), then for
 every method that ``mmunlearn.methods.METHODS`` lists *at run time* (new methods appear by
 themselves): a fresh copy of the vanilla model unlearned for ``--steps`` forget batches of
-``--batch-size`` (a retain step after each forget step when the method has one; lr 1e-3,
-constant, the demo's :class:`~mmunlearn.tinyrun.TinyRunConfig`). A method that uses a mask
-(MMUnlearner) first makes it, as the demo does: one Fisher pass over the forget set and one
-over each preserve set (``masks.build_masks``, γ = 1); that "mask pass" is included in its
-total and also shown on its own. Methods needing a reference model get the loop's frozen copy
-(its creation is timed with the run).
+``--batch-size`` (a retain step after each forget step when the method has one; SMFA runs three
+such updates and merges them, MIP-Editor first scores and edits its paths, both inside its
+time; lr 1e-3, constant, the demo's :class:`~mmunlearn.tinyrun.TinyRunConfig`). A method that
+uses a mask (MMUnlearner) first makes it, as the demo does: one Fisher pass over the forget set
+and one over each preserve set (``masks.build_masks``, γ = 1); that "mask pass" is included in
+its total and also shown on its own. Methods needing a reference model get the loop's frozen
+copy (its creation is timed with the run).
 
 Each (method, round) is timed in wall-clock and in process CPU time; rounds go round-robin
 over the methods so that a change in the machine's load spreads over all of them, and the

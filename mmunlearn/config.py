@@ -142,6 +142,19 @@ class RunConfig:
                              "pruned (the top by forget/retain activation ratio)")  # fmt: skip
     manu_layers: int = _f(3, "method", "MANU: its neurons are the MLPs' of the last N blocks of "
                           "the vision encoder and of the language model")  # fmt: skip
+    smfa_multi_k: float = _f(5.0, "method", "SMFA: sculpting threshold k of the multimodal "
+                             "forget update (larger: fewer elements zeroed)")  # fmt: skip
+    smfa_text_k: float = _f(10.0, "method", "SMFA: sculpting threshold k of the text-only "
+                            "forget update")  # fmt: skip
+    mip_topk: int = _f(5, "method", "MIP-Editor: input channels edited (zeroed and held) per "
+                       "FFN output projection")  # fmt: skip
+    mip_batches: int = _f(4, "method", "MIP-Editor: forget batches that score the paths")
+    mip_coeff: float = _f(1.0, "method", "MIP-Editor: norm c of the random steering target "
+                          "of the last FFN output on forget tokens")  # fmt: skip
+    mip_forget_weight: float = _f(5.0, "method", "MIP-Editor: weight of the steering loss "
+                                  "(Open-MMunlearning: forget_beta·control_coeff)")  # fmt: skip
+    mip_retain_weight: float = _f(0.5, "method", "MIP-Editor: weight of the retain CE "
+                                  "(Open-MMunlearning: gamma·retain_alpha)")  # fmt: skip
     # Fisher pass (saliency)
     fisher_batch_size: int = _f(16, "fisher", "samples per Fisher batch")
     fisher_loss_tokens: str = _f("answer", "fisher", "tokens that carry the Fisher pass's loss",
@@ -237,7 +250,10 @@ class RunConfig:
                       rmu_layer=self.rmu_layer, rmu_coeff=self.rmu_coeff,
                       rmu_alpha=self.rmu_alpha, undial_strength=self.undial_strength,
                       manu_percent=self.manu_percent, manu_layers=self.manu_layers,
-                      seed=self.seed)  # fmt: skip
+                      smfa_multi_k=self.smfa_multi_k, smfa_text_k=self.smfa_text_k,
+                      mip_topk=self.mip_topk, mip_batches=self.mip_batches,
+                      mip_coeff=self.mip_coeff, mip_forget_weight=self.mip_forget_weight,
+                      mip_retain_weight=self.mip_retain_weight, seed=self.seed)  # fmt: skip
 
     def to_dict(self) -> dict:
         """Every setting, JSON-able (tuples as lists)."""

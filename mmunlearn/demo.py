@@ -52,6 +52,7 @@ from mmunlearn.tinyrun import (
     TinyRunConfig,
     build_tiny,
     demo_eval_sets,
+    depth_settings,
     environment,
     pinned_threads,
     public,
@@ -157,7 +158,7 @@ class _BasicDemo:
         results["mask_coverage"] = {k: m.coverage()["total"] for k, m in masks.items()}
         if cfg.save_models and self.rank0:
             masks["both"].save(os.path.join(self.out, "mask_both.safetensors"))
-        ucfg = cfg.run_config(progress=self.progress)
+        ucfg = cfg.run_config(progress=self.progress, **depth_settings(self.model))
         for name in cfg.methods:
             m = self.fresh()
             kw = {}

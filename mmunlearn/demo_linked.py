@@ -27,9 +27,14 @@ from mmunlearn.eval.unlearning import bootstrap_ci
 from mmunlearn.io import atomic_write_text
 from mmunlearn.loop import unlearn
 from mmunlearn.masks import build_masks
-from mmunlearn.methods import Method
 from mmunlearn.models import adapter_for, build_tokenizer, save_model
-from mmunlearn.tinyrun import TinyRunConfig, environment, pinned_threads, tiny_model
+from mmunlearn.tinyrun import (
+    TinyRunConfig,
+    depth_settings,
+    environment,
+    pinned_threads,
+    tiny_model,
+)
 from mmunlearn.train import finetune_twins
 
 LINKED_AXES = {
@@ -50,8 +55,11 @@ def unlearn_to_match(model, method, forget, retain, check, config: RunConfig, **
     without gradients, after every forget step of a method without retain steps and after
     every retain step of the others) returns True, or the batches run out. ``kw``: ``masks``,
     ``ref_model``. Returns ``{"reached": bool, "forget_steps": n}``; the model is left in
-    eval mode where it stopped."""
-    m = Method(method) if isinstance(method, str) else method
+    eval mode where it stopped. SMFA, whose model exists only after its merge, is run by
+    :func:`_phased_to_match` instead."""
+    m = config.method_for(method) if isinstance(method, str) else method  # config's options
+    if m.phased:
+        return _phased_to_match(model, m, forget, retain, check, config, **kw)
     state = {"reached": False, "forget_steps": 0}
 
     def callback(step, kind, loss):
@@ -74,6 +82,27 @@ def unlearn_to_match(model, method, forget, retain, check, config: RunConfig, **
         pass
     model.eval()
     return state
+
+
+def _phased_to_match(model, method, forget, retain, check, config: RunConfig, **kw) -> dict:
+    """SMFA at matched forgetting: its whole run (three updates, then the merge) from the start
+    weights with each update capped at n refusal steps (and as many retain steps), for
+    n = 8, 16, 32, … up to the forget batches given, until ``check`` holds for the merged
+    model. ``forget_steps``: n, the refusal steps of each forget update."""
+    start = copy.deepcopy(model.state_dict())
+    cap = len(forget) // config.grad_accum
+    n = min(8, cap)
+    while True:
+        model.load_state_dict(start)
+        res = unlearn(model, method, forget, retain, config=replace(config, max_steps=2 * n),
+                      **kw)  # fmt: skip
+        steps = sum(h["kind"] == "multi:refusal" for h in res["history"])
+        model.eval()
+        with torch.no_grad():
+            hit = bool(check(model))
+        if hit or n >= cap:
+            return {"reached": hit, "forget_steps": steps}
+        n = min(2 * n, cap)
 
 
 def gaps(all_scores: dict, seed: int = 0, n_boot: int = 1000) -> dict:
@@ -156,7 +185,7 @@ def _run_linked(out: str, cfg: TinyRunConfig) -> dict:
         if cfg.save_models:
             os.makedirs(out, exist_ok=True)
             masks["both"].save(os.path.join(out, "mask_both.safetensors"))
-        ucfg = cfg.run_config(progress=False)
+        ucfg = cfg.run_config(progress=False, **depth_settings(vanilla))
 
         def check(m):
             acc = lp.accuracies(score(m, splits=("forget",), kinds=lp.MATCH_KINDS))["forget"]

@@ -30,9 +30,10 @@ testable on its own.
 from __future__ import annotations
 
 import copy
+import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -237,11 +238,14 @@ def unlearn(
 ) -> dict:
     """Unlearn ``forget`` from ``model`` in place with ``method`` (a name, whose loss forms
     come from ``config``, or a :class:`~mmunlearn.methods.Method`). MANU is one edit without
-    steps (:func:`_one_shot`: no optimizer, no checkpoint; ``"manu"`` in the result).
+    steps (:func:`_one_shot`: no optimizer, no checkpoint; ``"manu"`` in the result);
+    MIP-Editor edits its paths first (``"mip"`` in the result); SMFA is three runs and a
+    merge (:func:`_smfa`; ``"smfa"`` in the result).
 
     ``forget`` / ``retain``: sized, indexable sources of model-ready batches (dicts with
     ``labels``): lists, or :class:`~mmunlearn.data.batching.BatchSource`; batches are moved
-    to the model's device as they are used. ``masks``: ``{param: bool or packed mask}`` for
+    to the model's device as they are used (SMFA: a BatchSource or ``make_batches``' batches,
+    whose samples it relabels). ``masks``: ``{param: bool or packed mask}`` for
     MMUnlearner (required for it). ``ref_model``: the frozen reference for KL_Min / NPO / RMU /
     UNDIAL (default: a frozen copy of ``model`` taken before the first step). ``config``: the
     :class:`~mmunlearn.config.RunConfig` (default: ours). ``output_dir``: where checkpoints and
@@ -263,15 +267,140 @@ def unlearn(
     method = cfg.method_for(method) if isinstance(method, str) else method
     if method.one_shot:
         return _one_shot(model, method, forget, retain, cfg, output_dir)
+    if method.phased:
+        if monitor is not None:
+            raise ValueError("eval_every: SMFA's model exists only once its three runs are "
+                             "merged; evaluate the result instead")  # fmt: skip
+        return _smfa(model, method, forget, retain, cfg, output_dir, resume, callback,
+                     preemption)  # fmt: skip
+    _refuse_edit(model, method, cfg)
     ref_model = _prepare_model(model, method, masks, ref_model, cfg)
     plan, ends = _plan(method, forget, retain, cfg)
     identity = run_identity(method, cfg, forget, retain, model, masks) if output_dir else None
-    return run_plan(
-        model, method, {"forget": forget, "retain": retain}, plan, ends, cfg,
-        masks=masks, ref_model=ref_model, identity=identity, output_dir=output_dir,
-        resume=resume, desc=f"unlearn[{method.name}]", callback=callback, monitor=monitor,
-        on_best=on_best, preemption=preemption,
-    )  # fmt: skip
+    edit = _edit_paths(model, method, forget, output_dir) if method.edits_paths else None
+    if edit is not None and identity is not None:
+        identity["mip_paths"] = edit.digest  # a resume must edit the same paths
+    try:
+        out = run_plan(
+            model, method, {"forget": forget, "retain": retain}, plan, ends, cfg,
+            masks=masks, ref_model=ref_model, identity=identity, output_dir=output_dir,
+            resume=resume, desc=f"unlearn[{method.name}]", callback=callback, monitor=monitor,
+            on_best=on_best, preemption=preemption,
+        )  # fmt: skip
+    finally:
+        if edit is not None:
+            edit.remove()  # the model keeps no hooks of this run
+    if edit is not None:
+        out["mip"] = edit.report
+    return out
+
+
+def _refuse_edit(model, method: Method, cfg: RunConfig) -> None:
+    """ValueError where a method that edits or snapshots whole weights cannot run."""
+    if not (method.edits_paths or method.phased):
+        return
+    if is_sharded(model):
+        raise ValueError(f"{method.name} edits whole weight tensors: run it in one process "
+                         "(no FSDP2)")  # fmt: skip
+    if cfg.lora:
+        raise ValueError(f"lora: {method.name} is implemented at full parameter here (its "
+                         "edit and merge act on the base weights, which LoRA freezes)")  # fmt: skip
+
+
+def _edit_paths(model, method: Method, forget, output_dir):
+    """MIP-Editor's path edit on ``model`` (scored on the first forget batches), its columns
+    held at zero; one ``log.jsonl`` row (phase ``mip_paths``)."""
+    from mmunlearn.methods.mip import PathEdit
+
+    edit = PathEdit(model, forget, method.mip_topk, method.mip_batches).apply()
+    log = RunLog(output_dir, None)
+    try:
+        log.write({"step": 0, "phase": "mip_paths", **edit.report})
+    finally:
+        log.close()
+    model.train()
+    return edit
+
+
+def _smfa_plan(phase: str, sources: Mapping, method: Method, cfg: RunConfig):
+    """The steps of one SMFA update over ``sources`` (``{kind: source}``, two kinds): the
+    forget updates interleave their refusal steps with retain steps as GA_Diff does
+    (:func:`build_schedule`); the anchor takes a step on each retain batch, then one on its
+    text-only twin."""
+    ga = cfg.grad_accum
+    kinds = list(sources)
+    n = [len(sources[k]) // ga for k in kinds]
+    if phase == "anchor":
+        if n[0] < 1:
+            raise ValueError(f"{len(sources[kinds[0]])} retain batches for grad_accum {ga}")
+        rng = random.Random(cfg.seed)
+        plan, ends = [], set()
+        for _ in range(cfg.epochs):
+            order = list(range(n[0]))
+            rng.shuffle(order)
+            plan += [(k, i) for i in order for k in kinds]
+            ends.add(len(plan) - 1)
+    else:
+        if len(sources[kinds[0]]) and not n[0]:
+            raise ValueError(f"{len(sources[kinds[0]])} forget batches for grad_accum {ga}")
+        base = build_schedule(method, n[0], n[1], cfg.epochs, cfg.forget_freq, cfg.seed,
+                              forget_cap=cfg.forget_cap)  # fmt: skip
+        ends = epoch_ends(base, method, n[0], n[1])
+        plan = [(kinds[0] if k == "forget" else kinds[1], i) for k, i in base]
+    if cfg.max_steps is not None:
+        plan = plan[: cfg.max_steps]
+    return plan, {e for e in ends if e < len(plan)}
+
+
+def _smfa(model, method: Method, forget, retain, cfg: RunConfig, output_dir, resume, callback,
+          preemption) -> dict:  # fmt: skip
+    """SMFA (:mod:`mmunlearn.methods.smfa`): the anchor, multimodal and text updates, each a
+    run of :func:`run_plan` from the start weights (its own optimizer, schedule, log and
+    checkpoints in ``output_dir/smfa_<phase>``, so an interrupted phase resumes and a finished
+    one is read back), then the merge. ``steps`` counts the three runs' steps; ``"smfa"`` in
+    the result says what the sculpting zeroed; one ``log.jsonl`` row (phase ``smfa_merge``)."""
+    from mmunlearn.checkpoint import fingerprint
+    from mmunlearn.methods import smfa
+
+    _refuse_edit(model, method, cfg)
+    sources = smfa.views(forget, retain, cfg.seed)
+    _prepare_model(model, method, None, None, cfg)
+    sculptor = smfa.Sculptor({n: p for n, p in model.named_parameters() if p.requires_grad})
+    out = {"history": [], "steps": 0, "resumed_from": 0, "evals": [], "best": None}
+    report: dict = {"multi_k": method.smfa_multi_k, "text_k": method.smfa_text_k}
+    finished = True
+    for phase in smfa.PHASES:
+        sculptor.reset()
+        src = sources[phase]
+        plan, ends = _smfa_plan(phase, src, method, cfg)
+        sub = os.path.join(output_dir, f"smfa_{phase}") if output_dir else None
+        identity = None
+        if sub:
+            identity = {"method": asdict(method), "phase": phase, "config": cfg.identity(),
+                        "data": {k: fingerprint(v) for k, v in src.items()}}  # fmt: skip
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        r = run_plan(model, smfa.PhaseLoss(phase=phase), src, plan, ends, cfg,
+                     identity=identity, output_dir=sub, resume=resume, desc=f"smfa[{phase}]",
+                     callback=callback, preemption=preemption)  # fmt: skip
+        model.train()
+        out["history"] += r["history"]
+        out["steps"] += r["steps"]
+        out["resumed_from"] += r["resumed_from"]
+        finished = finished and r["finished"]
+        if phase == "anchor":
+            sculptor.take_anchor()
+        else:
+            k = method.smfa_multi_k if phase == "multi" else method.smfa_text_k
+            report[phase] = sculptor.add(k)
+    sculptor.apply()
+    log = RunLog(output_dir, cfg.report_to)
+    try:
+        log.write({"step": out["steps"], "phase": "smfa_merge", **report})
+    finally:
+        log.close()
+    model.eval()
+    return {**out, "finished": finished, "smfa": report}
 
 
 def run_plan(model, method, sources: Mapping, plan, ends, cfg: RunConfig, *, masks=None,

@@ -117,6 +117,9 @@ class Stepper:
     def _loss(self, kind: str) -> torch.Tensor:
         """The loss of the next ``kind`` batch (this rank's slice of the global batch)."""
         batch = local_batch(self.model, to_device(next(self.streams[kind]), self.device))
+        step_loss = getattr(self.method, "step_loss", None)  # one loss for every kind (SMFA)
+        if step_loss is not None:
+            return step_loss(kind, self.model, batch, self.ref_model)
         if kind == "forget":
             return self.method.forget_loss(self.model, batch, self.ref_model)
         return self.method.retain_loss(self.model, batch, self.ref_model)

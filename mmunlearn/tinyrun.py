@@ -63,6 +63,16 @@ class TinyRunConfig:
         return replace(self.unlearn, seed=self.seed, **overrides)
 
 
+def depth_settings(model) -> dict:
+    """The layer-indexed methods' settings at a tiny model's depth (their defaults name the
+    layers of a 7B model): RMU's layer in the middle of the language model, MANU over the last
+    min(3, depth) blocks of each side. The paper's five methods do not read them."""
+    cfg = model.config
+    text = cfg.text_config.num_hidden_layers
+    vision = getattr(getattr(cfg, "vision_config", None), "num_hidden_layers", text)
+    return {"rmu_layer": text // 2, "manu_layers": max(1, min(3, text, vision))}
+
+
 def pinned_threads(fn, *args, threads: int | None):
     """``fn(*args)`` with torch pinned to ``threads`` CPU threads (None or 0: left as it is),
     restored afterwards. Tiny runs sum in a thread-count-dependent order, so their results
@@ -146,6 +156,7 @@ __all__ = [
     "build_tiny",
     "cpu_name",
     "demo_eval_sets",
+    "depth_settings",
     "environment",
     "pinned_threads",
     "public",

@@ -165,3 +165,37 @@ def test_demo_with_bf16_optimizer_state(tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["config"]["unlearn"]["state_dtype"] == "bf16"
     assert {"ga", "mmunlearner"} <= set(data["methods"])
+
+
+def test_demo_methods_option_adds_the_newer_methods(tmp_path, capsys):
+    """`mmunlearn demo --methods all`: every method mmunlearn has, in both worlds (SMFA at
+    matched forgetting by rerunning its whole run at growing budgets); without the option the
+    paper's five (the other tests); bad lists are one line, exit 2."""
+    from mmunlearn.cli import main
+    from mmunlearn.methods import METHODS as ALL
+
+    threads = torch.get_num_threads()
+    try:
+        argv = ["demo", "--fast", "--world", "linked", "--threads", "1", "--methods", "all"]
+        assert main([*argv, "--out", str(tmp_path / "linked")]) == 0
+        argv = ["demo", "--fast", "--threads", "1", "--methods", "rmu,smfa,mip_editor,manu"]
+        assert main([*argv, "--out", str(tmp_path / "basic")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "linked" / "results.json").read_text())
+    assert list(data["matched"]) == list(ALL) and set(ALL) <= set(data["methods"])
+    assert data["config"]["methods"] == list(ALL)
+    for name, run in data["matched"].items():
+        assert 0 <= run["forget_steps"] <= 3, (name, run)
+    assert data["matched"]["manu"]["forget_steps"] == 0  # one edit, no step
+    assert data["matched"]["smfa"]["forget_steps"] >= 1
+    report = (tmp_path / "linked" / "report.md").read_text()
+    assert "| smfa |" in report and "| mip_editor |" in report
+    basic = json.loads((tmp_path / "basic" / "results.json").read_text())
+    assert {"rmu", "smfa", "mip_editor", "manu"} <= set(basic["methods"])
+    for bad, word in (("ga,nope", "'nope'"), ("ga,ga", "twice"), (" , ", "at least one")):
+        capsys.readouterr()
+        assert main(["demo", "--fast", "--methods", bad, "--out", str(tmp_path / "x")]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+        assert len(err) == 1 and word in err[0] and "--methods" in err[0], err
+    assert not (tmp_path / "x").exists()

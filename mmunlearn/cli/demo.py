@@ -80,6 +80,14 @@ def register(sub):
         "world cannot run, and with --fast, where its gates cannot pass)",
     )
     d.add_argument(
+        "--methods",
+        default=None,
+        metavar="A,B|all",
+        help="the methods compared, comma-separated, or all (every method mmunlearn has: the "
+        "paper's five, then RMU, UNDIAL, MANU, SMFA, MIP-Editor); default: the paper's five, "
+        "ga,ga_diff,kl_min,npo,mmunlearner. The newer methods run in one process only",
+    )
+    d.add_argument(
         "--state-dtype",
         choices=["fp32", "bf16"],
         default="fp32",
@@ -93,6 +101,29 @@ def register(sub):
     d.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     d.set_defaults(fn=run)
     return d
+
+
+def _methods(text: str, distributed: bool) -> list[str]:
+    """``--methods`` checked: known names (or ``all``), at least one, none twice; the edits
+    that need whole weights (MANU, SMFA, MIP-Editor) not under torchrun."""
+    from mmunlearn.methods import METHODS
+
+    names = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    if names == ["all"]:
+        names = list(METHODS)
+    if not names:
+        raise UsageError(f"--methods {text!r}: give at least one method, or all")
+    for m in names:
+        if m not in METHODS:
+            raise UsageError(f"--methods {text}: unknown method {m!r} (known: "
+                             f"{', '.join(METHODS)}, or all)")  # fmt: skip
+    if len(set(names)) != len(names):
+        raise UsageError(f"--methods {text}: a method is named twice")
+    whole = [m for m in names if m in ("manu", "smfa", "mip_editor")]
+    if distributed and whole:
+        raise UsageError(f"--methods: {', '.join(whole)} edit whole weights and run in one "
+                         "process, not under torchrun")  # fmt: skip
+    return names
 
 
 def run(args) -> int:
@@ -120,6 +151,8 @@ def run(args) -> int:
         from dataclasses import replace
 
         kw["unlearn"] = replace(TinyRunConfig().unlearn, state_dtype=args.state_dtype)
+    if args.methods is not None:
+        kw["methods"] = _methods(args.methods, distributed)
     if args.fast:
         kw.update(FAST)
     # --fast is a plumbing smoke run: the linked world cannot pass its gates in seconds, so

@@ -430,8 +430,9 @@ def _write_outputs(args, cfg, model, proc, mask, data, result, distributed, fing
         "steps": result["steps"],
         "best": result["best"],
     }
-    if "manu" in result:
-        summary["manu"] = result["manu"]  # what the one-shot edit pruned
+    for key in ("manu", "mip", "smfa"):  # what MANU pruned, MIP-Editor edited, SMFA sculpted
+        if key in result:
+            summary[key] = result[key]
     atomic_write_json(os.path.join(args.out, "unlearn.json"), summary)
     say(f"wrote {path}, {args.out}/unlearn.json, {args.out}/run/log.jsonl")
 

@@ -14,18 +14,37 @@ from collections.abc import Mapping
 import torch
 
 
-def make_batches(adapter, samples, bs: int, rng, n: int | None = None) -> list[dict]:
+class Batches(list):
+    """A list of collated batches that remembers each batch's samples, so the same batches
+    can be remade from changed samples (:meth:`view`). Everything else treats it as the list
+    of batch dicts it is."""
+
+    def __init__(self, batches, chunks, collate, device=None):
+        super().__init__(batches)
+        self.chunks, self.collate, self.device = chunks, collate, device
+
+    def view(self, fn) -> Batches:
+        """The same batches (same samples, same order) collated from ``fn(sample)`` for each
+        sample, on this list's device."""
+        chunks = [[fn(s) for s in chunk] for chunk in self.chunks]
+        out = [self.collate(c) for c in chunks]
+        if self.device is not None:
+            out = [to_device(b, self.device) for b in out]
+        return Batches(out, chunks, self.collate, self.device)
+
+
+def make_batches(adapter, samples, bs: int, rng, n: int | None = None) -> Batches:
     """Collated batches over a copy of ``samples`` shuffled by ``rng`` (a ``random.Random``):
     ``n`` batches of ``bs`` (cycling through the items when ``n`` needs more), or one pass
-    (the last batch short) when ``n`` is None. ``adapter`` is anything with ``collate``."""
+    (the last batch short) when ``n`` is None. ``adapter`` is anything with ``collate``.
+    Returns a :class:`Batches` (a list of batch dicts)."""
     items = list(samples)
     rng.shuffle(items)
-    out = []
+    chunks = []
     total = n if n is not None else (len(items) + bs - 1) // bs
     for b in range(total):
-        chunk = [items[(b * bs + i) % len(items)] for i in range(min(bs, len(items)))]
-        out.append(adapter.collate(chunk))
-    return out
+        chunks.append([items[(b * bs + i) % len(items)] for i in range(min(bs, len(items)))])
+    return Batches([adapter.collate(c) for c in chunks], chunks, adapter.collate)
 
 
 class BatchSource(torch.utils.data.Dataset):
@@ -69,6 +88,15 @@ class BatchSource(torch.utils.data.Dataset):
                 h.update(s.image.convert("RGB").resize((16, 16)).tobytes())
         return h.hexdigest()[:16]
 
+    def view(self, fn) -> BatchSource:
+        """The same batches (same samples, same order, same collate options) made from
+        ``fn(sample)`` for each sample."""
+        import copy
+
+        out = copy.copy(self)
+        out.samples = [fn(s) for s in self.samples]
+        return out
+
     def __getitem__(self, i: int) -> dict:
         if not 0 <= i < self.n:
             raise IndexError(i)
@@ -78,7 +106,10 @@ class BatchSource(torch.utils.data.Dataset):
 
 def to_device(batch, device):
     """A batch (dict) with every tensor on ``device`` (``non_blocking``); a list of batches
-    gives a list. Non-tensor values pass through."""
+    gives a list (a :class:`Batches` a :class:`Batches` whose views land there too).
+    Non-tensor values pass through."""
+    if isinstance(batch, Batches):
+        return Batches([to_device(b, device) for b in batch], batch.chunks, batch.collate, device)
     if isinstance(batch, Mapping):
         return {
             k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -87,4 +118,4 @@ def to_device(batch, device):
     return [to_device(b, device) for b in batch]
 
 
-__all__ = ["BatchSource", "make_batches", "to_device"]
+__all__ = ["BatchSource", "Batches", "make_batches", "to_device"]
