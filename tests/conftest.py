@@ -39,8 +39,13 @@ SEED = int(os.environ.get("MMU_TEST_SEED", "1234"))
 
 
 def pytest_report_header(config):
-    return f"mmunlearn: MMU_TEST_SEED={SEED}, triton backend on {DEVICE}" + (
-        " (TRITON_INTERPRET=1)" if not HAS_CUDA else ""
+    import mmunlearn  # where it is imported from: the source tree or a non-editable install
+
+    return (
+        f"mmunlearn: MMU_TEST_SEED={SEED}, triton backend on {DEVICE}"
+        + (" (TRITON_INTERPRET=1)" if not HAS_CUDA else "")
+        + f"\nmmunlearn {mmunlearn.__version__} from {os.path.dirname(mmunlearn.__file__)};"
+        + f" torch {torch.__version__}"
     )
 
 

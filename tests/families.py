@@ -14,9 +14,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from realformat import _tokenizer
+import transformers as T
+from realformat import TRANSFORMERS_4, _tokenizer, pil_image_processor
 
 from mmunlearn.models.processing import without_video
+from mmunlearn.models.tiny import mrope_fields
 
 TEXT = dict(
     hidden_size=64,
@@ -34,7 +36,6 @@ VISION = dict(
     image_size=32,
     patch_size=8,
 )
-MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
 BASE = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 
@@ -64,6 +65,20 @@ def _tok(extra: list[str], **named):
     )  # fmt: skip
 
 
+def _as_family_tokenizer(tok, cls_name: str):
+    """``tok`` as the tokenizer class ``cls_name``: transformers 4.x processors check the class
+    (5.x takes any fast tokenizer)."""
+    import transformers as T
+
+    if not TRANSFORMERS_4:
+        return tok
+    specials = dict(unk_token=tok.unk_token, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                    pad_token=tok.pad_token)  # fmt: skip
+    out = getattr(T, cls_name)(tokenizer_object=tok.backend_tokenizer, **specials)
+    out.chat_template = tok.chat_template
+    return out
+
+
 def _ids(tok) -> dict:
     return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id,
             "eos_token_id": tok.eos_token_id}  # fmt: skip
@@ -91,7 +106,8 @@ def _save(folder, cls, cfg, tok, proc, seed=0) -> Path:
 def llava_next(folder):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextProcessor
     from transformers import LlavaNextForConditionalGeneration as M
-    from transformers.models.llava_next import LlavaNextImageProcessorPil
+
+    LlavaNextImageProcessorPil = pil_image_processor("llava_next", "LlavaNextImageProcessor")
 
     tok = _tok(["<image>"])
     cfg = LlavaNextConfig(
@@ -114,7 +130,8 @@ def vipllava(folder):
     projector, served by the LLaVA processor."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaProcessor, VipLlavaConfig
     from transformers import VipLlavaForConditionalGeneration as M
-    from transformers.models.clip import CLIPImageProcessorPil
+
+    CLIPImageProcessorPil = pil_image_processor("clip", "CLIPImageProcessor")
 
     tok = _tok(["<image>"])
     cfg = VipLlavaConfig(
@@ -138,7 +155,10 @@ def llava_onevision(folder):
         SiglipVisionConfig,
     )
     from transformers import LlavaOnevisionForConditionalGeneration as M
-    from transformers.models.llava_onevision import LlavaOnevisionImageProcessorPil
+
+    LlavaOnevisionImageProcessorPil = pil_image_processor(
+        "llava_onevision", "LlavaOnevisionImageProcessor"
+    )
 
     tok = _tok(["<image>", "<video>"])
     cfg = LlavaOnevisionConfig(
@@ -160,7 +180,8 @@ def llava_onevision(folder):
 def gemma3(folder):
     from transformers import Gemma3Config, Gemma3Processor, Gemma3TextConfig, SiglipVisionConfig
     from transformers import Gemma3ForConditionalGeneration as M
-    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    Gemma3ImageProcessorPil = pil_image_processor("gemma3", "Gemma3ImageProcessor")
 
     specials = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
     tok = _tok(specials, boi_token=specials[0], eoi_token=specials[1], image_token=specials[2])
@@ -180,7 +201,8 @@ def gemma3(folder):
 
 def idefics3(folder):
     import transformers as T
-    from transformers.models.idefics3 import Idefics3ImageProcessorPil
+
+    Idefics3ImageProcessorPil = pil_image_processor("idefics3", "Idefics3ImageProcessor")
 
     tok = _tok(["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"])
     ip = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
@@ -194,7 +216,8 @@ def idefics3(folder):
 
 def internvl(folder):
     import transformers as T
-    from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
+
+    GotOcr2ImageProcessorPil = pil_image_processor("got_ocr2", "GotOcr2ImageProcessor")
 
     named = {"start_image_token": "<img>", "end_image_token": "</img>",
              "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}  # fmt: skip
@@ -211,7 +234,8 @@ def internvl(folder):
 
 def mllama(folder):
     import transformers as T
-    from transformers.models.mllama import MllamaImageProcessorPil
+
+    MllamaImageProcessorPil = pil_image_processor("mllama", "MllamaImageProcessor")
 
     tok = _tok(["<|image|>", "<|python_tag|>"])
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -219,6 +243,8 @@ def mllama(folder):
                   vision_output_dim=64, intermediate_layers_indices=[0], max_num_tiles=1,
                   supported_aspect_ratios=[[1, 1]])  # fmt: skip
     text = dict(_text(tok), cross_attention_layers=[1])
+    if TRANSFORMERS_4:  # (its text config has no default RoPE type there)
+        text["rope_scaling"] = {"rope_type": "default"}
     cfg = T.MllamaConfig(vision_config=vision, text_config=text,
                          image_token_index=tok.convert_tokens_to_ids("<|image|>"))  # fmt: skip
     ip = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=1)
@@ -228,9 +254,10 @@ def mllama(folder):
 
 def paligemma(folder):
     import transformers as T
-    from transformers.models.siglip import SiglipImageProcessorPil
 
-    tok = _tok(["<image>"])
+    SiglipImageProcessorPil = pil_image_processor("siglip", "SiglipImageProcessor")
+
+    tok = _as_family_tokenizer(_tok(["<image>"]), "GemmaTokenizerFast")
     ip = SiglipImageProcessorPil(size={"height": 32, "width": 32})
     ip.image_seq_length = 16
     tpl = (
@@ -249,13 +276,15 @@ def paligemma(folder):
 def _qwen(folder, kind: str):
     import transformers as T
     from realformat import QWEN_SPECIALS, QWEN_TEMPLATE
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil = pil_image_processor("qwen2_vl", "Qwen2VLImageProcessor")
 
     tok = _tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", None)
     tok.chat_template = QWEN_TEMPLATE
+    tok = _as_family_tokenizer(tok, "Qwen2TokenizerFast")
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
-    text = dict(TEXT, vocab_size=len(tok), rope_parameters=MROPE, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id)  # fmt: skip
+    text = dict(TEXT, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, **mrope_fields(10000.0, [2, 3, 3]))  # fmt: skip
     vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
                   spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64)  # fmt: skip
     tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -286,7 +315,8 @@ def qwen3_vl(folder):
 
 def aya_vision(folder):
     import transformers as T
-    from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
+
+    GotOcr2ImageProcessorPil = pil_image_processor("got_ocr2", "GotOcr2ImageProcessor")
 
     marks = ["<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>",
              "<|IMG_LINE_BREAK|>"]  # fmt: skip
@@ -306,7 +336,8 @@ def aya_vision(folder):
 def blip_2(folder):
     """BLIP-2 with its processor (not in :data:`BUILDERS`: see :data:`NO_PROCESSOR`)."""
     import transformers as T
-    from transformers.models.blip import BlipImageProcessorPil
+
+    BlipImageProcessorPil = pil_image_processor("blip", "BlipImageProcessor")
 
     tok = _tok(["<image>"])
     model = model_only(
@@ -330,6 +361,14 @@ BUILDERS = {
     "qwen2_5_vl": qwen2_5_vl,
     "qwen3_vl": qwen3_vl,
     "aya_vision": aya_vision,
+}
+
+
+# families the installed transformers lacks (family → why): still listed, their tests skip
+UNAVAILABLE = {
+    f: f"transformers {T.__version__} has no {cls} (added in {since})"
+    for f, (cls, since) in {"qwen3_vl": ("Qwen3VLConfig", "4.57")}.items()
+    if not hasattr(T, cls)
 }
 
 
@@ -366,7 +405,8 @@ def model_only(family: str, vocab: int = 1024, **extra):
                        intermediate_size=64, encoder_hidden_size=32)  # fmt: skip
         opt = T.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
                           num_attention_heads=4, word_embed_proj_dim=64)  # fmt: skip
-        cfg = T.Blip2Config(vision_config=dict(VISION), qformer_config=qformer, text_config=opt,
+        cfg = T.Blip2Config(vision_config=dict(VISION), qformer_config=qformer,
+                            text_config=opt.to_dict(),
                             num_query_tokens=4)  # fmt: skip
         cls = T.Blip2ForConditionalGeneration
     elif family == "llava_next":
@@ -449,7 +489,8 @@ def toy_checkpoint(folder) -> Path:
     ``mmunlearn_toy``) and saved with a LLaVA processor (16 image tokens) and chat template."""
     from realformat import LLAVA_SPECIALS, LLAVA_TEMPLATE
     from transformers import AutoConfig, AutoModelForImageTextToText, LlavaProcessor
-    from transformers.models.clip import CLIPImageProcessorPil
+
+    CLIPImageProcessorPil = pil_image_processor("clip", "CLIPImageProcessor")
 
     cfg_cls, model_cls = _toy_classes()
     try:

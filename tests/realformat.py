@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 import io
 import json
 from pathlib import Path
@@ -62,6 +64,17 @@ CORPUS = [
 ]
 
 
+# transformers 4.x (the declared minimum is 4.56): the test fixtures' few differences
+TRANSFORMERS_4 = int(importlib.metadata.version("transformers").split(".")[0]) < 5
+
+
+def pil_image_processor(family: str, name: str):
+    """The family's PIL + numpy image processor class (no torchvision): transformers 5's
+    ``<name>Pil``, or on 4.x ``<name>`` itself (its slow processor)."""
+    mod = importlib.import_module(f"transformers.models.{family}")
+    return getattr(mod, f"{name}Pil", None) or getattr(mod, name)
+
+
 def _tokenizer(specials: list[str], bos: str | None, eos: str, pad: str, unk: str | None):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -101,7 +114,8 @@ def llava_checkpoint(folder, *, with_processor: bool = True, seed: int = 0) -> P
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
-    from transformers.models.clip import CLIPImageProcessorPil
+
+    CLIPImageProcessorPil = pil_image_processor("clip", "CLIPImageProcessor")
 
     folder = Path(folder)
     tok = _tokenizer(LLAVA_SPECIALS, "<s>", "</s>", "<pad>", "<unk>")
@@ -166,7 +180,10 @@ def qwen2vl_checkpoint(folder, *, min_pixels=32 * 32, max_pixels=64 * 64, seed=0
     ``preprocessor_config.json`` names ``Qwen2VLProcessor``, as the Hub's does)."""
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    from mmunlearn.models.tiny import mrope_fields
+
+    Qwen2VLImageProcessorPil = pil_image_processor("qwen2_vl", "Qwen2VLImageProcessor")
 
     folder = Path(folder)
     tok = _tokenizer(QWEN_SPECIALS, None, "<|im_end|>", "<|endoftext|>", None)
@@ -181,11 +198,7 @@ def qwen2vl_checkpoint(folder, *, min_pixels=32 * 32, max_pixels=64 * 64, seed=0
         "num_key_value_heads": 2,
         "max_position_embeddings": 512,
         "max_window_layers": 2,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
-        },
+        **mrope_fields(10000.0, [2, 3, 3]),
         "pad_token_id": ids["<|endoftext|>"],
         "eos_token_id": ids["<|im_end|>"],
     }

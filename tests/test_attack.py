@@ -7,6 +7,7 @@ against itself: CKA 1, every difference 0; zero relearning steps: nothing change
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import random
 
@@ -214,7 +215,10 @@ def test_attack_all_probes_on_the_demo_models(tiny_models, tmp_path):
     md = (out / "attack.md").read_text()
     for title in ("Relearning attack", "Rephrased pictures", "Text-only probes", "CKA"):
         assert title in md
-    assert (out / "attack.png").read_bytes()[:4] == b"\x89PNG"
+    if importlib.util.find_spec("matplotlib") is not None:  # (the plot extra)
+        assert (out / "attack.png").read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert not (out / "attack.png").exists()
 
 
 def test_a_model_against_itself_changes_nothing(tiny_models, tmp_path):

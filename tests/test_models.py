@@ -310,16 +310,10 @@ def test_tiny_models_are_deterministic_and_small(tok):
 
 def test_image_preprocessing_matches_the_reference_processors(tok):
     """Our PIL + numpy preprocessing equals the transformers image processors (built locally)."""
-    try:
-        from transformers import CLIPImageProcessorPil as Clip
-    except ImportError:
-        pytest.skip("CLIPImageProcessorPil not in this transformers")
-    try:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-            Qwen2VLImageProcessorPil as QwenProc,
-        )
-    except ImportError:
-        pytest.skip("Qwen2VLImageProcessorPil not in this transformers")
+    from realformat import pil_image_processor
+
+    Clip = pil_image_processor("clip", "CLIPImageProcessor")
+    QwenProc = pil_image_processor("qwen2_vl", "Qwen2VLImageProcessor")
     imgs = [_image(5, (32, 32)), _image(6, (32, 32))]
     lla = adapter_for(tiny_llava(tok), tok)
     ref = Clip(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})

@@ -511,6 +511,8 @@ def test_groups_llava(llava):
 def test_groups_qwen2vl():
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
+    from mmunlearn.models.tiny import mrope_fields
+
     hidden, heads = 32, 4
     half = hidden // heads // 2  # head_dim / 2 = 4
     cfg = Qwen2VLConfig(
@@ -521,11 +523,7 @@ def test_groups_qwen2vl():
             "num_hidden_layers": 1,
             "num_attention_heads": heads,
             "num_key_value_heads": 2,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": [half - 2, 1, 1],
-            },
+            **mrope_fields(10000.0, [half - 2, 1, 1]),
         },
         vision_config={
             "depth": 1,

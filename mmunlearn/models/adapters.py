@@ -18,6 +18,8 @@ Images are preprocessed here with PIL + numpy (square resize, CLIP mean/std).
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from PIL import Image
@@ -25,7 +27,7 @@ from PIL import Image
 from mmunlearn.data.schema import Sample
 from mmunlearn.models.processing import LOSS_TOKENS, RAW_PROMPT, ChatCollator, images_of
 from mmunlearn.models.tokenizer import IGNORE_INDEX, token_id
-from mmunlearn.params import module_groups, vision_components
+from mmunlearn.params import module_groups, unwrap, vision_components
 
 # OpenAI CLIP normalisation (used by the LLaVA-1.5 and the Qwen2-VL image processors).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -333,13 +335,22 @@ class Qwen2VLAdapter(ModelAdapter):
     Batch: ``input_ids``, ``attention_mask``, [``labels``], and with images ``pixel_values``
     [n_img · (S/patch)², 3 · temporal_patch · patch²] (flattened patches, the layout of the
     Qwen2-VL image processor), ``image_grid_thw`` [n_img, 3] = (1, S/patch, S/patch) and
-    ``mm_token_type_ids`` [B, T] (1 on image placeholders; transformers 5.x needs it for M-RoPE).
+    ``mm_token_type_ids`` [B, T] (1 on image placeholders; transformers 5.x needs it for M-RoPE,
+    4.x has no such input).
     """
 
     family = "qwen2vl"
 
     def __init__(self, model, tokenizer=None, image_size: int | None = None, processor=None):
         super().__init__(model, tokenizer, image_size, processor)
+        # transformers 5.x forwards take mm_token_type_ids (M-RoPE); 4.x's have no such input
+        # and generate() rejects it
+        forward = type(unwrap(model)).forward if model is not None else None
+        self.mm_token_types = forward is None or (
+            "mm_token_type_ids" in inspect.signature(forward).parameters
+        )
+        if self.collator is not None:
+            self.collator.mm_token_types = self.mm_token_types
         vc = self.config.vision_config
         unit = vc.patch_size * vc.spatial_merge_size
         if self.collator is None and self.image_size % unit:
@@ -392,6 +403,8 @@ class Qwen2VLAdapter(ModelAdapter):
         return {"pixel_values": pv, "image_grid_thw": thw}
 
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.mm_token_types:
+            return {}
         return {"mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32)}
 
 

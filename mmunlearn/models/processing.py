@@ -129,13 +129,18 @@ def without_video(cls):
     """A subclass of the processor class ``cls`` without its video processor (``None``), so a
     family's processor is built, called on images and saved where its video processor cannot be
     (transformers' video processors need torchvision). ``cls`` itself when it has none."""
-    attrs = [a for a in cls.get_attributes() if "video" not in a]
-    if attrs == cls.get_attributes():
+    # transformers 5: get_attributes() (from __init__'s argument names); 4.x: a class list
+    legacy = not hasattr(cls, "get_attributes")
+    every = list(cls.attributes) if legacy else cls.get_attributes()
+    attrs = [a for a in every if "video" not in a]
+    if attrs == every:
         return cls
 
     # cls.__init__ is kept (transformers reads its code's argument names); it passes
     # video_processor (None) on to ProcessorMixin, which zips it away with the attributes
     body = {"get_attributes": classmethod(lambda c: list(attrs)), "video_processor": None}
+    if legacy:
+        body["attributes"] = list(attrs)
     # (pickled as cls + state: DataLoader workers started with spawn get the adapter)
     body["__reduce__"] = lambda self: (_without_video_instance, (cls, dict(self.__dict__)))
     return type(cls.__name__, (cls,), {**body, "__module__": cls.__module__})
@@ -161,6 +166,8 @@ class ChatCollator:
         self.image_token = self.tokenizer.convert_ids_to_tokens(self.image_token_id)
         # the model's forward inputs (GenericAdapter): other processor outputs are dropped
         self.input_keys: frozenset[str] | None = None
+        # the built-in Qwen2-VL adapter: whether its forward takes mm_token_type_ids (5.x)
+        self.mm_token_types = True
         self._takes_text: bool | None = None
 
     # --- text ----------------------------------------------------------------------------------
@@ -208,18 +215,28 @@ class ChatCollator:
             else:
                 if images and self.input_keys is not None:
                     images = per_sample  # any family: one list per text (Gemma 3, Mllama …)
-                enc = self.processor(
-                    text=texts, images=images or None, padding=True, return_tensors="pt"
-                )
-                if self._image_tokens_in_text_rows(enc, per_sample):
-                    enc = self._split_encode(texts, per_sample)  # (BLIP-2: queries on every row)
+                try:
+                    enc = self.processor(
+                        text=texts, images=images or None, padding=True, return_tensors="pt"
+                    )
+                except ValueError:
+                    # transformers 4.x image processors take no empty list for a text's images
+                    if self.input_keys is None or all(per_sample) or not images:
+                        raise
+                    # (text rows through the processor too: Mllama's adds its own BOS there)
+                    enc = self._split_encode(texts, per_sample, self._text_alone())
+                else:
+                    if self._image_tokens_in_text_rows(enc, per_sample):
+                        enc = self._split_encode(texts, per_sample)  # (BLIP-2: queries everywhere)
         finally:
             tok.padding_side = before
         batch = {k: v for k, v in dict(enc).items() if isinstance(v, torch.Tensor)}
         keys = self.input_keys
         if keys is not None:
             batch = {k: v for k, v in batch.items() if k in keys or k == "attention_mask"}
-        wants_mm = self.family == "qwen2vl" or (keys is not None and "mm_token_type_ids" in keys)
+        wants_mm = (self.family == "qwen2vl" and self.mm_token_types) or (
+            keys is not None and "mm_token_type_ids" in keys
+        )
         if wants_mm and images and "mm_token_type_ids" not in batch:
             # transformers 5.x Qwen2-VL forwards need it (1 on image tokens) for M-RoPE
             batch["mm_token_type_ids"] = (batch["input_ids"] == self.image_token_id).to(torch.int32)
@@ -244,10 +261,13 @@ class ChatCollator:
                 self._takes_text = False
         return self._takes_text
 
-    def _split_encode(self, texts: list[str], per_sample: list[list]) -> dict:
+    def _split_encode(
+        self, texts: list[str], per_sample: list[list], text_rows_by_processor: bool = False
+    ) -> dict:
         """For processors that want an image with every text: the texts with images through
-        the processor, the others through the tokenizer, rows merged back in batch order
-        (padded on the tokenizer's side; per-token inputs of text rows are 0)."""
+        the processor, the others through the tokenizer (or the processor alone with
+        ``text_rows_by_processor``), rows merged back in batch order (padded on the
+        tokenizer's side; per-token inputs of text rows are 0)."""
         tok = self.tokenizer
         with_img = [i for i, ims in enumerate(per_sample) if ims]
         text_only = [i for i, ims in enumerate(per_sample) if not ims]
@@ -261,7 +281,11 @@ class ChatCollator:
                 return_tensors="pt",
             )
         )
-        b = dict(tok([texts[i] for i in text_only], padding=True, return_tensors="pt"))
+        plain_rows = [texts[i] for i in text_only]
+        if text_rows_by_processor:
+            b = dict(self.processor(text=plain_rows, padding=True, return_tensors="pt"))
+        else:
+            b = dict(tok(plain_rows, padding=True, return_tensors="pt"))
         n = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
         shape = tuple(a["input_ids"].shape)
         out = {}
@@ -321,6 +345,10 @@ class ChatCollator:
         if mode != "all_with_image":
             labels[ids == self.image_token_id] = IGNORE_INDEX
         suffix = self.family in SUFFIX_TOKEN_TYPES and "token_type_ids" in batch
+        if self.family in SUFFIX_TOKEN_TYPES and "token_type_ids" in (self.input_keys or ()):
+            # transformers 4.x's processor returns them only with suffix=: all prefix (0) here
+            suffix = True
+            batch.setdefault("token_type_ids", torch.zeros_like(ids))
         if mode == "answer" or suffix:
             for i, s in enumerate(samples):
                 p_ids = self._prompt_ids(s)

@@ -21,6 +21,17 @@ def _special_ids(tokenizer) -> dict[str, int | None]:
     }
 
 
+def mrope_fields(theta: float, section: list[int]) -> dict:
+    """A Qwen2-VL text config's M-RoPE entries: transformers 5's ``rope_parameters``, or on
+    4.x (no ``rope_parameters``) ``rope_theta`` + ``rope_scaling`` with ``type: mrope``."""
+    from transformers import Qwen2VLConfig
+
+    if "rope_parameters" in Qwen2VLConfig().text_config.to_dict():
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": theta,
+                                    "mrope_section": list(section)}}  # fmt: skip
+    return {"rope_theta": theta, "rope_scaling": {"type": "mrope", "mrope_section": list(section)}}
+
+
 def _seeded_build(cls, config, seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -138,11 +149,7 @@ def tiny_qwen2vl(
         "num_key_value_heads": kv_heads,
         "max_position_embeddings": 512,
         "max_window_layers": layers,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": section,
-        },
+        **mrope_fields(10000.0, section),
         "pad_token_id": ids["pad"],
         "bos_token_id": ids["bos"],
         "eos_token_id": ids["eos"],
