@@ -127,4 +127,19 @@ def add_eval(model_dir: str, table: str, note: str = "") -> bool:
     return True
 
 
-__all__ = ["CARD", "add_eval", "file_hash", "write_card", "write_finetune_card"]
+def add_eval_to_cards(model_dirs, table: str, note: str = "") -> None:
+    """:func:`add_eval` on every folder of ``model_dirs`` that has a card (written by
+    ``mmunlearn unlearn`` / ``finetune``), replacing the previous table; says which."""
+    for path in model_dirs:
+        if os.path.isdir(path) and add_eval(path, table, note):
+            print(f"updated the model card {os.path.join(path, CARD)}")
+
+
+__all__ = [
+    "CARD",
+    "add_eval",
+    "add_eval_to_cards",
+    "file_hash",
+    "write_card",
+    "write_finetune_card",
+]

@@ -475,10 +475,7 @@ def _write(args, results: dict, plan, benchmark: str) -> None:
     unl = unlearning_table(results)
     if unl:
         print("\n" + unl)
-    if results.get("lmms"):
-        from mmunlearn.eval.lmms import lmms_table
-
-        print("\nlmms-eval tasks:\n" + lmms_table(results))
+    lmms_tasks.print_table(results)
     gap = results.get("gap")
     if gap:
         best = gap["methods"][gap["closest"]]["avg_gap"]
@@ -491,16 +488,11 @@ def _write(args, results: dict, plan, benchmark: str) -> None:
 
 
 def _update_cards(args, results: dict, plan, benchmark: str) -> None:
-    """The eval table in the model card of every evaluated folder that has one (written by
-    ``mmunlearn unlearn``), replacing the previous one."""
+    """The eval table in the model card of every evaluated folder that has one."""
     from mmunlearn.eval.report import markdown_table
-    from mmunlearn.modelcard import add_eval
+    from mmunlearn.modelcard import add_eval_to_cards
 
-    note = (
-        f"`mmunlearn eval` on {benchmark} ({args.protocol} protocol, seed {args.seed}, "
-        f"data {', '.join(own_files(args).values()) or args.mllmu or args.clear or 'built-in'}):\n"
-    )
-    table = markdown_table(results, plan.columns)
-    for path in args.model or []:
-        if os.path.isdir(path) and add_eval(path, table, note):
-            print(f"updated the model card {os.path.join(path, 'README.md')}")
+    data = ", ".join(own_files(args).values()) or args.mllmu or args.clear or "built-in"
+    note = f"`mmunlearn eval` on {benchmark} ({args.protocol} protocol, seed {args.seed}, "
+    note += f"data {data}):\n"
+    add_eval_to_cards(args.model or [], markdown_table(results, plan.columns), note)

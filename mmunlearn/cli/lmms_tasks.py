@@ -92,4 +92,12 @@ def record(args, names, methods: dict) -> dict:
     return {**settings(names, args.lmms_include, args.limit, args.seed), "methods": methods}
 
 
-__all__ = ["add_options", "check", "names_of", "record", "runner"]
+def print_table(results: dict) -> None:
+    """The lmms-eval table of ``results`` on stdout (nothing when no task ran)."""
+    if results.get("lmms"):
+        from mmunlearn.eval.lmms import lmms_table
+
+        print("\nlmms-eval tasks:\n" + lmms_table(results))
+
+
+__all__ = ["add_options", "check", "names_of", "print_table", "record", "runner"]
