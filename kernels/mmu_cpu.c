@@ -127,17 +127,19 @@ typedef struct {
     const int64_t *ptrs, *tid, *start, *cbase; int64_t T, block; int has_mask, compact;
     uint32_t seed; int sr_state, sr_param;
     float gmul, decay, beta2, w1, omb2, eps, nss, bc2s, lr;
+    float eps2, nss2; /* eps·bc2s and nss·bc2s (fp32 products): the bf16-state update */
 } step_ctx;
 
 /* ---------------------------------------------------------------- bf16-state AdamW, AVX2
    The bf16-moment step, 16 elements at a time with AVX2 + FMA + F16C intrinsics. Same
-   operations in the same order as adamw_elem (IEEE mul/add/div/sqrt, fmaf as one FMA), same
-   random bits (mix32 of the parameter's element index), same NaN and masked-out rules: results
-   are bit-identical to the scalar body (and the torch twin), only the instruction selection
-   differs. Why by hand: gcc's auto-vectorised bf16 body (16-bit lanes widened and narrowed
-   through extracts and permutes, the hash and the NaN selects on every store) took 1.6-1.8 ns
-   per element on one Zen 3 core (16 M elements, bf16 params) against 1.1-1.3 for the fp32-state
-   step, which is bound by its 22 bytes per element; these blocks take 1.0-1.1 (bench/NOTES.md,
+   operations in the same order as adamw_elem (IEEE mul/add/div/sqrt, fmaf as one FMA; the
+   update ADAM_P_bf16), same random bits (mix32 of the parameter's element index), same NaN
+   and masked-out rules: results are bit-identical to the scalar body (and the torch twin),
+   only the instruction selection differs. Why by hand: gcc's auto-vectorised bf16 body (16-bit
+   lanes widened and narrowed through extracts and permutes, the hash and the NaN selects on
+   every store) took 1.6-1.8 ns per element on one Zen 3 core (16 M elements, bf16 params)
+   against 1.1-1.3 for the fp32-state step, which is bound by its 22 bytes per element; these
+   blocks take 1.0-1.1 with ATen's two divisions, 0.9-1.0 with ADAM_P_bf16's one (bench/NOTES.md,
    issue 21, third pass). The fp32-state step keeps the auto-vectorised body.
    Lane order: 16 bf16 values widen with vpunpck{l,h}wd, which leaves elements 0-3, 8-11 in the
    "lo" vector and 4-7, 12-15 in "hi" (per 128-bit lane); vpackusdw narrows back to element
@@ -146,12 +148,12 @@ typedef struct {
 #include <immintrin.h>
 #define MMU_VEC 1
 typedef struct {
-    __m256 gmul, decay, beta2, w1, w1s, omb2, eps, nss, bc2s; __m256i key; int small;
+    __m256 gmul, decay, beta2, w1, w1s, omb2, eps2, nss2; __m256i key; int small;
 } vconst;
 static inline vconst vconst_make(const step_ctx *ctx, int small, float w1s, uint32_t key) {
     vconst k = {_mm256_set1_ps(ctx->gmul), _mm256_set1_ps(ctx->decay), _mm256_set1_ps(ctx->beta2),
                 _mm256_set1_ps(ctx->w1), _mm256_set1_ps(w1s), _mm256_set1_ps(ctx->omb2),
-                _mm256_set1_ps(ctx->eps), _mm256_set1_ps(ctx->nss), _mm256_set1_ps(ctx->bc2s),
+                _mm256_set1_ps(ctx->eps2), _mm256_set1_ps(ctx->nss2),
                 _mm256_set1_epi32((int)key), small};
     return k;
 }
@@ -164,7 +166,8 @@ static inline void vld_bf16(const uint16_t *x, __m256 *lo, __m256 *hi, raw2 *raw
     raw->a = r;
 }
 static inline void vld_f32(const uint32_t *x, __m256 *lo, __m256 *hi, raw2 *raw) {
-    __m256i a = _mm256_loadu_si256((const __m256i *)x), b = _mm256_loadu_si256((const __m256i *)x + 1);
+    __m256i a = _mm256_loadu_si256((const __m256i *)x);
+    __m256i b = _mm256_loadu_si256((const __m256i *)x + 1);
     *lo = _mm256_castsi256_ps(_mm256_permute2x128_si256(a, b, 0x20));
     *hi = _mm256_castsi256_ps(_mm256_permute2x128_si256(a, b, 0x31));
     raw->a = a; raw->b = b;
@@ -246,15 +249,15 @@ static inline __m256i vrne(__m256 x) {
     return _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), _mm256_and_si256(
         _mm256_srli_epi32(_mm256_castps_si256(x), 16), _mm256_set1_epi32(1)));
 }
-/* adamw_elem's arithmetic on 8 lanes */
+/* adamw_elem's arithmetic on 8 lanes (bf16 moments: ADAM_P_bf16) */
 static inline void vadamw8(const vconst *k, __m256 g, __m256 p, __m256 mo, __m256 vo,
                            __m256 *pn, __m256 *mn, __m256 *vn) {
     __m256 gg = _mm256_mul_ps(g, k->gmul), pp = _mm256_mul_ps(p, k->decay);
     __m256 d = _mm256_sub_ps(gg, mo);
     *mn = k->small ? _mm256_fmadd_ps(k->w1, d, mo) : _mm256_fmadd_ps(k->w1s, d, gg);
     *vn = _mm256_fmadd_ps(_mm256_mul_ps(k->omb2, gg), gg, _mm256_mul_ps(vo, k->beta2));
-    __m256 den = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(*vn), k->bc2s), k->eps);
-    *pn = _mm256_add_ps(pp, _mm256_div_ps(_mm256_mul_ps(k->nss, *mn), den));
+    __m256 den = _mm256_add_ps(_mm256_sqrt_ps(*vn), k->eps2);
+    *pn = _mm256_add_ps(pp, _mm256_div_ps(_mm256_mul_ps(k->nss2, *mn), den));
 }
 #define PBF16_f32 0
 #define PBF16_bf16 1
@@ -324,6 +327,17 @@ INLINE void adamw16_##PN##_##GN(const vconst *k, PS *restrict p, const GS *restr
 #endif
 #define VEC_f32 0 /* the fp32-state step stays as it was (auto-vectorised, bit-exact with ATen) */
 
+/* The parameter's new value. fp32 moments: ATen's ops, denom = sqrt(v) / bc2s + eps, then
+   p + (nss * m) / denom (two divisions and a square root: bit-exact with torch.optim.AdamW).
+   bf16 moments (rounded anyway, so not bit-exact with torch whatever the update does): the same
+   quotient with numerator and denominator multiplied by bc2s, p + (nss2 * m) / (sqrt(v) + eps2),
+   nss2 = nss * bc2s, eps2 = eps * bc2s in fp32 — one division and a square root; the torch twin
+   and the Triton kernel compute it alike. The update's relative error against fp64 stays within
+   a few fp32 ulps either way (tests/test_kernels_state.py). */
+#define ADAM_P_f32(ctx, pp, mn, vn)                                                           \
+    ((pp) + ((ctx)->nss * (mn)) / (sqrtf(vn) / (ctx)->bc2s + (ctx)->eps))
+#define ADAM_P_bf16(ctx, pp, mn, vn) ((pp) + ((ctx)->nss2 * (mn)) / (sqrtf(vn) + (ctx)->eps2))
+
 /* ATen: p.mul_(decay); m.lerp_(g, w1) = fma(w1, g - m, m) (w1 < 0.5) or fma(w1 - 1, g - m, g);
    v.mul(beta2).addcmul_(g, g, omb2) = fma(omb2 * g, g, v * beta2);
    denom = sqrt(v) / bc2s + eps; p.addcdiv_(m, denom, -step_size) = p + (nss * m) / denom.
@@ -339,8 +353,7 @@ INLINE void adamw_elem_##PN##_##GN##_##SN(const step_ctx *ctx, PS *restrict p,  
     float mo = ld_##SN(m[k]), vo = ld_##SN(v[k]), d = gg - mo;                                \
     float mn = small ? fmaf(ctx->w1, d, mo) : fmaf(w1s, d, gg);                               \
     float vn = fmaf(ctx->omb2 * gg, gg, vo * ctx->beta2);                                     \
-    float den = sqrtf(vn) / ctx->bc2s + ctx->eps;                                             \
-    float pn = pp + (ctx->nss * mn) / den;                                                    \
+    float pn = ADAM_P_##SN(ctx, pp, mn, vn);                                                  \
     uint32_t u = (SRS || SRP) ? mix32((uint32_t)j ^ key) : 0u;                                \
     uint32_t am = SRS ? (u & 0xffffu) : rne_add(mn), av = SRS ? (u >> 16) : rne_add(vn);      \
     uint32_t ap = SRP ? ((u * PARAM_MUL) >> 16) : rne_add(pn);                      \
@@ -364,8 +377,7 @@ INLINE void adamw_tile_##PN##_##GN##_##SN(const step_ctx *ctx, const int64_t *re
         float mo = ld_##SN(m[i]), vo = ld_##SN(v[i]), d = gg - mo;                            \
         float mn = small ? fmaf(ctx->w1, d, mo) : fmaf(w1s, d, gg);                           \
         float vn = fmaf(ctx->omb2 * gg, gg, vo * ctx->beta2);                                 \
-        float den = sqrtf(vn) / ctx->bc2s + ctx->eps;                                         \
-        float pn = pp + (ctx->nss * mn) / den;                                                \
+        float pn = ADAM_P_##SN(ctx, pp, mn, vn);                                              \
         uint32_t u = (SRS || SRP) ? mix32((uint32_t)jj[i] ^ key) : 0u;                        \
         uint32_t am = SRS ? (u & 0xffffu) : rne_add(mn), av = SRS ? (u >> 16) : rne_add(vn);  \
         uint32_t ap = SRP ? ((u * PARAM_MUL) >> 16) : rne_add(pn);                            \
@@ -535,7 +547,7 @@ int mmu_adamw(int pcode, int gcode, int scode, const int64_t *ptrs, int64_t T,
               float w1, float omb2, float eps, float nss, float bc2s) {
     step_ctx ctx = {ptrs, chunks, chunks + C, compact ? chunks + 2 * C : NULL, T, block,
                     has_mask || compact, compact, seed, sr_state, sr_param,
-                    gmul, decay, beta2, w1, omb2, eps, nss, bc2s, 0.0f};
+                    gmul, decay, beta2, w1, omb2, eps, nss, bc2s, 0.0f, eps * bc2s, nss * bc2s};
     return parallel_chunks(ADAMW[(pcode * 3 + gcode) * 2 + scode], &ctx, C, nt);
 }
 
@@ -543,7 +555,7 @@ int mmu_adamw(int pcode, int gcode, int scode, const int64_t *ptrs, int64_t T,
 int mmu_sgd(int pcode, int gcode, const int64_t *ptrs, int64_t T, const int64_t *chunks,
             int64_t C, int64_t block, int nt, int has_mask, float gmul, float lr, float decay) {
     step_ctx ctx = {ptrs, chunks, chunks + C, NULL, T, block, has_mask, 0, 0u, 0, 0, gmul, decay,
-                    0, 0, 0, 0, 0, 0, lr};
+                    0, 0, 0, 0, 0, 0, lr, 0, 0};
     return parallel_chunks(SGD[pcode * 3 + gcode], &ctx, C, nt);
 }
 
