@@ -457,7 +457,8 @@ if HAS_TRITON:
         m = to_f32(m_raw, S_DTYPE)
         v = to_f32(v_raw, S_DTYPE)
         # ATen's CPU AdamW, op for op: p.mul_(decay); m.lerp_(g, 1-β1) (an FMA);
-        # v.mul(β2).addcmul_(g, g, 1-β2) (an FMA); p.addcdiv_(m, sqrt(v)/bc2 + eps, -step_size).
+        # v.mul(β2).addcmul_(g, g, 1-β2) (an FMA); p.addcdiv_(m, sqrt(v)/bc2 + eps, -step_size)
+        # (bf16 moments: the same quotient with one division, bf16_state_scalars).
         # Scalars come from the host in float64, rounded once to fp32 as torch does.
         p = to_f32(p_raw, P_DTYPE) * decay
         if LERP_SMALL:
