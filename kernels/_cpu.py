@@ -17,7 +17,10 @@ twins bit for bit on the machines measured (fmaf where ATen uses a fused multipl
 ``addcmul``, ``add(alpha=)``; ``-ffp-contract=off`` everywhere else); the tests bound them
 by the same ulp tolerances as the Triton kernels. Elements whose mask bit is 0 are written
 back with the integer bit pattern that was read (whole-vector read-modify-write, so the loops
-vectorise): their bytes never change. Imports nothing beyond the standard library and torch.
+vectorise): their bytes never change. bf16 moments take one division instead of ATen's two in
+every backend (kernels/adamw.py, ``bf16_state_scalars``) and, where the build has AVX2 + FMA +
+F16C, hand-written 16-element blocks (same bits as the scalar body; why: bench/NOTES.md,
+issue 21, third pass). Imports nothing beyond the standard library and torch.
 """
 
 from __future__ import annotations

@@ -22,7 +22,9 @@ not launched at all (the table is built once); without one a program skips such 
 reading its mask bytes. The tail chunk of each tensor takes a predicated path where masked-out
 elements are not written at all. The arithmetic is ATen's, operation for operation (``tl.fma``
 where ATen's CPU kernels fuse, ``enable_fp_fusion=False`` elsewhere), so the GPU can match the
-CPU oracle.
+CPU oracle. One exception, in every backend alike: with bf16 moments (rounded anyway, so never
+bit-exact with torch.optim.AdamW) the parameter update is the same quotient with one division
+instead of two, ``p + (-step_size·bc2)·m / (sqrt(v) + eps·bc2)`` (:func:`bf16_state_scalars`).
 
 Stochastic rounding (``sr_seed``): bf16 moments — and bf16 parameters with ``param_sr`` — are
 rounded from fp32 by adding a uniform 16-bit integer to the fp32 bit pattern and truncating
@@ -102,6 +104,16 @@ def _adam_scalars(lr, beta1, beta2, step):
     bc1 = 1.0 - beta1**step
     bc2 = 1.0 - beta2**step
     return lr / bc1, math.sqrt(bc2)
+
+
+def bf16_state_scalars(eps: float, step_size: float, bc2_sqrt: float) -> tuple[float, float]:
+    """(eps2, nss2) of the bf16-state update ``p + nss2·m / (sqrt(v) + eps2)``: eps and
+    -step_size multiplied by sqrt(1-β2^t) in fp32, from the fp32-rounded scalars, as the C and
+    Triton kernels compute them. The quotient is torch's ``m / (sqrt(v)/bc2 + eps)`` with
+    numerator and denominator multiplied by bc2: one division instead of two (bf16 moments are
+    rounded anyway; the update stays within a few fp32 ulps of fp64, see bench/NOTES.md)."""
+    f32 = np.float32
+    return float(f32(eps) * f32(bc2_sqrt)), float(f32(-step_size) * f32(bc2_sqrt))
 
 
 def _split(x: float) -> tuple[float, float]:
@@ -233,8 +245,12 @@ def torch_masked_adamw_(
         p32 = p.to(torch.float32, copy=True).mul_(1.0 - lr * weight_decay)
         m_new = m_d.float().lerp(g32, 1.0 - beta1)
         v_new = (v_d.float() * beta2).addcmul_(g32, g32, value=1.0 - beta2)
-        denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
-        p_new = p32.addcdiv_(m_new, denom, value=-step_size)
+        if m.dtype == torch.bfloat16:  # one division (bf16_state_scalars)
+            eps2, nss2 = bf16_state_scalars(eps, step_size, bc2_sqrt)
+            p_new = p32.addcdiv_(m_new, v_new.sqrt().add_(eps2), value=nss2)
+        else:
+            denom = (v_new.sqrt() / bc2_sqrt).add_(eps)
+            p_new = p32.addcdiv_(m_new, denom, value=-step_size)
         u = None
         if seed is not None and (m.dtype == torch.bfloat16 or param_sr):
             key = mix32(seed ^ salt(i))
@@ -441,7 +457,8 @@ if HAS_TRITON:
         m = to_f32(m_raw, S_DTYPE)
         v = to_f32(v_raw, S_DTYPE)
         # ATen's CPU AdamW, op for op: p.mul_(decay); m.lerp_(g, 1-β1) (an FMA);
-        # v.mul(β2).addcmul_(g, g, 1-β2) (an FMA); p.addcdiv_(m, sqrt(v)/bc2 + eps, -step_size).
+        # v.mul(β2).addcmul_(g, g, 1-β2) (an FMA); p.addcdiv_(m, sqrt(v)/bc2 + eps, -step_size)
+        # (bf16 moments: the same quotient with one division, bf16_state_scalars).
         # Scalars come from the host in float64, rounded once to fp32 as torch does.
         p = to_f32(p_raw, P_DTYPE) * decay
         if LERP_SMALL:
@@ -449,8 +466,12 @@ if HAS_TRITON:
         else:
             m = tl.fma(omb1 - 1.0, g - m, g)
         v = tl.fma(omb2 * g, g, v * beta2)
-        denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
-        p = p + tl.math.div_rn(neg_step_size * m, denom)
+        if S_DTYPE == tl.bfloat16:  # bf16 moments: one division (bf16_state_scalars)
+            denom = tl.sqrt_rn(v) + eps * bc2_sqrt
+            p = p + tl.math.div_rn((neg_step_size * bc2_sqrt) * m, denom)
+        else:
+            denom = tl.math.div_rn(tl.sqrt_rn(v), bc2_sqrt) + eps
+            p = p + tl.math.div_rn(neg_step_size * m, denom)
         if SR_STATE or SR_PARAM:  # the shared counter-based bits of element start + offs
             u = tl_mix32((start32 + offs.to(tl.uint32)) ^ key)
         if SR_PARAM:
@@ -742,7 +763,10 @@ def masked_adamw_(
 
     Math (fp32, per element with mask bit 1; c = grad_mul or 1, s = -1 if maximize else 1):
     ``g = s·c·grad; p *= 1 - lr·wd; m += (1-β1)(g - m); v = β2·v + (1-β2)·g²;``
-    ``p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)`` — torch.optim.AdamW's formula.
+    ``p -= lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)`` — torch.optim.AdamW's formula,
+    operation for operation with fp32 moments; with bf16 moments the same quotient with one
+    division, ``p -= (lr/(1-β1^t)·b) · m / (sqrt(v) + eps·b)``, b = sqrt(1-β2^t) in fp32
+    (:func:`bf16_state_scalars`; within a few fp32 ulps of fp64).
     ``grad_mul`` *multiplies* the gradient (a clip coefficient); it is not the divisor that
     torch's fused optimizers call ``grad_scale``.
     Elements with bit 0: parameter and both moments keep their bytes.

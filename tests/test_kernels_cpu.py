@@ -164,29 +164,33 @@ def test_results_do_not_depend_on_thread_count():
 
 
 @pytest.mark.parametrize("pdt", DTYPES, ids=str)
-def test_masked_out_bytes_untouched(pdt):
+@pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16], ids=str)
+def test_masked_out_bytes_untouched(pdt, sdt):
     """Masked-out elements keep their exact bytes through 10 steps, even NaN payloads, -0.0 and
     subnormals, and even where their gradients are inf or NaN (the read-modify-write stores
-    back the integer bits it read)."""
+    back the integer bits it read). bf16 moments (the AVX2 blocks' blends) with SR."""
     shapes = [(5,), (4099,), (70001,)]
     params, _, m, v, _ = _adam_inputs(pdt, torch.float32, shapes)
+    m, v = [x.to(sdt) for x in m], [x.to(sdt) for x in v]
     dense = [torch.rand(s) < 0.3 for s in shapes]
     masks = [K.pack_bits(d) for d in dense]
     odd = torch.tensor([0x7FC00001, 0xFFA00001, 0x80000000, 0x00000001], dtype=torch.int64)
-    for p, d in zip(params, dense):
+    for *xs, d in zip(params, m, v, dense):
         out_idx = torch.nonzero(~d).flatten()[:4]
-        if p.dtype == torch.float32:
-            p.view(torch.int32)[out_idx] = odd[: len(out_idx)].to(torch.int32)
-        else:
-            odd16 = torch.tensor([0x7FC1, -0x0001, -0x8000, 0x0001], dtype=torch.int16)
-            p.view(torch.int16)[out_idx] = odd16[: len(out_idx)]
+        for x in xs:
+            if x.dtype == torch.float32:
+                x.view(torch.int32)[out_idx] = odd[: len(out_idx)].to(torch.int32)
+            else:
+                odd16 = torch.tensor([0x7FC1, -0x0001, -0x8000, 0x0001], dtype=torch.int16)
+                x.view(torch.int16)[out_idx] = odd16[: len(out_idx)]
     start = [[x.clone() for x in lst] for lst in (params, m, v)]
     for step in range(1, 11):
         grads = [torch.randn(s) for s in shapes]
         for g, d in zip(grads, dense):
             g[~d] = float("inf") if step % 2 else float("nan")
+        sr = dict(sr_seed=step, param_sr=pdt == torch.bfloat16) if sdt == torch.bfloat16 else {}
         K.masked_adamw_(params, grads, m, v, masks, step=step, backend="cpu",
-                        grad_mul=torch.tensor(0.5), **{**HP, "lr": 0.1})  # fmt: skip
+                        grad_mul=torch.tensor(0.5), **sr, **{**HP, "lr": 0.1})  # fmt: skip
     for name, now, was in zip(("param", "exp_avg", "exp_avg_sq"), (params, m, v), start):
         for i, d in enumerate(dense):
             assert torch.equal(_bits(now[i])[~d], _bits(was[i])[~d]), f"{name}[{i}] changed"

@@ -170,6 +170,93 @@ def test_param_sr_needs_a_seed():
                         step=1, param_sr=True, **HP)  # fmt: skip
 
 
+# ------------------------------------------------------------------ bf16-state update
+# The bf16-state update is torch's quotient with one division, p + nss2·m / (sqrt(v) + eps2),
+# nss2 = -step_size·bc2, eps2 = eps·bc2 in fp32 (adamw.bf16_state_scalars; the fp32-state step
+# keeps ATen's two divisions). Against fp64, both stay within a few fp32 ulps of the update's
+# scale S = step_size·(|m| + (1-β1)|g - m|) / (sqrt(v_new)/bc2 + eps) (the magnitude its
+# roundings scale with; S = |update| unless the moment update cancels). Measured 2026-12-03
+# (torch, cpu, triton interpreter; steps 1 and 7; MMU_TEST_SEED 1234, 1, 2, 3): max error / S
+# 2.9e-7 with fp32 state (ATen's formula), 2.5e-7 with bf16 state (2.7e-7 on the torch twin:
+# ATen's sqrt), i.e. <= 5 fp32 ulps (2^-24) either way. The bound is 16 ulps, 2^-20 = 9.5e-7;
+# bf16's own resolution, which rounds the moments, is 2^-8.
+UPDATE_BOUND = 2.0**-20
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sdt", [torch.float32, torch.bfloat16], ids=str)
+def test_update_within_fp32_ulps_of_fp64(backend, sdt):
+    """fp32 parameters at 0 (so the new value is the update itself), fresh random grads and
+    moments (some v = 0, where eps decides), odd sizes, 70 % masks, a clip factor, steps 1 and
+    7: every selected update is within 2^-20 of the fp64 value of torch's formula, relative to
+    its scale (UPDATE_BOUND); unselected elements stay 0."""
+    _need(backend)
+    hp = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    c = float(torch.tensor(0.7))  # the fp32 clip factor the kernels read
+    worst = 0.0
+    for step in (1, 7):
+        grads = [torch.randn(s, device=DEVICE) * 3 for s in SHAPES]
+        m = [(torch.randn(s, device=DEVICE) * 0.3).to(sdt) for s in SHAPES]
+        v = [(torch.rand(s, device=DEVICE) * 0.05).to(sdt) for s in SHAPES]
+        for x in v:
+            x.view(-1)[::97] = 0  # denominators of eps alone
+        dense = [torch.rand(s, device=DEVICE) < 0.7 for s in SHAPES]
+        masks = [K.pack_bits(d) for d in dense]
+        p = [torch.zeros(s, device=DEVICE) for s in SHAPES]
+        m0, v0 = [x.double() for x in m], [x.double() for x in v]
+        K.masked_adamw_(p, grads, m, v, masks, step=step, grad_mul=torch.tensor(0.7),
+                        backend=backend, **hp)  # fmt: skip
+        bc1, bc2 = 1 - hp["beta1"] ** step, (1 - hp["beta2"] ** step) ** 0.5
+        for i, d in enumerate(dense):
+            g = grads[i].double() * c
+            w = (g - m0[i]) * (1 - hp["beta1"])
+            mn = m0[i] + w
+            vn = v0[i] * hp["beta2"] + (1 - hp["beta2"]) * g * g
+            den = vn.sqrt() / bc2 + hp["eps"]
+            upd = -(hp["lr"] / bc1) * mn / den
+            scale = (hp["lr"] / bc1) * (m0[i].abs() + w.abs()) / den
+            err = ((p[i].double() - upd).abs() / scale)[d]
+            worst = max(worst, err.max().item() if err.numel() else 0.0)
+            assert torch.all(p[i][~d] == 0), f"step {step} param[{i}]: unselected moved"
+    assert worst <= UPDATE_BOUND, f"{sdt}: max error {worst:.3g} of the update's scale"
+
+
+@pytest.mark.parametrize("pdt", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("gdt", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("sr", [True, False])
+def test_bf16_state_cpu_equals_twin_every_dtype(pdt, gdt, sr):
+    """bf16 moments on the cpu backend (its AVX2 blocks of 16 elements and the scalar tails)
+    against the torch twin for every parameter / gradient dtype, with and without SR, masked
+    and not, with inf and NaN gradients at some selected elements: moments and bf16 / fp16
+    parameters bit-identical, fp32 parameters within 1e-6 (ATen's sqrt); NaN where the twin has
+    NaN (its bits aside: torch's ``.to(bfloat16)`` writes NaN as 0xFFFF, the kernels 0x7FC0)."""
+    if DEVICE.type != "cpu" or not _cpu.available():
+        pytest.skip("the cpu backend runs on CPU tensors")
+    shapes = [(5,), (16,), (4099,), (3, 333), (40000,)]
+    params = [torch.randn(s).to(pdt) for s in shapes]
+    grads = [torch.randn(s) for s in shapes]
+    for g in grads:
+        g.view(-1)[3::211] = float("inf")
+        g.view(-1)[5::307] = float("nan")
+        g.view(-1)[7::401] = -float("inf")
+    grads = [g.to(gdt) for g in grads]
+    m = [(torch.randn(s) * 0.1).to(torch.bfloat16) for s in shapes]
+    v = [(0.01 + torch.rand(s) * 0.01).to(torch.bfloat16) for s in shapes]
+    for masks in (None, [K.pack_bits(torch.rand(s) < 0.6) for s in shapes]):
+        kw = dict(sr=sr, param_sr=sr and pdt == torch.bfloat16, grad_mul=torch.tensor(0.7))
+        ref = _run("torch", params, grads, m, v, masks, **kw)
+        out = _run("cpu", params, grads, m, v, masks, **kw)
+        for i in range(len(shapes)):
+            for k, name in enumerate(("param", "exp_avg", "exp_avg_sq")):
+                a, b = out[k][i], ref[k][i]
+                nan = torch.isnan(b)
+                assert torch.equal(torch.isnan(a), nan), f"{name}[{i}]: NaN positions"
+                if k == 0 and pdt == torch.float32:
+                    assert_close_verbose(a, b, rtol=1e-6, atol=1e-7, name=f"param[{i}]")
+                else:
+                    assert _equal_bits(a[~nan], b[~nan]), f"{name}[{i}]"
+
+
 # ------------------------------------------------------------------ compacted state
 def _compact(t, d):
     return t.reshape(-1)[d.reshape(-1)].contiguous()
