@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+
+def mmunlearn_pythonpath() -> str:
+    """PYTHONPATH for a subprocess that runs ``python -m mmunlearn.cli``: the folder this
+    process imports mmunlearn from (the source tree; site-packages under a non-editable
+    install, as .ci/min-versions runs the tests), so the child runs the same code."""
+    try:
+        import mmunlearn
+    except ImportError:  # (tests/soak.py run as a script without an install)
+        return str(Path(__file__).resolve().parents[1])
+    return str(Path(mmunlearn.__file__).resolve().parents[1])
 
 
 def assert_close_verbose(actual, expected, *, rtol, atol, name="tensor", show=5):

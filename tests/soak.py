@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import mmunlearn_pythonpath
+
 EXIT_PREEMPTED = 75
 
 
@@ -38,7 +39,7 @@ def command(out: Path, steps: int, every: int) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": mmunlearn_pythonpath(), "OMP_NUM_THREADS": "1"}
 
 
 def _log_size(out: Path) -> int:

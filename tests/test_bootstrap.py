@@ -101,6 +101,19 @@ def test_cases_scipy_refuses_or_leaves_nan():
     )
 
 
+def test_nan_quantiles_without_scipy_quantile(monkeypatch):
+    """scipy 1.15 (the declared minimum) has no stats.quantile: numpy's rule gives the same."""
+    from scipy import stats
+
+    reps = np.array([[1.0, np.nan, 3.0, 7.0, 2.0], [np.nan] * 5, [4.0, 4.0, 0.0, 1.0, 9.0]])
+    want = np.array([[np.nanquantile(r, p) if not np.isnan(r).all() else np.nan
+                      for p in (0.025, 0.975)] for r in reps])  # fmt: skip
+    if hasattr(stats, "quantile"):
+        np.testing.assert_allclose(B._nan_quantiles(reps, 0.025, 0.975), want, rtol=1e-12)
+        monkeypatch.delattr(stats, "quantile")
+    np.testing.assert_allclose(B._nan_quantiles(reps, 0.025, 0.975), want, rtol=1e-12)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="method"):
         B.bootstrap_ci([1.0, 2.0], method="basic")

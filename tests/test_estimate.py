@@ -17,6 +17,7 @@ import random
 
 import pytest
 import torch
+from realformat import TRANSFORMERS_4
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -225,6 +226,10 @@ def test_activation_estimate_matches_measured_bytes(kind, attn, dtype, ck):
             # the loss-side peak held a second logits + log-softmax ((b + 4)·V per token),
             # −29 … −35 %, on one machine; −1 % on another (AMD EPYC); other seeds ±10 %
             low = -0.40
+        if attn == "sdpa" and TRANSFORMERS_4:
+            # torch 2.6 + transformers 4.56 (the declared minimums) hold 3 … 23 % more under
+            # sdpa than the pinned versions the terms are fitted to (docs/install.md)
+            low = -0.30
         assert low <= err <= TOL, (k, est, got, terms)
 
 

@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 
 from mmunlearn.cli import main
 
+from helpers import mmunlearn_pythonpath
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--tiny", "--synthetic", "--people", "6", "--batch-size", "16", "--lr", "1e-3"]
 
@@ -172,7 +174,7 @@ def _steps_logged(out: Path) -> int:
 
 @pytest.mark.slow
 def test_sigterm_then_resume_auto_gives_the_uninterrupted_weights(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": mmunlearn_pythonpath(), "OMP_NUM_THREADS": "1"}
     full = tmp_path / "full"
     r = subprocess.run(_cmd(full), env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -276,7 +278,7 @@ def test_the_shipped_finetune_configs_parse():
 def _launch(out: Path, nproc: int) -> str:
     import socket
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=mmunlearn_pythonpath())
     env.pop("WORLD_SIZE", None)
     cli = ["-m", "mmunlearn.cli", "finetune", *TINY, "--people", "8", "--steps", "2"]
     cli += ["--checkpoint-every", "2", "--out", str(out)]

@@ -27,7 +27,8 @@ import pytest
 
 from mmunlearn.cli import oom
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import mmunlearn_pythonpath
+
 LIMIT = int(1.8 * 1024**3)
 SMALL = ["--tiny", "--synthetic", "--people", "40", "--vanilla-steps", "3"]
 
@@ -58,7 +59,8 @@ def test_out_of_memory_is_one_line_naming_phase_estimate_and_flags(tmp_path, pha
     out.mkdir()
     (out / "previous.json").write_text('{"a previous run": true}\n')
     before = _snapshot(out)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    env = dict(os.environ, PYTHONPATH=mmunlearn_pythonpath(), OMP_NUM_THREADS="1",
+               MALLOC_ARENA_MAX="2")  # fmt: skip
     r = subprocess.run([sys.executable, "-m", "mmunlearn.cli", *argv, "--out", str(out)],
                        env=env, capture_output=True, text=True, preexec_fn=_limited)  # fmt: skip
     lines = [x for x in r.stderr.splitlines() if ": error: " in x]

@@ -22,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import mmunlearn_pythonpath
+
 ARGS = ["--tiny", "--synthetic", "--people", "6", "--vanilla-steps", "3",
         "--fisher-batch-size", "6", "--save-fisher", "--resume"]  # fmt: skip
 FILES = ["mask_vision.safetensors", "mask_language.safetensors", "mask_both.safetensors",
@@ -47,7 +48,7 @@ def _cmd(out: Path, nproc: int = 2) -> list[str]:
 
 
 def _env() -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": mmunlearn_pythonpath(), "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     return env
 

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from mmunlearn.cli import main
 from mmunlearn.runctl import EXIT_PREEMPTED, LOCK_NAME, Preemption, RunLock, RunLockedError
 
+from helpers import mmunlearn_pythonpath
+
 SMALL = ["--tiny", "--synthetic", "--people", "6", "--vanilla-steps", "3"]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _hold(folder: Path) -> subprocess.Popen:
@@ -79,7 +80,7 @@ def _steps_logged(out: Path) -> int:
 
 
 def test_sigterm_then_the_same_command_gives_the_uninterrupted_weights(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": mmunlearn_pythonpath()}
     full = tmp_path / "full"
     assert subprocess.run(_cmd(full), env=env, capture_output=True).returncode == 0
     total = json.loads((full / "unlearn.json").read_text())["steps"]

@@ -22,7 +22,8 @@ from mmunlearn.cli import main
 from mmunlearn.fisher import FisherInterrupted, NonFiniteFisherError, collect_fisher
 from mmunlearn.runctl import EXIT_PREEMPTED
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import mmunlearn_pythonpath
+
 SMALL = ["--tiny", "--synthetic", "--people", "6", "--vanilla-steps", "3"]
 ARGS = [*SMALL, "--fisher-batch-size", "6", "--save-fisher", "--resume"]
 FILES = [
@@ -40,7 +41,7 @@ def _cmd(out: Path, *extra) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return {**os.environ, "PYTHONPATH": mmunlearn_pythonpath(), "OMP_NUM_THREADS": "1"}
 
 
 def _term_during(out: Path, fisher_set: str, batches: int) -> str:

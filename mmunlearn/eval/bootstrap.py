@@ -118,17 +118,28 @@ def _vectorized(stat: Callable) -> Callable:
     return rowwise(stat)
 
 
-def _interval(res, reps: np.ndarray, level: float, method: str):
-    """``(lo, hi)`` of scipy's result, with the NaN / degenerate rules of the module doc."""
+def _nan_quantiles(reps: np.ndarray, *p: float) -> np.ndarray:
+    """The linear quantiles ``p`` of each row, NaN dropped (NaN for a row of NaN only), on the
+    last axis: ``scipy.stats.quantile`` (scipy 1.16+), else numpy's same rule (scipy 1.15, the
+    last for Python 3.10, has no ``stats.quantile``)."""
     from scipy import stats
 
+    if hasattr(stats, "quantile"):
+        return stats.quantile(reps, np.asarray(p), axis=-1, nan_policy="omit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # (an all-NaN row: NaN, as scipy's)
+        return np.moveaxis(np.nanquantile(reps, p, axis=-1), 0, -1)
+
+
+def _interval(res, reps: np.ndarray, level: float, method: str):
+    """``(lo, hi)`` of scipy's result, with the NaN / degenerate rules of the module doc."""
     lo = np.asarray(res.confidence_interval.low, dtype=np.float64)
     hi = np.asarray(res.confidence_interval.high, dtype=np.float64)
     nan = np.isnan(reps).any(axis=-1)
     finite = np.where(np.isnan(reps), reps[..., :1], reps) if nan.any() else reps
     if method == "percentile" and nan.any():
         a = (1.0 - level) / 2.0
-        q = stats.quantile(reps, np.asarray([a, 1.0 - a]), axis=-1, nan_policy="omit")
+        q = _nan_quantiles(reps, a, 1.0 - a)
         lo, hi = np.where(nan, q[..., 0], lo), np.where(nan, q[..., 1], hi)
     flat = ~nan & (finite.max(axis=-1) == finite.min(axis=-1))
     lo, hi = np.where(flat, reps[..., 0], lo), np.where(flat, reps[..., 0], hi)
