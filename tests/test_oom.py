@@ -80,7 +80,8 @@ def test_eval_out_of_memory_under_a_real_limit_is_one_line(tmp_path):
     out.mkdir()
     (out / "previous.json").write_text('{"a previous run": true}\n')
     before = _snapshot(out)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
+    env = dict(os.environ, PYTHONPATH=mmunlearn_pythonpath(), OMP_NUM_THREADS="1",
+               MALLOC_ARENA_MAX="2")  # fmt: skip
     argv = ["eval", "--tiny", "--synthetic", "--people", "8", "--batch-size", "64"]
     p = subprocess.Popen([sys.executable, "-m", "mmunlearn.cli", *argv, "--out", str(out)],
                          env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)  # fmt: skip
