@@ -431,7 +431,10 @@ if HAS_TRITON:
         if COMPACT:  # rank of each selected element within the tile, row-major
             b32 = byte.to(tl.int32)
             row_n = _popc8(b32)
-            row_pre = tl.cumsum(row_n, 0) - row_n
+            if ROWS == 1:  # (triton 3.2's interpreter: tl.cumsum of one 0 is a tuple)
+                row_pre = row_n * 0
+            else:
+                row_pre = tl.cumsum(row_n, 0) - row_n
             below = b32[:, None] & ((1 << cols[None, :]) - 1)
             kidx = kb + row_pre[:, None] + _popc8(below)
             sel = on & live

@@ -34,6 +34,10 @@ from mmunlearn.io import atomic_write_json, check_pickle, replace_dir
 from mmunlearn.params import canonical_parameters
 from mmunlearn.rng import load_rng, save_rng
 
+# FSDP2 on a CPU (gloo) mesh: torch 2.6's fully_shard fails there (torch.cpu.Stream has no
+# record_event; past that, backward finds its saved parameters modified); 2.7 works
+CPU_FSDP = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 7)
+
 
 def shard_model(
     model: torch.nn.Module,
@@ -51,6 +55,11 @@ def shard_model(
 
     if not dist.is_initialized():
         raise RuntimeError("shard_model needs an initialised process group (run under torchrun)")
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    if on_cpu and not CPU_FSDP:
+        raise RuntimeError(
+            f"FSDP2 on CPU (gloo) needs torch 2.7 or later, this is torch {torch.__version__}"
+        )
     if mixed_precision not in (None, "none", "bf16"):
         raise ValueError(f"mixed_precision must be 'bf16' or 'none', got {mixed_precision!r}")
     kw = {"reshard_after_forward": reshard_after_forward}

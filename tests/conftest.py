@@ -20,6 +20,33 @@ if not HAS_CUDA:
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+def _triton_fma_rounds_once() -> bool:
+    """Whether tl.fma rounds once here, as on a GPU: triton's interpreter before its fma_fp32
+    (e.g. triton 3.2, our minimum) multiplies and adds in two roundings, so fp32 results of the
+    Triton kernels then differ from the torch twins by an ulp (and a stochastic rounding
+    decision, now and then, with them)."""
+    if HAS_CUDA:
+        return True
+    from triton.runtime import interpreter
+
+    return hasattr(getattr(interpreter, "_interpreter", None), "fma_fp32")
+
+
+TRITON_FMA_EXACT = _triton_fma_rounds_once()
+
+
+def _cpu_fsdp() -> bool:
+    from mmunlearn.fsdp import CPU_FSDP  # (after TRITON_INTERPRET is set above)
+
+    return CPU_FSDP
+
+
+# tests that run FSDP2 on CPU ranks (gloo): torch 2.6's fully_shard fails there
+needs_cpu_fsdp = pytest.mark.skipif(
+    not _cpu_fsdp(), reason=f"FSDP2 on CPU (gloo) needs torch 2.7+, this is {torch.__version__}"
+)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

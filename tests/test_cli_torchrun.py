@@ -12,6 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import needs_cpu_fsdp
+
 ARGS = ["--tiny", "--synthetic", "--people", "8", "--vanilla-steps", "5", "--steps", "2"]
 
 
@@ -43,6 +45,7 @@ def runs(tmp_path_factory):
     return tmp, out2
 
 
+@needs_cpu_fsdp
 def test_torchrun_writes_world_size_independent_files(runs):
     tmp, stdout = runs
     assert stdout.count("wrote") == 1, "only rank 0 reports"
@@ -65,6 +68,7 @@ def test_torchrun_writes_world_size_independent_files(runs):
     assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2
 
 
+@needs_cpu_fsdp
 def test_torchrun_resume_of_a_finished_run_changes_nothing(runs):
     tmp, _ = runs
     before = load_file(tmp / "two" / "model" / "model.safetensors")
@@ -110,6 +114,7 @@ def _demo(out, nproc: int):
     return r.stdout
 
 
+@needs_cpu_fsdp
 def test_demo_under_torchrun_matches_one_process(tmp_path):
     """`mmunlearn demo` on 2 FSDP2 ranks: every model (vanilla fine-tune, five methods, the
     reference) trained sharded on the same global batches ends within float-reduction-order

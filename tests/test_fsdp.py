@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from conftest import needs_cpu_fsdp
 from helpers import run_ranks, tiny_llama
+
+pytestmark = needs_cpu_fsdp
 
 STEPS = 6
 

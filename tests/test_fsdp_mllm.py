@@ -16,7 +16,10 @@ import random
 
 import torch
 
+from conftest import needs_cpu_fsdp
 from helpers import assert_close_verbose, run_ranks
+
+pytestmark = needs_cpu_fsdp
 
 GAMMA = 1.0
 FRACTION = 0.05

@@ -16,7 +16,7 @@ import mmunlearn.kernels as K
 from mmunlearn.kernels import _common, _cpu
 from mmunlearn.kernels.bits import MaskIndex, sparse_chunk_table
 
-from conftest import DEVICE
+from conftest import DEVICE, TRITON_FMA_EXACT
 from helpers import assert_close_verbose
 
 BACKENDS = ["torch", "triton", "cpu"]
@@ -140,6 +140,8 @@ def test_bf16_state_twins_bit_identical(pdt, with_mask):
     for be in ("cpu", "triton"):
         if be == "cpu" and (DEVICE.type != "cpu" or not _cpu.available()):
             continue
+        if be == "triton" and not TRITON_FMA_EXACT:
+            continue  # (this interpreter's tl.fma rounds twice: conftest.py)
         out = _run(be, params, grads, m, v, masks, sr=True, param_sr=True)
         for i in range(len(SHAPES)):
             assert _equal_bits(out[1][i], ref[1][i]), f"{be} exp_avg[{i}]"

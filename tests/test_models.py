@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from realformat import TRANSFORMERS_4
 
 from mmunlearn.data.schema import Sample
 from mmunlearn.losses import per_sample_ce, sequence_logprob
@@ -135,19 +136,16 @@ def test_collate_labels_image_tokens_and_image_inputs(tok, family):
     else:
         assert isinstance(adapter, Qwen2VLAdapter)
         assert adapter.num_image_tokens() == (32 // 8) ** 2 // 4
-        assert set(batch) == {
-            "input_ids",
-            "attention_mask",
-            "labels",
-            "pixel_values",
-            "image_grid_thw",
-            "mm_token_type_ids",
-        }
+        assert adapter.mm_token_types is not TRANSFORMERS_4
+        keys = {"input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw"}
+        # mm_token_type_ids where the forward takes it (transformers 5; 4.x has no such input)
+        assert set(batch) == keys | ({"mm_token_type_ids"} if adapter.mm_token_types else set())
         assert batch["image_grid_thw"].tolist() == [[1, 4, 4]] * n_images
         assert batch["pixel_values"].shape == (n_images * 16, 3 * 2 * 8 * 8)
-        assert torch.equal(
-            batch["mm_token_type_ids"], (batch["input_ids"] == adapter.image_token_id).int()
-        )
+        if adapter.mm_token_types:
+            assert torch.equal(
+                batch["mm_token_type_ids"], (batch["input_ids"] == adapter.image_token_id).int()
+            )
     assert batch["pixel_values"].dtype == torch.float32
     # the pixel values are those of the image samples, in order
     alone = adapter.collate([samples[2]])
@@ -325,6 +323,8 @@ def test_image_preprocessing_matches_the_reference_processors(tok):
         merge_size=2,
         temporal_patch_size=2,
         size={"shortest_edge": 32 * 32, "longest_edge": 32 * 32},
+        min_pixels=32 * 32,  # (what transformers 4.x's processor reads instead of size)
+        max_pixels=32 * 32,
     )
     want = ref(imgs, return_tensors="pt")
     got = qwen.image_inputs(imgs)

@@ -21,6 +21,8 @@ from realformat import (
 
 from mmunlearn.cli import main
 
+from conftest import needs_cpu_fsdp
+
 FAMILIES = {"llava": llava_checkpoint, "qwen2vl": qwen2vl_checkpoint}
 
 
@@ -240,6 +242,7 @@ def test_several_images_in_one_prompt(files, family):
         ad.collate([Sample("Who?", "Bo", image=imgs, meta={"raw_prompt": f"{t} Who?"})])
 
 
+@needs_cpu_fsdp
 def test_real_checkpoint_under_torchrun_matches_one_process(files, tmp_path):
     """Qwen2-VL-layout checkpoint, CLEAR layout, its processor's dynamic-resolution batches
     dealt across 2 FSDP2 ranks: the same weights as one process, within reduction order."""

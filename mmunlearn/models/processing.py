@@ -234,6 +234,8 @@ class ChatCollator:
         keys = self.input_keys
         if keys is not None:
             batch = {k: v for k, v in batch.items() if k in keys or k == "attention_mask"}
+        else:  # the built-in LLaVA / Qwen2-VL: no token_type_ids input (4.x tokenizers return it)
+            batch.pop("token_type_ids", None)
         wants_mm = (self.family == "qwen2vl" and self.mm_token_types) or (
             keys is not None and "mm_token_type_ids" in keys
         )

@@ -73,7 +73,8 @@ def build_tokenizer(
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         unk_token=UNK_TOKEN,
-        image_token=IMAGE_TOKEN,
+        # (a named special token: tokenizer.image_token; a bare image_token= sets none on 4.x)
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
         padding_side="right",
     )
     return tok
