@@ -51,7 +51,6 @@ from ._common import (
     bits_tl_dtype,
     check_contiguous,
     check_same_numel,
-    chunk_tables,
     cpu_skip,
     device_guard,
     flag_tensor,
@@ -63,7 +62,6 @@ from ._common import (
     open_chunk,
     resolve_backend,
     salt,
-    salts,
     tl,
     tl_dtype,
     tl_mix32,
@@ -73,7 +71,8 @@ from ._common import (
     torch_sr_bits,
     triton,
 )
-from .bits import MaskIndex, check_masks, sparse_chunk_table, torch_unpack_bits
+from .bits import MaskIndex, check_masks, torch_unpack_bits
+from .plan import adamw_launches, build_launch
 
 _PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -298,51 +297,58 @@ def cpu_masked_adamw_(
     param_sr=False,
     mask_index=None,
     compact=False,
+    _check=None,
 ):
     """C twin of :func:`torch_masked_adamw_` (kernels/mmu_cpu.c): one call per (dtypes, step
     count) group, one pass over every operand, all threads."""
-    if not params or cpu_skip(found_inf):
+    if not params:
+        return
+    if cpu_skip(found_inf):
+        if _check is not None:
+            _check()
         return
     lib = _cpu.load()
     c = 1.0 if grad_mul is None else float(grad_mul_tensor(grad_mul, "cpu"))
     gmul = -c if maximize else c
     seed = 0 if sr_seed is None else _seed32(sr_seed)
-    groups: dict[tuple, list[int]] = {}
-    device_steps = _is_device_steps(step)
-    for key, idx in group_by_dtype(params, grads, exp_avgs).items():
-        if not device_steps:
-            groups[(*key[:3], step)] = idx
+    if _is_device_steps(step):  # one count for all is the usual case; else one launch per count
+        try:
+            raw = torch.stack(step).reshape(-1).tolist()
+        except RuntimeError:  # counts of mixed shapes ([] and [1])
+            raw = [float(s) for s in step]
+        values = [max(1, int(round(x))) for x in raw] if len(set(raw)) > 1 else None
+        step = _step_value(step[0]) if values is None else values
+    if isinstance(step, list):
+        if _check is not None:
+            _check()
+        calls = []
+        for key, idx in group_by_dtype(params, grads, exp_avgs).items():
+            by: dict[int, list[int]] = {}
+            for i in idx:
+                by.setdefault(step[i], []).append(i)
+            calls += [(build_launch(key, sub, params, grads, exp_avgs, exp_avg_sqs, masks,
+                                    mask_index, None, _cpu.CPU_BLOCK, 6), t)
+                      for t, sub in by.items()]  # fmt: skip
+    else:
+        launches = adamw_launches(params, grads, exp_avgs, exp_avg_sqs, masks, mask_index, None,
+                                  compact=compact, block=_cpu.CPU_BLOCK, n_vector=6,
+                                  check=_check)  # fmt: skip
+        calls = [(x, step) for x in launches]
+    for launch, t in calls:
+        if launch.n_chunks == 0:
             continue
-        for i in idx:
-            groups.setdefault((*key[:3], _step_value(step[i])), []).append(i)
-    for (pdt, gdt, sdt, t), idx in groups.items():
+        pdt, gdt, sdt, _ = launch.key
         step_size, bc2_sqrt = _adam_scalars(lr, beta1, beta2, t)
-        p = [params[i] for i in idx]
-        ops = [
-            p,
-            [grads[i].contiguous() for i in idx],
-            [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx],
-            [masks[i] for i in idx] if masks is not None else p,
-            p,
-        ]
-        numels = [x.numel() for x in p]
-        ptrs, chunks, n_chunks, _ = chunk_tables(ops, numels, _cpu.CPU_BLOCK, extra=[salts(idx)])
-        if mask_index is not None:
-            ix = [mask_index[i] for i in idx]
-            chunks, n_chunks = sparse_chunk_table(ix, _cpu.CPU_BLOCK, "cpu")
-        if n_chunks == 0:
-            continue
         lib.mmu_adamw(
             _cpu.DTYPE_CODE[pdt],
             _cpu.DTYPE_CODE[gdt],
             int(sdt == torch.bfloat16),
-            ptrs.data_ptr(),
-            len(p),
-            chunks.data_ptr(),
-            n_chunks,
+            launch.ptrs.data_ptr(),
+            len(launch.idx),
+            launch.chunks.data_ptr(),
+            launch.n_chunks,
             _cpu.CPU_BLOCK,
-            _cpu.threads_for(sum(numels)),
+            _cpu.threads_for(launch.numel),
             masks is not None,
             bool(compact),
             seed,
@@ -659,6 +665,7 @@ def triton_masked_adamw_(
     param_sr=False,
     mask_index=None,
     compact=False,
+    _check=None,
 ):
     """Triton twin of :func:`torch_masked_adamw_`: one launch per (param, grad, state dtype,
     device) group.
@@ -677,34 +684,23 @@ def triton_masked_adamw_(
         step_size, bc2_sqrt = _adam_scalars(lr, beta1, beta2, step)
         lr_s = lnb1 = lnb2 = (0.0, 0.0)
     seed = 0 if sr_seed is None else _seed32(sr_seed)
-    for (pdt, gdt, sdt, dev), idx in group_by_dtype(params, grads, exp_avgs).items():
-        c = grad_mul_tensor(grad_mul, dev)
-        f = flag_tensor(found_inf, dev)
-        p = [params[i] for i in idx]
-        ops = [
-            p,
-            [grads[i].contiguous() for i in idx],
-            [exp_avgs[i] for i in idx],
-            [exp_avg_sqs[i] for i in idx],
-            [masks[i] for i in idx] if masks is not None else p,
-            [step[i] for i in idx] if device_step else p,
-        ]
-        n_vec = 2 if compact else 4
-        ptrs, chunks, n_chunks, aligned = chunk_tables(
-            ops, [t.numel() for t in p], ADAMW_BLOCK, n_vec, extra=[salts(idx)]
-        )
-        if mask_index is not None:
-            ix = [mask_index[i] for i in idx]
-            chunks, n_chunks = sparse_chunk_table(ix, ADAMW_BLOCK, dev)
+    launches = adamw_launches(params, grads, exp_avgs, exp_avg_sqs, masks, mask_index,
+                              step if device_step else None, compact=compact,
+                              block=ADAMW_BLOCK, n_vector=2 if compact else 4,
+                              check=_check)  # fmt: skip
+    for (pdt, gdt, sdt, dev), idx, ptrs, chunks, n_chunks, aligned, *_ in launches:
         if n_chunks == 0:
             continue
-        with device_guard(p[0]):
+        c = grad_mul_tensor(grad_mul, dev)
+        f = flag_tensor(found_inf, dev)
+        p = params[idx[0]]
+        with device_guard(p):
             _masked_adamw_kernel[(n_chunks,)](
                 ptrs,
                 chunks,
                 c if c is not None else ptrs,
                 f if f is not None else ptrs,
-                len(p),
+                len(idx),
                 seed,
                 1.0 - lr * weight_decay,
                 float(beta2),
@@ -809,20 +805,27 @@ def masked_adamw_(
         step = as_list(step)
     if param_sr and sr_seed is None:
         raise ValueError("param_sr needs an sr_seed")
-    _check_step_inputs(
-        params,
-        grads,
-        masks,
-        (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)),
-        step,
-        mask_index,
-        compact,
-    )
+
+    def check():
+        _check_step_inputs(
+            params,
+            grads,
+            masks,
+            (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)),
+            step,
+            mask_index,
+            compact,
+        )
+
+    name = resolve_backend(backend, params)
+    if name == "torch":
+        check()
+    extra = {} if name == "torch" else {"_check": check}  # checked in full when no plan fits
     fn = {
         "triton": triton_masked_adamw_,
         "cpu": cpu_masked_adamw_,
         "torch": torch_masked_adamw_,
-    }[resolve_backend(backend, params)]
+    }[name]
     fn(
         params,
         grads,
@@ -842,4 +845,5 @@ def masked_adamw_(
         param_sr=param_sr,
         mask_index=mask_index,
         compact=compact,
+        **extra,
     )
