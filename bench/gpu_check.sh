@@ -33,7 +33,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, keep going on failu
 
 [ "$TESTS" = 0 ] || step "kernel + optimizer tests on CUDA" 150 \
   $PY -m pytest -q -x tests/test_kernels.py tests/test_kernels_state.py tests/test_optim.py \
-  tests/test_optim_state.py
+  tests/test_optim_state.py tests/test_kernels_plan.py
 step "masked AdamW state sweep, $SIZE" 90 \
   $PY bench/run.py --adamw-sweep --sizes "$SIZE" --out "$OUT" --json "$OUT/adamw_sweep.json"
 step "every op, $SIZE" 120 \
