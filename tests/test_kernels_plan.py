@@ -1,10 +1,13 @@
 """Launch plans (kernels/plan.py): a masked AdamW call over the same long-lived tensors re-uses
 its validation, grouping and tables. Contract checked here: a call served by a plan gives the
-bytes the torch twin gives (the oracle), whatever changed between calls — new gradient tensors,
-a parameter re-pointed with ``.data =``, a state tensor resized in place, gradients of another
-dtype, non-contiguous gradients —, bad input still gets the full check's one-line error, and a
-plan dies with the tensors it was built from. Lists of ≥ plan.MIN_TENSORS tensors (shorter
-lists never get a plan). The Triton side runs in the interpreter (conftest.py)."""
+bytes the same backend gives without plans, and those of the torch twin (the oracle; bit for bit
+where the backend's arithmetic is the twin's: the cpu backend, and Triton except in an
+interpreter whose tl.fma rounds twice, conftest.py), whatever changed between calls — new
+gradient tensors, a parameter re-pointed with ``.data =``, a state tensor resized in place,
+gradients of another dtype, non-contiguous gradients —, bad input still gets the full check's
+one-line error, and a plan dies with the tensors it was built from. Lists of ≥
+plan.MIN_TENSORS tensors (shorter lists never get a plan). The Triton side runs in the
+interpreter (conftest.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import torch
 import mmunlearn.kernels as K
 from mmunlearn.kernels import _cpu, plan
 
-from conftest import DEVICE
+from conftest import DEVICE, TRITON_FMA_EXACT
 
 # 10 tensors of odd sizes (tails of partial mask bytes, several CPU chunks in one)
 SHAPES = [(3,), (7, 5), (33,), (129,), (1000,), (2, 513), (17,), (4097,), (40001,), (9,)]
@@ -38,7 +41,8 @@ def _same(a, b):
 
 
 class _Pair:
-    """The same state stepped by ``backend`` (served by plans) and by the torch twin."""
+    """The same state stepped by ``backend`` (served by plans), by ``backend`` with no plan, and
+    by the torch twin."""
 
     def __init__(self, backend, pdt=torch.bfloat16, sdt=torch.float32, frac=0.4, gen=None):
         g = gen or torch.Generator().manual_seed(0)
@@ -50,6 +54,7 @@ class _Pair:
         self.masks = [K.pack_bits(d) for d in dense]
         self.index = [K.MaskIndex(k, d.numel()) for k, d in zip(self.masks, dense)]
         self.twin = [[x.clone() for x in lst] for lst in (self.params, self.m, self.v)]
+        self.bare = [[x.clone() for x in lst] for lst in (self.params, self.m, self.v)]
         self.gen = g
         self.t = 0
 
@@ -64,9 +69,21 @@ class _Pair:
                         backend=self.backend, **kw)  # fmt: skip
         p, m, v = self.twin
         K.masked_adamw_(p, grads, m, v, self.masks, mask_index=self.index, backend="torch", **kw)
+        p, m, v = self.bare
+        least, plan.MIN_TENSORS = plan.MIN_TENSORS, 1 << 30
+        try:
+            K.masked_adamw_(p, grads, m, v, self.masks, mask_index=self.index,
+                            backend=self.backend, **kw)  # fmt: skip
+        finally:
+            plan.MIN_TENSORS = least
 
     def agree(self):
-        return all(_same(a, b) for a, b in zip((self.params, self.m, self.v), self.twin))
+        ours = (self.params, self.m, self.v)
+        if not all(_same(a, b) for a, b in zip(ours, self.bare)):
+            return False
+        if self.backend == "triton" and not TRITON_FMA_EXACT:
+            return True  # (this interpreter's tl.fma rounds twice: only plan vs no plan)
+        return all(_same(a, b) for a, b in zip(ours, self.twin))
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +117,7 @@ def test_changes_between_calls_are_seen(backend):
     new = pair.params[4].clone() * 0.5
     pair.params[4].data = new
     pair.twin[0][4] = new.clone()
+    pair.bare[0][4] = new.clone()
     pair.step()
     assert pair.params[4].data_ptr() == new.data_ptr()
     # gradients of another dtype (another group key), then non-contiguous gradients
@@ -154,12 +172,13 @@ def test_device_step_counts_that_differ_launch_per_count():
     pair = _Pair("cpu", sdt=torch.float32)
     grads = pair.grads()
     counts = [torch.tensor(float(1 + i % 3)) for i in range(len(SHAPES))]
-    for backend, (p, m, v) in (("cpu", (pair.params, pair.m, pair.v)), ("torch", pair.twin)):
+    runs = (("cpu", (pair.params, pair.m, pair.v)), ("torch", pair.twin), ("cpu", pair.bare))
+    for backend, (p, m, v) in runs:
         K.masked_adamw_(p, grads, m, v, pair.masks, mask_index=pair.index, step=counts,
                         backend=backend, **HP)  # fmt: skip
     assert pair.agree()
     same = [torch.tensor(4.0) for _ in SHAPES]
-    for backend, (p, m, v) in (("cpu", (pair.params, pair.m, pair.v)), ("torch", pair.twin)):
+    for backend, (p, m, v) in runs:
         K.masked_adamw_(p, grads, m, v, pair.masks, mask_index=pair.index, step=same,
                         backend=backend, **HP)  # fmt: skip
     assert pair.agree()
