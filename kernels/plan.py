@@ -72,9 +72,13 @@ class _Plan:
     )
 
 
-def _drop(key) -> Callable:
+def _drop(key, plans: OrderedDict = _PLANS) -> Callable:
+    """The weak-reference callback that forgets the plan at ``key``. ``plans`` is bound here,
+    not looked up as a module global: at interpreter exit the module's globals are cleared
+    before the last tensors die."""
+
     def cb(_ref) -> None:
-        _PLANS.pop(key, None)
+        plans.pop(key, None)
 
     return cb
 

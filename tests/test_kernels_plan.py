@@ -12,6 +12,9 @@ interpreter (conftest.py)."""
 from __future__ import annotations
 
 import gc
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -20,6 +23,7 @@ import mmunlearn.kernels as K
 from mmunlearn.kernels import _cpu, plan
 
 from conftest import DEVICE, TRITON_FMA_EXACT
+from helpers import mmunlearn_pythonpath
 
 # 10 tensors of odd sizes (tails of partial mask bytes, several CPU chunks in one)
 SHAPES = [(3,), (7, 5), (33,), (129,), (1000,), (2, 513), (17,), (4097,), (40001,), (9,)]
@@ -182,3 +186,24 @@ def test_device_step_counts_that_differ_launch_per_count():
         K.masked_adamw_(p, grads, m, v, pair.masks, mask_index=pair.index, step=same,
                         backend=backend, **HP)  # fmt: skip
     assert pair.agree()
+
+
+def test_interpreter_exit_with_live_plans_is_quiet():
+    """Plans alive at interpreter exit: their weak-reference callbacks fire after the module's
+    globals are cleared and must not print 'Exception ignored' (once per tensor)."""
+    _need("cpu")
+    code = (
+        "import torch, mmunlearn.kernels as K\n"
+        "p = [torch.randn(9) for _ in range(12)]\n"
+        "m = [torch.zeros(9) for _ in p]\n"
+        "v = [torch.zeros(9) for _ in p]\n"
+        "K.masked_adamw_(p, [torch.randn(9) for _ in p], m, v, None, step=1, lr=1e-3,\n"
+        "                beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, backend='cpu')\n"
+        "from mmunlearn.kernels import plan\n"
+        "assert len(plan._PLANS) == 1\n"
+    )
+    env = {**os.environ, "PYTHONPATH": mmunlearn_pythonpath()}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Exception ignored" not in r.stderr, r.stderr[-2000:]
