@@ -325,6 +325,11 @@ INLINE void adamw16_##PN##_##GN(const vconst *k, PS *restrict p, const GS *restr
 #define VEC_INIT(ctx, small, w1s, key) (void)0
 #define VEC_CALL(PN, GN, p, g, m, v, j, bits, masked, SRS, SRP) (void)0
 #endif
+/* A 16-element block of a masked step with at most SPARSE_LANES selected elements runs the
+   scalar step on those elements alone (no vector work, no blend of the other lanes). */
+#ifndef SPARSE_LANES
+#define SPARSE_LANES 2
+#endif
 #define VEC_f32 0 /* the fp32-state step stays as it was (auto-vectorised, bit-exact with ATen) */
 
 /* The parameter's new value. fp32 moments: ATen's ops, denom = sqrt(v) / bc2s + eps, then
@@ -452,6 +457,14 @@ INLINE void adamw_range_##PN##_##GN##_##SN(const step_ctx *ctx, int64_t c, int s
         for (; j + 16 <= e; j += 16) {                                                        \
             uint32_t bits = (uint32_t)kb[j >> 3] | ((uint32_t)kb[(j >> 3) + 1] << 8);         \
             if (!bits) continue; /* nothing selected: nothing read or written */              \
+            if (__builtin_popcount(bits) <= SPARSE_LANES) { /* the selected lanes alone */     \
+                for (uint32_t b = bits; b; b &= b - 1) {                                      \
+                    const int64_t jl = j + __builtin_ctz(b);                                  \
+                    adamw_elem_##PN##_##GN##_##SN(ctx, p, g, m, v, jl, jl, 1, small, w1s, key, \
+                                                  SRS, SRP);                                  \
+                }                                                                             \
+                continue;                                                                     \
+            }                                                                                 \
             if (VEC_##SN) {                                                                   \
                 VEC_CALL(PN, GN, p + j, g + j, m + j, v + j, j, bits, 1, SRS, SRP);           \
                 continue;                                                                     \
