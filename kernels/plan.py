@@ -4,30 +4,29 @@ per set of long-lived operands and re-used while they stay what they were.
 Why: a masked AdamW step over a 7B model's 437 tensors used to spend 3.8–5.1 ms per call on the
 host (issue 21) — validating every list, grouping by dtype, building the cache keys of the
 pointer tables — the same for fp32 and bf16 state, which at 4 M elements is as long as the
-kernel itself. Parameters, moments, masks and their :class:`~.bits.MaskIndex` are the same
-objects step after step; only the gradients are new each backward. A plan is keyed by the
-identity of the long-lived operands (``id`` of every tensor, the masks' index serials) and
-holds everything that follows from them.
+kernel itself. Parameters, moments, masks and their :class:`~.bits.MaskIndex` stay where they
+are step after step; only the gradients are new each backward.
 
-When a plan is used (every call while the operands stay put), the call still checks, in bulk
-C-level passes: every long-lived tensor's ``data_ptr``, ``numel`` and contiguity against the
-plan (so ``p.data = ...``, ``resize_`` or a transposed view is a miss, never a stale pointer);
-and the gradients' count, sizes, dtypes, devices and contiguity against the parameters — the
-same conditions the full check enforces. Anything else, or an input that does not even have
-these attributes, is a miss: the caller's full check runs (and raises its one-line error), and
-a new plan is built. ``id`` values are reused after garbage collection, so a plan holds a weak
-reference to each long-lived tensor and is dropped as soon as one of them is freed: a live plan's
-ids always name the objects it was built from.
+A plan is keyed, like the pointer tables (kernels/_common.py), by what a launch reads: the
+``data_ptr`` of every long-lived tensor (parameters, moments, masks, step tensors) and the
+masks' index serials — not by Python object identity, so the fresh views an FSDP2 step makes
+of the same storage every call (``DTensor.to_local()``) find their plan. A hit re-checks, in
+bulk C-level passes, every long-lived tensor's size, dtype and contiguity, and the gradients'
+count, sizes, dtypes, devices and contiguity against the parameters: a plan is used only for
+tensors that are, byte for byte, what it was built for (memory freed and reused by a tensor of
+the same size, dtype and layout gets the same, still correct, tables). Anything else, or an
+input that does not even have these attributes, is a miss: the caller's full check runs (and
+raises its one-line error), and a new plan is built. New gradient storage swaps one pointer
+row.
 
 Only lists of at least :data:`MIN_TENSORS` tensors get a plan (a per-parameter launch, as the
 optimizer-in-backward mode makes, has nothing to amortise); at most :data:`MAX_PLANS` plans are
-kept (least recently used first out).
+kept (least recently used first out). A plan holds no tensor, only pointer and chunk tables.
 """
 
 from __future__ import annotations
 
 import operator
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -60,27 +59,15 @@ class Launch(NamedTuple):
 
 class _Plan:
     __slots__ = (
-        "ptrs",
         "numels",
+        "dtypes",
         "p_devkeys",
         "g_dtypes",
         "grad_ptrs",
         "launches",
         "hosts",
         "static_aligned",
-        "refs",
     )
-
-
-def _drop(key, plans: OrderedDict = _PLANS) -> Callable:
-    """The weak-reference callback that forgets the plan at ``key``. ``plans`` is bound here,
-    not looked up as a module global: at interpreter exit the module's globals are cleared
-    before the last tensors die."""
-
-    def cb(_ref) -> None:
-        plans.pop(key, None)
-
-    return cb
 
 
 def build_launch(key, idx, params, grads, exp_avgs, exp_avg_sqs, masks, mask_index, steps,
@@ -151,7 +138,7 @@ def adamw_launches(
         try:
             stable = [*params, *exp_avgs, *exp_avg_sqs, *(masks or ()), *(steps or ())]
             key = (block, n_vector, bool(compact), n, masks is None, steps is None,
-                   tuple(map(id, stable)),
+                   tuple(map(_data_ptr, stable)),
                    None if mask_index is None else tuple(map(_serial, mask_index)))  # fmt: skip
             plan = _PLANS.get(key)
             if plan is not None and not _matches(plan, stable, grads, n):
@@ -193,8 +180,8 @@ def _regrad(plan: _Plan, gp: tuple) -> None:
 def _matches(plan: _Plan, stable, grads, n: int) -> bool:
     """The cheap re-check of a plan against this call's operands (see the module docstring)."""
     return (
-        tuple(map(_data_ptr, stable)) == plan.ptrs
-        and tuple(map(_numel, stable)) == plan.numels
+        tuple(map(_numel, stable)) == plan.numels
+        and tuple(map(_dtype, stable)) == plan.dtypes
         and all(map(_contig, stable))
         and len(grads) == n
         and tuple(map(_numel, grads)) == plan.numels[:n]
@@ -206,8 +193,8 @@ def _matches(plan: _Plan, stable, grads, n: int) -> bool:
 
 def _store(key, stable, params, grads, launches, n_vector: int) -> None:
     plan = _Plan()
-    plan.ptrs = tuple(map(_data_ptr, stable))
     plan.numels = tuple(map(_numel, stable))
+    plan.dtypes = tuple(map(_dtype, stable))
     plan.p_devkeys = _dev_keys(params)
     plan.g_dtypes = tuple(map(_dtype, grads))
     plan.grad_ptrs = tuple(map(_data_ptr, grads))
@@ -215,8 +202,6 @@ def _store(key, stable, params, grads, launches, n_vector: int) -> None:
     plan.hosts = [x.ptrs.cpu() for x in launches]
     rows = [0, *range(2, n_vector)]  # the vector-accessed rows but the gradients'
     plan.static_aligned = [bool((h[rows] % 16 == 0).all()) for h in plan.hosts]
-    cb = _drop(key)
-    plan.refs = [weakref.ref(t, cb) for t in stable]
     _PLANS[key] = plan
     _PLANS.move_to_end(key)
     while len(_PLANS) > MAX_PLANS:
