@@ -141,6 +141,14 @@ def test_smfa_run_matches_three_adamw_runs_and_the_sculpted_merge(tiny):
         dt = _sculpt_by_element(after["text"][n] - t0, a, 2.0)
         want[n] = t0.double() + (dm + dt) / 2
     for n, p in got.named_parameters():
+        if n.endswith("self_attn.k_proj.bias"):
+            # its gradient is 0 in exact arithmetic (the softmax over keys ignores a shift
+            # common to all of them): both runs move it by AdamW steps on rounding noise
+            # (≈ lr·g/eps), which differ with the order of the float operations (beyond atol
+            # on transformers 4.x); both must stay that small
+            for x in (p.double(), want[n]):
+                assert (x - theta0[n].double()).abs().max() < 1e-4, n
+            continue
         assert torch.allclose(p.double(), want[n], rtol=1e-4, atol=2e-6), n
     assert res["steps"] == 12 and [h["kind"] for h in res["history"][:4]] == [
         "anchor:retain", "anchor:retain_text", "anchor:retain", "anchor:retain_text"]  # fmt: skip
