@@ -165,7 +165,19 @@ def test_smfa_moves_forget_items_toward_refusals(tiny):
     forget = make_batches(adapter, data.forget, 4, random.Random(1))
     retain = make_batches(adapter, data.retain, 4, random.Random(2))
     refusals = forget.view(smfa.refusal)
+    # a model that knows the true answers first (one epoch of plain AdamW on every item): from
+    # the random init SMFA's retain terms teach the answer format and may lower the forget
+    # loss too (they do from the init transformers 4.x draws for the same seed)
     m = copy.deepcopy(model)
+    both = [*forget, *retain]
+    random.Random(3).shuffle(both)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    m.train()
+    for b in both:
+        m(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    m.eval()
 
     def ce(model, batches):
         with torch.no_grad():
