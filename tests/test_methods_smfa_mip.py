@@ -141,6 +141,14 @@ def test_smfa_run_matches_three_adamw_runs_and_the_sculpted_merge(tiny):
         dt = _sculpt_by_element(after["text"][n] - t0, a, 2.0)
         want[n] = t0.double() + (dm + dt) / 2
     for n, p in got.named_parameters():
+        if n.endswith("self_attn.k_proj.bias"):
+            # its gradient is 0 in exact arithmetic (the softmax over keys ignores a shift
+            # common to all of them): both runs move it by AdamW steps on rounding noise
+            # (≈ lr·g/eps), which differ with the order of the float operations (beyond atol
+            # on transformers 4.x); both must stay that small
+            for x in (p.double(), want[n]):
+                assert (x - theta0[n].double()).abs().max() < 1e-4, n
+            continue
         assert torch.allclose(p.double(), want[n], rtol=1e-4, atol=2e-6), n
     assert res["steps"] == 12 and [h["kind"] for h in res["history"][:4]] == [
         "anchor:retain", "anchor:retain_text", "anchor:retain", "anchor:retain_text"]  # fmt: skip
@@ -157,7 +165,19 @@ def test_smfa_moves_forget_items_toward_refusals(tiny):
     forget = make_batches(adapter, data.forget, 4, random.Random(1))
     retain = make_batches(adapter, data.retain, 4, random.Random(2))
     refusals = forget.view(smfa.refusal)
+    # a model that knows the true answers first (one epoch of plain AdamW on every item): from
+    # the random init SMFA's retain terms teach the answer format and may lower the forget
+    # loss too (they do from the init transformers 4.x draws for the same seed)
     m = copy.deepcopy(model)
+    both = [*forget, *retain]
+    random.Random(3).shuffle(both)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    m.train()
+    for b in both:
+        m(**b).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    m.eval()
 
     def ce(model, batches):
         with torch.no_grad():
@@ -495,7 +515,9 @@ def test_bad_options_are_one_line_errors(files, tmp_path, capsys):
         ("mip_editor", "--mip-coeff", "-2", 2, "--mip-coeff: mip_coeff must be a finite"),
         ("mip_editor", "--mip-forget-weight", "0", 2, "--mip-forget-weight: mip_forget_weight"),
         ("mip_editor", "--mip-retain-weight", "-1", 2, "--mip-retain-weight: mip_retain_weight"),
-        ("smfa", "--lora", None, 1, "lora: smfa is implemented at full parameter"),
+        # refused before PEFT is looked for (the minimum install has none)
+        ("smfa", "--lora", None, 2, "--lora: smfa is implemented at full parameter"),
+        ("mip_editor", "--lora", None, 2, "--lora: mip_editor is implemented at full"),
     ):
         capsys.readouterr()
         argv = [*base, "--method", method, flag] + ([value] if value is not None else [])

@@ -24,9 +24,13 @@ def check_extras(args, cfg) -> None:
 def _check_lora(args, cfg) -> None:
     from mmunlearn.models.lora import require_peft
 
-    if getattr(args, "method", None) == "mmunlearner":
+    method = getattr(args, "method", None)
+    if method == "mmunlearner":
         raise UsageError("--lora: MMUnlearner's saliency mask selects base weights, which LoRA "
                          "freezes; use --lora with ga, ga_diff, kl_min or npo")  # fmt: skip
+    if method in ("smfa", "mip_editor"):  # before PEFT's check: installing it would not help
+        raise UsageError(f"--lora: {method} is implemented at full parameter here (its edit "
+                         "and merge act on the base weights, which LoRA freezes)")  # fmt: skip
     if cfg.lora_save == "adapter" and args.tiny:
         raise UsageError("--lora-save adapter: the --tiny model has no base folder to load it "
                          "onto; use --lora-save merged")  # fmt: skip

@@ -129,7 +129,10 @@ def tiny_qwen2vl(
     spatial merge ``merge_size``, temporal patch 2; ``vision_config.image_size`` is recorded
     (not a Qwen field) so the adapter resizes images to it ((image_size/patch)²/merge² image
     tokens: 4 at the defaults). Text: M-RoPE sections summing to head_dim / 2.
-    ``video_token_id`` / ``vision_start`` / ``vision_end`` point at ``<unk>`` (unused).
+    ``video_token_id`` / ``vision_start`` / ``vision_end`` are ``len(tokenizer)``, one past the
+    vocabulary: no input holds them (transformers 4.x's M-RoPE reads the token after each
+    ``vision_start`` as an image or a video; with ``<unk>`` there, as before, a text with two
+    unknown words in a row, e.g. an SMFA refusal, was taken for a video and the forward failed).
     Returns a ``Qwen2VLForConditionalGeneration`` in eval mode.
     """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -137,6 +140,7 @@ def tiny_qwen2vl(
     ids = _special_ids(tokenizer)
     if image_size % (patch_size * merge_size):
         raise ValueError("image_size must be a multiple of patch_size * merge_size")
+    unused = len(tokenizer)  # an id outside the vocabulary (see above)
     half = hidden // heads // 2
     h = (half - half // 4) // 2  # Qwen2-VL-7B: head_dim 128 -> [16, 24, 24]
     section = [half - 2 * h, h, h]
@@ -168,9 +172,9 @@ def tiny_qwen2vl(
         text_config=text,
         vision_config=vision,
         image_token_id=ids["image"],
-        video_token_id=ids["unk"],
-        vision_start_token_id=ids["unk"],
-        vision_end_token_id=ids["unk"],
+        video_token_id=unused,
+        vision_start_token_id=unused,
+        vision_end_token_id=unused,
     )
     config.vision_config.image_size = image_size
     config.pad_token_id = ids["pad"]
