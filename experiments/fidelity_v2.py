@@ -3,9 +3,13 @@ pre-registered in docs/fidelity.md ("v2 criteria") before this file existed.
 
 Run from a source checkout::
 
-    python experiments/fidelity_v2.py --seeds 200 201 202 --out runs/fidelity_v2   # validation
-    python experiments/fidelity_v2.py --select --seeds 200 201 202 --out runs/fidelity_v2
-    python experiments/fidelity_v2.py --seeds 100 --out runs/fidelity_v2            # one test seed
+    python experiments/fidelity_v2.py --seeds 200 201 202          # validation
+    python experiments/fidelity_v2.py --select --seeds 200 201 202
+    python experiments/fidelity_v2.py --seeds 100                   # one test seed
+
+Records go to ``experiments/results/fidelity_v2`` (``--out`` to change), where they are
+committed; models, Fishers and masks are not, and a seed whose record is there but whose
+models are not is rebuilt and checked against its record (``phase_a``).
 
 Every cell is one file, skipped when present (resumable; a rerun of one seed or one
 configuration re-does only what is missing): ``seed{S}/seed.json`` (the vanilla and reference
@@ -32,6 +36,9 @@ from multiprocessing import get_context
 
 from mmunlearn.io import atomic_write_text
 
+# the study's records live in the repository (models, Fishers and masks are not committed:
+# phase_a rebuilds them from the seed and checks them against the record)
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity_v2")
 TEST_SEEDS = tuple(range(100, 120))
 VAL_SEEDS = (200, 201, 202)
 LRS, FREQS = (1e-4, 3e-4, 1e-3), (1, 4)
@@ -141,8 +148,12 @@ def phase_a(
 
     d = os.path.join(out, f"seed{seed}")
     rec_path = os.path.join(d, "seed.json")
-    if os.path.exists(rec_path):
-        return json.loads(open(rec_path).read())
+    recorded = json.loads(open(rec_path).read()) if os.path.exists(rec_path) else None
+    if recorded is not None and _artifacts_present(d, recorded):
+        return recorded
+    # no record, or a record whose models / masks are gone (the records are committed under
+    # experiments/results/, the models and masks are not): (re)build them; a rebuild must
+    # reproduce the record, or the runs recorded against it would be mixed with other models
     os.makedirs(d, exist_ok=True)
     t0 = time.time()
     cfg, world, dev = _setup(seed, fast, scale, device)
@@ -169,8 +180,37 @@ def phase_a(
     if rec["gates"]["passed"] or not cfg.enforce_gates:
         rec["coverage"] = _masks(d, vanilla, world, adapter, seed)
     rec["seconds"] = round(time.time() - t0, 1)
+    if recorded is not None:
+        _check_rebuild(rec_path, recorded, rec)
+        return recorded
     atomic_write_text(rec_path, json.dumps(rec, indent=1))
     return rec
+
+
+# what a rebuilt seed must reproduce exactly (the scores are counts over fixed probe sets; the
+# mask coverages are counts over the model's parameters)
+REBUILT = ("gates", "vanilla", "reference", "coverage")
+
+
+def _artifacts_present(d: str, rec: dict) -> bool:
+    """The models and (for a seed past its gates) every mask file ``rec`` was recorded with."""
+    if not os.path.exists(os.path.join(d, "models.pt")):
+        return False
+    stems = {mask for _, mask, _ in CONFIGS.values() if mask is not None}
+    return "coverage" not in rec or all(
+        os.path.exists(os.path.join(d, "masks", f"{s}.safetensors")) for s in stems
+    )
+
+
+def _check_rebuild(rec_path: str, recorded: dict, rebuilt: dict) -> None:
+    """Refuse (naming the seed and what differs) a rebuild that does not reproduce ``seed.json``."""
+    differ = [k for k in REBUILT if recorded.get(k) != rebuilt.get(k)]
+    if differ:
+        raise SystemExit(
+            f"{rec_path}: the rebuilt models/masks differ from the record in {', '.join(differ)} "
+            "(other torch version or thread count?); the runs recorded under this seed were made "
+            "with the recorded ones — use another --out to start this seed afresh"
+        )
 
 
 def random_like(mask, params: dict, groups: dict, per: str, generator):
@@ -613,7 +653,9 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--settings", nargs="+", help="e.g. lr1e-03_f1 (default: module docstring)")
     ap.add_argument("--workers", type=int, default=1, help="processes (one torch thread each)")
-    ap.add_argument("--out", default="runs/fidelity_v2")
+    ap.add_argument(
+        "--out", help=f"results folder (default {RESULTS}, with --scale {RESULTS}_scale)"
+    )
     ap.add_argument("--fast", action="store_true", help="smoke configuration: no result")
     ap.add_argument(
         "--scale", action="store_true", help="the scale check's world and model (SCALE); own --out"
@@ -622,6 +664,8 @@ def main(argv=None) -> int:
     ap.add_argument("--select", action="store_true", help="write frozen.json from --seeds")
     ap.add_argument("--summary", action="store_true", help="write summary.{json,md} of --seeds")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS + ("_scale" if args.scale else "")
     os.makedirs(args.out, exist_ok=True)
     if args.select:
         frozen = select(_runs(args.out, args.seeds), args.configs)

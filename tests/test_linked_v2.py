@@ -200,6 +200,25 @@ def test_runner_resumes(tmp_path, monkeypatch):
     run = f2.phase_b(out, 7, "ga_diff", "lr1e-03_f1", fast=True)
     assert set(run["interp"]) >= {"F", "F_img", "F_link", "R", "K", "w"}
 
+    # the records are committed, the models and masks are not: a checkout that has the record
+    # but not the files rebuilds them and checks that they reproduce the record
+    import shutil
+
+    os.remove(os.path.join(out, "seed7", "models.pt"))
+    shutil.rmtree(os.path.join(out, "seed7", "masks"))
+    assert f2.phase_a(out, 7, fast=True) == rec
+    assert os.path.exists(os.path.join(out, "seed7", "masks", "both_ours_saliency.safetensors"))
+    rec_path = os.path.join(out, "seed7", "seed.json")
+    forged = json.loads(open(rec_path).read())
+    forged["vanilla"]["forget"]["name"] = -1.0  # a record the rebuild cannot reproduce
+    with open(rec_path, "w") as fh:
+        json.dump(forged, fh)
+    os.remove(os.path.join(out, "seed7", "models.pt"))
+    with pytest.raises(SystemExit, match=r"seed7/seed.json: the rebuilt .* differ .* vanilla"):
+        f2.phase_a(out, 7, fast=True)
+    with open(rec_path, "w") as fh:
+        json.dump(rec, fh)
+
     def boom(*a, **k):
         raise AssertionError("a finished cell was recomputed")
 
