@@ -137,23 +137,149 @@ def train_linked(world, cfg: TinyRunConfig, dev, progress: bool = False):
     return model, ref, tok, adapter
 
 
-def run_linked_demo(out: str = "runs/demo", cfg: TinyRunConfig | None = None) -> dict:
+def run_linked_demo(
+    out: str = "runs/demo", cfg: TinyRunConfig | None = None, resume: bool = False
+) -> dict:
     """The linked world's comparison (module docstring) in one process; writes
     ``results.json``, ``report.md``, ``tradeoff.png`` and the mask under ``out``. Returns the
     results; ``results["testable"]`` is False (and nothing is unlearned) when the vanilla
-    model fails the gates and ``cfg.enforce_gates``. Threads pinned as :func:`run_demo`."""
+    model fails the gates and ``cfg.enforce_gates``. Threads pinned as :func:`run_demo`.
+
+    ``resume`` (``mmunlearn compare --world linked``): every finished part is kept under
+    ``out`` and reused by a rerun — the vanilla and reference models, the mask, each method's
+    model and per-item scores (:class:`Resume`) — so an interrupted comparison continues where
+    it stopped and a rerun with more ``cfg.methods`` runs only the new ones. The table is the
+    one an uninterrupted run writes (every method's run is seeded on its own)."""
     if world_size() > 1:
         raise ValueError("the linked demo runs in one process (the basic demo runs sharded)")
     cfg = cfg or TinyRunConfig()
-    return pinned_threads(_run_linked, out, cfg, threads=cfg.threads)
+    if resume and not cfg.save_models:
+        raise ValueError("resume keeps the models under out: it needs cfg.save_models")
+    store = Resume(out, cfg) if resume else None
+    return pinned_threads(_run_linked, out, cfg, store, threads=cfg.threads)
 
 
-def _run_linked(out: str, cfg: TinyRunConfig) -> dict:
+class Resume:
+    """What a resumable linked comparison keeps under ``out``: ``compare.json`` (the
+    configuration; a rerun with another one is refused), ``vanilla/`` and ``reference/`` (the
+    models, saved once both are trained: ``models.json`` marks them complete), the mask
+    (``mask_both.safetensors``, its coverage in ``models.json``), and per method its model
+    (``out/<method>/``) and ``scores/<method>.json`` (per-item scores and the matched-forgetting
+    run), written last: a method with its scores file is finished."""
+
+    # configuration fields that do not change what is computed
+    FREE = ("methods", "progress", "save_models")
+
+    def __init__(self, out: str, cfg: TinyRunConfig):
+        from mmunlearn.io import atomic_write_json
+
+        self.out = out
+        path = os.path.join(out, "compare.json")
+        ident = json.loads(json.dumps(
+            {k: v for k, v in asdict(cfg).items() if k not in self.FREE}, default=str))  # fmt: skip
+        if os.path.isfile(path):
+            with open(path) as f:
+                old = json.load(f).get("config", {})
+            diff = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+            if diff:
+                raise ResumeMismatch(
+                    f"{out}: holds a linked comparison made with other settings "
+                    f"({', '.join(diff)}); use another --out or the same settings"
+                )
+        os.makedirs(out, exist_ok=True)
+        atomic_write_json(path, {"world": "linked", "config": ident, "methods": cfg.methods})
+
+    def _json(self, *parts):
+        path = os.path.join(self.out, *parts)
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
+
+    def models(self, tok, cfg: TinyRunConfig, dev):
+        """``(vanilla, reference, record)`` read back (eval mode), or None when not complete."""
+        rec = self._json("models.json")
+        if rec is None:
+            return None
+        loaded = [
+            _load_tiny(os.path.join(self.out, n), tok, cfg, dev) for n in ("vanilla", "reference")
+        ]
+        return (*loaded, rec)
+
+    def save_models(self, vanilla, ref, tok, record: dict) -> None:
+        from mmunlearn.io import atomic_write_json
+
+        for name, m in (("vanilla", vanilla), ("reference", ref)):
+            save_model(m, tok, os.path.join(self.out, name))
+        atomic_write_json(os.path.join(self.out, "models.json"), record)
+
+    def mask(self):
+        path = os.path.join(self.out, "mask_both.safetensors")
+        rec = self._json("models.json") or {}
+        if not os.path.isfile(path) or "mask_coverage" not in rec:
+            return None, None
+        from mmunlearn.saliency import SaliencyMask
+
+        return SaliencyMask.load(path), rec["mask_coverage"]
+
+    def save_mask(self, mask, coverage: dict) -> None:
+        from mmunlearn.io import atomic_write_json
+
+        mask.save(os.path.join(self.out, "mask_both.safetensors"))
+        rec = self._json("models.json")
+        atomic_write_json(os.path.join(self.out, "models.json"), {**rec, "mask_coverage": coverage})
+
+    def method(self, name: str, tok, cfg: TinyRunConfig, dev):
+        """``(model, scores, run)`` of a finished method, or None."""
+        rec = self._json("scores", f"{name}.json")
+        if rec is None:
+            return None
+        return _load_tiny(os.path.join(self.out, name), tok, cfg, dev), rec["scores"], rec["run"]
+
+    def save_method(self, name: str, model, tok, scores: dict, run: dict) -> None:
+        from mmunlearn.io import atomic_write_json
+
+        save_model(model, tok, os.path.join(self.out, name))
+        atomic_write_json(os.path.join(self.out, "scores", f"{name}.json"),
+                          {"scores": scores, "run": run})  # fmt: skip
+
+
+class ResumeMismatch(ValueError):
+    """A resumable comparison's ``out`` holds one made with other settings."""
+
+
+def _load_tiny(directory: str, tok, cfg: TinyRunConfig, dev):
+    """A tiny model saved by :func:`save_model`, its weights (read by ``from_pretrained``, which
+    maps the saved key names) copied into the recipe's own model (same class, config and init)
+    in eval mode: bit-identical to the one saved."""
+    from mmunlearn.models.loading import load_model
+
+    saved, _ = load_model(directory, tokenizer=False)
+    model = tiny_model(tok, cfg, dev)
+    try:
+        model.load_state_dict(saved.state_dict())
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise ValueError(f"{directory}: not this comparison's model ({first})") from None
+    return model.eval()
+
+
+def _run_linked(out: str, cfg: TinyRunConfig, store: Resume | None = None) -> dict:
     t0 = time.time()
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     world = make_linked_world(n_people=cfg.n_people, forget_ratio=cfg.forget_ratio, seed=cfg.seed)
-    vanilla, ref, tok, adapter = train_linked(world, cfg, dev, cfg.progress)
+    back = None
+    if store is not None:
+        tok = build_tokenizer(world.vocabulary_text(), vocab_size=4096)
+        back = store.models(tok, cfg, dev)
+    if back is not None:
+        vanilla, ref, _ = back
+        adapter = adapter_for(vanilla, tok)
+    else:
+        vanilla, ref, tok, adapter = train_linked(world, cfg, dev, cfg.progress)
+        if store is not None:
+            store.save_models(vanilla, ref, tok, {"trained": True})
 
     def score(m, **kw):
         return lp.score(m, adapter.collate, tok, world, **kw)
@@ -172,19 +298,25 @@ def _run_linked(out: str, cfg: TinyRunConfig) -> dict:
         data = world.unlearning_sets()
         forget = make_batches(adapter, data.forget, bs, rng, n)
         retain = make_batches(adapter, data.retain, bs, rng, n)
-        masks = build_masks(
-            vanilla,
-            make_batches(adapter, data.forget, bs, rng),
-            make_batches(adapter, data.vision_preserve, bs, rng),
-            make_batches(adapter, data.language_preserve, bs, rng),
-            gamma=cfg.gamma,
-            fraction=cfg.fraction,
-            progress=False,
-        )
-        results["mask_coverage"] = {k: m.coverage()["total"]["fraction"] for k, m in masks.items()}
-        if cfg.save_models:
-            os.makedirs(out, exist_ok=True)
-            masks["both"].save(os.path.join(out, "mask_both.safetensors"))
+        mask, coverage = store.mask() if store is not None else (None, None)
+        if mask is None:
+            masks = build_masks(
+                vanilla,
+                make_batches(adapter, data.forget, bs, rng),
+                make_batches(adapter, data.vision_preserve, bs, rng),
+                make_batches(adapter, data.language_preserve, bs, rng),
+                gamma=cfg.gamma,
+                fraction=cfg.fraction,
+                progress=False,
+            )
+            mask = masks["both"]
+            coverage = {k: m.coverage()["total"]["fraction"] for k, m in masks.items()}
+            if store is not None:
+                store.save_mask(mask, coverage)
+            elif cfg.save_models:
+                os.makedirs(out, exist_ok=True)
+                mask.save(os.path.join(out, "mask_both.safetensors"))
+        results["mask_coverage"] = coverage
         ucfg = cfg.run_config(progress=False, **depth_settings(vanilla))
 
         def check(m):
@@ -192,10 +324,18 @@ def _run_linked(out: str, cfg: TinyRunConfig) -> dict:
             return lp.forgetting_matched(acc, ref_acc)["reached"]
 
         for name in cfg.methods:
-            m = copy.deepcopy(vanilla)
-            kw = {"masks": masks["both"].for_model(m)} if name == "mmunlearner" else {}
-            run = unlearn_to_match(m, name, forget, retain, check, ucfg, **kw)
-            all_scores[name] = score(m)
+            done = store.method(name, tok, cfg, dev) if store is not None else None
+            if done is not None:
+                if cfg.progress:
+                    print(f"{name}: {out}/scores/{name}.json is finished; reused")
+                m, all_scores[name], run = done
+            else:
+                m = copy.deepcopy(vanilla)
+                kw = {"masks": mask.for_model(m)} if name == "mmunlearner" else {}
+                run = unlearn_to_match(m, name, forget, retain, check, ucfg, **kw)
+                all_scores[name] = score(m)
+                if store is not None:
+                    store.save_method(name, m, tok, all_scores[name], run)
             acc = lp.accuracies(all_scores[name])["forget"]
             results["matched"][name] = {**lp.forgetting_matched(acc, ref_acc), **run}
             models[name] = m
@@ -215,7 +355,7 @@ def _run_linked(out: str, cfg: TinyRunConfig) -> dict:
         results["intervals"][name] = {
             s: {k: c._asdict() for k, c in d.items()} for s, d in ci.items()
         }
-    for name, m in {**models, "reference": ref}.items() if cfg.save_models else ():
+    for name, m in {**models, "reference": ref}.items() if cfg.save_models and not store else ():
         save_model(m, tok, os.path.join(out, name))
     results["seconds"] = round(time.time() - t0, 1)
     write_linked_report(results, out)

@@ -175,3 +175,52 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
     _fails([*base, "--methods", "ga", "--protocol", "clear"], capsys, "--protocol clear")
     _fails([*base, "--methods", "ga", "--n-boot", "0"], capsys, "--n-boot")
     assert not (tmp_path / "o").exists()  # nothing was made
+
+
+def test_compare_linked_world_reproduces_the_demo_table(tmp_path, monkeypatch, capsys):
+    """`compare --world linked` is the demo's comparison kept one folder per method: run in two
+    parts (two methods, then a third added: the two are read back, not rerun), its results and
+    table are the demo's, number for number; options that do not apply are refused."""
+    import mmunlearn.demo_linked as dl
+
+    threads = torch.get_num_threads()
+    common = ["--fast", "--world", "linked", "--threads", "1"]
+    demo, cmp = tmp_path / "demo", tmp_path / "cmp"
+    try:
+        argv = ["demo", *common, "--methods", "ga,npo,mmunlearner", "--out", str(demo)]
+        assert main(argv) == 0
+        argv = ["compare", *common, "--methods", "npo,ga", "--out", str(cmp)]
+        assert main(argv) == 0
+        ran = []
+        real = dl.unlearn_to_match
+        monkeypatch.setattr(dl, "unlearn_to_match", lambda m, name, *a, **k: ran.append(name)
+                            or real(m, name, *a, **k))  # fmt: skip
+        argv = ["compare", *common, "--methods", "ga,npo,mmunlearner", "--out", str(cmp)]
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert ran == ["mmunlearner"]  # ga and npo: finished, read back
+    a = json.loads((demo / "results.json").read_text())
+    b = json.loads((cmp / "results.json").read_text())
+    for key in ("methods", "matched", "gap", "intervals", "gates", "mask_coverage", "closest"):
+        assert a[key] == b[key], key
+    table = (demo / "report.md").read_text().split("\n\n")
+    assert any("| mmunlearner |" in t for t in table)
+    assert [t for t in table if "| ga |" in t] == [
+        t for t in (cmp / "report.md").read_text().split("\n\n") if "| ga |" in t
+    ]
+    for name in ("vanilla", "reference", "ga", "npo", "mmunlearner"):
+        assert (cmp / name / "model.safetensors").is_file(), name
+    # another seed on the same folder, options that do not apply, linked-only options
+    for argv, word in (
+        (["--seed", "3", "--out", str(cmp)], "seed"),
+        (["--lr", "1e-4", "--out", str(tmp_path / "x")], "--lr"),
+        (["--synthetic", "--out", str(tmp_path / "x")], "--synthetic"),
+    ):
+        capsys.readouterr()
+        assert main(["compare", *common, *argv]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+        assert len(err) == 1 and word in err[0], err
+    capsys.readouterr()
+    assert main(["compare", "--tiny", "--synthetic", "--fast", "--out", str(tmp_path / "y")]) == 2
+    assert "--fast applies to --world linked only" in capsys.readouterr().err

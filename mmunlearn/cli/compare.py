@@ -14,6 +14,10 @@ Layout of ``--out``: ``compare.json`` (the options that make the runs, checked o
 start of every method and the ``vanilla`` row), ``saliency/`` (the masks), ``<method>/``
 (``model/``, ``unlearn.json``, ``run/``: ``mmunlearn unlearn``'s folder) and the eval files.
 A method whose folder holds ``unlearn.json`` and ``model/`` is skipped on a rerun.
+
+``--world linked`` is the demo's comparison instead (:func:`run_linked`,
+:func:`mmunlearn.demo_linked.run_linked_demo` with ``resume``): its own world, model and recipe,
+every method to matched forgetting, the demo's table, kept one folder per method.
 """
 
 from __future__ import annotations
@@ -21,13 +25,23 @@ from __future__ import annotations
 import argparse
 import os
 
-from mmunlearn.cli.common import Parser, UsageError, add_run_options, check_out, say
+from mmunlearn.cli.common import (
+    Parser,
+    UsageError,
+    add_fast,
+    add_run_options,
+    check_out,
+    say,
+)
 
 EPILOG = """examples:
   mmunlearn compare --model models/llava-1.5-7b-hf --mllmu data/MLLMU-Bench --split 5 \\
       --methods ga,ga_diff,npo,mmunlearner --reference runs/retain95/model --out runs/cmp
   mmunlearn compare --tiny --synthetic --methods ga,ga_diff,mmunlearner --steps 8 --lr 1e-3 \\
       --reference runs/ref/model --out runs/cmp-tiny
+  mmunlearn compare --world linked --out runs/cmp-linked
+      (the demo's comparison — the linked world, every method to matched forgetting — with
+      one folder per method, resumable; the same table as `mmunlearn demo`)
   (rerun the same command after a crash or preemption: finished methods are skipped)"""
 
 # options of `unlearn` that do not change what a method's run computes: a rerun may change them
@@ -73,8 +87,41 @@ def register(sub):
     _eval_options(c)
     c.add_argument("--device", default="cpu", help="cpu or cuda (one process)")
     c.add_argument("--out", default="runs/compare", help="output dir (default runs/compare)")
+    _world_options(c)
     c.set_defaults(fn=run_compare)
     return c
+
+
+# options that apply with --world linked (every other one must keep its default)
+LINKED_OPTIONS = {"world", "methods", "seed", "gamma", "fraction", "state_dtype", "device", "out",
+                  "no_progress", "config", "threads", "fast", "fn", "cmd", "debug"}  # fmt: skip
+
+
+LINKED_ONLY = {"world", "threads", "fast"}  # not in a model-and-data compare's identity
+
+
+def _world_options(c) -> None:
+    w = c.add_argument_group(
+        "the demo's world (--world linked: the options that apply are --methods, --seed, "
+        "--gamma / --fraction, --state-dtype, --device, --threads, --fast, --no-progress, --out)"
+    )
+    w.add_argument(
+        "--world",
+        choices=["linked"],
+        default=None,
+        help="linked: `mmunlearn demo`'s comparison instead of a model and data set — its tiny "
+        "LLaVA trained in stages on the linked world, every method run to matched forgetting, "
+        "its table — kept one folder per method and resumable (--methods defaults to the "
+        "demo's five; all: every method)",
+    )
+    w.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--world linked: torch CPU threads (default 2, as the demo: the table depends on it)",
+    )
+    add_fast(w, " of --world linked (6 people, few steps; gates reported, not enforced)")
 
 
 def _recipe_options(c, recipes) -> None:
@@ -291,7 +338,7 @@ def _check_eval(args, plan: Plan) -> None:
 
 def _identity(args) -> dict:
     """The options that make the methods' runs (a finished method is reused only for these)."""
-    skip = NOT_IDENTITY | {"methods", "out", "cmd", "debug", "reference"}
+    skip = NOT_IDENTITY | {"methods", "out", "cmd", "debug", "reference"} | LINKED_ONLY
     evals = {a.dest for a in _eval_actions()}
     return {k: v for k, v in sorted(_given(args).items()) if k not in skip | evals}
 
@@ -368,9 +415,65 @@ def _method(plan: Plan, method: str) -> bool:
     return True
 
 
+def _fresh_parser() -> Parser:
+    """A new ``mmunlearn compare`` parser (its defaults and flag names)."""
+    root = Parser(prog="mmunlearn")
+    return register(root.add_subparsers(dest="cmd"))
+
+
+def run_linked(args) -> int:
+    """``--world linked``: the demo's comparison (:func:`mmunlearn.demo_linked.run_linked_demo`
+    with ``resume``) under the run lock; only :data:`LINKED_OPTIONS` may differ from their
+    defaults."""
+    from dataclasses import replace
+
+    from mmunlearn.cli.demo import FAST, _methods
+    from mmunlearn.demo_linked import ResumeMismatch, run_linked_demo
+    from mmunlearn.runctl import RunLock
+    from mmunlearn.tinyrun import TinyRunConfig
+
+    parser = _fresh_parser()
+    default = vars(parser.parse_args([]))
+    given = sorted(k for k, v in vars(args).items()
+                   if k not in LINKED_OPTIONS and k in default and v != default[k])  # fmt: skip
+    if given:
+        flags = ", ".join(parser.options[k].option_strings[-1] for k in given)
+        raise UsageError(f"--world linked: {flags} do not apply (the linked world trains its own "
+                         "tiny model with the demo's recipe and runs every method to matched "
+                         "forgetting; see docs/compare.md)")  # fmt: skip
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--world linked runs in one process")
+    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
+        raise UsageError(f"--fraction {args.fraction}: must be in (0, 1]")
+    if args.threads is not None and args.threads < 0:
+        raise UsageError(f"--threads {args.threads}: must be ≥ 0")
+    check_out(args.out)
+    kw = dict(seed=args.seed or 0, device=args.device, gamma=args.gamma, fraction=args.fraction,
+              progress=not args.no_progress)  # fmt: skip
+    if args.methods != default["methods"]:
+        kw["methods"] = _methods(args.methods, False)
+    if args.threads is not None:
+        kw["threads"] = args.threads or None
+    if args.state_dtype not in (None, "fp32"):
+        kw["unlearn"] = replace(TinyRunConfig().unlearn, state_dtype=args.state_dtype)
+    if args.fast:
+        kw.update(FAST)
+    with RunLock(args.out):
+        try:
+            run_linked_demo(args.out, TinyRunConfig(**kw), resume=True)
+        except ResumeMismatch as e:
+            raise UsageError(str(e)) from e
+    return 0
+
+
 def run_compare(args) -> int:
     from mmunlearn.runctl import PreemptedError, Preemption, RunLock
 
+    if getattr(args, "world", None) == "linked":
+        return run_linked(args)
+    for k in ("threads", "fast"):
+        if getattr(args, k, None):
+            raise UsageError(f"--{k} applies to --world linked only")
     methods = methods_list(args.methods)
     plan = Plan(args, methods)
     _check(args, plan)
@@ -404,4 +507,4 @@ def _evaluate(plan: Plan) -> int:
     return evaluate.run(plan.eval_args())
 
 
-__all__ = ["methods_list", "register", "run_compare"]
+__all__ = ["methods_list", "register", "run_compare", "run_linked"]
