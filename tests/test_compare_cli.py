@@ -211,6 +211,16 @@ def test_compare_linked_world_reproduces_the_demo_table(tmp_path, monkeypatch, c
     ]
     for name in ("vanilla", "reference", "ga", "npo", "mmunlearner"):
         assert (cmp / name / "model.safetensors").is_file(), name
+    # no --methods: the demo's five (the two not run yet are the only ones trained)
+    ran.clear()
+    try:
+        assert main(["compare", *common, "--out", str(cmp)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(ran) == ["ga_diff", "kl_min"]
+    c = json.loads((cmp / "results.json").read_text())
+    assert list(c["matched"]) == ["ga", "ga_diff", "kl_min", "npo", "mmunlearner"]
+    assert c["matched"]["npo"] == a["matched"]["npo"]
     # another seed on the same folder, options that do not apply, linked-only options
     for argv, word in (
         (["--seed", "3", "--out", str(cmp)], "seed"),

@@ -44,6 +44,7 @@ EPILOG = """examples:
       one folder per method, resumable; the same table as `mmunlearn demo`)
   (rerun the same command after a crash or preemption: finished methods are skipped)"""
 
+DEFAULT_METHODS = "ga,ga_diff,npo,mmunlearner"
 # options of `unlearn` that do not change what a method's run computes: a rerun may change them
 NOT_IDENTITY = {"config", "device", "fsdp", "mixed_precision", "report_to", "log_every",
                 "workers", "fisher_offload", "save_fisher"}  # fmt: skip
@@ -70,9 +71,10 @@ def register(sub):
     c.add_argument("--config", help="YAML/JSON file of option: value defaults")
     c.add_argument(
         "--methods",
-        default="ga,ga_diff,npo,mmunlearner",
+        default=None,
         metavar="A,B",
-        help="methods to run, comma-separated (default ga,ga_diff,npo,mmunlearner)",
+        help=f"methods to run, comma-separated (default {DEFAULT_METHODS}; with --world linked "
+        "the demo's five, ga,ga_diff,kl_min,npo,mmunlearner, or all)",
     )
     _model_options(c)
     c.add_argument(
@@ -450,7 +452,7 @@ def run_linked(args) -> int:
     check_out(args.out)
     kw = dict(seed=args.seed or 0, device=args.device, gamma=args.gamma, fraction=args.fraction,
               progress=not args.no_progress)  # fmt: skip
-    if args.methods != default["methods"]:
+    if args.methods is not None:
         kw["methods"] = _methods(args.methods, False)
     if args.threads is not None:
         kw["threads"] = args.threads or None
@@ -474,7 +476,7 @@ def run_compare(args) -> int:
     for k in ("threads", "fast"):
         if getattr(args, k, None):
             raise UsageError(f"--{k} applies to --world linked only")
-    methods = methods_list(args.methods)
+    methods = methods_list(DEFAULT_METHODS if args.methods is None else args.methods)
     plan = Plan(args, methods)
     _check(args, plan)
     with RunLock(args.out), Preemption() as outer:
