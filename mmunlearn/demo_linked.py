@@ -264,22 +264,70 @@ def _load_tiny(directory: str, tok, cfg: TinyRunConfig, dev):
     return model.eval()
 
 
+def _models(world, cfg: TinyRunConfig, dev, store: Resume | None):
+    """``(vanilla, reference, tokenizer, adapter)``: read back from ``store`` when it holds
+    them, else trained (:func:`train_linked`) and, with a store, saved there."""
+    if store is not None:
+        tok = build_tokenizer(world.vocabulary_text(), vocab_size=4096)
+        back = store.models(tok, cfg, dev)
+        if back is not None:
+            vanilla, ref, _ = back
+            return vanilla, ref, tok, adapter_for(vanilla, tok)
+    vanilla, ref, tok, adapter = train_linked(world, cfg, dev, cfg.progress)
+    if store is not None:
+        store.save_models(vanilla, ref, tok, {"trained": True})
+    return vanilla, ref, tok, adapter
+
+
+def _mask(out, vanilla, adapter, data, rng, cfg: TinyRunConfig, store: Resume | None):
+    """MMUnlearner's mask (``both``) and every mask's coverage: read back from ``store``, or
+    built from the Fisher batches drawn from ``rng`` (and saved)."""
+    mask, coverage = store.mask() if store is not None else (None, None)
+    if mask is not None:
+        return mask, coverage
+    bs = cfg.batch_size
+    masks = build_masks(
+        vanilla,
+        make_batches(adapter, data.forget, bs, rng),
+        make_batches(adapter, data.vision_preserve, bs, rng),
+        make_batches(adapter, data.language_preserve, bs, rng),
+        gamma=cfg.gamma,
+        fraction=cfg.fraction,
+        progress=False,
+    )
+    coverage = {k: m.coverage()["total"]["fraction"] for k, m in masks.items()}
+    if store is not None:
+        store.save_mask(masks["both"], coverage)
+    elif cfg.save_models:
+        os.makedirs(out, exist_ok=True)
+        masks["both"].save(os.path.join(out, "mask_both.safetensors"))
+    return masks["both"], coverage
+
+
+def _summarize(results: dict, all_scores: dict, seed: int) -> None:
+    """The gap to the reference (with its interval), every model's accuracies and the per-probe
+    bootstrap intervals, into ``results``."""
+    if len(all_scores) > 1:
+        g = gaps(all_scores, seed=seed)
+        results["gap"] = g["gap"]
+        results["closest"], results["closest_share"] = g["closest"], g["closest_share"]
+    for name, sc in all_scores.items():
+        results["methods"][name] = lp.accuracies(sc, retain_mean=True)
+        ci = {
+            s: {k: bootstrap_ci(np.array(v, float), seed=seed) for k, v in d.items()}
+            for s, d in sc.items()
+        }
+        results["intervals"][name] = {
+            s: {k: c._asdict() for k, c in d.items()} for s, d in ci.items()
+        }
+
+
 def _run_linked(out: str, cfg: TinyRunConfig, store: Resume | None = None) -> dict:
     t0 = time.time()
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     world = make_linked_world(n_people=cfg.n_people, forget_ratio=cfg.forget_ratio, seed=cfg.seed)
-    back = None
-    if store is not None:
-        tok = build_tokenizer(world.vocabulary_text(), vocab_size=4096)
-        back = store.models(tok, cfg, dev)
-    if back is not None:
-        vanilla, ref, _ = back
-        adapter = adapter_for(vanilla, tok)
-    else:
-        vanilla, ref, tok, adapter = train_linked(world, cfg, dev, cfg.progress)
-        if store is not None:
-            store.save_models(vanilla, ref, tok, {"trained": True})
+    vanilla, ref, tok, adapter = _models(world, cfg, dev, store)
 
     def score(m, **kw):
         return lp.score(m, adapter.collate, tok, world, **kw)
@@ -298,25 +346,7 @@ def _run_linked(out: str, cfg: TinyRunConfig, store: Resume | None = None) -> di
         data = world.unlearning_sets()
         forget = make_batches(adapter, data.forget, bs, rng, n)
         retain = make_batches(adapter, data.retain, bs, rng, n)
-        mask, coverage = store.mask() if store is not None else (None, None)
-        if mask is None:
-            masks = build_masks(
-                vanilla,
-                make_batches(adapter, data.forget, bs, rng),
-                make_batches(adapter, data.vision_preserve, bs, rng),
-                make_batches(adapter, data.language_preserve, bs, rng),
-                gamma=cfg.gamma,
-                fraction=cfg.fraction,
-                progress=False,
-            )
-            mask = masks["both"]
-            coverage = {k: m.coverage()["total"]["fraction"] for k, m in masks.items()}
-            if store is not None:
-                store.save_mask(mask, coverage)
-            elif cfg.save_models:
-                os.makedirs(out, exist_ok=True)
-                mask.save(os.path.join(out, "mask_both.safetensors"))
-        results["mask_coverage"] = coverage
+        mask, results["mask_coverage"] = _mask(out, vanilla, adapter, data, rng, cfg, store)
         ucfg = cfg.run_config(progress=False, **depth_settings(vanilla))
 
         def check(m):
@@ -342,19 +372,7 @@ def _run_linked(out: str, cfg: TinyRunConfig, store: Resume | None = None) -> di
     else:
         print("not testable: the vanilla model fails the gates; nothing was unlearned")
     all_scores["reference"] = ref_scores
-    if len(all_scores) > 1:
-        g = gaps(all_scores, seed=cfg.seed)
-        results["gap"] = g["gap"]
-        results["closest"], results["closest_share"] = g["closest"], g["closest_share"]
-    for name, sc in all_scores.items():
-        results["methods"][name] = lp.accuracies(sc, retain_mean=True)
-        ci = {
-            s: {k: bootstrap_ci(np.array(v, float), seed=cfg.seed) for k, v in d.items()}
-            for s, d in sc.items()
-        }
-        results["intervals"][name] = {
-            s: {k: c._asdict() for k, c in d.items()} for s, d in ci.items()
-        }
+    _summarize(results, all_scores, cfg.seed)
     for name, m in {**models, "reference": ref}.items() if cfg.save_models and not store else ():
         save_model(m, tok, os.path.join(out, name))
     results["seconds"] = round(time.time() - t0, 1)

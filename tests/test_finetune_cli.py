@@ -304,8 +304,18 @@ def test_torchrun_fsdp2_matches_one_process(tmp_path):
     one = load_file(tmp_path / "one" / "model" / "model.safetensors")
     two = load_file(tmp_path / "two" / "model" / "model.safetensors")
     assert one.keys() == two.keys()
+    # The ranks sum the gradient in another order than one process. Adam divides by
+    # sqrt(v) + eps, so an element whose gradient is at rounding-noise size can take a step of
+    # a different size (up to lr = 1e-3 per step) from a last-bit difference: allow a few such
+    # elements (1 of 451,712 on an AVX-512 Xeon, 0 on an AVX2 EPYC) within 0.1 · lr · steps; a
+    # real divergence (a batch row twice, a shard not reduced) moves most elements by ~lr.
+    loose, total = 0, 0
     for k in one:
-        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=2e-5, msg=k)
+        diff = (two[k] - one[k]).abs()
+        assert diff.max() <= 0.1 * 1e-3 * 2, (k, float(diff.max()))
+        loose += int((diff > 2e-5 + 1e-4 * one[k].abs()).sum())
+        total += diff.numel()
+    assert loose <= 1e-4 * total, (loose, total)
     ckpt = tmp_path / "two" / "run" / "checkpoint"
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
     assert len(list((ckpt / "dcp").glob("*.distcp"))) == 2
