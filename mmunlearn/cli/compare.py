@@ -25,14 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from mmunlearn.cli.common import (
-    Parser,
-    UsageError,
-    add_fast,
-    add_run_options,
-    check_out,
-    say,
-)
+from mmunlearn.cli.common import Parser, UsageError, add_run_options, check_out, say
+from mmunlearn.cli.compare_linked import LINKED_ONLY, run_linked, world_options
 
 EPILOG = """examples:
   mmunlearn compare --model models/llava-1.5-7b-hf --mllmu data/MLLMU-Bench --split 5 \\
@@ -89,41 +83,9 @@ def register(sub):
     _eval_options(c)
     c.add_argument("--device", default="cpu", help="cpu or cuda (one process)")
     c.add_argument("--out", default="runs/compare", help="output dir (default runs/compare)")
-    _world_options(c)
+    world_options(c)
     c.set_defaults(fn=run_compare)
     return c
-
-
-# options that apply with --world linked (every other one must keep its default)
-LINKED_OPTIONS = {"world", "methods", "seed", "gamma", "fraction", "state_dtype", "device", "out",
-                  "no_progress", "config", "threads", "fast", "fn", "cmd", "debug"}  # fmt: skip
-
-
-LINKED_ONLY = {"world", "threads", "fast"}  # not in a model-and-data compare's identity
-
-
-def _world_options(c) -> None:
-    w = c.add_argument_group(
-        "the demo's world (--world linked: the options that apply are --methods, --seed, "
-        "--gamma / --fraction, --state-dtype, --device, --threads, --fast, --no-progress, --out)"
-    )
-    w.add_argument(
-        "--world",
-        choices=["linked"],
-        default=None,
-        help="linked: `mmunlearn demo`'s comparison instead of a model and data set — its tiny "
-        "LLaVA trained in stages on the linked world, every method run to matched forgetting, "
-        "its table — kept one folder per method and resumable (--methods defaults to the "
-        "demo's five; all: every method)",
-    )
-    w.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="--world linked: torch CPU threads (default 2, as the demo: the table depends on it)",
-    )
-    add_fast(w, " of --world linked (6 people, few steps; gates reported, not enforced)")
 
 
 def _recipe_options(c, recipes) -> None:
@@ -417,62 +379,12 @@ def _method(plan: Plan, method: str) -> bool:
     return True
 
 
-def _fresh_parser() -> Parser:
-    """A new ``mmunlearn compare`` parser (its defaults and flag names)."""
-    root = Parser(prog="mmunlearn")
-    return register(root.add_subparsers(dest="cmd"))
-
-
-def run_linked(args) -> int:
-    """``--world linked``: the demo's comparison (:func:`mmunlearn.demo_linked.run_linked_demo`
-    with ``resume``) under the run lock; only :data:`LINKED_OPTIONS` may differ from their
-    defaults."""
-    from dataclasses import replace
-
-    from mmunlearn.cli.demo import FAST, _methods
-    from mmunlearn.demo_linked import ResumeMismatch, run_linked_demo
-    from mmunlearn.runctl import RunLock
-    from mmunlearn.tinyrun import TinyRunConfig
-
-    parser = _fresh_parser()
-    default = vars(parser.parse_args([]))
-    given = sorted(k for k, v in vars(args).items()
-                   if k not in LINKED_OPTIONS and k in default and v != default[k])  # fmt: skip
-    if given:
-        flags = ", ".join(parser.options[k].option_strings[-1] for k in given)
-        raise UsageError(f"--world linked: {flags} do not apply (the linked world trains its own "
-                         "tiny model with the demo's recipe and runs every method to matched "
-                         "forgetting; see docs/compare.md)")  # fmt: skip
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UsageError("--world linked runs in one process")
-    if args.fraction is not None and not 0.0 < args.fraction <= 1.0:
-        raise UsageError(f"--fraction {args.fraction}: must be in (0, 1]")
-    if args.threads is not None and args.threads < 0:
-        raise UsageError(f"--threads {args.threads}: must be ≥ 0")
-    check_out(args.out)
-    kw = dict(seed=args.seed or 0, device=args.device, gamma=args.gamma, fraction=args.fraction,
-              progress=not args.no_progress)  # fmt: skip
-    if args.methods is not None:
-        kw["methods"] = _methods(args.methods, False)
-    if args.threads is not None:
-        kw["threads"] = args.threads or None
-    if args.state_dtype not in (None, "fp32"):
-        kw["unlearn"] = replace(TinyRunConfig().unlearn, state_dtype=args.state_dtype)
-    if args.fast:
-        kw.update(FAST)
-    with RunLock(args.out):
-        try:
-            run_linked_demo(args.out, TinyRunConfig(**kw), resume=True)
-        except ResumeMismatch as e:
-            raise UsageError(str(e)) from e
-    return 0
-
-
 def run_compare(args) -> int:
     from mmunlearn.runctl import PreemptedError, Preemption, RunLock
 
     if getattr(args, "world", None) == "linked":
-        return run_linked(args)
+        root = Parser(prog="mmunlearn")  # a fresh parser: its defaults and flag names
+        return run_linked(args, register(root.add_subparsers(dest="cmd")))
     for k in ("threads", "fast"):
         if getattr(args, k, None):
             raise UsageError(f"--{k} applies to --world linked only")
@@ -509,4 +421,4 @@ def _evaluate(plan: Plan) -> int:
     return evaluate.run(plan.eval_args())
 
 
-__all__ = ["methods_list", "register", "run_compare", "run_linked"]
+__all__ = ["methods_list", "register", "run_compare"]
