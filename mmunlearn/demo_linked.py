@@ -24,7 +24,7 @@ from mmunlearn.distributed import world_size
 from mmunlearn.eval.compare import gap_to_reference
 from mmunlearn.eval.report import tradeoff_plot
 from mmunlearn.eval.unlearning import bootstrap_ci
-from mmunlearn.io import atomic_write_text
+from mmunlearn.io import atomic_write_json, atomic_write_text
 from mmunlearn.loop import unlearn
 from mmunlearn.masks import build_masks
 from mmunlearn.models import adapter_for, build_tokenizer, save_model
@@ -171,8 +171,6 @@ class Resume:
     FREE = ("methods", "progress", "save_models")
 
     def __init__(self, out: str, cfg: TinyRunConfig):
-        from mmunlearn.io import atomic_write_json
-
         self.out = out
         path = os.path.join(out, "compare.json")
         ident = json.loads(json.dumps(
@@ -197,21 +195,17 @@ class Resume:
             return json.load(f)
 
     def models(self, tok, cfg: TinyRunConfig, dev):
-        """``(vanilla, reference, record)`` read back (eval mode), or None when not complete."""
-        rec = self._json("models.json")
-        if rec is None:
+        """``(vanilla, reference)`` read back (eval mode), or None when not both saved."""
+        if self._json("models.json") is None:
             return None
-        loaded = [
+        return tuple(
             _load_tiny(os.path.join(self.out, n), tok, cfg, dev) for n in ("vanilla", "reference")
-        ]
-        return (*loaded, rec)
+        )
 
-    def save_models(self, vanilla, ref, tok, record: dict) -> None:
-        from mmunlearn.io import atomic_write_json
-
+    def save_models(self, vanilla, ref, tok) -> None:
         for name, m in (("vanilla", vanilla), ("reference", ref)):
             save_model(m, tok, os.path.join(self.out, name))
-        atomic_write_json(os.path.join(self.out, "models.json"), record)
+        atomic_write_json(os.path.join(self.out, "models.json"), {"trained": True})
 
     def mask(self):
         path = os.path.join(self.out, "mask_both.safetensors")
@@ -223,8 +217,6 @@ class Resume:
         return SaliencyMask.load(path), rec["mask_coverage"]
 
     def save_mask(self, mask, coverage: dict) -> None:
-        from mmunlearn.io import atomic_write_json
-
         mask.save(os.path.join(self.out, "mask_both.safetensors"))
         rec = self._json("models.json")
         atomic_write_json(os.path.join(self.out, "models.json"), {**rec, "mask_coverage": coverage})
@@ -237,8 +229,6 @@ class Resume:
         return _load_tiny(os.path.join(self.out, name), tok, cfg, dev), rec["scores"], rec["run"]
 
     def save_method(self, name: str, model, tok, scores: dict, run: dict) -> None:
-        from mmunlearn.io import atomic_write_json
-
         save_model(model, tok, os.path.join(self.out, name))
         atomic_write_json(os.path.join(self.out, "scores", f"{name}.json"),
                           {"scores": scores, "run": run})  # fmt: skip
@@ -271,11 +261,11 @@ def _models(world, cfg: TinyRunConfig, dev, store: Resume | None):
         tok = build_tokenizer(world.vocabulary_text(), vocab_size=4096)
         back = store.models(tok, cfg, dev)
         if back is not None:
-            vanilla, ref, _ = back
+            vanilla, ref = back
             return vanilla, ref, tok, adapter_for(vanilla, tok)
     vanilla, ref, tok, adapter = train_linked(world, cfg, dev, cfg.progress)
     if store is not None:
-        store.save_models(vanilla, ref, tok, {"trained": True})
+        store.save_models(vanilla, ref, tok)
     return vanilla, ref, tok, adapter
 
 
