@@ -633,6 +633,33 @@ def cells(args, seeds_ok) -> list[tuple[int, str, str]]:
     return out
 
 
+def status(args) -> str:
+    """Per seed: phase A done or not (and its seconds), run cells done of those asked for, and
+    the seconds they took — what is left of the study, without running anything."""
+    lines = []
+    for s in args.seeds:
+        d = os.path.join(args.out, f"seed{s}")
+        rec_path = os.path.join(d, "seed.json")
+        if not os.path.exists(rec_path):
+            lines.append(f"seed {s}: phase A not done")
+            continue
+        rec = json.loads(open(rec_path).read())
+        gates = "passed" if rec["gates"]["passed"] else "FAILED"
+        if not rec["gates"]["passed"] and not rec.get("enforced", True):
+            gates = "failed, not enforced"
+        head = f"seed {s}: phase A done ({rec['seconds']:.0f} s, gates {gates})"
+        try:
+            want = cells(args, [s])
+        except SystemExit as e:  # a test seed before --select
+            lines.append(f"{head}; {e}")
+            continue
+        done = [os.path.join(d, "runs", f"{lab}@{x}.json") for _, lab, x in want]
+        done = [json.loads(open(p).read()) for p in done if os.path.exists(p)]
+        secs = sum(r["seconds"] for r in done)
+        lines.append(f"{head}; runs {len(done)}/{len(want)} ({secs:.0f} s)")
+    return "\n".join(lines)
+
+
 def _check_profiles(args, recs: dict) -> None:
     """Refuse to mix the study's and the scale check's seeds in one ``--out``."""
     for s, rec in recs.items():
@@ -663,6 +690,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="torch device of every run (e.g. cuda)")
     ap.add_argument("--select", action="store_true", help="write frozen.json from --seeds")
     ap.add_argument("--summary", action="store_true", help="write summary.{json,md} of --seeds")
+    ap.add_argument("--status", action="store_true", help="what is done per seed (runs nothing)")
     args = ap.parse_args(argv)
     if args.out is None:
         args.out = RESULTS + ("_scale" if args.scale else "")
@@ -671,6 +699,9 @@ def main(argv=None) -> int:
         frozen = select(_runs(args.out, args.seeds), args.configs)
         atomic_write_text(os.path.join(args.out, "frozen.json"), json.dumps(frozen, indent=1))
         print(json.dumps(frozen, indent=1))
+        return 0
+    if args.status:
+        print(status(args))
         return 0
     if args.summary:
         summary = summarize(_runs(args.out, args.seeds), _vanilla(args.out, args.seeds))

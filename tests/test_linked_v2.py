@@ -200,6 +200,12 @@ def test_runner_resumes(tmp_path, monkeypatch):
     run = f2.phase_b(out, 7, "ga_diff", "lr1e-03_f1", fast=True)
     assert set(run["interp"]) >= {"F", "F_img", "F_link", "R", "K", "w"}
 
+    st = Namespace(out=out, seeds=[7, 8], configs=["ga_diff", "ga"], settings=["lr1e-03_f1"])
+    assert f2.status(st).splitlines() == [
+        f"seed 7: phase A done ({rec['seconds']:.0f} s, gates failed, not enforced); "
+        f"runs 1/2 ({run['seconds']:.0f} s)",
+        "seed 8: phase A not done",
+    ]
     # the records are committed, the models and masks are not: a checkout that has the record
     # but not the files rebuilds them and checks that they reproduce the record
     import shutil
